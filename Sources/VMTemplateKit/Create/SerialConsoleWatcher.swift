@@ -1,0 +1,43 @@
+import Foundation
+
+/// Follows a guest's serial log (a file QEMU appends to) until a marker appears.
+///
+/// The file is read incrementally every few milliseconds: cheap, and tight enough that a template's
+/// boot is not padded by a coarse sleep.
+struct SerialConsoleWatcher {
+    let path: String
+
+    /// Returns once `marker` has appeared; throws if `isAlive` turns false or the deadline passes.
+    func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        let needle = Array(marker.utf8)
+        var offset: UInt64 = 0
+        var tail: [UInt8] = []
+        while true {
+            if let handle = FileHandle(forReadingAtPath: path) {
+                defer { try? handle.close() }
+                try? handle.seek(toOffset: offset)
+                if let data = try? handle.readToEnd(), !data.isEmpty {
+                    offset += UInt64(data.count)
+                    // Keep the last marker-length bytes so a marker split across reads is found.
+                    tail += data
+                    if Self.contains(tail, needle) { return true }
+                    if tail.count > needle.count { tail.removeFirst(tail.count - needle.count) }
+                }
+            }
+            if !isAlive() { return false }
+            if ContinuousClock.now >= deadline {
+                throw VMTemplateError(.timeout, "")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    private static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard !needle.isEmpty, haystack.count >= needle.count else { return needle.isEmpty }
+        for start in 0...(haystack.count - needle.count) where haystack[start] == needle[0] {
+            if Array(haystack[start..<(start + needle.count)]) == needle { return true }
+        }
+        return false
+    }
+}

@@ -1,0 +1,281 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What to create.
+public struct CreateRequest: Sendable {
+    public var name: EntityName
+    public var recipe: Recipe
+    public var accelerator: AcceleratorChoice
+    /// Overrides the recipe's ready timeout.
+    public var readyTimeout: Duration?
+
+    public init(name: EntityName, recipe: Recipe, accelerator: AcceleratorChoice = .auto, readyTimeout: Duration? = nil) {
+        self.name = name
+        self.recipe = recipe
+        self.accelerator = accelerator
+        self.readyTimeout = readyTimeout
+    }
+}
+
+/// The phases `create` goes through, reported as they start.
+public enum CreatePhase: String, Sendable, CaseIterable {
+    case boot, ready, pause, save, digest, publish
+}
+
+/// Makes templates: boots the guest with its RAM in a file, waits until it is ready, pauses it,
+/// saves its device state without its RAM (`x-ignore-shared`), and publishes RAM + state + manifest.
+public struct TemplateCreator: Sendable {
+    public let store: TemplateStore
+    public let qemu: QEMUBinary
+    public let kvm: KVMProbe
+
+    /// Space kept free beyond the RAM file, for the device state (a few hundred KB) and manifest.
+    static let stateReserveBytes: UInt64 = 8 * 1024 * 1024
+    static let minimumMemoryBytes: UInt64 = 16 * 1024 * 1024
+
+    public init(store: TemplateStore, qemu: QEMUBinary, kvm: KVMProbe) {
+        self.store = store
+        self.qemu = qemu
+        self.kvm = kvm
+    }
+
+    /// Creates the template. On any failure the staging area and its QEMU are removed: no partial
+    /// template is ever published, and no QEMU is left running.
+    public func create(_ request: CreateRequest, progress: @Sendable (CreatePhase) -> Void = { _ in }) async throws -> TemplateManifest {
+        let started = ContinuousClock.now
+        let plan = try prepare(request)
+        let staging = try store.reserveStaging(request.name)
+        var process: QEMUProcess?
+        do {
+            let manifest = try await run(plan, request: request, staging: staging, started: started, progress: progress) { process = $0 }
+            return manifest
+        } catch {
+            if let process {
+                await process.terminate(grace: .milliseconds(500))
+            }
+            staging.discard()
+            throw error
+        }
+    }
+
+    // MARK: Checks before anything touches the disk
+
+    struct Plan {
+        var machine: MachineSpec
+        var boot: KernelBoot
+        var kernelReference: TemplateManifest.FileReference
+        var initrdReference: TemplateManifest.FileReference?
+        var useFileMigration: Bool
+    }
+
+    func prepare(_ request: CreateRequest) throws -> Plan {
+        let recipe = request.recipe
+        guard qemu.capabilities.supportsIgnoreShared, qemu.capabilities.supportsMachineMemoryBackend else {
+            throw VMTemplateError(.unsupported, "QEMU \(qemu.version) at \(qemu.path) is too old for templates (needs >= 5.0, and >= 8.2 for read-only clones): run scripts/setup or pass --qemu with a newer one.")
+        }
+        let memory = try ByteSize(parsing: recipe.memory)
+        guard memory.bytes >= Self.minimumMemoryBytes else {
+            throw VMTemplateError(.invalidArgument, "memory \(recipe.memory) is too small: give at least 16M (the busybox guest needs 128M or more).")
+        }
+        guard memory.bytes % (1024 * 1024) == 0 else {
+            throw VMTemplateError(.invalidArgument, "memory \(recipe.memory) is not a whole number of MiB: give e.g. 256M.")
+        }
+        if let available = try? MemInfo.read().availableBytes, memory.bytes > available {
+            throw VMTemplateError(.invalidArgument, "memory \(memory) is more than this machine has free (\(ByteSize(bytes: available))): give a smaller --memory.")
+        }
+        guard (1...64).contains(recipe.cpus) else {
+            throw VMTemplateError(.invalidArgument, "cpus \(recipe.cpus) is out of range: give 1 to 64.")
+        }
+        let accelerator = try Accelerator.resolve(request.accelerator, kvm: kvm)
+        let machineType = try qemu.resolveMachineType(recipe.machine)
+        let kernelReference = try Self.reference(recipe.kernel, what: "kernel")
+        let initrdReference = try recipe.initrd.map { try Self.reference($0, what: "initrd") }
+
+        let needed = memory.bytes + Self.stateReserveBytes
+        if let free = try? FileSystem.availableBytes(onFileSystemOf: store.root), free < needed {
+            throw VMTemplateError(.ioError, "not enough disk space in store '\(store.root)': the template needs \(ByteSize(bytes: needed)), \(ByteSize(bytes: free)) is free. Free some space or use another --store.")
+        }
+        return Plan(
+            machine: MachineSpec(machineType: machineType, machineOptions: recipe.machineOptions, cpuModel: recipe.cpuModel, cpus: recipe.cpus, memoryBytes: memory.bytes, accelerator: accelerator, vmgenid: recipe.vmgenid),
+            boot: KernelBoot(kernel: recipe.kernel, initrd: recipe.initrd, append: recipe.append),
+            kernelReference: kernelReference,
+            initrdReference: initrdReference,
+            useFileMigration: qemu.capabilities.supportsFileMigration
+        )
+    }
+
+    static func reference(_ path: String, what: String) throws -> TemplateManifest.FileReference {
+        let status: FileStatus
+        do {
+            status = try FileStatus.read(path: path)
+        } catch {
+            throw VMTemplateError(.notFound, "\(what) '\(path)' does not exist: build the guest first (templates/busybox/build, or scripts/setup) or fix the path in the recipe.")
+        }
+        guard status.isRegularFile, access(path, R_OK) == 0 else {
+            throw VMTemplateError(.invalidArgument, "\(what) '\(path)' is not a readable file: check its permissions.")
+        }
+        return .init(path: path, sizeBytes: status.sizeBytes, sha256: try FileDigest.sha256(path: path))
+    }
+
+    // MARK: The flow
+
+    private func run(_ plan: Plan, request: CreateRequest, staging: StagingArea, started: ContinuousClock.Instant, progress: @Sendable (CreatePhase) -> Void, onSpawn: (QEMUProcess) -> Void) async throws -> TemplateManifest {
+        var timings = CreateTimings()
+        let paths = staging.paths
+        try paths.checkSocketLengths()
+        try FileSystem.allocateFile(path: staging.memoryPath, size: plan.machine.memoryBytes, mode: 0o600)
+
+        progress(.boot)
+        let commandLine = QEMUCommandLine(
+            name: "vmtemplate-create-\(request.name)",
+            machine: plan.machine,
+            memory: MemoryBackendFile(path: staging.memoryPath, sizeBytes: plan.machine.memoryBytes, options: .template),
+            paths: paths,
+            launch: .boot(plan.boot)
+        )
+        let arguments = try commandLine.arguments()
+        let process = try QEMUProcess.spawn(executable: qemu.path, arguments: arguments, logPath: paths.qemuLog)
+        onSpawn(process)
+        try staging.writeOwner(qemu: process.identity)
+
+        let qmp = try await connectQMP(paths.qmpSocket, process: process)
+        defer { qmp.close() }
+
+        progress(.ready)
+        let bootStarted = ContinuousClock.now
+        try await waitUntilReady(request: request, plan: plan, paths: paths, process: process)
+        timings.bootToReady = bootStarted.duration(to: .now).seconds
+
+        progress(.pause)
+        let pauseStarted = ContinuousClock.now
+        try await qmp.stop()
+        timings.pause = pauseStarted.duration(to: .now).seconds
+
+        progress(.save)
+        let saveStarted = ContinuousClock.now
+        let scheme = try await save(qmp: qmp, process: process, staging: staging, useFile: plan.useFileMigration)
+        await process.terminate(grace: .seconds(5)) { try? await qmp.quit() }
+        try FileSystem.fsyncFile(path: staging.memoryPath)
+        try FileSystem.fsyncFile(path: staging.statePath)
+        timings.save = saveStarted.duration(to: .now).seconds
+
+        progress(.digest)
+        let digestStarted = ContinuousClock.now
+        try FileSystem.setMode(path: staging.memoryPath, mode: 0o444)
+        try FileSystem.setMode(path: staging.statePath, mode: 0o444)
+        let memory = try Self.storedFile(staging.memoryPath, name: "memory")
+        let state = try Self.storedFile(staging.statePath, name: "state")
+        timings.digest = digestStarted.duration(to: .now).seconds
+
+        progress(.publish)
+        let publishStarted = ContinuousClock.now
+        try tidy(staging)
+        var manifest = TemplateManifest(
+            formatVersion: TemplateManifest.currentFormatVersion,
+            name: request.name.value,
+            createdAt: Date(),
+            qemu: .init(path: qemu.path, version: qemu.version.description, package: qemu.package),
+            machine: plan.machine,
+            boot: .init(kernel: plan.kernelReference, initrd: plan.initrdReference, append: plan.boot.append),
+            readyMarker: request.recipe.readyMarker,
+            memory: memory,
+            state: state,
+            migration: .init(capabilities: ["x-ignore-shared"], uriScheme: scheme),
+            templateArguments: arguments,
+            timings: timings
+        )
+        // The manifest carries its own timings, so the publish phase is measured up to its write.
+        manifest.timings.publish = publishStarted.duration(to: .now).seconds
+        manifest.timings.total = started.duration(to: .now).seconds
+        try FileSystem.writeFileAtomically(path: staging.manifestPath, data: try JSONCoding.encode(manifest), mode: 0o444)
+        try store.publish(staging)
+        return manifest
+    }
+
+    private func connectQMP(_ socket: String, process: QEMUProcess) async throws -> QMPClient {
+        do {
+            return try await QMPClient.connect(socketPath: socket, timeout: .seconds(30), isPeerAlive: { process.isRunning })
+        } catch {
+            throw qemuDied(process, during: "start-up") ?? error
+        }
+    }
+
+    private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, process: QEMUProcess) async throws {
+        let timeout = request.readyTimeout ?? .milliseconds(Int64(request.recipe.readyTimeoutSeconds * 1000))
+        let watcher = SerialConsoleWatcher(path: paths.serialLog)
+        let ready: Bool
+        do {
+            ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { process.isRunning })
+        } catch let error as VMTemplateError where error.code == .timeout {
+            var advice = "check the recipe's kernel, initrd and append line"
+            if plan.machine.accelerator == .kvm { advice += ", or try --accel tcg (this KVM may not run stock kernels)" }
+            throw VMTemplateError(
+                .timeout,
+                "guest did not print its ready marker '\(request.recipe.readyMarker)' within \(timeout): \(advice). Last lines of its console:",
+                cause: LogTail.lastLines(ofFile: paths.serialLog, count: 15)
+            )
+        }
+        if !ready {
+            throw qemuDied(process, during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
+        }
+    }
+
+    /// Saves the device state; the RAM stays in the shared file (`x-ignore-shared`).
+    private func save(qmp: QMPClient, process: QEMUProcess, staging: StagingArea, useFile: Bool) async throws -> String {
+        // `events` makes QEMU announce each migration state, so completion is awaited, not polled.
+        try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
+        let uri = useFile ? "file:\(staging.statePath)" : "exec:cat > \(ShellQuote.quote(staging.statePath))"
+        do {
+            try await qmp.migrate(uri: uri)
+            _ = try await qmp.waitForMigration(timeout: .seconds(120))
+        } catch {
+            if let free = try? FileSystem.availableBytes(onFileSystemOf: staging.directory), free < 64 * 1024 {
+                throw VMTemplateError(.ioError, "disk full while saving the template's device state in '\(store.root)': free some space or use another --store, then create it again.", cause: "\(error)")
+            }
+            throw qemuDied(process, during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: "\(error)")
+        }
+        return useFile ? "file" : "exec"
+    }
+
+    /// Leaves only the template's own files: the console log is kept as `boot.log`.
+    private func tidy(_ staging: StagingArea) throws {
+        let paths = staging.paths
+        let bootLog = "\(staging.directory)/boot.log"
+        if rename(paths.serialLog, bootLog) == 0 { chmod(bootLog, 0o444) }
+        for leftover in [paths.qmpSocket, paths.controlSocket, paths.qemuLog, "\(staging.directory)/owner.json"] {
+            unlink(leftover)
+        }
+    }
+
+    static func storedFile(_ path: String, name: String) throws -> TemplateManifest.StoredFile {
+        let digest = try FileDigest.sha256(path: path)
+        let status = try FileStatus.read(path: path)
+        return .init(name: name, sizeBytes: status.sizeBytes, sha256: digest, mode: status.mode, inode: status.inode, modifiedNanoseconds: status.modifiedNanoseconds)
+    }
+
+    /// If QEMU has exited, an error that shows how and what it printed.
+    private func qemuDied(_ process: QEMUProcess, during phase: String) -> VMTemplateError? {
+        guard let how = process.exitDescription else { return nil }
+        return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase): see its output below; 'vmtemplate doctor' checks the installation.", cause: process.logTail())
+    }
+}
+
+extension Duration {
+    /// The duration in seconds, as a floating-point number.
+    public var seconds: Double {
+        let (whole, fraction) = components
+        return Double(whole) + Double(fraction) / 1e18
+    }
+}
+
+/// Single-quotes a string for `/bin/sh` (the `exec:` migration URI runs a shell command).
+enum ShellQuote {
+    static func quote(_ text: String) -> String {
+        "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'"
+    }
+}

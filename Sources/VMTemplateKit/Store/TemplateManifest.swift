@@ -1,0 +1,110 @@
+import Foundation
+
+/// `manifest.json` of a published template: what it is, how it was made, and how to rebuild a
+/// machine that its device state loads into.
+public struct TemplateManifest: Sendable, Codable, Equatable {
+    public static let currentFormatVersion = 1
+
+    public var formatVersion: Int
+    public var name: String
+    public var createdAt: Date
+    public var qemu: QEMUInfo
+    public var machine: MachineSpec
+    public var boot: BootInfo
+    public var readyMarker: String
+    public var memory: StoredFile
+    public var state: StoredFile
+    public var migration: MigrationInfo
+    /// The exact QEMU arguments the template VM ran with, for diagnosis.
+    public var templateArguments: [String]
+    public var timings: CreateTimings
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version"
+        case name
+        case createdAt = "created_at"
+        case qemu, machine, boot
+        case readyMarker = "ready_marker"
+        case memory, state, migration
+        case templateArguments = "template_arguments"
+        case timings
+    }
+
+    public struct QEMUInfo: Sendable, Codable, Equatable {
+        public var path: String
+        public var version: String
+        public var package: String?
+    }
+
+    public struct BootInfo: Sendable, Codable, Equatable {
+        public var kernel: FileReference
+        public var initrd: FileReference?
+        public var append: String
+    }
+
+    /// A file outside the store that the template was made from.
+    public struct FileReference: Sendable, Codable, Equatable {
+        public var path: String
+        public var sizeBytes: UInt64
+        public var sha256: String
+
+        enum CodingKeys: String, CodingKey {
+            case path
+            case sizeBytes = "size_bytes"
+            case sha256
+        }
+    }
+
+    /// A file inside the template directory, with what a quick check compares before trusting it.
+    public struct StoredFile: Sendable, Codable, Equatable {
+        public var name: String
+        public var sizeBytes: UInt64
+        public var sha256: String
+        public var mode: UInt16
+        public var inode: UInt64
+        public var modifiedNanoseconds: Int64
+
+        enum CodingKeys: String, CodingKey {
+            case name
+            case sizeBytes = "size_bytes"
+            case sha256, mode, inode
+            case modifiedNanoseconds = "mtime_ns"
+        }
+    }
+
+    public struct MigrationInfo: Sendable, Codable, Equatable {
+        /// Migration capabilities the state was saved with; a clone must load it with the same.
+        public var capabilities: [String]
+        /// `file` or `exec`: how the state was written.
+        public var uriScheme: String
+
+        enum CodingKeys: String, CodingKey {
+            case capabilities
+            case uriScheme = "uri_scheme"
+        }
+    }
+}
+
+/// How long each phase of `create` took, in seconds.
+public struct CreateTimings: Sendable, Codable, Equatable {
+    public var bootToReady: Double
+    public var pause: Double
+    public var save: Double
+    public var digest: Double
+    public var publish: Double
+    public var total: Double
+
+    public init(bootToReady: Double = 0, pause: Double = 0, save: Double = 0, digest: Double = 0, publish: Double = 0, total: Double = 0) {
+        self.bootToReady = bootToReady
+        self.pause = pause
+        self.save = save
+        self.digest = digest
+        self.publish = publish
+        self.total = total
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case bootToReady = "boot_to_ready"
+        case pause, save, digest, publish, total
+    }
+}

@@ -1,0 +1,60 @@
+import ArgumentParser
+import Foundation
+import VMTemplateKit
+
+struct Doctor: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check QEMU and the accelerator: what vmtemplate will use and what it can do."
+    )
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    @OptionGroup var qemu: QEMUOptions
+
+    func run() async throws {
+        let report = DoctorReport.run(explicitQEMU: qemu.qemuPath)
+        if json {
+            try Terminal.printJSON(report)
+        } else {
+            func yesNo(_ value: Bool) -> String { value ? "yes" : "no" }
+            print(TextTable.render([
+                ["qemu", report.qemuPath ?? "not found"],
+                ["version", [report.qemuVersion, report.qemuPackage.map { "(\($0))" }].compactMap { $0 }.joined(separator: " ")],
+                ["memory-backend-file rom=", yesNo(report.supportsROM)],
+                ["file: migration", yesNo(report.supportsFileMigration)],
+                ["kvm usable", "\(yesNo(report.kvmUsable)): \(report.kvmReason)"],
+                ["default accel", report.defaultAccel.rawValue],
+            ]))
+            for warning in report.warnings { print("warning: \(warning)") }
+            for problem in report.problems { print("problem: \(problem)") }
+        }
+        if !report.problems.isEmpty { throw ExitCode.failure }
+    }
+}
+
+struct GC: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Remove leftovers of interrupted commands and kill the QEMU they left running."
+    )
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    @OptionGroup var store: StoreOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            let report = try store.open().collectGarbage()
+            if json {
+                try Terminal.printJSON(report)
+                return
+            }
+            for entry in report.removedStaging { print("removed unfinished template \(entry)") }
+            for pid in report.killedProcesses { print("killed orphaned QEMU \(pid)") }
+            for problem in report.problems { Terminal.note("warning: \(problem)") }
+            if report.removedStaging.isEmpty && report.killedProcesses.isEmpty { print("nothing to clean up") }
+        }
+    }
+}

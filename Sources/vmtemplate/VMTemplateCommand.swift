@@ -1,0 +1,72 @@
+import ArgumentParser
+import Foundation
+import VMTemplateKit
+
+@main
+struct VMTemplateCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vmtemplate",
+        abstract: "Make VM templates once, then start ready VMs from them in milliseconds.",
+        discussion: """
+            A template is a booted guest paused at the moment it became ready: its RAM file, its \
+            device state and a manifest. Clones map the RAM file private and read-only, so each one \
+            costs only the pages its guest writes.
+
+            Examples:
+              vmtemplate doctor
+              vmtemplate create busybox --recipe templates/busybox/template.json
+              vmtemplate list --json
+            """,
+        subcommands: [Create.self, List.self, Doctor.self, GC.self]
+    )
+}
+
+/// Options every command that touches the store takes.
+struct StoreOptions: ParsableArguments {
+    @Option(name: .customLong("store"), help: ArgumentHelp("Store directory (default: $VMTEMPLATE_STORE, else /var/lib/vmtemplate for root, ~/.local/share/vmtemplate otherwise).", valueName: "path"))
+    var storePath: String?
+
+    func open() throws -> TemplateStore {
+        try TemplateStore(root: TemplateStore.defaultRoot(explicit: storePath))
+    }
+}
+
+struct QEMUOptions: ParsableArguments {
+    @Option(name: .customLong("qemu"), help: ArgumentHelp("qemu-system-x86_64 to use (default: $VMTEMPLATE_QEMU, else PATH).", valueName: "path"))
+    var qemuPath: String?
+
+    func probe() throws -> QEMUBinary {
+        try QEMUBinary.probe(path: try QEMUBinary.locate(explicit: qemuPath))
+    }
+}
+
+extension AcceleratorChoice: ExpressibleByArgument {}
+
+/// Runs a command body and turns library errors into one clear line on stderr and exit status 1.
+func reportingErrors(_ body: () async throws -> Void) async throws {
+    do {
+        try await body()
+    } catch let error as VMTemplateError {
+        Terminal.error(error.message)
+        if let cause = error.cause, !cause.isEmpty {
+            FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+        }
+        throw ExitCode.failure
+    }
+}
+
+enum Terminal {
+    static var stderrIsTerminal: Bool { isatty(2) == 1 }
+
+    static func error(_ message: String) {
+        FileHandle.standardError.write(Data("vmtemplate: error: \(message)\n".utf8))
+    }
+
+    static func note(_ message: String) {
+        FileHandle.standardError.write(Data("vmtemplate: \(message)\n".utf8))
+    }
+
+    static func printJSON(_ value: some Encodable) throws {
+        print(try JSONCoding.line(value))
+    }
+}

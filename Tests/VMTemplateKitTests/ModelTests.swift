@@ -1,0 +1,95 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateKit
+
+@Suite("names, versions, recipes, command lines")
+struct ModelTests {
+    @Test("valid names are accepted", arguments: ["busybox", "a", "web-1.2_x", "A9", String(repeating: "x", count: 64)])
+    func validNames(name: String) throws {
+        #expect(try EntityName(name).value == name)
+    }
+
+    @Test("names that could escape the store or confuse it are refused", arguments: ["", ".", "..", ".hidden", "a/b", "../x", "x y", "tab\t", "é", "a:b", String(repeating: "x", count: 65)])
+    func invalidNames(name: String) {
+        #expect(throws: VMTemplateError.self) { try EntityName(name) }
+    }
+
+    @Test("QEMU versions parse and compare")
+    func versions() {
+        #expect(QEMUVersion(parsing: "10.0.2 (Debian 1:10.0.2+ds-2)") == QEMUVersion(10, 0, 2))
+        #expect(QEMUVersion(parsing: "7.2.0") == QEMUVersion(7, 2, 0))
+        #expect(QEMUVersion(parsing: "8.2") == QEMUVersion(8, 2, 0))
+        #expect(QEMUVersion(parsing: "garbage") == nil)
+        #expect(QEMUVersion(7, 2) < .romAndFileMigration)
+        #expect(!QEMUCapabilities(version: QEMUVersion(7, 2)).supportsROM)
+        #expect(QEMUCapabilities(version: QEMUVersion(10, 0)).supportsFileMigration)
+    }
+
+    @Test("auto never picks a KVM that cannot run stock guests")
+    func acceleratorChoice() throws {
+        let pvm = KVMProbe(devicePath: "/dev/kvm", devicePresent: true, deviceUsable: true, modules: ["kvm", "kvm_pvm"], usableForStockGuests: false, reason: "PVM")
+        let real = KVMProbe(devicePath: "/dev/kvm", devicePresent: true, deviceUsable: true, modules: ["kvm", "kvm_intel"], usableForStockGuests: true, reason: "ok")
+        let none = KVMProbe(devicePath: "/dev/kvm", devicePresent: false, deviceUsable: false, modules: [], usableForStockGuests: false, reason: "no /dev/kvm")
+        #expect(try Accelerator.resolve(.auto, kvm: pvm) == .tcg)
+        #expect(try Accelerator.resolve(.auto, kvm: real) == .kvm)
+        #expect(try Accelerator.resolve(.tcg, kvm: real) == .tcg)
+        #expect(try Accelerator.resolve(.kvm, kvm: pvm) == .kvm, "an explicit kvm is honoured where the device works")
+        #expect(throws: VMTemplateError.self) { try Accelerator.resolve(.kvm, kvm: none) }
+    }
+
+    @Test("a recipe's relative paths are resolved against its own folder")
+    func recipePaths() throws {
+        let recipe = try Recipe.load(path: "\(Checkout.root)/templates/busybox/template.json")
+        #expect(recipe.kernel == "\(Checkout.root)/templates/busybox/out/vmlinuz")
+        #expect(recipe.initrd == "\(Checkout.root)/templates/busybox/out/initrd.img")
+        #expect(recipe.memory == "256M")
+        #expect(recipe.readyMarker == "VMTEMPLATE-READY")
+    }
+
+    @Test("a malformed recipe names what is wrong")
+    func malformedRecipe() throws {
+        let path = NSTemporaryDirectory() + "recipe-\(UUID().uuidString).json"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try Data(#"{"append": "x"}"#.utf8).write(to: URL(fileURLWithPath: path))
+        #expect {
+            try Recipe.load(path: path)
+        } throws: { error in
+            (error as? VMTemplateError)?.message.contains("missing key 'kernel'") ?? false
+        }
+        #expect(throws: VMTemplateError.self) { try Recipe.load(path: "/nonexistent/recipe.json") }
+    }
+
+    @Test("the template command line boots the kernel with shared RAM; a clone's waits for its state")
+    func commandLines() throws {
+        let machine = MachineSpec(machineType: "pc-q35-10.0", machineOptions: ["sata=off"], cpuModel: nil, cpus: 1, memoryBytes: 256 << 20, accelerator: .tcg, vmgenid: true)
+        let paths = InstancePaths(directory: "/s/t")
+        let template = QEMUCommandLine(
+            name: "t", machine: machine,
+            memory: MemoryBackendFile(path: "/s/t/memory", sizeBytes: 256 << 20, options: .template),
+            paths: paths, launch: .boot(KernelBoot(kernel: "/k", initrd: "/i", append: "console=ttyS0"))
+        )
+        let arguments = try template.arguments()
+        #expect(arguments.contains("pc-q35-10.0,memory-backend=ram0,sata=off"))
+        #expect(arguments.contains("-kernel") && arguments.contains("-initrd"))
+        #expect(arguments.contains("vmgenid,id=vmgenid0,guid=auto"))
+        #expect(arguments.contains("-nodefaults"))
+        #expect(!arguments.contains("-incoming"))
+
+        var clone = template
+        clone.launch = .incoming
+        clone.memory.options = .clone
+        clone.vmgenidGUID = "9a6e1d2c-0000-4000-8000-000000000001"
+        let cloneArguments = try clone.arguments()
+        #expect(!cloneArguments.contains("-kernel"), "clones restore from state and need no kernel")
+        #expect(cloneArguments.suffix(2) == ["-incoming", "defer"])
+        #expect(cloneArguments.contains { $0.hasSuffix("share=off,readonly=on,rom=off") })
+    }
+
+    @Test("socket paths over 107 bytes are refused with advice")
+    func socketLength() {
+        let long = InstancePaths(directory: "/" + String(repeating: "d", count: 100))
+        #expect(throws: VMTemplateError.self) { try long.checkSocketLengths() }
+        #expect(throws: Never.self) { try InstancePaths(directory: "/var/lib/vmtemplate/staging/x").checkSocketLengths() }
+    }
+}

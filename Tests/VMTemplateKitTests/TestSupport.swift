@@ -1,0 +1,169 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateKit
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Paths of this checkout, found from this file's location.
+enum Checkout {
+    static let root: String = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    static let busyboxRecipe = "\(root)/templates/busybox/template.json"
+    /// The `vmtemplate` executable `swift build` made next to the test bundle.
+    static var binary: String {
+        let candidates = [
+            Bundle.main.bundleURL.appendingPathComponent("vmtemplate").path,
+            Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vmtemplate").path,
+            "\(root)/.build/debug/vmtemplate",
+        ]
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[2]
+    }
+}
+
+/// Whether the machine can run the integration tests (scripts/setup installs all of this).
+enum Environment {
+    static let hasQEMU = (try? QEMUBinary.locate(explicit: nil)) != nil
+    static let hasGuest = FileManager.default.fileExists(atPath: "\(Checkout.root)/templates/busybox/out/vmlinuz")
+    static let canRunGuests = hasQEMU && hasGuest
+    static let isRoot = getuid() == 0
+}
+
+/// A result of running the CLI.
+struct CommandResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs the real `vmtemplate` binary, the way a container runtime would.
+enum CLI {
+    static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> CommandResult {
+        let process = try start(arguments, environment: environment)
+        process.process.waitUntilExit()
+        return process.result()
+    }
+
+    final class Running {
+        let process: Process
+        let stdoutPath: String
+        let stderrPath: String
+
+        init(process: Process, stdoutPath: String, stderrPath: String) {
+            self.process = process
+            self.stdoutPath = stdoutPath
+            self.stderrPath = stderrPath
+        }
+
+        func result() -> CommandResult {
+            let out = (try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? ""
+            let err = (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? ""
+            try? FileManager.default.removeItem(atPath: stdoutPath)
+            try? FileManager.default.removeItem(atPath: stderrPath)
+            return CommandResult(status: process.terminationStatus, stdout: out, stderr: err)
+        }
+    }
+
+    /// Starts the binary with its output captured to files (pipes could fill up and block it).
+    static func start(_ arguments: [String], environment: [String: String] = [:]) throws -> Running {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Checkout.binary)
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let base = NSTemporaryDirectory() + "vmtemplate-cli-\(UUID().uuidString)"
+        _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)
+        _ = FileManager.default.createFile(atPath: base + ".err", contents: nil)
+        process.standardOutput = FileHandle(forWritingAtPath: base + ".out")
+        process.standardError = FileHandle(forWritingAtPath: base + ".err")
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return Running(process: process, stdoutPath: base + ".out", stderrPath: base + ".err")
+    }
+}
+
+/// A store in a temporary directory; `remove()` kills whatever QEMU it still has and deletes it.
+struct TemporaryStore {
+    let root: String
+
+    init(_ label: String = "store") throws {
+        // Short paths: Unix socket paths inside the store are limited to 107 bytes.
+        let base = "/tmp/vmt-\(label.prefix(8))-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        root = base
+    }
+
+    var arguments: [String] { ["--store", root] }
+
+    func templateDirectory(_ name: String) -> String { "\(root)/templates/\(name)" }
+
+    func stagingEntries() -> [String] {
+        (try? FileManager.default.contentsOfDirectory(atPath: "\(root)/staging")) ?? []
+    }
+
+    func remove() {
+        for pid in QEMUProcesses.using(root) { kill(pid, SIGKILL) }
+        _ = try? ShortCommand.run("/bin/chmod", ["-R", "u+w", root])
+        try? FileManager.default.removeItem(atPath: root)
+    }
+}
+
+/// QEMU processes found through /proc, for checking that nothing was left running.
+enum QEMUProcesses {
+    /// PIDs of live processes whose command line mentions `path`.
+    static func using(_ path: String) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { Int32($0) }.filter { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+                  let stat = ProcessStat.read(pid: pid), stat.state != "Z"
+            else { return false }
+            let commandLine = String(decoding: data, as: UTF8.self).replacingOccurrences(of: "\0", with: " ")
+            return commandLine.contains("qemu") && commandLine.contains(path)
+        }
+    }
+}
+
+/// Waits for a condition with a deadline, checking often (no coarse sleeps).
+func eventually(timeout: Duration = .seconds(30), _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return condition()
+}
+
+/// One busybox template, made once per test run and shared by the tests that only read it.
+actor SharedTemplate {
+    static let shared = SharedTemplate()
+    static let name = "busybox"
+    private var store: TemporaryStore?
+
+    func store() async throws -> TemporaryStore {
+        if let store { return store }
+        Self.removeStaleFixtures()
+        let made = try TemporaryStore("shared-\(getpid())")
+        let result = try CLI.run(["create", Self.name, "--recipe", Checkout.busyboxRecipe, "--json"] + made.arguments)
+        guard result.status == 0 else {
+            throw VMTemplateError(.internalError, "creating the shared busybox template failed", cause: result.stderr)
+        }
+        store = made
+        return made
+    }
+
+    /// Stores of earlier test runs whose process is gone (Swift Testing has no global tear-down).
+    private static func removeStaleFixtures() {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []
+        for entry in entries where entry.hasPrefix("vmt-shared-") {
+            let pid = Int32(entry.dropFirst("vmt-shared-".count).prefix { $0 != "-" }) ?? 0
+            if pid > 0, pid != getpid(), kill(pid, 0) != 0 {
+                TemporaryStore(existing: "/tmp/\(entry)").remove()
+            }
+        }
+    }
+}
+
+extension TemporaryStore {
+    init(existing root: String) { self.root = root }
+}
