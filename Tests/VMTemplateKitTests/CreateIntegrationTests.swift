@@ -80,10 +80,10 @@ struct CreateIntegrationTests {
         defer { store.remove() }
         let recipe = try RecipeFile(changing: ["ready_marker": "NEVER-PRINTED"])
         defer { recipe.remove() }
-        let result = try CLI.run(["create", "never", "--recipe", recipe.path, "--timeout", "2"] + store.arguments)
+        let result = try CLI.run(["create", "never", "--recipe", recipe.path, "--timeout", "6"] + store.arguments)
         #expect(result.status == 1)
         #expect(result.stderr.contains("did not print its ready marker 'NEVER-PRINTED'"))
-        #expect(result.stderr.split(separator: "\n").count > 1, "the error shows the last console lines")
+        #expect(result.stderr.contains("VMTEMPLATE-READY"), "the error shows the last console lines")
         #expect(!FileManager.default.fileExists(atPath: store.templateDirectory("never")))
         #expect(store.stagingEntries().isEmpty)
         #expect(QEMUProcesses.using(store.root).isEmpty)
@@ -144,10 +144,12 @@ struct CreateIntegrationTests {
             running.process.waitUntilExit()
             return running.result()
         }
-        #expect(results[0].status == 0)
         #expect(results[1].status == 0)
-        #expect(results[2].status != 0, "a second create of 'a' must be refused")
-        #expect(results[2].stderr.contains("being created") || results[2].stderr.contains("already exists"))
+        // The two creates of 'a' race: exactly one wins, the other is refused with a reason.
+        let sameName = [results[0], results[2]]
+        #expect(sameName.filter { $0.status == 0 }.count == 1)
+        let refused = sameName.first { $0.status != 0 }
+        #expect(refused.map { $0.stderr.contains("being created") || $0.stderr.contains("already exists") } == true)
         for list in lists {
             #expect(list.status == 0)
             #expect((try? JSONSerialization.jsonObject(with: Data(list.stdout.utf8))) != nil)

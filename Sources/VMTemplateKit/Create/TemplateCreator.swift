@@ -212,12 +212,13 @@ public struct TemplateCreator: Sendable {
         do {
             ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { process.isRunning })
         } catch let error as VMTemplateError where error.code == .timeout {
+            let consoleTail = LogTail.lastLines(ofFile: paths.serialLog, count: 15)
             var advice = "check the recipe's kernel, initrd and append line"
             if plan.machine.accelerator == .kvm { advice += ", or try --accel tcg (this KVM may not run stock kernels)" }
             throw VMTemplateError(
                 .timeout,
                 "guest did not print its ready marker '\(request.recipe.readyMarker)' within \(timeout): \(advice). Last lines of its console:",
-                cause: LogTail.lastLines(ofFile: paths.serialLog, count: 15)
+                cause: consoleTail.isEmpty ? "(the console printed nothing)" : consoleTail
             )
         }
         if !ready {

@@ -147,7 +147,8 @@ enum LogTail {
         try? handle.seek(toOffset: start)
         let data = (try? handle.readToEnd()) ?? Data()
         let text = String(decoding: data, as: UTF8.self)
-        let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
+        // Serial consoles end lines with CR LF.
+        let lines = text.split(whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" })
         return lines.suffix(count).joined(separator: "\n")
     }
 }
