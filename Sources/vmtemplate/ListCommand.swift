@@ -32,18 +32,22 @@ struct List: AsyncParsableCommand {
 
     struct Listing: Encodable {
         var templates: [TemplateRow]
-        var clones: [String]
+        var clones: [CloneStatus]
         var problems: [String]
     }
 
     func run() async throws {
         try await reportingErrors {
-            let (manifests, problems) = try store.open().templates()
-            let rows = manifests.map {
-                TemplateRow(name: $0.name, memoryBytes: $0.machine.memoryBytes, clones: 0, createdAt: $0.createdAt, qemuVersion: $0.qemu.version, machineType: $0.machine.machineType, accelerator: $0.machine.accelerator.rawValue)
+            let store = try store.open()
+            let (manifests, templateProblems) = store.templates()
+            let (records, cloneProblems) = store.clones()
+            let clones = await CloneEngine(store: store).statuses(of: records)
+            let problems = templateProblems + cloneProblems
+            let rows = manifests.map { manifest in
+                TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue)
             }
             if json {
-                try Terminal.printJSON(Listing(templates: rows, clones: [], problems: problems))
+                try Terminal.printJSON(Listing(templates: rows, clones: clones, problems: problems))
                 return
             }
             for problem in problems { Terminal.note("warning: \(problem)") }
@@ -51,7 +55,26 @@ struct List: AsyncParsableCommand {
             var table = [["TEMPLATE", "MEMORY", "CLONES", "MACHINE", "ACCEL", "CREATED"]]
             table += rows.map { [$0.name, ByteSize(bytes: $0.memoryBytes).description, String($0.clones), $0.machineType, $0.accelerator, formatter.string(from: $0.createdAt)] }
             print(TextTable.render(table))
+            if !clones.isEmpty {
+                print("")
+                var cloneTable = [["CLONE", "NAME", "TEMPLATE", "STATE", "UPTIME", "COW", "QEMU PRIVATE"]]
+                cloneTable += clones.map {
+                    [$0.id, $0.name, $0.template, $0.state.rawValue, Self.uptime($0.uptimeSeconds),
+                     $0.cowBytes.map { ByteSize(bytes: $0).description } ?? "-",
+                     $0.privateBytes.map { ByteSize(bytes: $0).description } ?? "-"]
+                }
+                print(TextTable.render(cloneTable))
+            }
         }
+    }
+}
+
+extension List {
+    static func uptime(_ seconds: Double) -> String {
+        let whole = Int(seconds)
+        if whole < 60 { return "\(whole)s" }
+        if whole < 3600 { return "\(whole / 60)m\(whole % 60)s" }
+        return "\(whole / 3600)h\((whole % 3600) / 60)m"
     }
 }
 

@@ -179,7 +179,7 @@ public struct TemplateCreator: Sendable {
             formatVersion: TemplateManifest.currentFormatVersion,
             name: request.name.value,
             createdAt: Date(),
-            qemu: .init(path: qemu.path, version: qemu.version.description, package: qemu.package),
+            qemu: .init(path: qemu.path, version: qemu.version.description, package: qemu.package, capabilities: qemu.capabilities, binary: try? .init(FileStatus.read(path: qemu.path))),
             machine: plan.machine,
             boot: .init(kernel: plan.kernelReference, initrd: plan.initrdReference, append: plan.boot.append),
             readyMarker: request.recipe.readyMarker,

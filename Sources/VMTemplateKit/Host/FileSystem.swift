@@ -44,8 +44,10 @@ public enum FileSystem {
     ///
     /// Writes a temporary file in the same directory (rename is only atomic within one file system),
     /// syncs it, renames it over `path`, then syncs the directory so the rename itself is durable.
-    /// `mode` is applied exactly, regardless of the umask.
-    public static func writeFileAtomically(path: String, data: some Collection<UInt8>, mode: mode_t = 0o644) throws {
+    /// `mode` is applied exactly, regardless of the umask. `durable: false` skips both syncs: the
+    /// rename still makes the write atomic, and records that die with the machine anyway (a running
+    /// clone's) need not pay for a disk flush on the hot path.
+    public static func writeFileAtomically(path: String, data: some Collection<UInt8>, mode: mode_t = 0o644, durable: Bool = true) throws {
         let (directory, name) = split(path)
         let writable = "this user needs write permission on the directory '\(directory)'"
         let temporary = "\(directory)/.\(name).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -70,7 +72,7 @@ public enum FileSystem {
         if case .failure(let failure) = writeResult {
             throw error("write", path: temporary, code: failure.code, permissionNeeded: writable)
         }
-        guard fsyncRetryingInterrupts(fd) == 0 else {
+        guard !durable || fsyncRetryingInterrupts(fd) == 0 else {
             throw error("sync", path: temporary, code: errno, permissionNeeded: writable)
         }
         fdOpen = false
@@ -82,7 +84,7 @@ public enum FileSystem {
             throw error("rename '\(temporary)' to", path: path, code: errno, permissionNeeded: writable)
         }
         renamed = true
-        try fsyncDirectory(path: directory)
+        if durable { try fsyncDirectory(path: directory) }
     }
 
     /// Creates a new file of `size` bytes with its blocks reserved, failing if the file exists.

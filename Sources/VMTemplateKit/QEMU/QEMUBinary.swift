@@ -53,6 +53,13 @@ public struct QEMUCapabilities: Sendable, Codable, Equatable {
         self.supportsMachineMemoryBackend = supportsMachineMemoryBackend
     }
 
+    enum CodingKeys: String, CodingKey {
+        case supportsROM = "supports_rom"
+        case supportsFileMigration = "supports_file_migration"
+        case supportsIgnoreShared = "supports_ignore_shared"
+        case supportsMachineMemoryBackend = "supports_machine_memory_backend"
+    }
+
     /// The capabilities a given release has, for tests and for binaries whose help cannot be read.
     public init(version: QEMUVersion) {
         self.init(

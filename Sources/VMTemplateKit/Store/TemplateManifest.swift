@@ -34,6 +34,29 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
         public var path: String
         public var version: String
         public var package: String?
+        /// What the binary could do when the template was made; trusted by `clone` as long as the
+        /// binary is the same file (`binary`), so cloning does not pay for probing QEMU.
+        public var capabilities: QEMUCapabilities?
+        public var binary: BinaryFingerprint?
+    }
+
+    /// Identifies a file cheaply: if none of these changed, it is the same binary.
+    public struct BinaryFingerprint: Sendable, Codable, Equatable {
+        public var sizeBytes: UInt64
+        public var inode: UInt64
+        public var modifiedNanoseconds: Int64
+
+        public init(_ status: FileStatus) {
+            sizeBytes = status.sizeBytes
+            inode = status.inode
+            modifiedNanoseconds = status.modifiedNanoseconds
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case sizeBytes = "size_bytes"
+            case inode
+            case modifiedNanoseconds = "mtime_ns"
+        }
     }
 
     public struct BootInfo: Sendable, Codable, Equatable {

@@ -30,8 +30,14 @@ public struct TemplateStore: Sendable {
     public init(root: String) throws {
         let normalized = URL(fileURLWithPath: root).standardizedFileURL.path
         self.root = normalized
-        for directory in [normalized, templatesDirectory, stagingDirectory, clonesDirectory] {
+        for directory in [normalized, templatesDirectory, stagingDirectory] {
             try Self.makeDirectory(directory)
+        }
+        // Sticky and world-writable, like /tmp: any user who can read a template may clone it,
+        // and only a clone's owner (or root) can remove its directory.
+        if !FileManager.default.fileExists(atPath: clonesDirectory) {
+            try Self.makeDirectory(clonesDirectory)
+            chmod(clonesDirectory, 0o1777)
         }
     }
 
@@ -171,8 +177,8 @@ public struct TemplateStore: Sendable {
         }
     }
 
-    /// Removes leftovers of interrupted `create`s (killing their QEMU). Staging areas whose
-    /// creator still runs are left alone.
+    /// Removes leftovers of interrupted `create`s and `clone`s (killing the QEMU they left) and
+    /// the records of clones whose QEMU has exited. Anything whose creator still runs is left alone.
     public func collectGarbage() throws -> GarbageReport {
         try withLock {
             var report = GarbageReport()
@@ -185,6 +191,31 @@ public struct TemplateStore: Sendable {
                 do {
                     try StagingArea.discard(directory: directory)
                     report.removedStaging.append(entry)
+                } catch {
+                    report.problems.append("\(directory): \(error)")
+                }
+            }
+            let cloneEntries = (try? FileManager.default.contentsOfDirectory(atPath: clonesDirectory)) ?? []
+            for entry in cloneEntries.sorted() where !entry.hasPrefix(".") {
+                let directory = cloneDirectory(entry)
+                // Records are written under this lock together with their directory, so a
+                // directory without a readable record is debris.
+                let record = FileManager.default.contents(atPath: recordPath(entry)).flatMap { try? JSONCoding.decoder().decode(CloneRecord.self, from: $0) }
+                if let record {
+                    let qemuAlive = record.qemu?.isAlive ?? false
+                    let interrupted = record.state == .starting && record.creator?.isAlive != true
+                    guard !qemuAlive || interrupted else { continue }
+                    if record.state == .starting && record.creator?.isAlive == true { continue }
+                    if qemuAlive, let qemu = record.qemu {
+                        kill(qemu.pid, SIGKILL)
+                        report.killedProcesses.append(qemu.pid)
+                        let deadline = ContinuousClock.now + .seconds(5)
+                        while qemu.isAlive && ContinuousClock.now < deadline { usleep(2000) }
+                    }
+                }
+                do {
+                    try FileSystem.removeTree(path: directory)
+                    report.removedClones.append(entry)
                 } catch {
                     report.problems.append("\(directory): \(error)")
                 }

@@ -1,0 +1,205 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What to clone, and how.
+public struct CloneRequest: Sendable {
+    public var template: EntityName
+    /// Name for the clone; defaults to its ID.
+    public var name: EntityName?
+    /// Give the clone a fresh VM generation ID (needs a template made with a `vmgenid` device).
+    public var freshGenerationID: Bool
+    /// Allow opening the template read-write where QEMU has no `rom=` (< 8.2).
+    public var allowWritableTemplate: Bool
+    /// TCG translation cache per clone, in MiB (nil: vmtemplate's default).
+    public var tcgTranslationCacheMiB: Int?
+    public var timeout: Duration
+
+    public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30)) {
+        self.template = template
+        self.name = name
+        self.freshGenerationID = freshGenerationID
+        self.allowWritableTemplate = allowWritableTemplate
+        self.tcgTranslationCacheMiB = tcgTranslationCacheMiB
+        self.timeout = timeout
+    }
+}
+
+/// Starts clones from templates and stops them.
+///
+/// A clone is QEMU started with the template's machine, its RAM file mapped
+/// `share=off,readonly=on,rom=off` (opened read-only, mapped private: the guest's writes become
+/// copy-on-write pages of the clone, the file never changes), `-incoming defer`, then the device
+/// state loaded with `x-ignore-shared` and the guest continued.
+public struct CloneEngine: Sendable {
+    public let store: TemplateStore
+    /// `--qemu`/`$VMTEMPLATE_QEMU` if given; otherwise the binary that made the template.
+    public let explicitQEMU: String?
+
+    public init(store: TemplateStore, explicitQEMU: String? = nil) {
+        self.store = store
+        self.explicitQEMU = explicitQEMU
+    }
+
+    /// The memory backend a clone gets with these capabilities. Without `rom=` (QEMU < 8.2) the
+    /// only private writable mapping opens the file read-write, which is allowed only when asked
+    /// for: the template would then be protected by the mapping alone, not by the kernel.
+    public static func memoryOptions(capabilities: QEMUCapabilities, allowWritableTemplate: Bool) throws -> (options: MemoryBackendOptions, warning: String?) {
+        if capabilities.supportsROM { return (.clone, nil) }
+        guard allowWritableTemplate else {
+            throw VMTemplateError(.unsupported, "this QEMU has no memory-backend-file rom= (needs 8.2), so a clone could only open the template read-write: install QEMU >= 8.2 (scripts/setup), or pass --allow-writable-template to accept a template protected by the private mapping alone.")
+        }
+        return (.writableClone, "warning: clones open the template read-write (QEMU < 8.2 has no rom=); only the private mapping keeps guests from changing it. Install QEMU >= 8.2.")
+    }
+
+    /// The binary to run and what it can do, checked against the one that made the template.
+    func qemuFor(_ manifest: TemplateManifest) throws -> (path: String, capabilities: QEMUCapabilities) {
+        let path = try QEMUBinary.locate(explicit: explicitQEMU ?? manifest.qemu.path)
+        // Same file as at create time: trust what was probed then (probing costs two QEMU runs).
+        if path == manifest.qemu.path, let recorded = manifest.qemu.binary, let capabilities = manifest.qemu.capabilities,
+           let status = try? FileStatus.read(path: path), TemplateManifest.BinaryFingerprint(status) == recorded {
+            return (path, capabilities)
+        }
+        let binary = try QEMUBinary.probe(path: path)
+        guard binary.version.description == manifest.qemu.version else {
+            throw VMTemplateError(.unsupported, "template '\(manifest.name)' was made with QEMU \(manifest.qemu.version) but \(path) is QEMU \(binary.version): device state only loads into the same QEMU. Create the template again with this QEMU, or pass --qemu with a \(manifest.qemu.version) binary.")
+        }
+        return (path, binary.capabilities)
+    }
+
+    /// Checks that the template's files are the ones its manifest describes (size, mode, inode,
+    /// modification time): a cheap test that catches replaced or rewritten files without hashing.
+    public func checkFiles(of manifest: TemplateManifest) throws {
+        let directory = store.templateDirectory(try EntityName(manifest.name))
+        for file in [manifest.memory, manifest.state] {
+            let path = "\(directory)/\(file.name)"
+            let status: FileStatus
+            do {
+                status = try FileStatus.read(path: path)
+            } catch {
+                throw VMTemplateError(.notFound, "template '\(manifest.name)' is missing its \(file.name) file: the template is damaged; remove it and create it again.")
+            }
+            var differences: [String] = []
+            if status.sizeBytes != file.sizeBytes { differences.append("size \(status.sizeBytes) instead of \(file.sizeBytes)") }
+            if status.mode != file.mode { differences.append(String(format: "mode %o instead of %o", status.mode, file.mode)) }
+            if status.inode != file.inode || status.modifiedNanoseconds != file.modifiedNanoseconds { differences.append("replaced or rewritten since it was made") }
+            if !differences.isEmpty {
+                throw VMTemplateError(.invalidState, "template '\(manifest.name)': \(file.name) does not match its manifest (\(differences.joined(separator: ", "))): the template was changed, so it cannot be trusted; create it again.")
+            }
+        }
+    }
+
+    /// Starts a clone and returns once its guest runs.
+    public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
+        let started = ContinuousClock.now
+        let manifest = try store.manifest(of: request.template)
+        try checkFiles(of: manifest)
+        let (qemuPath, capabilities) = try qemuFor(manifest)
+        let (memoryOptions, warning) = try Self.memoryOptions(capabilities: capabilities, allowWritableTemplate: request.allowWritableTemplate)
+        if request.freshGenerationID && !manifest.machine.vmgenid {
+            throw VMTemplateError(.unsupported, "template '\(manifest.name)' has no vmgenid device, so its clones cannot get fresh generation IDs: pass --no-vmgenid, or create the template with \"vmgenid\": true.")
+        }
+
+        var record = try reserve(request, manifest: manifest, writable: memoryOptions.readonly == false)
+        var process: QEMUProcess?
+        do {
+            try record.paths.checkSocketLengths()
+            let memoryPath = record.memoryFile
+            let commandLine = QEMUCommandLine(
+                name: "vmtemplate-clone-\(record.id)",
+                machine: manifest.machine,
+                memory: MemoryBackendFile(path: memoryPath, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions),
+                paths: record.paths,
+                launch: .incoming,
+                vmgenidGUID: record.vmgenid ?? "auto",
+                tcgTranslationCacheMiB: request.tcgTranslationCacheMiB
+            )
+            let arguments = try commandLine.arguments()
+            let spawned = try QEMUProcess.spawn(executable: qemuPath, arguments: arguments, logPath: record.paths.qemuLog)
+            process = spawned
+            record.qemu = spawned.identity
+            record.qemuArguments = arguments
+            try store.save(record)
+
+            try await restore(manifest: manifest, record: record, process: spawned, timeout: request.timeout)
+            record.state = .running
+            record.restoreSeconds = started.duration(to: .now).seconds
+            try store.save(record)
+            return (record, warning)
+        } catch {
+            if let process { await process.terminate(grace: .milliseconds(500)) }
+            try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
+            throw error
+        }
+    }
+
+    /// Creates the clone's directory and first record under the store lock, so names stay unique.
+    private func reserve(_ request: CloneRequest, manifest: TemplateManifest, writable: Bool) throws -> CloneRecord {
+        try store.withLock {
+            let existing = store.clones().records
+            var id = CloneRecord.newID()
+            while existing.contains(where: { $0.id == id }) { id = CloneRecord.newID() }
+            let name = request.name?.value ?? id
+            if existing.contains(where: { $0.name == name || $0.id == name }) {
+                throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
+            }
+            let directory = store.cloneDirectory(id)
+            guard mkdir(directory, 0o755) == 0 else {
+                throw VMTemplateError(.ioError, "cannot create clone directory '\(directory)': \(errnoText()). Check that this user may write to '\(store.clonesDirectory)'.")
+            }
+            let record = CloneRecord(
+                id: id, name: name, template: manifest.name,
+                qemu: nil, creator: ProcessIdentity.current(pid: getpid()),
+                createdAt: Date(), state: .starting,
+                paths: InstancePaths(directory: directory),
+                memoryFile: "\(store.templateDirectory(request.template))/memory",
+                writableTemplate: writable,
+                vmgenid: request.freshGenerationID ? UUID().uuidString.lowercased() : nil,
+                qemuArguments: [], restoreSeconds: nil
+            )
+            do {
+                try store.save(record)
+            } catch {
+                try? FileSystem.removeTree(path: directory)
+                throw error
+            }
+            return record
+        }
+    }
+
+    /// Loads the device state into the waiting QEMU and lets the guest run.
+    private func restore(manifest: TemplateManifest, record: CloneRecord, process: QEMUProcess, timeout: Duration) async throws {
+        func died(_ phase: String) -> VMTemplateError? {
+            guard let how = process.exitDescription else { return nil }
+            return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase) of clone \(record.id) from template '\(manifest.name)': see its output below.", cause: process.logTail())
+        }
+        let qmp: QMPClient
+        do {
+            qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning })
+        } catch {
+            throw died("start-up") ?? error
+        }
+        defer { qmp.close() }
+        let running = qmp.greeting.qemuVersion
+        guard "\(running.major).\(running.minor).\(running.micro)" == manifest.qemu.version else {
+            throw VMTemplateError(.unsupported, "QEMU reports version \(running) but template '\(manifest.name)' was made with \(manifest.qemu.version): create the template again with this QEMU.")
+        }
+        do {
+            // The same capabilities as at save time; `events` announces completion, so no polling.
+            try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
+            let statePath = "\(store.templateDirectory(try EntityName(manifest.name)))/\(manifest.state.name)"
+            let uri = manifest.migration.uriScheme == "file" ? "file:\(statePath)" : "exec:cat \(ShellQuote.quote(statePath))"
+            try await qmp.migrateIncoming(uri: uri)
+            _ = try await qmp.waitForMigration(timeout: timeout)
+            try await qmp.cont()
+        } catch let error as VMTemplateError where error.code == .timeout {
+            throw VMTemplateError(.timeout, "restoring clone \(record.id) from template '\(manifest.name)' took longer than \(timeout): the machine may be overloaded; try again or raise --timeout.", cause: error.message)
+        } catch {
+            throw died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
+        }
+    }
+}

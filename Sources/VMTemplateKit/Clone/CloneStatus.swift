@@ -1,0 +1,69 @@
+import Foundation
+
+/// One clone as `list` and `inspect` show it: its record, its live state and its memory.
+public struct CloneStatus: Sendable, Codable, Equatable {
+    public var id: String
+    public var name: String
+    public var template: String
+    public var pid: Int32?
+    public var state: CloneState
+    public var createdAt: Date
+    public var uptimeSeconds: Double
+    /// Guest pages copied on write: the clone's own share of guest memory.
+    public var cowBytes: UInt64?
+    public var cowPages: UInt64?
+    /// Template pages the clone maps, shared with the template's page cache and other clones.
+    public var templateResidentBytes: UInt64?
+    /// QEMU's own private memory (heap, translation cache), apart from the guest's pages.
+    public var privateBytes: UInt64?
+    public var qmpSocket: String
+    public var controlSocket: String
+    public var serialLog: String
+    public var vmgenid: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, template, pid, state
+        case createdAt = "created_at"
+        case uptimeSeconds = "uptime_seconds"
+        case cowBytes = "cow_bytes"
+        case cowPages = "cow_pages"
+        case templateResidentBytes = "template_resident_bytes"
+        case privateBytes = "private_bytes"
+        case qmpSocket = "qmp_socket"
+        case controlSocket = "control_socket"
+        case serialLog = "serial_log"
+        case vmgenid
+    }
+}
+
+extension CloneEngine {
+    /// Live status of every clone, gathered concurrently: one slow QMP socket costs at most
+    /// `qmpTimeout`, never the whole listing.
+    public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500)) async -> [CloneStatus] {
+        await withTaskGroup(of: (Int, CloneStatus).self) { group in
+            for (index, record) in records.enumerated() {
+                group.addTask { (index, await status(of: record, qmpTimeout: qmpTimeout)) }
+            }
+            var result: [(Int, CloneStatus)] = []
+            for await item in group { result.append(item) }
+            return result.sorted { $0.0 < $1.0 }.map(\.1)
+        }
+    }
+
+    public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500)) async -> CloneStatus {
+        let state = await liveState(of: record, timeout: qmpTimeout)
+        var status = CloneStatus(
+            id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: state,
+            createdAt: record.createdAt, uptimeSeconds: max(0, Date().timeIntervalSince(record.createdAt)),
+            qmpSocket: record.paths.qmpSocket, controlSocket: record.paths.controlSocket, serialLog: record.paths.serialLog,
+            vmgenid: record.vmgenid
+        )
+        if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {
+            status.cowBytes = usage.copyOnWriteBytes
+            status.cowPages = usage.copyOnWriteBytes / UInt64(max(1, sysconf(Int32(_SC_PAGESIZE))))
+            status.templateResidentBytes = usage.templateResidentBytes
+            status.privateBytes = usage.qemuPrivateBytes
+        }
+        return status
+    }
+}

@@ -1,0 +1,132 @@
+import ArgumentParser
+import Foundation
+import VMTemplateKit
+
+struct Clone: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a VM from a template; returns once its guest runs.",
+        discussion: """
+            The clone's QEMU opens the template RAM file read-only and maps it private \
+            (share=off,readonly=on,rom=off): the guest's writes become the clone's own \
+            copy-on-write pages and the template never changes. QEMU runs detached; stop it with \
+            'vmtemplate rm'.
+
+            Example: vmtemplate clone busybox --name web-1 --json
+            """
+    )
+
+    @Argument(help: "Template to clone.")
+    var template: String
+
+    @Option(help: "Name for the clone (default: its ID).")
+    var name: String?
+
+    @Flag(name: .customLong("no-vmgenid"), help: "Keep the template's VM generation ID instead of giving the clone a fresh one.")
+    var noVMGenID = false
+
+    @Flag(help: "Where QEMU has no rom= (< 8.2), let clones open the template read-write (protected by the private mapping only).")
+    var allowWritableTemplate = false
+
+    @Option(name: .customLong("tcg-tb-size"), help: ArgumentHelp("TCG translation cache per clone in MiB (default: QEMU's).", valueName: "MiB"))
+    var tcgTranslationCacheMiB: Int?
+
+    @Option(help: ArgumentHelp("Seconds to wait for the restore.", valueName: "seconds"))
+    var timeout: Double = 30
+
+    @Flag(help: "Print the clone as one JSON object on stdout.")
+    var json = false
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var qemu: QEMUOptions
+
+    func validate() throws {
+        if timeout <= 0 { throw ValidationError("--timeout must be a positive number of seconds.") }
+        if let tcgTranslationCacheMiB, tcgTranslationCacheMiB < 1 { throw ValidationError("--tcg-tb-size must be at least 1 (MiB).") }
+    }
+
+    struct Output: Encodable {
+        var id: String
+        var name: String
+        var template: String
+        var pid: Int32?
+        var state: CloneState
+        var qmpSocket: String
+        var serialLog: String
+        var controlSocket: String
+        var vmgenid: String?
+
+        enum CodingKeys: String, CodingKey {
+            case id, name, template, pid, state
+            case qmpSocket = "qmp_socket"
+            case serialLog = "serial_log"
+            case controlSocket = "control_socket"
+            case vmgenid
+        }
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let templateName = try EntityName(template)
+            let cloneName = try name.map { try EntityName($0, kind: "clone") }
+            let engine = CloneEngine(store: try store.open(), explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
+            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .milliseconds(Int64(timeout * 1000)))
+            let (record, warning) = try await engine.clone(request)
+            if let warning { Terminal.note(warning) }
+            if json {
+                try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: record.paths.qmpSocket, serialLog: record.paths.serialLog, controlSocket: record.paths.controlSocket, vmgenid: record.vmgenid))
+            } else {
+                print(record.id)
+            }
+        }
+    }
+}
+
+struct Remove: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rm",
+        abstract: "Stop clones and remove their records.",
+        discussion: "Each clone is asked to quit over QMP, then sent SIGTERM, then SIGKILL after the grace period."
+    )
+
+    @Argument(help: "Clone IDs (or unambiguous prefixes) or names.")
+    var clones: [String] = []
+
+    @Flag(help: "Remove every clone in the store.")
+    var all = false
+
+    @Option(help: ArgumentHelp("Seconds to wait after each step of the stop ladder.", valueName: "seconds"))
+    var grace: Double = 3
+
+    @OptionGroup var store: StoreOptions
+
+    func validate() throws {
+        if all && !clones.isEmpty { throw ValidationError("give clone IDs or --all, not both.") }
+        if !all && clones.isEmpty { throw ValidationError("give one or more clone IDs or names, or --all.") }
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let store = try store.open()
+            let engine = CloneEngine(store: store)
+            let records = all ? store.clones().records : try clones.map { try store.findClone($0) }
+            var failures: [String] = []
+            await withTaskGroup(of: String?.self) { group in
+                for record in records {
+                    group.addTask {
+                        do {
+                            let how = try await engine.remove(record, grace: .milliseconds(Int64(grace * 1000)))
+                            print("removed \(record.id) (\(record.name)): \(how)")
+                            return nil
+                        } catch {
+                            return "\(record.id): \(error)"
+                        }
+                    }
+                }
+                for await failure in group { if let failure { failures.append(failure) } }
+            }
+            if !failures.isEmpty {
+                throw VMTemplateError(.qemuFailed, "some clones could not be removed:\n" + failures.joined(separator: "\n"))
+            }
+        }
+    }
+}
