@@ -25,6 +25,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Benchmarks against real QEMU guests (docs/benchmarks.md); not part of the product.
+        .executableTarget(
+            name: "vmtemplate-bench",
+            dependencies: [
+                "VMTemplateKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
         .testTarget(
             name: "VMTemplateKitTests",
             dependencies: ["VMTemplateKit"]

@@ -98,6 +98,8 @@ struct TemporaryStore {
 
     func templateDirectory(_ name: String) -> String { "\(root)/templates/\(name)" }
 
+    func cloneDirectory(_ id: String) -> String { "\(root)/clones/\(id)" }
+
     func stagingEntries() -> [String] {
         (try? FileManager.default.contentsOfDirectory(atPath: "\(root)/staging")) ?? []
     }
@@ -167,3 +169,8 @@ actor SharedTemplate {
 extension TemporaryStore {
     init(existing root: String) { self.root = root }
 }
+
+/// Every suite that boots real guests, one at a time: on two cores, guests booting in parallel
+/// only slow each other down, and checks for leftover QEMU must not see another suite's clones.
+@Suite("real guests", .serialized, .enabled(if: Environment.canRunGuests, "needs QEMU and the busybox guest: run scripts/setup"))
+struct RealGuests {}

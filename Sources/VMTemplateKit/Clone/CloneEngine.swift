@@ -73,19 +73,18 @@ public struct CloneEngine: Sendable {
 
     /// Checks that the template's files are the ones its manifest describes (size, mode, inode,
     /// modification time): a cheap test that catches replaced or rewritten files without hashing.
-    public func checkFiles(of manifest: TemplateManifest) throws {
-        let directory = store.templateDirectory(try EntityName(manifest.name))
+    public func checkFiles(of manifest: TemplateManifest, in directory: String) throws {
+        var statuses: [(TemplateManifest.StoredFile, FileStatus)] = []
         for file in [manifest.memory, manifest.state] {
-            let path = "\(directory)/\(file.name)"
-            let status: FileStatus
-            do {
-                status = try FileStatus.read(path: path)
-            } catch {
+            guard let status = try? FileStatus.read(path: "\(directory)/\(file.name)") else {
                 throw VMTemplateError(.notFound, "template '\(manifest.name)' is missing its \(file.name) file: the template is damaged; remove it and create it again.")
             }
+            statuses.append((file, status))
+        }
+        for (file, status) in statuses {
             var differences: [String] = []
             if status.sizeBytes != file.sizeBytes { differences.append("size \(status.sizeBytes) instead of \(file.sizeBytes)") }
-            if status.mode != file.mode { differences.append(String(format: "mode %o instead of %o", status.mode, file.mode)) }
+            if status.mode != file.mode { differences.append("mode \(String(status.mode, radix: 8)) instead of \(String(file.mode, radix: 8))") }
             if status.inode != file.inode || status.modifiedNanoseconds != file.modifiedNanoseconds { differences.append("replaced or rewritten since it was made") }
             if !differences.isEmpty {
                 throw VMTemplateError(.invalidState, "template '\(manifest.name)': \(file.name) does not match its manifest (\(differences.joined(separator: ", "))): the template was changed, so it cannot be trusted; create it again.")
@@ -97,7 +96,10 @@ public struct CloneEngine: Sendable {
     public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
         let started = ContinuousClock.now
         let manifest = try store.manifest(of: request.template)
-        try checkFiles(of: manifest)
+        guard manifest.name == request.template.value else {
+            throw VMTemplateError(.invalidState, "template directory '\(request.template)' holds the manifest of '\(manifest.name)': it was copied or renamed, so it cannot be trusted; create it again under this name.")
+        }
+        try checkFiles(of: manifest, in: store.templateDirectory(request.template))
         let (qemuPath, capabilities) = try qemuFor(manifest)
         let (memoryOptions, warning) = try Self.memoryOptions(capabilities: capabilities, allowWritableTemplate: request.allowWritableTemplate)
         if request.freshGenerationID && !manifest.machine.vmgenid {
@@ -173,15 +175,15 @@ public struct CloneEngine: Sendable {
 
     /// Loads the device state into the waiting QEMU and lets the guest run.
     private func restore(manifest: TemplateManifest, record: CloneRecord, process: QEMUProcess, timeout: Duration) async throws {
-        func died(_ phase: String) -> VMTemplateError? {
-            guard let how = process.exitDescription else { return nil }
+        func died(_ phase: String) async -> VMTemplateError? {
+            guard let how = await process.exitDescription(within: .seconds(1)) else { return nil }
             return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase) of clone \(record.id) from template '\(manifest.name)': see its output below.", cause: process.logTail())
         }
         let qmp: QMPClient
         do {
             qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning })
         } catch {
-            throw died("start-up") ?? error
+            throw await died("start-up") ?? error
         }
         defer { qmp.close() }
         let running = qmp.greeting.qemuVersion
@@ -191,7 +193,7 @@ public struct CloneEngine: Sendable {
         do {
             // The same capabilities as at save time; `events` announces completion, so no polling.
             try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
-            let statePath = "\(store.templateDirectory(try EntityName(manifest.name)))/\(manifest.state.name)"
+            let statePath = "\(store.templateDirectory(try EntityName(record.template)))/\(manifest.state.name)"
             let uri = manifest.migration.uriScheme == "file" ? "file:\(statePath)" : "exec:cat \(ShellQuote.quote(statePath))"
             try await qmp.migrateIncoming(uri: uri)
             _ = try await qmp.waitForMigration(timeout: timeout)
@@ -199,7 +201,7 @@ public struct CloneEngine: Sendable {
         } catch let error as VMTemplateError where error.code == .timeout {
             throw VMTemplateError(.timeout, "restoring clone \(record.id) from template '\(manifest.name)' took longer than \(timeout): the machine may be overloaded; try again or raise --timeout.", cause: error.message)
         } catch {
-            throw died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
+            throw await died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
         }
     }
 }

@@ -201,7 +201,7 @@ public struct TemplateCreator: Sendable {
         do {
             return try await QMPClient.connect(socketPath: socket, timeout: .seconds(30), isPeerAlive: { process.isRunning })
         } catch {
-            throw qemuDied(process, during: "start-up") ?? error
+            throw await qemuDied(process, during: "start-up") ?? error
         }
     }
 
@@ -222,7 +222,7 @@ public struct TemplateCreator: Sendable {
             )
         }
         if !ready {
-            throw qemuDied(process, during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
+            throw await qemuDied(process, during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
         }
     }
 
@@ -238,7 +238,7 @@ public struct TemplateCreator: Sendable {
             if let free = try? FileSystem.availableBytes(onFileSystemOf: staging.directory), free < 64 * 1024 {
                 throw VMTemplateError(.ioError, "disk full while saving the template's device state in '\(store.root)': free some space or use another --store, then create it again.", cause: "\(error)")
             }
-            throw qemuDied(process, during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: "\(error)")
+            throw await qemuDied(process, during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: "\(error)")
         }
         return useFile ? "file" : "exec"
     }
@@ -260,8 +260,8 @@ public struct TemplateCreator: Sendable {
     }
 
     /// If QEMU has exited, an error that shows how and what it printed.
-    private func qemuDied(_ process: QEMUProcess, during phase: String) -> VMTemplateError? {
-        guard let how = process.exitDescription else { return nil }
+    private func qemuDied(_ process: QEMUProcess, during phase: String) async -> VMTemplateError? {
+        guard let how = await process.exitDescription(within: .seconds(1)) else { return nil }
         return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase): see its output below; 'vmtemplate doctor' checks the installation.", cause: process.logTail())
     }
 }

@@ -88,6 +88,13 @@ public final class QEMUProcess: Sendable {
         }
     }
 
+    /// How the process ended, waiting up to `timeout` for it to end: a closed QMP socket usually
+    /// means QEMU is exiting, and its exit status and last words are what the user needs to see.
+    public func exitDescription(within timeout: Duration) async -> String? {
+        await waitForExit(timeout: timeout)
+        return exitDescription
+    }
+
     /// The last `lines` lines QEMU wrote to stdout/stderr.
     public func logTail(lines: Int = 20) -> String {
         LogTail.lastLines(ofFile: logPath, count: lines)

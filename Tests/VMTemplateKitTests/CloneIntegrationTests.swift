@@ -1,0 +1,301 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateKit
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `vmtemplate clone` end to end on the shared busybox template.
+extension RealGuests {
+    @Suite("clone on a real guest", .serialized)
+    struct CloneIntegrationTests {
+        struct Clone: Decodable {
+            var id: String
+            var name: String
+            var template: String
+            var pid: Int32
+            var state: String
+            var qmp_socket: String
+            var serial_log: String
+            var control_socket: String
+            var vmgenid: String?
+        }
+
+        func clone(_ store: TemporaryStore, _ extra: [String] = []) throws -> Clone {
+            let result = try CLI.run(["clone", SharedTemplate.name, "--json"] + extra + store.arguments)
+            try #require(result.status == 0, "clone failed: \(result.stderr)")
+            return try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
+        }
+
+        func removeAll(_ store: TemporaryStore) throws {
+            let result = try CLI.run(["rm", "--all"] + store.arguments)
+            #expect(result.status == 0, "rm --all: \(result.stderr)")
+        }
+
+        @Test("clones answer on their control channels, have distinct generation IDs, and open the template read-only")
+        func clonesAreIndependent() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let clones = try (0..<3).map { _ in try clone(store) }
+            #expect(Set(clones.map(\.id)).count == 3)
+            let memoryFile = "\(store.templateDirectory(SharedTemplate.name))/memory"
+            var generationIDs: Set<String> = []
+            for clone in clones {
+                #expect(clone.state == "running")
+                #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
+
+                let qmp = try await QMPClient.connect(socketPath: clone.qmp_socket, timeout: .seconds(5))
+                let guid = try await qmp.queryVMGenerationID()
+                #expect(guid.lowercased() == clone.vmgenid)
+                generationIDs.insert(guid)
+                #expect(try await qmp.queryStatus().running)
+                qmp.close()
+
+                let flags = try OpenFiles.flags(pid: clone.pid, path: memoryFile)
+                #expect(flags.count >= 1, "QEMU must hold the template RAM file open")
+                for flag in flags {
+                    #expect(flag & O_ACCMODE == O_RDONLY, "template opened with flags \(String(flag, radix: 8)), not read-only")
+                }
+            }
+            #expect(generationIDs.count == 3, "every clone gets its own generation ID")
+        }
+
+        @Test("a guest writing 32 MiB leaves the template unchanged and shows as its copy-on-write")
+        func dirtyLeavesTemplateIntact() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let manifest = try TemplateStore(root: store.root).manifest(of: try EntityName(SharedTemplate.name))
+            let busy = try clone(store)
+            let idle = try clone(store)
+            #expect(try ControlChannel(path: busy.control_socket).request("dirty 32", timeout: .seconds(60)) == "dirtied 32")
+
+            let memoryFile = "\(store.templateDirectory(SharedTemplate.name))/memory"
+            #expect(try FileDigest.sha256(path: memoryFile) == manifest.memory.sha256)
+
+            let busyUsage = try CloneMemoryUsage.measure(pid: busy.pid, templateFile: memoryFile)
+            let idleUsage = try CloneMemoryUsage.measure(pid: idle.pid, templateFile: memoryFile)
+            #expect(busyUsage.copyOnWriteBytes >= 32 * 1024 * 1024)
+            #expect(idleUsage.copyOnWriteBytes < 16 * 1024 * 1024)
+            #expect(try ControlChannel(path: idle.control_socket).request("ping") == "pong")
+        }
+
+        @Test("--no-vmgenid keeps the template's generation ID")
+        func noVMGenID() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let clone = try clone(store, ["--no-vmgenid"])
+            #expect(clone.vmgenid == nil)
+            #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
+        }
+
+        @Test("a non-root user clones a root-owned read-only template", .enabled(if: Environment.isRoot, "needs root to own the template and switch to another user"))
+        func unprivilegedClone() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let memoryFile = "\(store.templateDirectory(SharedTemplate.name))/memory"
+            let status = try FileStatus.read(path: memoryFile)
+            #expect(status.ownerUID == 0 && status.mode == 0o444)
+            let result = try ShortCommand.run("/usr/bin/setpriv", [
+                "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                Checkout.binary, "clone", SharedTemplate.name, "--json", "--store", store.root,
+            ])
+            try #require(result.status == 0, "clone as nobody failed: \(result.stderr)")
+            let clone = try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
+            #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
+            #expect(try FileStatus.read(path: store.cloneDirectory(clone.id)).ownerUID == 65534)
+        }
+
+        @Test("rm stops the QEMU and removes the record; a SIGKILLed clone shows as exited and gc cleans it")
+        func removeAndCollect() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let first = try clone(store, ["--name", "first"])
+            let second = try clone(store, ["--name", "second"])
+
+            let rm = try CLI.run(["rm", "first"] + store.arguments)
+            #expect(rm.status == 0)
+            #expect(rm.stdout.contains("quit"))
+            #expect(await eventually(timeout: .seconds(5)) { kill(first.pid, 0) != 0 })
+            #expect(!FileManager.default.fileExists(atPath: store.cloneDirectory(first.id)))
+
+            kill(second.pid, SIGKILL)
+            #expect(await eventually(timeout: .seconds(5)) { ProcessStat.read(pid: second.pid).map { $0.state == "Z" } ?? true })
+            let list = try CLI.run(["list", "--json"] + store.arguments)
+            #expect(list.stdout.contains("\"state\":\"exited\""))
+            let gc = try CLI.run(["gc", "--json"] + store.arguments)
+            #expect(gc.stdout.contains(second.id))
+            #expect(!FileManager.default.fileExists(atPath: store.cloneDirectory(second.id)))
+
+            let unknown = try CLI.run(["rm", "no-such-clone"] + store.arguments)
+            #expect(unknown.status == 1)
+            #expect(unknown.stderr.contains("no clone with ID or name 'no-such-clone'"))
+        }
+    }
+
+    /// Bad input to `clone`: a clear error, no QEMU left, no record left.
+    @Suite("clone refuses bad input", .serialized)
+    struct CloneBadInputTests {
+        func expectRefused(_ arguments: [String], store: TemporaryStore, saying expected: String) throws {
+            let qemuBefore = Set(QEMUProcesses.using(store.root))
+            let before = Set((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/clones")) ?? [])
+            let result = try CLI.run(["clone"] + arguments + store.arguments)
+            #expect(result.status == 1)
+            #expect(result.stderr.contains(expected), "stderr: \(result.stderr)")
+            let after = Set((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/clones")) ?? [])
+            #expect(after == before, "no clone directory may be left behind")
+            #expect(Set(QEMUProcesses.using(store.root)).isSubset(of: qemuBefore), "no QEMU may be left behind")
+        }
+
+        /// Copies the shared template under another name (a copy has new inodes: a changed template).
+        func copyTemplate(_ store: TemporaryStore, as name: String) throws -> String {
+            let target = store.templateDirectory(name)
+            let copy = try ShortCommand.run("/bin/cp", ["-a", store.templateDirectory(SharedTemplate.name), target])
+            try #require(copy.status == 0)
+            return target
+        }
+
+        func removeTemplate(_ directory: String) {
+            _ = try? ShortCommand.run("/bin/chmod", ["-R", "u+w", directory])
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+
+        @Test("an unknown template")
+        func unknownTemplate() async throws {
+            let store = try await SharedTemplate.shared.store()
+            try expectRefused(["nope"], store: store, saying: "no template named 'nope'")
+        }
+
+        @Test("a template whose files were replaced, changed or removed")
+        func tamperedTemplate() async throws {
+            let store = try await SharedTemplate.shared.store()
+            let copy = try copyTemplate(store, as: "copied")
+            defer { removeTemplate(copy) }
+            // A copy under another name carries the original's manifest.
+            try expectRefused(["copied"], store: store, saying: "holds the manifest of 'busybox'")
+            removeTemplate(copy)
+
+            // A copy under the same name (in a second store) has new inodes: not the template that was made.
+            let other = try TemporaryStore("tamper")
+            defer { other.remove() }
+            _ = try TemplateStore(root: other.root)
+            let copied = try ShortCommand.run("/bin/cp", ["-a", store.templateDirectory(SharedTemplate.name), other.templateDirectory(SharedTemplate.name)])
+            try #require(copied.status == 0)
+            try expectRefused([SharedTemplate.name], store: other, saying: "does not match its manifest")
+            // Rewritten in place: the modification time changes.
+            let otherMemory = "\(other.templateDirectory(SharedTemplate.name))/memory"
+            #expect(utimes(otherMemory, nil) == 0)
+            try expectRefused([SharedTemplate.name], store: other, saying: "replaced or rewritten")
+
+            // A file removed.
+            chmod(other.templateDirectory(SharedTemplate.name), 0o755)
+            unlink("\(other.templateDirectory(SharedTemplate.name))/state")
+            try expectRefused([SharedTemplate.name], store: other, saying: "missing its state file")
+        }
+
+        @Test("QEMU dying during start-up shows its error")
+        func qemuDies() async throws {
+            let store = try await SharedTemplate.shared.store()
+            let wrapper = try QEMUWrapper(body: "exec qemu-system-x86_64 \"$@\" -no-such-option")
+            defer { wrapper.remove() }
+            try expectRefused([SharedTemplate.name, "--qemu", wrapper.path], store: store, saying: "QEMU exited")
+        }
+
+        @Test("a restore that does not finish in time times out, leaving nothing")
+        func restoreTimeout() async throws {
+            let store = try await SharedTemplate.shared.store()
+            let wrapper = try QEMUWrapper(body: "sleep 30; exec qemu-system-x86_64 \"$@\"")
+            defer { wrapper.remove() }
+            try expectRefused([SharedTemplate.name, "--qemu", wrapper.path, "--timeout", "1"], store: store, saying: "1")
+        }
+
+        @Test("a clone name that is taken, or invalid")
+        func nameTaken() async throws {
+            let store = try await SharedTemplate.shared.store()
+            let first = try CLI.run(["clone", SharedTemplate.name, "--name", "taken"] + store.arguments)
+            #expect(first.status == 0)
+            defer { _ = try? CLI.run(["rm", "taken"] + store.arguments) }
+            try expectRefused([SharedTemplate.name, "--name", "taken"], store: store, saying: "a clone named 'taken' already exists")
+            try expectRefused([SharedTemplate.name, "--name", "../x"], store: store, saying: "clone name")
+        }
+
+        @Test("without rom= a clone needs --allow-writable-template, and gets a warning")
+        func writableTemplateChoice() throws {
+            let old = QEMUCapabilities(version: QEMUVersion(7, 2))
+            #expect(throws: VMTemplateError.self) { try CloneEngine.memoryOptions(capabilities: old, allowWritableTemplate: false) }
+            let (options, warning) = try CloneEngine.memoryOptions(capabilities: old, allowWritableTemplate: true)
+            #expect(options == .writableClone && options.openMode == .readWrite && options.mapping == .private)
+            #expect(warning?.contains("read-write") == true)
+            let current = QEMUCapabilities(version: QEMUVersion(10, 0))
+            let (cloneOptions, noWarning) = try CloneEngine.memoryOptions(capabilities: current, allowWritableTemplate: true)
+            #expect(cloneOptions == .clone && noWarning == nil, "with rom= the read-only clone is always used")
+        }
+    }
+
+}
+
+/// A script that stands in for QEMU: answers --version and probes like the real one, then runs `body`.
+struct QEMUWrapper {
+    let path: String
+
+    init(body: String) throws {
+        path = NSTemporaryDirectory() + "qemu-wrapper-\(UUID().uuidString.prefix(8))"
+        let script = """
+            #!/bin/sh
+            case "$1" in --version|-machine|-object) exec qemu-system-x86_64 "$@" ;; esac
+            \(body)
+
+            """
+        try Data(script.utf8).write(to: URL(fileURLWithPath: path))
+        chmod(path, 0o755)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// The busybox guest's control channel: one request line, one reply line.
+struct ControlChannel {
+    let path: String
+
+    func request(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw VMTemplateError(.ioError, "socket: \(errnoText())") }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw VMTemplateError(.ioError, "connect \(path): \(errnoText())") }
+        var seconds = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &seconds, socklen_t(MemoryLayout<timeval>.size))
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        var reply: [UInt8] = []
+        var byte: UInt8 = 0
+        while read(fd, &byte, 1) == 1 {
+            if byte == 0x0a { break }
+            reply.append(byte)
+        }
+        return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// Open file descriptors of a process, from /proc/PID/fd and /proc/PID/fdinfo.
+enum OpenFiles {
+    /// The open flags of every descriptor of `pid` that refers to `path`.
+    static func flags(pid: Int32, path: String) throws -> [Int32] {
+        let descriptors = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")
+        return descriptors.compactMap { fd in
+            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)"), target == path,
+                  let info = try? String(contentsOfFile: "/proc/\(pid)/fdinfo/\(fd)", encoding: .utf8),
+                  let line = info.split(separator: "\n").first(where: { $0.hasPrefix("flags:") })
+            else { return nil }
+            return Int32(line.dropFirst("flags:".count).trimmingCharacters(in: .whitespaces), radix: 8)
+        }
+    }
+}
