@@ -130,3 +130,29 @@ struct Remove: AsyncParsableCommand {
         }
     }
 }
+
+struct Send: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Send one line to a clone's control channel and print the guest's reply.",
+        discussion: "The built-in busybox guest answers ping, dirty N, free, random N and hash N (templates/busybox/README.md).\n\nExample: vmtemplate send web-1 ping"
+    )
+
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    var clone: String
+
+    @Argument(help: "The request line, e.g. 'ping' or 'dirty 64'.")
+    var request: [String]
+
+    @Option(help: ArgumentHelp("Seconds to wait for the reply.", valueName: "seconds"))
+    var timeout: Double = 60
+
+    @OptionGroup var store: StoreOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            let record = try store.open().findClone(clone)
+            let reply = try ControlChannel(path: record.paths.controlSocket).request(request.joined(separator: " "), timeout: .milliseconds(Int64(timeout * 1000)))
+            print(reply)
+        }
+    }
+}

@@ -254,37 +254,6 @@ struct QEMUWrapper {
     func remove() { try? FileManager.default.removeItem(atPath: path) }
 }
 
-/// The busybox guest's control channel: one request line, one reply line.
-struct ControlChannel {
-    let path: String
-
-    func request(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw VMTemplateError(.ioError, "socket: \(errnoText())") }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[index] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else { throw VMTemplateError(.ioError, "connect \(path): \(errnoText())") }
-        var seconds = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &seconds, socklen_t(MemoryLayout<timeval>.size))
-        let bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        var reply: [UInt8] = []
-        var byte: UInt8 = 0
-        while read(fd, &byte, 1) == 1 {
-            if byte == 0x0a { break }
-            reply.append(byte)
-        }
-        return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-}
-
 /// Open file descriptors of a process, from /proc/PID/fd and /proc/PID/fdinfo.
 enum OpenFiles {
     /// The open flags of every descriptor of `pid` that refers to `path`.
