@@ -33,6 +33,12 @@ struct Clone: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds to wait for the restore.", valueName: "seconds"))
     var timeout: Double = 30
 
+    @Option(help: ArgumentHelp("Copy-on-write memory the clone may use before the scheduler acts (e.g. 64M).", valueName: "size"))
+    var cowLimit: String?
+
+    @Option(help: "What the scheduler does over the limit: pause or kill (default: the store's setting).")
+    var overLimit: OverLimitAction?
+
     @Flag(help: "Print the clone as one JSON object on stdout.")
     var json = false
 
@@ -69,7 +75,8 @@ struct Clone: AsyncParsableCommand {
             let templateName = try EntityName(template)
             let cloneName = try name.map { try EntityName($0, kind: "clone") }
             let engine = CloneEngine(store: try store.open(), explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
-            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .milliseconds(Int64(timeout * 1000)))
+            let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
+            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .milliseconds(Int64(timeout * 1000)), cowLimitBytes: limit, overLimitAction: overLimit)
             let (record, warning) = try await engine.clone(request)
             if let warning { Terminal.note(warning) }
             if json {

@@ -33,6 +33,7 @@ struct List: AsyncParsableCommand {
     struct Listing: Encodable {
         var templates: [TemplateRow]
         var clones: [CloneStatus]
+        var summary: MemorySummary
         var problems: [String]
     }
 
@@ -47,7 +48,7 @@ struct List: AsyncParsableCommand {
                 TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue)
             }
             if json {
-                try Terminal.printJSON(Listing(templates: rows, clones: clones, problems: problems))
+                try Terminal.printJSON(Listing(templates: rows, clones: clones, summary: MemorySummary(templates: manifests, clones: clones), problems: problems))
                 return
             }
             for problem in problems { Terminal.note("warning: \(problem)") }
@@ -64,6 +65,10 @@ struct List: AsyncParsableCommand {
                      $0.privateBytes.map { ByteSize(bytes: $0).description } ?? "-"]
                 }
                 print(TextTable.render(cloneTable))
+                let summary = MemorySummary(templates: manifests, clones: clones)
+                let ratio = summary.inUseBytes > 0 ? Double(summary.fullCopyBytes) / Double(summary.inUseBytes) : 0
+                print("")
+                print("\(summary.running) running, \(summary.paused) paused, \(summary.exited) exited: \(ByteSize(bytes: summary.inUseBytes)) in use (copy-on-write \(ByteSize(bytes: summary.cowBytes)), QEMU \(ByteSize(bytes: summary.privateBytes)), template pages \(ByteSize(bytes: summary.templateResidentBytes))) versus \(ByteSize(bytes: summary.fullCopyBytes)) as full copies (\(String(format: "%.1f", ratio))x)")
             }
         }
     }

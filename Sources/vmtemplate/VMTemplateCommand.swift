@@ -17,7 +17,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
-        subcommands: [Create.self, Clone.self, List.self, Remove.self, Send.self, Explain.self, Doctor.self, GC.self]
+        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, Resume.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 }
 

@@ -18,8 +18,14 @@ public struct CloneRequest: Sendable {
     /// TCG translation cache per clone, in MiB (nil: vmtemplate's default).
     public var tcgTranslationCacheMiB: Int?
     public var timeout: Duration
+    /// Copy-on-write the clone may use before the scheduler acts.
+    public var cowLimitBytes: UInt64?
+    /// The scheduler's action over the limit (nil: the store's setting).
+    public var overLimitAction: OverLimitAction?
 
-    public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30)) {
+    public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30), cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil) {
+        self.cowLimitBytes = cowLimitBytes
+        self.overLimitAction = overLimitAction
         self.template = template
         self.name = name
         self.freshGenerationID = freshGenerationID
@@ -143,6 +149,12 @@ public struct CloneEngine: Sendable {
     private func reserve(_ request: CloneRequest, manifest: TemplateManifest, writable: Bool) throws -> CloneRecord {
         try store.withLock {
             let existing = store.clones().records
+            let live = existing.filter(\.isLive)
+            try Admission.check(
+                settings: try store.settings(),
+                live: live.map(\.committedBytes),
+                newCommitted: Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
+            )
             var id = CloneRecord.newID()
             while existing.contains(where: { $0.id == id }) { id = CloneRecord.newID() }
             let name = request.name?.value ?? id
@@ -161,7 +173,11 @@ public struct CloneEngine: Sendable {
                 memoryFile: "\(store.templateDirectory(request.template))/memory",
                 writableTemplate: writable,
                 vmgenid: request.freshGenerationID ? UUID().uuidString.lowercased() : nil,
-                qemuArguments: [], restoreSeconds: nil
+                qemuArguments: [], restoreSeconds: nil,
+                guestMemoryBytes: manifest.machine.memoryBytes,
+                cowLimitBytes: request.cowLimitBytes,
+                overLimitAction: request.overLimitAction,
+                lastEnforcement: nil
             )
             do {
                 try store.save(record)

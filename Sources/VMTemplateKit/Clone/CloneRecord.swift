@@ -42,6 +42,14 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var qemuArguments: [String]
     /// Time from the command's start until the guest ran, in seconds.
     public var restoreSeconds: Double?
+    /// Guest RAM size, for admission (what a clone can commit at most).
+    public var guestMemoryBytes: UInt64?
+    /// Copy-on-write the clone may use before the scheduler acts (nil: no limit).
+    public var cowLimitBytes: UInt64?
+    /// What the scheduler does over the limit (nil: the store's setting).
+    public var overLimitAction: OverLimitAction?
+    /// The scheduler's last action on this clone.
+    public var lastEnforcement: Enforcement?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -52,11 +60,57 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case vmgenid
         case qemuArguments = "qemu_arguments"
         case restoreSeconds = "restore_seconds"
+        case guestMemoryBytes = "guest_memory_bytes"
+        case cowLimitBytes = "cow_limit_bytes"
+        case overLimitAction = "over_limit_action"
+        case lastEnforcement = "last_enforcement"
+    }
+
+    /// Memory this clone commits against the store's budget.
+    public var committedBytes: UInt64 {
+        Admission.committedBytes(guestMemory: guestMemoryBytes ?? cowLimitBytes ?? 0, cowLimit: cowLimitBytes)
+    }
+
+    /// Whether the clone counts against the store's limits: being set up, or its QEMU alive.
+    public var isLive: Bool {
+        if let qemu { return qemu.isAlive }
+        return state == .starting && creator?.isAlive == true
     }
 
     /// A fresh clone ID: 12 hex digits, unique enough for one host, short enough for socket paths.
     public static func newID() -> String {
         (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+    }
+}
+
+/// One action of the scheduler, as logged (one JSON line) and kept in the clone's record.
+public struct Enforcement: Sendable, Codable, Equatable {
+    public var time: Date
+    public var clone: String
+    public var name: String
+    public var cowBytes: UInt64
+    public var limitBytes: UInt64
+    public var action: OverLimitAction
+    /// Whether the action took effect; `error` says why not.
+    public var done: Bool
+    public var error: String?
+
+    public init(time: Date, clone: String, name: String, cowBytes: UInt64, limitBytes: UInt64, action: OverLimitAction, done: Bool, error: String?) {
+        self.time = time
+        self.clone = clone
+        self.name = name
+        self.cowBytes = cowBytes
+        self.limitBytes = limitBytes
+        self.action = action
+        self.done = done
+        self.error = error
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case time, clone, name
+        case cowBytes = "cow_bytes"
+        case limitBytes = "limit_bytes"
+        case action, done, error
     }
 }
 
@@ -70,6 +124,19 @@ extension TemplateStore {
     /// and the rename keeps readers from ever seeing half a record.
     func save(_ record: CloneRecord) throws {
         try FileSystem.writeFileAtomically(path: recordPath(record.id), data: try JSONCoding.encode(record), mode: 0o644, durable: false)
+    }
+
+    /// Changes one clone's record under the store lock (read, change, write), so concurrent
+    /// writers never lose each other's changes. Returns nil when the clone is gone.
+    @discardableResult
+    public func updateClone(_ id: String, _ change: (inout CloneRecord) throws -> Void) throws -> CloneRecord? {
+        try withLock {
+            guard let data = FileManager.default.contents(atPath: recordPath(id)) else { return nil }
+            var record = try JSONCoding.decoder().decode(CloneRecord.self, from: data)
+            try change(&record)
+            try save(record)
+            return record
+        }
     }
 
     /// All clone records; unreadable ones go to `problems` with their directory.

@@ -1,0 +1,111 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Samples every clone's copy-on-write memory and acts on clones over their limit.
+///
+/// It keeps no state of its own: limits, actions and what it did live in the clone records, so a
+/// scheduler that is killed and started again carries on where it stopped, and `list`/`inspect`
+/// show its actions. One scheduler per store runs at a time (`ROOT/scheduler.lock`).
+public struct Scheduler: Sendable {
+    public let store: TemplateStore
+    public let engine: CloneEngine
+
+    public init(store: TemplateStore) {
+        self.store = store
+        self.engine = CloneEngine(store: store)
+    }
+
+    /// One pass over all clones. Returns the actions taken (each also saved in its record).
+    public func sampleOnce() async -> [Enforcement] {
+        let records = store.clones().records
+        let settings = (try? store.settings()) ?? StoreSettings()
+        return await withTaskGroup(of: Enforcement?.self) { group in
+            for record in records {
+                group.addTask { await check(record, settings: settings) }
+            }
+            var actions: [Enforcement] = []
+            for await action in group { if let action { actions.append(action) } }
+            return actions.sorted { $0.time < $1.time }
+        }
+    }
+
+    private func check(_ record: CloneRecord, settings: StoreSettings) async -> Enforcement? {
+        guard let qemu = record.qemu, record.state != .starting, record.state != .exited else { return nil }
+        guard qemu.isAlive else {
+            // Marked here so `list` and `inspect` tell the story even before `gc` runs.
+            _ = try? store.updateClone(record.id) { $0.state = .exited }
+            return nil
+        }
+        guard let limit = record.cowLimitBytes, record.state != .paused,
+              let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile),
+              usage.copyOnWriteBytes > limit
+        else { return nil }
+
+        let action = record.overLimitAction ?? settings.overLimitAction
+        var failure: String?
+        switch action {
+        case .pause:
+            do {
+                let qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(2), isPeerAlive: { qemu.isAlive })
+                defer { qmp.close() }
+                try await qmp.stop()
+            } catch {
+                failure = "\(error)"
+            }
+        case .kill:
+            // Checked again right before: the PID must still be this clone's QEMU.
+            if qemu.isAlive { kill(qemu.pid, SIGKILL) }
+        }
+        let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: usage.copyOnWriteBytes, limitBytes: limit, action: action, done: failure == nil, error: failure)
+        _ = try? store.updateClone(record.id) { updated in
+            updated.lastEnforcement = enforcement
+            if failure == nil { updated.state = action == .pause ? .paused : .exited }
+        }
+        return enforcement
+    }
+
+    /// Runs until cancelled: a pass every `interval` (nil: the store's setting, re-read each pass).
+    /// `log` receives each action as one JSON line.
+    public func run(interval: Double? = nil, log: @Sendable (String) -> Void) async throws {
+        let lock = try FileLock(path: "\(store.root)/scheduler.lock")
+        guard lock.tryExclusive() else {
+            throw VMTemplateError(.busy, "another scheduler is already running on store '\(store.root)': run only one per store.")
+        }
+        defer { lock.unlock() }
+        while !Task.isCancelled {
+            let started = ContinuousClock.now
+            for action in await sampleOnce() {
+                if let line = try? JSONCoding.line(action) { log(line) }
+            }
+            let seconds = interval ?? ((try? store.settings().intervalSeconds) ?? 1)
+            let next = started + .milliseconds(Int64(seconds * 1000))
+            if next > .now { try? await Task.sleep(until: next, clock: .continuous) }
+        }
+    }
+}
+
+extension CloneEngine {
+    /// Continues a paused clone (QMP `cont`), optionally with a new copy-on-write limit so the
+    /// scheduler does not pause it again at once.
+    public func resume(_ record: CloneRecord, cowLimitBytes: UInt64? = nil) async throws -> CloneRecord {
+        guard let qemu = record.qemu, qemu.isAlive else {
+            throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be resumed: remove it (vmtemplate rm) and clone again.")
+        }
+        let limit = cowLimitBytes ?? record.cowLimitBytes
+        if let limit, let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile), usage.copyOnWriteBytes > limit {
+            throw VMTemplateError(.limitExceeded, "clone \(record.id) uses \(ByteSize(bytes: usage.copyOnWriteBytes)) of copy-on-write, over its limit of \(ByteSize(bytes: limit)): the scheduler would pause it again. Resume it with a higher --cow-limit, or remove it.")
+        }
+        let qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(5), isPeerAlive: { qemu.isAlive })
+        defer { qmp.close() }
+        try await qmp.cont()
+        return try store.updateClone(record.id) { updated in
+            updated.state = .running
+            if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
+        } ?? record
+    }
+}

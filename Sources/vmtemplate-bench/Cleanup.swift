@@ -1,0 +1,120 @@
+import Dispatch
+import Foundation
+import Synchronization
+import VMTemplateKit
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Everything the bench started, so that nothing outlives it: not on success, not on an error,
+/// not on Ctrl-C.
+///
+/// QEMU runs in a session of its own (`QEMUProcess.spawn` and the CLI both use setsid), so a
+/// Ctrl-C in the terminal never reaches it: it has to be killed by process ID. Three nets:
+/// - QEMU processes the bench spawned itself, by their `QEMUProcess`;
+/// - clones in the store whose record names one of the bench's CLI children as creator (covers a
+///   `vmtemplate clone` interrupted before it printed its clone ID);
+/// - any process whose command line mentions one of the bench's scratch directories (every path
+///   those QEMUs get lives there), then the directories themselves.
+final class Cleanup: Sendable {
+    static let shared = Cleanup()
+
+    private struct State {
+        var qemus: [pid_t: QEMUProcess] = [:]
+        var runningChildren: Set<pid_t> = []
+        var allChildren: Set<pid_t> = []
+        var stores: [TemplateStore] = []
+        var scratchDirectories: [String] = []
+    }
+
+    private let state = Mutex(State())
+
+    func adopt(qemu: QEMUProcess) { state.withLock { $0.qemus[qemu.pid] = qemu } }
+    func release(qemu: QEMUProcess) { _ = state.withLock { $0.qemus.removeValue(forKey: qemu.pid) } }
+
+    func adopt(child: pid_t) {
+        state.withLock {
+            $0.runningChildren.insert(child)
+            $0.allChildren.insert(child)
+        }
+    }
+
+    func release(child: pid_t) { _ = state.withLock { $0.runningChildren.remove(child) } }
+
+    /// A store whose clones made by the bench's CLI children must be stopped at the end.
+    func watch(store: TemplateStore) { state.withLock { $0.stores.append(store) } }
+
+    /// A directory removed at the end, after every process mentioning it was killed.
+    func own(scratchDirectory: String) { state.withLock { $0.scratchDirectories.append(scratchDirectory) } }
+
+    /// Kills everything still running and removes the scratch directories. Safe to call twice.
+    func sweep() {
+        let snapshot = state.withLock { current -> State in
+            let copy = current
+            current = State(allChildren: current.allChildren)
+            return copy
+        }
+        for child in snapshot.runningChildren { kill(child, SIGKILL) }
+        for child in snapshot.runningChildren {
+            var status: Int32 = 0
+            _ = waitpid(child, &status, 0)
+        }
+        for qemu in snapshot.qemus.values { qemu.signal(SIGKILL) }
+        for store in snapshot.stores {
+            for record in store.clones().records {
+                guard let creator = record.creator, snapshot.allChildren.contains(creator.pid) else { continue }
+                if let qemu = record.qemu, qemu.isAlive { kill(qemu.pid, SIGKILL) }
+                try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
+            }
+        }
+        for directory in snapshot.scratchDirectories {
+            for pid in Self.processes(mentioning: directory) { kill(pid, SIGKILL) }
+        }
+        for qemu in snapshot.qemus.values {
+            var status: Int32 = 0
+            _ = waitpid(qemu.pid, &status, 0)
+        }
+        for directory in snapshot.scratchDirectories {
+            // Killed processes that are not our children (clones the CLI started) take a moment to
+            // go; removing files under them works anyway on Linux, but wait so `ps` is clean after.
+            for _ in 0..<200 where !Self.processes(mentioning: directory).isEmpty { usleep(10_000) }
+            try? FileSystem.removeTree(path: directory)
+        }
+    }
+
+    /// Processes (other than this one) whose command line contains `text`.
+    static func processes(mentioning text: String) -> [pid_t] {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        let me = getpid()
+        let needle = Array(text.utf8)
+        return entries.compactMap { entry -> pid_t? in
+            guard let pid = pid_t(entry), pid != me,
+                  let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !data.isEmpty
+            else { return nil }
+            let bytes = [UInt8](data)
+            guard bytes.count >= needle.count else { return nil }
+            for start in 0...(bytes.count - needle.count) where bytes[start] == needle[0] {
+                if Array(bytes[start..<(start + needle.count)]) == needle { return pid }
+            }
+            return nil
+        }
+    }
+
+    /// Ctrl-C, SIGTERM and SIGHUP sweep and exit. Returns the sources, which must be kept alive.
+    func installSignalHandlers() -> [any DispatchSourceSignal] {
+        [SIGINT, SIGTERM, SIGHUP].map { signalNumber in
+            signal(signalNumber, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+            source.setEventHandler {
+                FileHandle.standardError.write(Data("\nvmtemplate-bench: interrupted; stopping every QEMU it started\n".utf8))
+                Cleanup.shared.sweep()
+                exit(128 + signalNumber)
+            }
+            source.resume()
+            return source
+        }
+    }
+}

@@ -1,0 +1,127 @@
+import ArgumentParser
+import Foundation
+import VMTemplateKit
+
+extension OverLimitAction: ExpressibleByArgument {}
+
+struct SchedulerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scheduler",
+        abstract: "Watch every clone's copy-on-write memory and act on clones over their limit.",
+        discussion: """
+            Runs in the foreground (for systemd or a container). Every interval it measures each \
+            clone's copy-on-write pages (/proc/PID/smaps) and pauses or kills those over their \
+            --cow-limit, printing each action as one JSON line. It keeps no state of its own: \
+            killed and started again, it carries on from the store. One per store.
+            """
+    )
+
+    @Option(help: ArgumentHelp("Seconds between samples (default: the store's setting, 1).", valueName: "seconds"))
+    var interval: Double?
+
+    @Flag(help: "Sample once, act, and exit.")
+    var once = false
+
+    @OptionGroup var store: StoreOptions
+
+    func validate() throws {
+        if let interval, interval < 0.05 { throw ValidationError("--interval must be at least 0.05 seconds.") }
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let scheduler = Scheduler(store: try store.open())
+            // Written straight to the file descriptor: print() buffers when stdout is a pipe or a
+            // file, and a log that arrives late is no log.
+            let log: @Sendable (String) -> Void = { line in
+                FileHandle.standardOutput.write(Data((line + "\n").utf8))
+            }
+            if once {
+                for action in await scheduler.sampleOnce() { log(try JSONCoding.line(action)) }
+                return
+            }
+            Terminal.note("scheduler watching \(scheduler.store.root)")
+            try await scheduler.run(interval: interval, log: log)
+        }
+    }
+}
+
+struct Resume: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Continue a paused clone.")
+
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    var clone: String
+
+    @Option(help: ArgumentHelp("A new copy-on-write limit, so the scheduler does not pause it again at once.", valueName: "size"))
+    var cowLimit: String?
+
+    @OptionGroup var store: StoreOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            let store = try store.open()
+            let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
+            let record = try await CloneEngine(store: store).resume(try store.findClone(clone), cowLimitBytes: limit)
+            print("resumed \(record.id) (\(record.name))")
+        }
+    }
+}
+
+struct Settings: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show or change the store's limits: clones, memory budget, action over a clone's limit.",
+        discussion: "Give 'none' to remove a limit. Example: vmtemplate settings --max-clones 64 --memory-budget 16G --action pause"
+    )
+
+    @Option(help: ArgumentHelp("Live clones admitted at most, or 'none'.", valueName: "N"))
+    var maxClones: String?
+
+    @Option(help: ArgumentHelp("Memory all live clones may commit together (each: its --cow-limit or guest RAM, plus QEMU's reserve), or 'none'.", valueName: "size"))
+    var memoryBudget: String?
+
+    @Option(help: "What the scheduler does to a clone over its limit: pause or kill.")
+    var action: OverLimitAction?
+
+    @Option(help: ArgumentHelp("Seconds between the scheduler's samples.", valueName: "seconds"))
+    var interval: Double?
+
+    @Flag(help: "Print the settings as one JSON object.")
+    var json = false
+
+    @OptionGroup var store: StoreOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            let store = try store.open()
+            var settings = try store.settings()
+            if maxClones != nil || memoryBudget != nil || action != nil || interval != nil {
+                settings = try store.updateSettings { settings in
+                    if let maxClones {
+                        if maxClones == "none" {
+                            settings.maxClones = nil
+                        } else if let value = Int(maxClones), value >= 0 {
+                            settings.maxClones = value
+                        } else {
+                            throw VMTemplateError(.invalidArgument, "--max-clones takes a whole number or 'none', not '\(maxClones)'.")
+                        }
+                    }
+                    if let memoryBudget {
+                        settings.memoryBudgetBytes = memoryBudget == "none" ? nil : try ByteSize(parsing: memoryBudget).bytes
+                    }
+                    if let action { settings.overLimitAction = action }
+                    if let interval { settings.intervalSeconds = interval }
+                }
+            }
+            if json {
+                try Terminal.printJSON(settings)
+            } else {
+                print(TextTable.render([
+                    ["max clones", settings.maxClones.map(String.init) ?? "none"],
+                    ["memory budget", settings.memoryBudgetBytes.map { ByteSize(bytes: $0).description } ?? "none"],
+                    ["over-limit action", settings.overLimitAction.rawValue],
+                    ["scheduler interval", "\(settings.intervalSeconds) s"],
+                ]))
+            }
+        }
+    }
+}
