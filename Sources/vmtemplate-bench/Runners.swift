@@ -1,0 +1,286 @@
+import Foundation
+import VMTemplateKit
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A QEMU the bench started itself (floor, Kata-style clone, cold boot).
+struct BenchVM: Sendable {
+    let process: QEMUProcess
+    let directory: String
+    let paths: InstancePaths
+
+    static func spawn(_ workspace: Workspace, arguments: (InstancePaths) throws -> [String]) throws -> (vm: BenchVM, started: ContinuousClock.Instant) {
+        let directory = try workspace.newInstanceDirectory()
+        let paths = InstancePaths(directory: directory)
+        let rendered = try arguments(paths)
+        // The clock starts before the spawn, as for the CLI: exec and dynamic linking are part
+        // of what a user waits for.
+        let started = ContinuousClock.now
+        let process = try QEMUProcess.spawn(executable: workspace.qemuPath, arguments: rendered, logPath: paths.qemuLog)
+        Cleanup.shared.adopt(qemu: process)
+        return (BenchVM(process: process, directory: directory, paths: paths), started)
+    }
+
+    /// Kills it (nothing to save) and removes its directory.
+    func stop() async {
+        process.signal(SIGKILL)
+        await process.waitForExit(timeout: .seconds(10))
+        Cleanup.shared.release(qemu: process)
+        try? FileSystem.removeTree(path: directory)
+    }
+
+    func failure(_ what: String, _ error: any Error) -> BenchError {
+        let how = process.exitDescription.map { "QEMU \($0); " } ?? ""
+        return BenchError("\(what): \(how)\(error)\n\(process.logTail(lines: 8))")
+    }
+}
+
+enum Runners {
+    // MARK: Floor
+
+    /// Blocks until QEMU's QMP greeting line arrives; returns when it did.
+    private static func awaitGreeting(_ vm: BenchVM, started: ContinuousClock.Instant) async throws -> ContinuousClock.Instant {
+        let process = vm.process
+        let socketPath = vm.paths.qmpSocket
+        do {
+            return try await onOwnThread {
+                let deadline = started + .seconds(60)
+                let socket = try LineSocket.connect(path: socketPath, deadline: deadline, isAlive: { process.isRunning })
+                let line = try socket.readLine(deadline: deadline)
+                let arrived = ContinuousClock.now
+                guard line.contains("\"QMP\"") else { throw BenchError("unexpected first QMP line: \(line)") }
+                return arrived
+            }
+        } catch {
+            throw vm.failure("floor QEMU", error)
+        }
+    }
+
+    /// One floor: a clone's QEMU started with `-S`, from spawn to its QMP greeting.
+    static func floor(_ workspace: Workspace) async throws -> Double {
+        let (vm, started) = try BenchVM.spawn(workspace) { try workspace.floorArguments(paths: $0) }
+        let arrived: ContinuousClock.Instant
+        do {
+            arrived = try await awaitGreeting(vm, started: started)
+        } catch {
+            await vm.stop()
+            throw error
+        }
+        await vm.stop()
+        return started.duration(to: arrived).benchSeconds
+    }
+
+    /// `count` floors started at once: from the first spawn to the last greeting.
+    static func concurrentFloors(_ workspace: Workspace, count: Int) async throws -> Double {
+        var vms: [BenchVM] = []
+        let firstStart = ContinuousClock.now
+        do {
+            for _ in 0..<count {
+                vms.append(try BenchVM.spawn(workspace) { try workspace.floorArguments(paths: $0) }.vm)
+            }
+            let arrivals = try await withThrowingTaskGroup(of: ContinuousClock.Instant.self) { group in
+                for vm in vms { group.addTask { try await awaitGreeting(vm, started: firstStart) } }
+                var all: [ContinuousClock.Instant] = []
+                for try await arrival in group { all.append(arrival) }
+                return all
+            }
+            for vm in vms { await vm.stop() }
+            guard let last = arrivals.max() else { return .nan }
+            return firstStart.duration(to: last).benchSeconds
+        } catch {
+            for vm in vms { await vm.stop() }
+            throw error
+        }
+    }
+
+    // MARK: Kata-style
+
+    /// Kata's factory procedure (template_linux.go, qemu.go bootFromTemplate + waitMigration):
+    /// QEMU `-S -incoming defer` on the template opened read-write; over QMP
+    /// `migrate-set-capabilities x-ignore-shared`, `migrate-incoming "exec:cat STATE"`,
+    /// `query-migrate` every 100 ms until completed, `cont`. Spawn to `cont` answered.
+    static func kata(_ workspace: Workspace, check: Bool = false) async throws -> Double {
+        let (vm, started) = try BenchVM.spawn(workspace) { try workspace.kataArguments(paths: $0) }
+        do {
+            let process = vm.process
+            let qmp = try await QMPClient.connect(socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning })
+            defer { qmp.close() }
+            try await qmp.migrateSetCapabilities(["x-ignore-shared": true])
+            try await qmp.migrateIncoming(uri: "exec:cat '\(workspace.stateFile.replacingOccurrences(of: "'", with: "'\\''"))'")
+            let deadline = ContinuousClock.now + .seconds(60)
+            while true {
+                let info = try await qmp.queryMigrate()
+                if info.status == "completed" { break }
+                if info.status == "failed" || info.status == "cancelled" {
+                    throw BenchError("incoming migration \(info.status ?? "?"): \(info.errorDescription ?? "no reason given")")
+                }
+                guard ContinuousClock.now < deadline else { throw BenchError("incoming migration did not complete in 60 s") }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            try await qmp.cont()
+            let seconds = started.duration(to: .now).benchSeconds
+            if check { _ = try await ControlChannel.request("ping", socket: vm.paths.controlSocket, expecting: "pong") }
+            await vm.stop()
+            return seconds
+        } catch {
+            await vm.stop()
+            throw vm.failure("Kata-style clone", error)
+        }
+    }
+
+    // MARK: Cold boot
+
+    /// Boots the guest from its kernel with private RAM until the ready marker is on its console.
+    /// Returns the running VM: the caller stops it (or measures it first).
+    static func coldBoot(_ workspace: Workspace) async throws -> (seconds: Double, vm: BenchVM) {
+        let (vm, started) = try BenchVM.spawn(workspace) { try workspace.coldBootArguments(paths: $0) }
+        let marker = Array(workspace.manifest.readyMarker.utf8)
+        var offset: UInt64 = 0
+        var seen: [UInt8] = []
+        let deadline = started + .seconds(180)
+        while true {
+            if let handle = FileHandle(forReadingAtPath: vm.paths.serialLog) {
+                try? handle.seek(toOffset: offset)
+                let data = (try? handle.readToEnd()) ?? Data()
+                try? handle.close()
+                if !data.isEmpty {
+                    offset += UInt64(data.count)
+                    seen += data
+                    if contains(seen, marker) { return (started.duration(to: .now).benchSeconds, vm) }
+                    seen = Array(seen.suffix(marker.count))
+                }
+            }
+            guard vm.process.isRunning, ContinuousClock.now < deadline else {
+                await vm.stop()
+                throw vm.failure("cold boot", BenchError("no ready marker on the console"))
+            }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    private static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard !needle.isEmpty, haystack.count >= needle.count else { return false }
+        for start in 0...(haystack.count - needle.count) where haystack[start] == needle[0] {
+            if Array(haystack[start..<(start + needle.count)]) == needle { return true }
+        }
+        return false
+    }
+}
+
+// MARK: - The CLI
+
+/// What `vmtemplate clone --json` prints (the members the bench uses).
+struct CLIClone: Decodable, Sendable {
+    let id: String
+    let pid: Int32?
+    let controlSocket: String
+
+    enum CodingKeys: String, CodingKey {
+        case id, pid
+        case controlSocket = "control_socket"
+    }
+}
+
+/// How a CLI clone is started: extra clone options, environment, and whether QEMU gets THP.
+struct CloneSettings: Sendable, Codable {
+    var tcgTranslationCacheMiB: Int?
+    var environment: [String: String] = [:]
+    var disableTransparentHugePages = false
+
+    enum CodingKeys: String, CodingKey {
+        case tcgTranslationCacheMiB = "tcg_tb_size_mib"
+        case environment
+        case disableTransparentHugePages = "thp_disabled"
+    }
+}
+
+enum CLI {
+    private static func cloneArguments(_ workspace: Workspace, _ settings: CloneSettings) -> [String] {
+        var arguments = ["clone", workspace.template.value, "--store", workspace.store.root, "--json"]
+        if let size = settings.tcgTranslationCacheMiB { arguments += ["--tcg-tb-size", String(size)] }
+        return arguments
+    }
+
+    private static func spawnClone(_ workspace: Workspace, _ settings: CloneSettings) throws -> ChildProcess {
+        let base = "\(workspace.scratch)/cli-\(UUID().uuidString.prefix(8))"
+        let spawn = { try ChildProcess.spawn(workspace.vmtemplate, cloneArguments(workspace, settings), environment: settings.environment, outputBase: base) }
+        return settings.disableTransparentHugePages ? try TransparentHugePages.disabled(spawn) : try spawn()
+    }
+
+    private static func finish(_ child: ChildProcess, status: Int32) throws -> CLIClone {
+        defer { child.removeOutput() }
+        guard status == 0 else {
+            throw BenchError("vmtemplate clone failed (wait status \(status)): \(child.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        do {
+            return try JSONDecoder().decode(CLIClone.self, from: Data(child.stdout.utf8))
+        } catch {
+            throw BenchError("vmtemplate clone printed no clone JSON: \(child.stdout) \(child.stderr)")
+        }
+    }
+
+    /// `vmtemplate clone TEMPLATE --store S --json`, from spawn until it exited (the guest runs).
+    static func clone(_ workspace: Workspace, _ settings: CloneSettings = CloneSettings()) async throws -> (seconds: Double, clone: CLIClone) {
+        let child = try spawnClone(workspace, settings)
+        let (status, ended) = try await child.wait()
+        let clone = try finish(child, status: status)
+        return (child.started.duration(to: ended).benchSeconds, clone)
+    }
+
+    /// `count` CLI clones started at once: from the first spawn until the last one returned.
+    static func concurrentClones(_ workspace: Workspace, count: Int) async throws -> (seconds: Double, clones: [CLIClone]) {
+        var children: [ChildProcess] = []
+        for _ in 0..<count { children.append(try spawnClone(workspace, CloneSettings())) }
+        guard let firstStart = children.first?.started else { return (.nan, []) }
+        let results = try await withThrowingTaskGroup(of: (Int32, ContinuousClock.Instant, ChildProcess).self) { group in
+            for child in children { group.addTask { let (status, ended) = try await child.wait(); return (status, ended, child) } }
+            var all: [(Int32, ContinuousClock.Instant, ChildProcess)] = []
+            for try await result in group { all.append(result) }
+            return all
+        }
+        var clones: [CLIClone] = []
+        var failures: [String] = []
+        for (status, _, child) in results {
+            do { clones.append(try finish(child, status: status)) } catch { failures.append("\(error)") }
+        }
+        guard failures.isEmpty else {
+            try? await remove(workspace, clones)
+            throw BenchError("\(failures.count) of \(count) concurrent clones failed: \(failures[0])")
+        }
+        guard let last = results.map(\.1).max() else { return (.nan, clones) }
+        return (firstStart.duration(to: last).benchSeconds, clones)
+    }
+
+    /// `vmtemplate rm ID... --grace 1` (not timed).
+    static func remove(_ workspace: Workspace, _ clones: [CLIClone]) async throws {
+        guard !clones.isEmpty else { return }
+        let base = "\(workspace.scratch)/rm-\(UUID().uuidString.prefix(8))"
+        let child = try ChildProcess.spawn(workspace.vmtemplate, ["rm"] + clones.map(\.id) + ["--store", workspace.store.root, "--grace", "1"], outputBase: base)
+        let (status, _) = try await child.wait()
+        defer { child.removeOutput() }
+        guard status == 0 else { throw BenchError("vmtemplate rm failed: \(child.stderr)") }
+    }
+}
+
+// MARK: - Guest control channel
+
+enum ControlChannel {
+    /// Sends one request line and returns the reply line and how long it took, from the write to
+    /// the whole reply line.
+    static func request(_ line: String, socket path: String, expecting prefix: String, timeout: Duration = .seconds(300)) async throws -> (reply: String, seconds: Double) {
+        try await onOwnThread {
+            let deadline = ContinuousClock.now + timeout
+            let socket = try LineSocket.connect(path: path, deadline: deadline)
+            let sent = ContinuousClock.now
+            try socket.writeLine(line)
+            let reply = try socket.readLine(deadline: deadline)
+            let seconds = sent.duration(to: .now).benchSeconds
+            guard reply.hasPrefix(prefix) else { throw BenchError("guest answered '\(reply)' to '\(line)'") }
+            return (reply, seconds)
+        }
+    }
+}

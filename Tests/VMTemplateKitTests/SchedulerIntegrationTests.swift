@@ -1,0 +1,212 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateKit
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension RealGuests {
+    /// Accounting, limits and enforcement on real clones of the shared busybox template.
+    @Suite("scheduler on real clones", .serialized)
+    struct SchedulerIntegrationTests {
+        struct Listing: Decodable {
+            struct Clone: Decodable {
+                var id: String
+                var name: String
+                var state: String
+                var pid: Int32?
+                var cow_bytes: UInt64?
+                var cow_pages: UInt64?
+                var private_bytes: UInt64?
+            }
+            struct Summary: Decodable {
+                var in_use_bytes: UInt64
+                var full_copy_bytes: UInt64
+            }
+            var clones: [Clone]
+            var summary: Summary
+        }
+
+        func list(_ store: TemporaryStore) throws -> Listing {
+            let result = try CLI.run(["list", "--json"] + store.arguments)
+            try #require(result.status == 0, "list: \(result.stderr)")
+            return try JSONDecoder().decode(Listing.self, from: Data(result.stdout.utf8))
+        }
+
+        func clone(_ store: TemporaryStore, _ arguments: [String]) throws {
+            let result = try CLI.run(["clone", SharedTemplate.name] + arguments + store.arguments)
+            try #require(result.status == 0, "clone: \(result.stderr)")
+        }
+
+        func send(_ store: TemporaryStore, _ clone: String, _ request: String) throws -> CommandResult {
+            try CLI.run(["send", clone, request, "--timeout", "60"] + store.arguments)
+        }
+
+        func cleanUp(_ store: TemporaryStore) {
+            _ = try? CLI.run(["rm", "--all"] + store.arguments)
+            _ = try? CLI.run(["settings", "--max-clones", "none", "--memory-budget", "none", "--action", "pause"] + store.arguments)
+        }
+
+        /// Starts `vmtemplate scheduler` in the background; the caller terminates it.
+        func startScheduler(_ store: TemporaryStore) throws -> CLI.Running {
+            try CLI.start(["scheduler", "--interval", "0.2"] + store.arguments)
+        }
+
+        @Test("list shows a busy clone's copy-on-write while an idle sibling stays small")
+        func accounting() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "busy"])
+            try clone(store, ["--name", "idle"])
+            #expect(try send(store, "busy", "dirty 64").stdout == "dirtied 64\n")
+            let listing = try list(store)
+            let busy = try #require(listing.clones.first { $0.name == "busy" })
+            let idle = try #require(listing.clones.first { $0.name == "idle" })
+            #expect((busy.cow_bytes ?? 0) >= 64 * 1024 * 1024)
+            #expect(busy.cow_pages == (busy.cow_bytes ?? 0) / 4096)
+            #expect((idle.cow_bytes ?? .max) < 8 * 1024 * 1024)
+            #expect((idle.private_bytes ?? 0) > 0)
+            #expect(listing.summary.full_copy_bytes > listing.summary.in_use_bytes)
+        }
+
+        @Test("a clone over its limit is paused, its sibling keeps running, the template is unchanged", arguments: [OverLimitAction.pause, .kill])
+        func enforcement(action: OverLimitAction) async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            let manifest = try TemplateStore(root: store.root).manifest(of: try EntityName(SharedTemplate.name))
+            try clone(store, ["--name", "greedy", "--cow-limit", "32M", "--over-limit", action.rawValue])
+            try clone(store, ["--name", "sibling"])
+            let scheduler = try startScheduler(store)
+            defer {
+                scheduler.process.terminate()
+                scheduler.process.waitUntilExit()
+            }
+            // The guest may be stopped before it answers: the reply does not matter here.
+            _ = try? CLI.run(["send", "greedy", "dirty 64", "--timeout", "5"] + store.arguments)
+            let expected = action == .pause ? "paused" : "exited"
+            #expect(await eventually(timeout: .seconds(30)) {
+                (try? list(store))?.clones.first { $0.name == "greedy" }?.state == expected
+            })
+            let listing = try list(store)
+            #expect(listing.clones.first { $0.name == "sibling" }?.state == "running")
+            #expect(try send(store, "sibling", "ping").stdout == "pong\n")
+            #expect(try FileDigest.sha256(path: "\(store.templateDirectory(SharedTemplate.name))/memory") == manifest.memory.sha256)
+
+            let inspect = try CLI.run(["inspect", "greedy", "--json"] + store.arguments)
+            #expect(inspect.stdout.contains("\"last_enforcement\""))
+            #expect(inspect.stdout.contains("\"action\":\"\(action.rawValue)\""))
+            scheduler.process.terminate()
+            scheduler.process.waitUntilExit()
+            let log = scheduler.result().stdout
+            #expect(log.contains("\"clone\"") && log.contains("\"limit_bytes\":33554432"), "scheduler log: \(log)")
+
+            if action == .pause {
+                let refused = try CLI.run(["resume", "greedy"] + store.arguments)
+                #expect(refused.status == 1 && refused.stderr.contains("over its limit"))
+                let resumed = try CLI.run(["resume", "greedy", "--cow-limit", "1G"] + store.arguments)
+                #expect(resumed.status == 0, "resume: \(resumed.stderr)")
+                #expect(try list(store).clones.first { $0.name == "greedy" }?.state == "running")
+            }
+        }
+
+        @Test("a scheduler killed and started again carries on; only one runs per store")
+        func schedulerRestart() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            let first = try startScheduler(store)
+            #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: "\(store.root)/scheduler.lock") })
+            try await Task.sleep(for: .milliseconds(300))
+            let second = try CLI.run(["scheduler", "--interval", "0.2"] + store.arguments)
+            #expect(second.status == 1 && second.stderr.contains("another scheduler"))
+            kill(first.process.processIdentifier, SIGKILL)
+            first.process.waitUntilExit()
+            _ = first.result()
+
+            try clone(store, ["--name", "late", "--cow-limit", "16M"])
+            _ = try? CLI.run(["send", "late", "dirty 32", "--timeout", "5"] + store.arguments)
+            let restarted = try startScheduler(store)
+            defer {
+                restarted.process.terminate()
+                restarted.process.waitUntilExit()
+            }
+            #expect(await eventually(timeout: .seconds(30)) {
+                (try? list(store))?.clones.first { $0.name == "late" }?.state == "paused"
+            })
+        }
+
+        @Test("admission: the store's clone count and memory budget are enforced with clear errors")
+        func admission() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            #expect(try CLI.run(["settings", "--max-clones", "1"] + store.arguments).status == 0)
+            try clone(store, ["--name", "one"])
+            let refused = try CLI.run(["clone", SharedTemplate.name] + store.arguments)
+            #expect(refused.status == 1 && refused.stderr.contains("at most 1 live clones"))
+
+            #expect(try CLI.run(["settings", "--max-clones", "none", "--memory-budget", "400M"] + store.arguments).status == 0)
+            // "one" commits 256 MiB + QEMU's reserve; another full one does not fit, a limited one does.
+            let tooBig = try CLI.run(["clone", SharedTemplate.name] + store.arguments)
+            #expect(tooBig.status == 1 && tooBig.stderr.contains("memory budget"))
+            try clone(store, ["--name", "small", "--cow-limit", "32M"])
+
+            let badSize = try CLI.run(["clone", SharedTemplate.name, "--cow-limit", "12Q"] + store.arguments)
+            #expect(badSize.status == 1 && badSize.stderr.contains("invalid size '12Q'"))
+            let badSetting = try CLI.run(["settings", "--max-clones", "lots"] + store.arguments)
+            #expect(badSetting.status == 1)
+            #expect(try list(store).clones.count == 2)
+        }
+
+        @Test("a record whose PID now belongs to another process shows as exited and is never killed")
+        func reusedPID() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "victim"])
+            let templateStore = try TemplateStore(root: store.root)
+            let record = try templateStore.findClone("victim")
+            let realPID = try #require(record.qemu?.pid)
+            // Point the record at this test process, with another start time: a reused PID.
+            let impostor = ProcessIdentity(pid: getpid(), startTime: 1)
+            try templateStore.updateClone(record.id) { $0.qemu = impostor }
+            #expect(try list(store).clones.first { $0.name == "victim" }?.state == "exited")
+            let gc = try CLI.run(["gc"] + store.arguments)
+            #expect(gc.status == 0)
+            #expect(kill(getpid(), 0) == 0, "gc must not kill the process that reused the PID")
+            kill(realPID, SIGKILL)
+        }
+
+        @Test("a clone whose QMP socket does not answer is reported, without hanging list")
+        func unresponsiveQMP() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "held"])
+            try clone(store, ["--name", "free"])
+            let record = try TemplateStore(root: store.root).findClone("held")
+            // QEMU's QMP socket serves one client at a time: holding it makes it unanswerable.
+            let holder = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(5))
+            defer { holder.close() }
+            let listing = try list(store)
+            #expect(listing.clones.first { $0.name == "held" }?.state == "unresponsive")
+            #expect(listing.clones.first { $0.name == "free" }?.state == "running")
+        }
+
+        @Test("16 concurrent clone calls make 16 records and 16 running clones")
+        func concurrentClones() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            let running = try (0..<16).map { index in
+                try CLI.start(["clone", SharedTemplate.name, "--name", "c\(index)", "--timeout", "120"] + store.arguments)
+            }
+            let results = running.map { process in
+                process.process.waitUntilExit()
+                return process.result()
+            }
+            #expect(results.allSatisfy { $0.status == 0 }, "\(results.map(\.stderr).filter { !$0.isEmpty })")
+            let listing = try list(store)
+            #expect(listing.clones.count == 16)
+            #expect(listing.clones.filter { $0.state == "running" }.count == 16)
+            #expect(Set(listing.clones.map(\.name)).count == 16)
+        }
+    }
+}
