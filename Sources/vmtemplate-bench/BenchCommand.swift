@@ -18,7 +18,7 @@ struct BenchCommand: AsyncParsableCommand {
               swift run -c release --scratch-path .build-bench vmtemplate-bench clone --runs 15
               swift run -c release --scratch-path .build-bench vmtemplate-bench tune --json
             """,
-        subcommands: [CloneBench.self, TuneBench.self]
+        subcommands: [CloneBench.self, TuneBench.self, ProfileBench.self, SchedulerBench.self]
     )
 }
 
@@ -54,11 +54,14 @@ func benchmarking(_ body: () async throws -> Void) async throws {
     }
     do {
         try await body()
-    } catch let error as BenchError {
-        Log().note("error: \(error.description)")
-        throw ExitCode.failure
-    } catch let error as VMTemplateError {
-        Log().note("error: \(error.message)\(error.cause.map { "\n  \($0)" } ?? "")")
+    } catch {
+        // After Ctrl-C the failures are only the interruption's echo: the handler says it all.
+        guard !Cleanup.shared.interrupted else { throw ExitCode(130) }
+        switch error {
+        case let error as BenchError: Log().note("error: \(error.description)")
+        case let error as VMTemplateError: Log().note("error: \(error.message)\(error.cause.map { "\n  \($0)" } ?? "")")
+        default: throw error
+        }
         throw ExitCode.failure
     }
 }

@@ -15,8 +15,8 @@ import Musl
 /// QEMU runs in a session of its own (`QEMUProcess.spawn` and the CLI both use setsid), so a
 /// Ctrl-C in the terminal never reaches it: it has to be killed by process ID. Three nets:
 /// - QEMU processes the bench spawned itself, by their `QEMUProcess`;
-/// - clones in the store whose record names one of the bench's CLI children as creator (covers a
-///   `vmtemplate clone` interrupted before it printed its clone ID);
+/// - clones in the store whose record names one of the bench's CLI children, or the bench
+///   itself, as creator (covers a `vmtemplate clone` interrupted before it printed its clone ID);
 /// - any process whose command line mentions one of the bench's scratch directories (every path
 ///   those QEMUs get lives there), then the directories themselves.
 final class Cleanup: Sendable {
@@ -28,18 +28,34 @@ final class Cleanup: Sendable {
         var allChildren: Set<pid_t> = []
         var stores: [TemplateStore] = []
         var scratchDirectories: [String] = []
+        /// Set by a signal: whatever is spawned from then on is killed at once.
+        var interrupted = false
     }
 
     private let state = Mutex(State())
+    /// Held for a whole sweep, so that the main flow's final sweep waits for the signal handler's
+    /// (which runs on another thread) instead of exiting half-way through it.
+    private let sweeping = Mutex(())
 
-    func adopt(qemu: QEMUProcess) { state.withLock { $0.qemus[qemu.pid] = qemu } }
+    var interrupted: Bool { state.withLock { $0.interrupted } }
+
+    func adopt(qemu: QEMUProcess) {
+        let interrupted = state.withLock { state -> Bool in
+            state.qemus[qemu.pid] = qemu
+            return state.interrupted
+        }
+        if interrupted { qemu.signal(SIGKILL) }
+    }
+
     func release(qemu: QEMUProcess) { _ = state.withLock { $0.qemus.removeValue(forKey: qemu.pid) } }
 
     func adopt(child: pid_t) {
-        state.withLock {
-            $0.runningChildren.insert(child)
-            $0.allChildren.insert(child)
+        let interrupted = state.withLock { state -> Bool in
+            state.runningChildren.insert(child)
+            state.allChildren.insert(child)
+            return state.interrupted
         }
+        if interrupted { kill(child, SIGKILL) }
     }
 
     func release(child: pid_t) { _ = state.withLock { $0.runningChildren.remove(child) } }
@@ -50,11 +66,17 @@ final class Cleanup: Sendable {
     /// A directory removed at the end, after every process mentioning it was killed.
     func own(scratchDirectory: String) { state.withLock { $0.scratchDirectories.append(scratchDirectory) } }
 
-    /// Kills everything still running and removes the scratch directories. Safe to call twice.
-    func sweep() {
+    /// Kills everything still running and removes the scratch directories. Safe to call twice,
+    /// and from two threads: the second call returns once the first is done.
+    func sweep(interrupted: Bool = false) {
+        if interrupted { state.withLock { $0.interrupted = true } }
+        sweeping.withLock { _ in sweepLocked(interrupted: interrupted) }
+    }
+
+    private func sweepLocked(interrupted: Bool) {
         let snapshot = state.withLock { current -> State in
             let copy = current
-            current = State(allChildren: current.allChildren)
+            current = State(allChildren: current.allChildren, interrupted: current.interrupted || interrupted)
             return copy
         }
         for child in snapshot.runningChildren { kill(child, SIGKILL) }
@@ -65,7 +87,8 @@ final class Cleanup: Sendable {
         for qemu in snapshot.qemus.values { qemu.signal(SIGKILL) }
         for store in snapshot.stores {
             for record in store.clones().records {
-                guard let creator = record.creator, snapshot.allChildren.contains(creator.pid) else { continue }
+                // Clones made by the CLI children, or by CloneEngine in this very process (profile).
+                guard let creator = record.creator, snapshot.allChildren.contains(creator.pid) || creator.pid == getpid() else { continue }
                 if let qemu = record.qemu, qemu.isAlive { kill(qemu.pid, SIGKILL) }
                 try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
             }
@@ -110,7 +133,7 @@ final class Cleanup: Sendable {
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
             source.setEventHandler {
                 FileHandle.standardError.write(Data("\nvmtemplate-bench: interrupted; stopping every QEMU it started\n".utf8))
-                Cleanup.shared.sweep()
+                Cleanup.shared.sweep(interrupted: true)
                 exit(128 + signalNumber)
             }
             source.resume()

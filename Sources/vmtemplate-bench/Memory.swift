@@ -14,6 +14,9 @@ struct MemoryReport: Codable, Sendable {
     var breakdown: [Part]
     /// The largest single mappings of QEMU's own memory.
     var largestMappings: [Mapping]
+    /// Whether the kernel may give this process transparent huge pages (`THP_enabled` in
+    /// /proc/PID/status; off after `prctl(PR_SET_THP_DISABLE)`), nil where the kernel does not say.
+    var transparentHugePages: Bool?
 
     struct Part: Codable, Sendable {
         var kind: String
@@ -43,6 +46,14 @@ struct MemoryReport: Codable, Sendable {
         case qemuOwnBytes = "qemu_own_bytes"
         case breakdown
         case largestMappings = "largest_mappings"
+        case transparentHugePages = "thp_enabled"
+    }
+
+    static func transparentHugePages(pid: Int32) -> Bool? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("THP_enabled:") })
+        else { return nil }
+        return line.hasSuffix("1")
     }
 
     /// A clone: guest RAM is the private mapping of the template file, and QEMU's own memory is
@@ -54,6 +65,7 @@ struct MemoryReport: Codable, Sendable {
         report.guestBytes = Double(usage.copyOnWriteBytes)
         report.qemuOwnBytes = Double(usage.qemuPrivateBytes)
         report.totalAnonymousBytes = Double(usage.copyOnWriteBytes + usage.qemuPrivateBytes)
+        report.transparentHugePages = transparentHugePages(pid: pid)
         return report
     }
 
@@ -66,6 +78,7 @@ struct MemoryReport: Codable, Sendable {
         let total = Double(rollup["Anonymous"] ?? 0)
         report.totalAnonymousBytes = total
         report.qemuOwnBytes = Swift.max(0, total - report.guestBytes)
+        report.transparentHugePages = transparentHugePages(pid: pid)
         return report
     }
 
@@ -100,7 +113,8 @@ struct MemoryReport: Codable, Sendable {
             guestBytes: guest,
             qemuOwnBytes: parts.values.reduce(0, +),
             breakdown: parts.map { Part(kind: $0.key, bytes: $0.value) }.sorted { $0.bytes > $1.bytes },
-            largestMappings: Array(largest.prefix(10))
+            largestMappings: Array(largest.prefix(10)),
+            transparentHugePages: nil
         )
     }
 

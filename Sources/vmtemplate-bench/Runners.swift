@@ -42,8 +42,17 @@ struct BenchVM: Sendable {
 enum Runners {
     // MARK: Floor
 
-    /// Blocks until QEMU's QMP greeting line arrives; returns when it did.
-    private static func awaitGreeting(_ vm: BenchVM, started: ContinuousClock.Instant) async throws -> ContinuousClock.Instant {
+    /// When a floor QEMU got somewhere: its QMP greeting, and its answer to the first command.
+    struct FloorTimes: Sendable {
+        var greeting: Double
+        var firstReply: Double
+    }
+
+    /// Blocks until QEMU's QMP greeting line arrives, then sends `qmp_capabilities` and waits for
+    /// the answer. The greeting comes from the monitor's own I/O thread as soon as the socket
+    /// accepts, which QEMU sets up before it builds the machine; commands run in the main loop,
+    /// after the machine is built. So the first reply is when QEMU is really ready.
+    private static func awaitGreeting(_ vm: BenchVM, started: ContinuousClock.Instant) async throws -> (greeting: ContinuousClock.Instant, firstReply: ContinuousClock.Instant) {
         let process = vm.process
         let socketPath = vm.paths.qmpSocket
         do {
@@ -53,17 +62,22 @@ enum Runners {
                 let line = try socket.readLine(deadline: deadline)
                 let arrived = ContinuousClock.now
                 guard line.contains("\"QMP\"") else { throw BenchError("unexpected first QMP line: \(line)") }
-                return arrived
+                try socket.writeLine(#"{"execute":"qmp_capabilities"}"#)
+                let reply = try socket.readLine(deadline: deadline)
+                let replied = ContinuousClock.now
+                guard reply.contains("\"return\"") else { throw BenchError("unexpected reply to qmp_capabilities: \(reply)") }
+                return (arrived, replied)
             }
         } catch {
             throw vm.failure("floor QEMU", error)
         }
     }
 
-    /// One floor: a clone's QEMU started with `-S`, from spawn to its QMP greeting.
-    static func floor(_ workspace: Workspace) async throws -> Double {
+    /// One floor: a clone's QEMU started with `-S`, from spawn to its QMP greeting (and to its
+    /// first reply).
+    static func floor(_ workspace: Workspace) async throws -> FloorTimes {
         let (vm, started) = try BenchVM.spawn(workspace) { try workspace.floorArguments(paths: $0) }
-        let arrived: ContinuousClock.Instant
+        let arrived: (greeting: ContinuousClock.Instant, firstReply: ContinuousClock.Instant)
         do {
             arrived = try await awaitGreeting(vm, started: started)
         } catch {
@@ -71,26 +85,29 @@ enum Runners {
             throw error
         }
         await vm.stop()
-        return started.duration(to: arrived).benchSeconds
+        return FloorTimes(greeting: started.duration(to: arrived.greeting).benchSeconds, firstReply: started.duration(to: arrived.firstReply).benchSeconds)
     }
 
-    /// `count` floors started at once: from the first spawn to the last greeting.
-    static func concurrentFloors(_ workspace: Workspace, count: Int) async throws -> Double {
+    /// `count` floors started at once: from the first spawn to the last greeting (and the last
+    /// first reply).
+    static func concurrentFloors(_ workspace: Workspace, count: Int) async throws -> FloorTimes {
         var vms: [BenchVM] = []
         let firstStart = ContinuousClock.now
         do {
             for _ in 0..<count {
                 vms.append(try BenchVM.spawn(workspace) { try workspace.floorArguments(paths: $0) }.vm)
             }
-            let arrivals = try await withThrowingTaskGroup(of: ContinuousClock.Instant.self) { group in
+            let arrivals = try await withThrowingTaskGroup(of: (greeting: ContinuousClock.Instant, firstReply: ContinuousClock.Instant).self) { group in
                 for vm in vms { group.addTask { try await awaitGreeting(vm, started: firstStart) } }
-                var all: [ContinuousClock.Instant] = []
+                var all: [(greeting: ContinuousClock.Instant, firstReply: ContinuousClock.Instant)] = []
                 for try await arrival in group { all.append(arrival) }
                 return all
             }
             for vm in vms { await vm.stop() }
-            guard let last = arrivals.max() else { return .nan }
-            return firstStart.duration(to: last).benchSeconds
+            guard let lastGreeting = arrivals.map(\.greeting).max(), let lastReply = arrivals.map(\.firstReply).max() else {
+                return FloorTimes(greeting: .nan, firstReply: .nan)
+            }
+            return FloorTimes(greeting: firstStart.duration(to: lastGreeting).benchSeconds, firstReply: firstStart.duration(to: lastReply).benchSeconds)
         } catch {
             for vm in vms { await vm.stop() }
             throw error
@@ -205,9 +222,9 @@ enum CLI {
         return arguments
     }
 
-    private static func spawnClone(_ workspace: Workspace, _ settings: CloneSettings) throws -> ChildProcess {
+    private static func spawnClone(_ workspace: Workspace, _ settings: CloneSettings, binary: String? = nil) throws -> ChildProcess {
         let base = "\(workspace.scratch)/cli-\(UUID().uuidString.prefix(8))"
-        let spawn = { try ChildProcess.spawn(workspace.vmtemplate, cloneArguments(workspace, settings), environment: settings.environment, outputBase: base) }
+        let spawn = { try ChildProcess.spawn(binary ?? workspace.vmtemplate, cloneArguments(workspace, settings), environment: settings.environment, outputBase: base) }
         return settings.disableTransparentHugePages ? try TransparentHugePages.disabled(spawn) : try spawn()
     }
 
@@ -224,8 +241,10 @@ enum CLI {
     }
 
     /// `vmtemplate clone TEMPLATE --store S --json`, from spawn until it exited (the guest runs).
-    static func clone(_ workspace: Workspace, _ settings: CloneSettings = CloneSettings()) async throws -> (seconds: Double, clone: CLIClone) {
-        let child = try spawnClone(workspace, settings)
+    /// `binary` replaces the workspace's vmtemplate (e.g. a build with the Swift runtime linked
+    /// statically), to compare the two in one run.
+    static func clone(_ workspace: Workspace, _ settings: CloneSettings = CloneSettings(), binary: String? = nil) async throws -> (seconds: Double, clone: CLIClone) {
+        let child = try spawnClone(workspace, settings, binary: binary)
         let (status, ended) = try await child.wait()
         let clone = try finish(child, status: status)
         return (child.started.duration(to: ended).benchSeconds, clone)

@@ -25,7 +25,7 @@ struct TuneBench: AsyncParsableCommand {
     @Option(name: .customLong("tb-sizes"), help: ArgumentHelp("TCG translation cache sizes to try besides QEMU's default, in MiB.", valueName: "list"))
     var tbSizes = "32,16,8,4,2"
 
-    @Option(help: ArgumentHelp("MiB the guest hashes.", valueName: "MiB"))
+    @Option(name: .customLong("hash-mib"), help: ArgumentHelp("MiB the guest hashes.", valueName: "MiB"))
     var hashMiB = 64
 
     @Option(help: "Seconds each clone idles before its memory is read.")
@@ -142,27 +142,7 @@ struct TuneBench: AsyncParsableCommand {
 
             var extras: [ConfigurationResult] = []
             if !skipExtras {
-                let base = CloneSettings(tcgTranslationCacheMiB: recommended)
-                let baseName = recommended.map { "tb-size \($0)" } ?? "default"
-                var arena = base
-                arena.environment = ["MALLOC_ARENA_MAX": "1"]
-                var trim = base
-                // Fixed at glibc's initial value: setting it turns off glibc's dynamic threshold,
-                // which otherwise grows with the largest freed mmap chunk and keeps the heap big.
-                trim.environment = ["MALLOC_TRIM_THRESHOLD_": "131072"]
-                var noHugePages = base
-                noHugePages.disableTransparentHugePages = true
-                var all = base
-                all.environment = ["MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "131072"]
-                all.disableTransparentHugePages = true
-                extras = try await measure([
-                    Configuration(name: "default", settings: CloneSettings()),
-                    Configuration(name: baseName, settings: base),
-                    Configuration(name: "\(baseName) + MALLOC_ARENA_MAX=1", settings: arena),
-                    Configuration(name: "\(baseName) + MALLOC_TRIM_THRESHOLD_=128K", settings: trim),
-                    Configuration(name: "\(baseName) + no THP", settings: noHugePages),
-                    Configuration(name: "\(baseName) + all three", settings: all),
-                ], workspace: workspace, phase: "extras", log: log)
+                extras = try await measure(extraConfigurations(recommended: recommended), workspace: workspace, phase: "extras", log: log)
             }
 
             var results = Results(host: workspace.host, reps: reps, hashMiB: hashMiB, idleSeconds: idleSeconds, limit: limit, sweep: sweep, recommendedTBSizeMiB: recommended, extras: extras, targets: [], loadAverageAfter: HostFacts.loadAverage)
@@ -173,6 +153,39 @@ struct TuneBench: AsyncParsableCommand {
                 print(render(results))
             }
         }
+    }
+
+    /// Phase 2: malloc and huge page settings at QEMU's default cache size and, if there is one,
+    /// at the recommended size; the default first, as the reference of the hash ratio.
+    private func extraConfigurations(recommended: Int?) -> [Configuration] {
+        var configurations: [Configuration] = []
+        for size in [nil] + (recommended.map { [$0] } ?? []) {
+            let base = CloneSettings(tcgTranslationCacheMiB: size)
+            let name = size.map { "tb-size \($0)" } ?? "default"
+            var arena = base
+            arena.environment = ["MALLOC_ARENA_MAX": "1"]
+            var trim = base
+            // glibc's initial value, fixed: setting it turns off glibc's dynamic threshold, which
+            // otherwise grows with the largest freed mmap chunk and lets the heap stay big.
+            trim.environment = ["MALLOC_TRIM_THRESHOLD_": "131072"]
+            var noHugePages = base
+            noHugePages.disableTransparentHugePages = true
+            var all = base
+            all.environment = arena.environment.merging(trim.environment) { $1 }
+            all.disableTransparentHugePages = true
+            configurations.append(Configuration(name: name, settings: base))
+            if size == nil {
+                configurations += [
+                    Configuration(name: "\(name) + MALLOC_ARENA_MAX=1", settings: arena),
+                    Configuration(name: "\(name) + MALLOC_TRIM_THRESHOLD_=128K", settings: trim),
+                ]
+            }
+            configurations += [
+                Configuration(name: "\(name) + no THP", settings: noHugePages),
+                Configuration(name: "\(name) + all three", settings: all),
+            ]
+        }
+        return configurations
     }
 
     /// Every configuration `reps` times, interleaved, in an order rotated each repetition.
@@ -242,10 +255,11 @@ struct TuneBench: AsyncParsableCommand {
 
     private func render(_ r: Results) -> String {
         func table(_ results: [ConfigurationResult]) -> String {
-            Format.table(["configuration", "clone", "idle QEMU own", "(TCG cache)", "(heap)", "min-max own", "after hash", "first ping", "hash \(r.hashMiB) median", "min-max", "vs default", "within"], results.map { c in
-                [c.configuration.name, Format.milliseconds(c.clone.median), Format.mebibytes(c.idleQEMUOwn.median), Format.mebibytes(c.idleTranslationCache.median), Format.mebibytes(c.idleHeap.median),
+            Format.table(["configuration", "clone", "idle QEMU own", "(TCG cache)", "(heap)", "min-max own", "after hash", "first ping", "hash \(r.hashMiB) median", "min-max", "vs default", "within", "THP"], results.map { c in
+                let hugePages = Set(c.samples.map { $0.idle.transparentHugePages.map { $0 ? "on" : "off" } ?? "?" }).sorted().joined(separator: "/")
+                return [c.configuration.name, Format.milliseconds(c.clone.median), Format.mebibytes(c.idleQEMUOwn.median), Format.mebibytes(c.idleTranslationCache.median), Format.mebibytes(c.idleHeap.median),
                  "\(Format.mebibytes(c.idleQEMUOwn.min))-\(Format.mebibytes(c.idleQEMUOwn.max))", Format.mebibytes(c.busyQEMUOwn.median), Format.milliseconds(c.firstPing.median),
-                 Format.milliseconds(c.hash.median), "\(Format.milliseconds(c.hash.min))-\(Format.milliseconds(c.hash.max))", Format.ratio(c.hashRatio), c.withinLimit ? "yes" : "NO"]
+                 Format.milliseconds(c.hash.median), "\(Format.milliseconds(c.hash.min))-\(Format.milliseconds(c.hash.max))", Format.ratio(c.hashRatio), c.withinLimit ? "yes" : "NO", hugePages]
             })
         }
         let h = r.host
