@@ -181,6 +181,7 @@ struct ProfileBench: AsyncParsableCommand {
             "\(concurrency) `vmtemplate list` on an empty store (CLI processes only)",
             "\(concurrency) replayed restores, guests left paused (-S, no cont)",
             "\(concurrency) replayed restores, guests running",
+            "\(concurrency) CloneEngine.clone in this process (no CLI processes)",
             "\(concurrency) vmtemplate clone (CLI)",
         ]
         var samples = Array(repeating: [Double](), count: names.count)
@@ -206,8 +207,17 @@ struct ProfileBench: AsyncParsableCommand {
                 })
                 for vm in vms { await vm.stop() }
             }
+            let engine = CloneEngine(store: workspace.store)
+            var records: [CloneRecord] = []
+            samples[5].append(try await Self.timed {
+                try await withThrowingTaskGroup(of: CloneRecord.self) { group in
+                    for _ in 0..<count { group.addTask { try await engine.clone(CloneRequest(template: workspace.template)).record } }
+                    for try await record in group { records.append(record) }
+                }
+            })
+            for record in records { try await engine.remove(record, grace: .seconds(1)) }
             let (seconds, clones) = try await CLI.concurrentClones(workspace, count: count)
-            samples[5].append(seconds)
+            samples[6].append(seconds)
             try await CLI.remove(workspace, clones)
         }
         return zip(names, samples).map { Phases.Step(name: $0.0, summary: Summary($0.1)) }

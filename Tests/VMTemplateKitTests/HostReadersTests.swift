@@ -336,6 +336,17 @@ struct SmapsTests {
         #expect(rollup.count == 15)
     }
 
+    @Test("the one-pass counters of the hot path agree with a full parse")
+    func countersAgreeWithFullParse() {
+        let counters = Smaps.counters(Self.qemuSmaps, templatePaths: [Self.templatePath])
+        let full = CloneMemoryUsage.measure(mappings: Smaps.parse(Self.qemuSmaps), rollup: nil, templatePaths: [Self.templatePath])
+        #expect(counters.templateAnonymous == full.copyOnWriteBytes)
+        #expect(counters.templateShared == full.templateResidentBytes)
+        #expect(counters.totalAnonymous - counters.templateAnonymous == full.qemuPrivateBytes)
+        #expect(counters.totalSwap == full.swapBytes)
+        #expect(counters.templateAnonymous == 33000 * 1024)
+    }
+
     @Test("splits a clone's memory into copy-on-write, shared template, QEMU private and swap")
     func measuresFixture() {
         let usage = CloneMemoryUsage.measure(smaps: Self.qemuSmaps, rollup: Self.qemuRollup, templatePaths: [Self.templatePath])
