@@ -22,7 +22,7 @@ struct BenchCommand: AsyncParsableCommand {
     )
 }
 
-/// Options both benchmarks take.
+/// Options every benchmark takes.
 struct CommonOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Store to use; the template is made in it if missing, and the store is kept (default: a temporary store, removed at the end).", valueName: "path"))
     var store: String?
