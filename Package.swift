@@ -14,9 +14,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
+        // The few Linux calls Swift cannot import (variadic prctl(2)).
+        .target(name: "CLinuxHost"),
         .target(
             name: "VMTemplateKit",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto")]
+            dependencies: ["CLinuxHost", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .executableTarget(
             name: "vmtemplate",

@@ -1,3 +1,4 @@
+import CLinuxHost
 import Foundation
 import Synchronization
 
@@ -25,7 +26,17 @@ public final class QEMUProcess: Sendable {
     }
 
     /// Starts `executable` with `arguments`; stdin is /dev/null, stdout and stderr append to `logPath`.
-    public static func spawn(executable: String, arguments: [String], logPath: String) throws -> QEMUProcess {
+    ///
+    /// `transparentHugePages: false` keeps QEMU from backing its translation cache and small RAM
+    /// blocks with 2 MiB pages it barely touches: an idle clone's own memory drops from ~17 to
+    /// ~14 MiB with no slowdown (docs/benchmarks.md). QEMU has no option for it; the
+    /// `PR_SET_THP_DISABLE` flag is inherited across fork and exec, so it is set on the spawning
+    /// process, where it only affects this short-lived CLI's own allocations.
+    public static func spawn(executable: String, arguments: [String], logPath: String, transparentHugePages: Bool = true) throws -> QEMUProcess {
+        if !transparentHugePages {
+            // Failure only costs memory, never correctness: no error to report.
+            _ = clinuxhost_disable_transparent_huge_pages()
+        }
         var fileActions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&fileActions)
         defer { posix_spawn_file_actions_destroy(&fileActions) }
