@@ -55,16 +55,7 @@ public final class QEMUProcess: Sendable {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
-        // POSIX_SPAWN_SETSID (glibc >= 2.26) is not imported into Swift: its value is 0x80.
-        // Default signal dispositions and an empty mask: the caller may block or ignore signals
-        // (SIGPIPE, for one) that QEMU must see.
-        var defaultSignals = sigset_t()
-        sigfillset(&defaultSignals)
-        var emptyMask = sigset_t()
-        sigemptyset(&emptyMask)
-        posix_spawnattr_setsigdefault(&attributes, &defaultSignals)
-        posix_spawnattr_setsigmask(&attributes, &emptyMask)
-        posix_spawnattr_setflags(&attributes, Int16(0x80 | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        SpawnAttributes.configure(&attributes, newSession: true)
 
         let argv = [executable] + arguments
         var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
@@ -152,6 +143,24 @@ public final class QEMUProcess: Sendable {
                 if !identity.isAlive { status = 0 }
             }
         }
+    }
+}
+
+/// `posix_spawn` attributes every child of vmtemplate gets.
+public enum SpawnAttributes {
+    /// Default signal dispositions and an empty mask: the caller may block or ignore signals
+    /// (SIGPIPE, SIGINT) that the child must see, and ignored dispositions survive exec.
+    /// `newSession` puts the child in a session of its own (`setsid`).
+    public static func configure(_ attributes: inout posix_spawnattr_t, newSession: Bool) {
+        var defaultSignals = sigset_t()
+        sigfillset(&defaultSignals)
+        var emptyMask = sigset_t()
+        sigemptyset(&emptyMask)
+        posix_spawnattr_setsigdefault(&attributes, &defaultSignals)
+        posix_spawnattr_setsigmask(&attributes, &emptyMask)
+        // POSIX_SPAWN_SETSID (glibc >= 2.26) is not imported into Swift: its value is 0x80.
+        let setsid: Int32 = newSession ? 0x80 : 0
+        posix_spawnattr_setflags(&attributes, Int16(setsid | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
     }
 }
 
