@@ -155,36 +155,19 @@ enum Runners {
     /// Returns the running VM: the caller stops it (or measures it first).
     static func coldBoot(_ workspace: Workspace) async throws -> (seconds: Double, vm: BenchVM) {
         let (vm, started) = try BenchVM.spawn(workspace) { try workspace.coldBootArguments(paths: $0) }
-        let marker = Array(workspace.manifest.readyMarker.utf8)
-        var offset: UInt64 = 0
-        var seen: [UInt8] = []
-        let deadline = started + .seconds(180)
-        while true {
-            if let handle = FileHandle(forReadingAtPath: vm.paths.serialLog) {
-                try? handle.seek(toOffset: offset)
-                let data = (try? handle.readToEnd()) ?? Data()
-                try? handle.close()
-                if !data.isEmpty {
-                    offset += UInt64(data.count)
-                    seen += data
-                    if contains(seen, marker) { return (started.duration(to: .now).benchSeconds, vm) }
-                    seen = Array(seen.suffix(marker.count))
-                }
-            }
-            guard vm.process.isRunning, ContinuousClock.now < deadline else {
-                await vm.stop()
-                throw vm.failure("cold boot", BenchError("no ready marker on the console"))
-            }
-            try await Task.sleep(for: .milliseconds(2))
+        let watcher = SerialConsoleWatcher(path: vm.paths.serialLog, pollInterval: .milliseconds(2))
+        let ready: Bool
+        do {
+            ready = try await watcher.waitForMarker(workspace.manifest.readyMarker, timeout: .seconds(180), isAlive: { vm.process.isRunning })
+        } catch {
+            await vm.stop()
+            throw vm.failure("cold boot", BenchError("no ready marker on the console within 180 s"))
         }
-    }
-
-    private static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard !needle.isEmpty, haystack.count >= needle.count else { return false }
-        for start in 0...(haystack.count - needle.count) where haystack[start] == needle[0] {
-            if Array(haystack[start..<(start + needle.count)]) == needle { return true }
+        guard ready else {
+            await vm.stop()
+            throw vm.failure("cold boot", BenchError("QEMU exited before the ready marker"))
         }
-        return false
+        return (started.duration(to: .now).benchSeconds, vm)
     }
 }
 

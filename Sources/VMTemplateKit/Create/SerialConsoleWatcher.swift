@@ -3,12 +3,20 @@ import Foundation
 /// Follows a guest's serial log (a file QEMU appends to) until a marker appears.
 ///
 /// The file is read incrementally every few milliseconds: cheap, and tight enough that a template's
-/// boot is not padded by a coarse sleep.
-struct SerialConsoleWatcher {
-    let path: String
+/// boot is not padded by a coarse sleep. Also used by the cold-boot benchmark.
+public struct SerialConsoleWatcher: Sendable {
+    public let path: String
+    /// How often the log is read: tight enough that a boot is not padded by a coarse sleep.
+    public var pollInterval: Duration
 
-    /// Returns once `marker` has appeared; throws if `isAlive` turns false or the deadline passes.
-    func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool) async throws -> Bool {
+    public init(path: String, pollInterval: Duration = .milliseconds(5)) {
+        self.path = path
+        self.pollInterval = pollInterval
+    }
+
+    /// Returns true once `marker` has appeared, false if `isAlive` turns false first; throws a
+    /// `.timeout` error when the deadline passes.
+    public func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool) async throws -> Bool {
         let deadline = ContinuousClock.now + timeout
         let needle = Array(marker.utf8)
         var offset: UInt64 = 0
@@ -29,7 +37,7 @@ struct SerialConsoleWatcher {
             if ContinuousClock.now >= deadline {
                 throw VMTemplateError(.timeout, "")
             }
-            try await Task.sleep(for: .milliseconds(5))
+            try await Task.sleep(for: pollInterval)
         }
     }
 
