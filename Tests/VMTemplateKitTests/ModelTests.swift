@@ -86,6 +86,25 @@ struct ModelTests {
         #expect(cloneArguments.contains { $0.hasSuffix("share=off,readonly=on,rom=off") })
     }
 
+    @Test("QMP listens on the inherited fd 3 by default, or on its socket path when asked")
+    func qmpEndpoint() throws {
+        let machine = MachineSpec(machineType: "pc-q35-10.0", machineOptions: [], cpuModel: nil, cpus: 1, memoryBytes: 256 << 20, accelerator: .tcg, vmgenid: false)
+        var commandLine = QEMUCommandLine(
+            name: "c", machine: machine,
+            memory: MemoryBackendFile(path: "/s/memory", sizeBytes: 256 << 20, options: .clone),
+            paths: InstancePaths(directory: "/s/c"), launch: .incoming
+        )
+        let inherited = try commandLine.arguments()
+        #expect(inherited.contains("socket,id=qmp,fd=3,server=on,wait=off"))
+        #expect(inherited.contains("chardev=qmp,mode=control"))
+        #expect(!inherited.contains("-qmp"))
+
+        commandLine.qmp = .socketPath
+        let bound = try commandLine.arguments()
+        #expect(bound.contains("unix:/s/c/qmp.sock,server=on,wait=off"))
+        #expect(!bound.contains("-mon"))
+    }
+
     @Test("socket paths over 107 bytes are refused with advice")
     func socketLength() {
         let long = InstancePaths(directory: "/" + String(repeating: "d", count: 100))

@@ -81,6 +81,15 @@ public struct InstancePaths: Sendable, Equatable, Codable {
     }
 }
 
+/// Where QEMU's QMP monitor listens.
+public enum QMPEndpoint: Sendable, Equatable {
+    /// On a socket vmtemplate bound beforehand and passes as fd 3 (``QMPListener``): the spawner
+    /// must pass the listener to ``QEMUProcess/spawn(executable:arguments:logPath:qmpListener:transparentHugePages:)``.
+    case inheritedListener
+    /// On `InstancePaths.qmpSocket`, bound by QEMU itself (what other tools, e.g. Kata, do).
+    case socketPath
+}
+
 /// How a QEMU instance starts.
 public enum LaunchMode: Sendable, Equatable {
     /// Boot the kernel (the template VM).
@@ -101,7 +110,10 @@ public struct QEMUCommandLine: Sendable, Equatable {
     /// TCG translation cache size in MiB, nil for QEMU's default.
     public var tcgTranslationCacheMiB: Int?
 
-    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil) {
+    public var qmp: QMPEndpoint
+
+    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) {
+        self.qmp = qmp
         self.name = name
         self.machine = machine
         self.memory = memory
@@ -136,8 +148,16 @@ public struct QEMUCommandLine: Sendable, Equatable {
             // wait=off: the guest must run whether or not anybody is connected to its channel.
             "-chardev", QEMUOptionString.render(type: "socket", [("id", "control"), ("path", paths.controlSocket), ("server", "on"), ("wait", "off")]),
             "-serial", "chardev:control",
-            "-qmp", "unix:\(QEMUOptionString.escape(paths.qmpSocket)),server=on,wait=off",
         ]
+        switch qmp {
+        case .inheritedListener:
+            arguments += [
+                "-chardev", QEMUOptionString.render(type: "socket", [("id", "qmp"), ("fd", String(QMPListener.inheritedDescriptor)), ("server", "on"), ("wait", "off")]),
+                "-mon", "chardev=qmp,mode=control",
+            ]
+        case .socketPath:
+            arguments += ["-qmp", "unix:\(QEMUOptionString.escape(paths.qmpSocket)),server=on,wait=off"]
+        }
         if machine.vmgenid {
             arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]
         }

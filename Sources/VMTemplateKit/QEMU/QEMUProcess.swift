@@ -32,7 +32,10 @@ public final class QEMUProcess: Sendable {
     /// ~14 MiB with no slowdown (docs/benchmarks.md). QEMU has no option for it; the
     /// `PR_SET_THP_DISABLE` flag is inherited across fork and exec, so it is set on the spawning
     /// process, where it only affects this short-lived CLI's own allocations.
-    public static func spawn(executable: String, arguments: [String], logPath: String, transparentHugePages: Bool = true) throws -> QEMUProcess {
+    ///
+    /// `qmpListener` is given to QEMU as fd 3, for a command line rendered with
+    /// `QMPEndpoint.inheritedListener`.
+    public static func spawn(executable: String, arguments: [String], logPath: String, qmpListener: QMPListener? = nil, transparentHugePages: Bool = true) throws -> QEMUProcess {
         if !transparentHugePages {
             // Failure only costs memory, never correctness: no error to report.
             _ = clinuxhost_disable_transparent_huge_pages()
@@ -43,13 +46,19 @@ public final class QEMUProcess: Sendable {
         posix_spawn_file_actions_addopen(&fileActions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&fileActions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&fileActions, 1, 2)
-        // Nothing but stdio is inherited: a store lock or a QMP socket held by a long-lived QEMU
+        var firstClosed: Int32 = 3
+        if let qmpListener {
+            // dup2 clears close-on-exec on the copy: QEMU gets the listener, this process keeps its own.
+            posix_spawn_file_actions_adddup2(&fileActions, qmpListener.descriptor, QMPListener.inheritedDescriptor)
+            firstClosed = QMPListener.inheritedDescriptor + 1
+        }
+        // Nothing else is inherited: a store lock or a QMP socket held by a long-lived QEMU
         // would outlive the operation that opened it.
         // glibc >= 2.34 has addclosefrom_np, but Swift does not import it: look it up at run time.
         // Where it is missing, every fd vmtemplate opens is O_CLOEXEC anyway.
         if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
             typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
-            _ = unsafeBitCast(symbol, to: AddCloseFrom.self)(&fileActions, 3)
+            _ = unsafeBitCast(symbol, to: AddCloseFrom.self)(&fileActions, firstClosed)
         }
 
         var attributes = posix_spawnattr_t()

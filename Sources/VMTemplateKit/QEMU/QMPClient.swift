@@ -42,10 +42,18 @@ public final class QMPClient: Sendable {
     /// millisecond until `timeout` has passed. `isPeerAlive` is asked between attempts: once QEMU
     /// has died the socket will never appear, and waiting out the timeout would only hide the real
     /// failure.
+    ///
+    /// `pipelining` commands are sent in the same write as `qmp_capabilities`, before the greeting
+    /// has even arrived, and `connect` returns once all of them are answered (throwing the first
+    /// error). QEMU reads them as soon as the connection opens but runs them in order, and only
+    /// once its main loop starts, after it has built the machine (its greeting comes earlier,
+    /// from the monitor's own thread): so a restore that depends on nothing but the connection
+    /// costs no round trip of its own.
     public static func connect(
         socketPath: String,
         timeout: Duration,
-        isPeerAlive: @escaping @Sendable () -> Bool = { true }
+        isPeerAlive: @escaping @Sendable () -> Bool = { true },
+        pipelining commands: [QMPCommand] = []
     ) async throws -> QMPClient {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)
@@ -55,10 +63,13 @@ public final class QMPClient: Sendable {
         let connection = Connection(fd: fd, socketPath: socketPath)
         connection.startReader()
         do {
+            // QEMU accepts no other command until the client leaves capabilities negotiation.
+            let sent = try connection.sendAll([QMPCommand("qmp_capabilities")] + commands)
             let greeting = try await connection.greeting(timeout: deadline - clock.now)
             let client = QMPClient(socketPath: socketPath, greeting: greeting, connection: connection)
-            // QEMU accepts no other command until the client leaves capabilities negotiation.
-            try await client.execute("qmp_capabilities", timeout: deadline - clock.now)
+            for (id, command) in sent {
+                _ = try await connection.reply(to: id, command: command, timeout: deadline - clock.now)
+            }
             return client
         } catch let error as VMTemplateError where error.code == .timeout {
             connection.close()
@@ -96,6 +107,12 @@ public final class QMPClient: Sendable {
         }
     }
 
+    /// Sends a bound command and waits for its reply, ignoring the returned value.
+    public func execute(_ command: QMPCommand, timeout: Duration = .seconds(10)) async throws {
+        let sent = try connection.sendAll([command])
+        _ = try await connection.reply(to: sent[0].id, command: command.name, timeout: timeout)
+    }
+
     /// Sends `command` and waits for its reply, ignoring the returned value.
     public func execute(
         _ command: String,
@@ -115,28 +132,8 @@ public final class QMPClient: Sendable {
         timeout: Duration,
         closeMeansSuccess: Bool = false
     ) async throws -> Data {
-        // Register the waiter before writing, so even an immediate reply has somewhere to go.
-        let id = try connection.reserveReply(to: command, closeMeansSuccess: closeMeansSuccess)
-        let line: Data
-        do {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            var encoded = try encoder.encode(Request(execute: command, arguments: arguments, id: id))
-            encoded.append(UInt8(ascii: "\n"))
-            line = encoded
-        } catch {
-            connection.abandon(id)
-            throw VMTemplateError(
-                .invalidArgument, "Could not encode the arguments of the QMP command '\(command)'.",
-                cause: "\(error)")
-        }
-        do {
-            try connection.send(line, command: command)
-        } catch {
-            connection.abandon(id)
-            throw error
-        }
-        return try await connection.reply(to: id, command: command, timeout: timeout)
+        let sent = try connection.sendAll([QMPCommand(command, arguments: arguments, closeMeansSuccess: closeMeansSuccess)])
+        return try await connection.reply(to: sent[0].id, command: command, timeout: timeout)
     }
 
     // MARK: Events
@@ -206,9 +203,7 @@ extension QMPClient {
     /// Maps to the QMP command `migrate-set-capabilities`. Capabilities are sent in name order so
     /// the request is the same on every run.
     public func migrateSetCapabilities(_ capabilities: [String: Bool]) async throws {
-        let list = capabilities.sorted { $0.key < $1.key }
-            .map { MigrationCapability(capability: $0.key, state: $0.value) }
-        try await execute("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: list))
+        try await execute(.migrateSetCapabilities(capabilities))
     }
 
     /// Starts an outgoing migration to `uri` (e.g. "file:/path/state" or "unix:/path/sock").
@@ -223,7 +218,7 @@ extension QMPClient {
     ///
     /// Maps to the QMP command `migrate-incoming`.
     public func migrateIncoming(uri: String) async throws {
-        try await execute("migrate-incoming", arguments: MigrationURI(uri: uri))
+        try await execute(.migrateIncoming(uri: uri))
     }
 
     /// Returns the state of the current or last migration.
@@ -249,10 +244,15 @@ extension QMPClient {
     /// ended, and its event been consumed elsewhere) and again whenever an event reports a final
     /// state, both to fetch `error-desc` and because QEMU's own answer is authoritative; a stale
     /// event from an earlier migration therefore cannot end the wait early.
-    public func waitForMigration(timeout: Duration) async throws -> QMPMigrationInfo {
+    ///
+    /// `startedHere`: the migration was started on this connection after the `events` capability
+    /// was on, so its final `MIGRATION` event cannot have gone to anybody else (events are
+    /// buffered from the moment the connection opened). The first `query-migrate` is then skipped,
+    /// which saves a round trip on a clone's critical path.
+    public func waitForMigration(timeout: Duration, startedHere: Bool = false) async throws -> QMPMigrationInfo {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)
-        var info = try await queryMigrate()
+        var info = startedHere ? QMPMigrationInfo(status: "active") : try await queryMigrate()
         while true {
             switch info.status {
             case "completed":
@@ -268,8 +268,9 @@ extension QMPClient {
             default:
                 break
             }
+            let event: QMPEvent
             do {
-                _ = try await waitForEvent("MIGRATION", timeout: deadline - clock.now) { event in
+                event = try await waitForEvent("MIGRATION", timeout: deadline - clock.now) { event in
                     let status = event.data?["status"]?.stringValue
                     return status == "completed" || status == "failed" || status == "cancelled"
                 }
@@ -282,12 +283,53 @@ extension QMPClient {
                     "Migration did not finish within \(timeout.qmpText) (last status: \(lastStatus)) "
                         + "on \(socketPath).")
             }
+            if startedHere, event.data?["status"]?.stringValue == "completed" {
+                // QEMU's own word, and nothing more to fetch: no error-desc on success.
+                return QMPMigrationInfo(status: "completed")
+            }
             info = try await queryMigrate()
         }
     }
 }
 
 // MARK: - Wire types
+
+/// A command to send, with its arguments already bound; see
+/// ``QMPClient/connect(socketPath:timeout:isPeerAlive:pipelining:)``.
+public struct QMPCommand: Sendable {
+    public let name: String
+    let closeMeansSuccess: Bool
+    /// Encodes the request line for a given `id`; the arguments' type is erased here.
+    let encode: @Sendable (_ id: Int) throws -> Data
+
+    public init(_ name: String, arguments: (some Encodable & Sendable)? = QMPNoArguments?.none) {
+        self.init(name, arguments: arguments, closeMeansSuccess: false)
+    }
+
+    init(_ name: String, arguments: (some Encodable & Sendable)?, closeMeansSuccess: Bool) {
+        self.name = name
+        self.closeMeansSuccess = closeMeansSuccess
+        encode = { id in
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            var line = try encoder.encode(Request(execute: name, arguments: arguments, id: id))
+            line.append(UInt8(ascii: "\n"))
+            return line
+        }
+    }
+
+    /// `migrate-set-capabilities`, in name order so the request is the same on every run.
+    public static func migrateSetCapabilities(_ capabilities: [String: Bool]) -> QMPCommand {
+        let list = capabilities.sorted { $0.key < $1.key }
+            .map { MigrationCapability(capability: $0.key, state: $0.value) }
+        return QMPCommand("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: list))
+    }
+
+    /// `migrate-incoming` from `uri`, on a QEMU started with `-incoming defer`.
+    public static func migrateIncoming(uri: String) -> QMPCommand {
+        QMPCommand("migrate-incoming", arguments: MigrationURI(uri: uri))
+    }
+}
 
 /// The absent `arguments` of a command that takes none; it only gives `nil` a type.
 @usableFromInline
@@ -617,6 +659,31 @@ private final class Connection: Sendable {
     /// Forgets a reply waiter whose request was never sent.
     func abandon(_ id: Int) {
         state.withLock { $0.remove(id) }
+    }
+
+    /// Registers a reply waiter for each command (before writing, so even an immediate reply has
+    /// somewhere to go), then writes them all at once. Returns their ids, in order.
+    func sendAll(_ commands: [QMPCommand]) throws -> [(id: Int, command: String)] {
+        var sent: [(id: Int, command: String)] = []
+        var bytes = Data()
+        do {
+            for command in commands {
+                let id = try reserveReply(to: command.name, closeMeansSuccess: command.closeMeansSuccess)
+                sent.append((id, command.name))
+                do {
+                    bytes.append(try command.encode(id))
+                } catch {
+                    throw VMTemplateError(
+                        .invalidArgument, "Could not encode the arguments of the QMP command '\(command.name)'.",
+                        cause: "\(error)")
+                }
+            }
+            try send(bytes, command: commands.map(\.name).joined(separator: ", "))
+        } catch {
+            for (id, _) in sent { abandon(id) }
+            throw error
+        }
+        return sent
     }
 
     func reply(to id: Int, command: String, timeout: Duration) async throws -> Data {
