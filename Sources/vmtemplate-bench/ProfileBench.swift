@@ -235,11 +235,15 @@ struct ProfileBench: AsyncParsableCommand {
         let (vm, _) = try BenchVM.spawn(workspace) { try workspace.cloneArguments(paths: $0) + (paused ? ["-S"] : []) }
         do {
             let process = vm.process
-            let qmp = try await QMPClient.connect(socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning })
+            // Pipelined, as CloneEngine does it.
+            let qmp = try await QMPClient.connect(
+                socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning },
+                pipelining: [
+                    .migrateSetCapabilities(["x-ignore-shared": true, "events": true]),
+                    .migrateIncoming(uri: "\(workspace.manifest.migration.uriScheme == "file" ? "file:" : "exec:cat ")\(workspace.stateFile)"),
+                ])
             defer { qmp.close() }
-            try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
-            try await qmp.migrateIncoming(uri: "\(workspace.manifest.migration.uriScheme == "file" ? "file:" : "exec:cat ")\(workspace.stateFile)")
-            _ = try await qmp.waitForMigration(timeout: .seconds(60))
+            _ = try await qmp.waitForMigration(timeout: .seconds(60), startedHere: true)
             if !paused { try await qmp.cont() }
             return vm
         } catch {

@@ -13,14 +13,17 @@ struct BenchVM: Sendable {
     let directory: String
     let paths: InstancePaths
 
-    static func spawn(_ workspace: Workspace, arguments: (InstancePaths) throws -> [String]) throws -> (vm: BenchVM, started: ContinuousClock.Instant) {
+    /// `qmp` must say how `arguments` renders the QMP monitor: vmtemplate's own command lines
+    /// take a listening socket as fd 3, Kata's binds its socket path itself.
+    static func spawn(_ workspace: Workspace, qmp: QMPEndpoint = .inheritedListener, arguments: (InstancePaths) throws -> [String]) throws -> (vm: BenchVM, started: ContinuousClock.Instant) {
         let directory = try workspace.newInstanceDirectory()
         let paths = InstancePaths(directory: directory)
         let rendered = try arguments(paths)
+        let listener = qmp == .inheritedListener ? try QMPListener(path: paths.qmpSocket) : nil
         // The clock starts before the spawn, as for the CLI: exec and dynamic linking are part
         // of what a user waits for.
         let started = ContinuousClock.now
-        let process = try QEMUProcess.spawn(executable: workspace.qemuPath, arguments: rendered, logPath: paths.qemuLog)
+        let process = try QEMUProcess.spawn(executable: workspace.qemuPath, arguments: rendered, logPath: paths.qemuLog, qmpListener: listener)
         Cleanup.shared.adopt(qemu: process)
         return (BenchVM(process: process, directory: directory, paths: paths), started)
     }
@@ -121,7 +124,7 @@ enum Runners {
     /// `migrate-set-capabilities x-ignore-shared`, `migrate-incoming "exec:cat STATE"`,
     /// `query-migrate` every 100 ms until completed, `cont`. Spawn to `cont` answered.
     static func kata(_ workspace: Workspace, check: Bool = false) async throws -> Double {
-        let (vm, started) = try BenchVM.spawn(workspace) { try workspace.kataArguments(paths: $0) }
+        let (vm, started) = try BenchVM.spawn(workspace, qmp: .socketPath) { try workspace.kataArguments(paths: $0) }
         do {
             let process = vm.process
             let qmp = try await QMPClient.connect(socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning })

@@ -101,7 +101,7 @@ struct Workspace: Sendable {
 
     /// The arguments `CloneEngine.clone` gives QEMU, rendered the same way: same machine, same
     /// memory backend options, same paths layout, `-incoming defer`, a fresh vmgenid.
-    func cloneArguments(paths: InstancePaths, memoryOptions: MemoryBackendOptions? = nil, tcgTranslationCacheMiB: Int? = nil) throws -> [String] {
+    func cloneArguments(paths: InstancePaths, memoryOptions: MemoryBackendOptions? = nil, tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) throws -> [String] {
         try QEMUCommandLine(
             name: "vmtemplate-clone-bench",
             machine: manifest.machine,
@@ -109,7 +109,8 @@ struct Workspace: Sendable {
             paths: paths,
             launch: .incoming,
             vmgenidGUID: UUID().uuidString.lowercased(),
-            tcgTranslationCacheMiB: tcgTranslationCacheMiB
+            tcgTranslationCacheMiB: tcgTranslationCacheMiB,
+            qmp: qmp
         ).arguments()
     }
 
@@ -126,9 +127,10 @@ struct Workspace: Sendable {
     }
 
     /// Kata's VM factory: the template RAM file opened read-write and mapped private
-    /// (`share=off,readonly=off`, no `rom=`), `-S -incoming defer`.
+    /// (`share=off,readonly=off`, no `rom=`), `-S -incoming defer`, and QEMU binding its QMP
+    /// socket path itself (`-qmp unix:...`), which the client polls for.
     func kataArguments(paths: InstancePaths) throws -> [String] {
-        try cloneArguments(paths: paths, memoryOptions: .writableClone) + ["-S"]
+        try cloneArguments(paths: paths, memoryOptions: .writableClone, qmp: .socketPath) + ["-S"]
     }
 
     /// The template VM's own boot (kernel + initrd), but with private anonymous RAM

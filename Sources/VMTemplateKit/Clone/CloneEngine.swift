@@ -131,13 +131,20 @@ public struct CloneEngine: Sendable {
                 tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB
             )
             let arguments = try commandLine.arguments()
-            let spawned = try QEMUProcess.spawn(executable: qemuPath, arguments: arguments, logPath: record.paths.qemuLog, transparentHugePages: false)
+            let spawned: QEMUProcess
+            do {
+                let listener = try QMPListener(path: record.paths.qmpSocket)
+                spawned = try QEMUProcess.spawn(executable: qemuPath, arguments: arguments, logPath: record.paths.qemuLog, qmpListener: listener, transparentHugePages: false)
+            }
             process = spawned
             record.qemu = spawned.identity
             record.qemuArguments = arguments
-            try store.save(record)
 
-            try await restore(manifest: manifest, record: record, process: spawned, timeout: request.timeout)
+            // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
+            let spawnedRecord = record
+            async let restored: Void = restore(manifest: manifest, record: spawnedRecord, process: spawned, timeout: request.timeout)
+            try store.save(spawnedRecord)
+            try await restored
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
             try store.save(record)
@@ -199,9 +206,18 @@ public struct CloneEngine: Sendable {
             guard let how = await process.exitDescription(within: .seconds(1)) else { return nil }
             return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase) of clone \(record.id) from template '\(manifest.name)': see its output below.", cause: process.logTail())
         }
+        let statePath = "\(store.templateDirectory(try EntityName(record.template)))/\(manifest.state.name)"
+        let uri = manifest.migration.uriScheme == "file" ? "file:\(statePath)" : "exec:cat \(ShellQuote.quote(statePath))"
         let qmp: QMPClient
         do {
-            qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning })
+            // The whole restore is queued with the handshake, before QEMU has even greeted: it
+            // runs the moment QEMU's main loop starts. The same capabilities as at save time;
+            // `events` announces completion, so no polling.
+            qmp = try await QMPClient.connect(
+                socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning },
+                pipelining: [.migrateSetCapabilities(["x-ignore-shared": true, "events": true]), .migrateIncoming(uri: uri)])
+        } catch let error as QMPError {
+            throw await died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
         } catch {
             throw await died("start-up") ?? error
         }
@@ -211,12 +227,8 @@ public struct CloneEngine: Sendable {
             throw VMTemplateError(.unsupported, "QEMU reports version \(running) but template '\(manifest.name)' was made with \(manifest.qemu.version): create the template again with this QEMU.")
         }
         do {
-            // The same capabilities as at save time; `events` announces completion, so no polling.
-            try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
-            let statePath = "\(store.templateDirectory(try EntityName(record.template)))/\(manifest.state.name)"
-            let uri = manifest.migration.uriScheme == "file" ? "file:\(statePath)" : "exec:cat \(ShellQuote.quote(statePath))"
-            try await qmp.migrateIncoming(uri: uri)
-            _ = try await qmp.waitForMigration(timeout: timeout)
+            _ = try await qmp.waitForMigration(timeout: timeout, startedHere: true)
+            // The template was paused when saved, so QEMU keeps the guest paused after loading it.
             try await qmp.cont()
         } catch let error as VMTemplateError where error.code == .timeout {
             throw VMTemplateError(.timeout, "restoring clone \(record.id) from template '\(manifest.name)' took longer than \(timeout): the machine may be overloaded; try again or raise --timeout.", cause: error.message)

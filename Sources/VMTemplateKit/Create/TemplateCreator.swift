@@ -139,7 +139,7 @@ public struct TemplateCreator: Sendable {
             launch: .boot(plan.boot)
         )
         let arguments = try commandLine.arguments()
-        let process = try QEMUProcess.spawn(executable: qemu.path, arguments: arguments, logPath: paths.qemuLog)
+        let process = try QEMUProcess.spawn(executable: qemu.path, arguments: arguments, logPath: paths.qemuLog, qmpListener: try QMPListener(path: paths.qmpSocket))
         onSpawn(process)
         try staging.writeOwner(qemu: process.identity)
 
