@@ -75,7 +75,7 @@ struct ProfileBench: AsyncParsableCommand {
     ]
 
     private static let connectStepNames = [
-        "spawn until connect() accepted (1 ms retries on a thread)",
+        "spawn until connect() accepted (pre-bound listener: at once)",
         "accepted until greeting line",
         "qmp_capabilities round trip",
     ]

@@ -184,7 +184,8 @@ final class LineSocket {
     deinit { close(fd) }
 
     /// Retries `connect` every millisecond (what `QMPClient.connect` does) until it succeeds, the
-    /// deadline passes, or `isAlive` says the server died.
+    /// deadline passes, or `isAlive` says the server died. On a QEMU given a pre-bound listener
+    /// (`QMPListener`) the first attempt succeeds and the greeting read blocks until QEMU greets.
     static func connect(path: String, deadline: ContinuousClock.Instant, isAlive: () -> Bool = { true }) throws -> LineSocket {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
