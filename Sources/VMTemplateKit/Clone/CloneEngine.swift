@@ -133,6 +133,7 @@ public struct CloneEngine: Sendable {
             let arguments = try commandLine.arguments()
             let spawned: QEMUProcess
             do {
+                // The listener's scope ends with the spawn: this process's copy closes, QEMU's stays.
                 let listener = try QMPListener(path: record.paths.qmpSocket)
                 spawned = try QEMUProcess.spawn(executable: qemuPath, arguments: arguments, logPath: record.paths.qemuLog, qmpListener: listener, transparentHugePages: false)
             }

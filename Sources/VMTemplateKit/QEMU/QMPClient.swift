@@ -890,23 +890,16 @@ private enum UnixSocket {
         timeout: Duration,
         isPeerAlive: @Sendable () -> Bool
     ) async throws -> Int32 {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let pathBytes = Array(path.utf8)
-        guard !pathBytes.isEmpty, pathBytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        guard let address = UnixSocketAddress(path: path) else {
             throw VMTemplateError(
                 .invalidArgument,
                 "The QMP socket path \(path) is empty or longer than a Unix socket path may be "
-                    + "(\(MemoryLayout.size(ofValue: address.sun_path) - 1) bytes).")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: pathBytes)
-            raw[pathBytes.count] = 0
+                    + "(\(UnixSocketAddress.maxPathBytes) bytes).")
         }
 
         var lastError: Int32 = ENOENT
         while true {
-            switch attempt(&address) {
+            switch attempt(address) {
             case .success(let fd):
                 return fd
             case .failure(let error)
@@ -938,15 +931,11 @@ private enum UnixSocket {
     }
 
     /// One connection attempt, returning a blocking socket on success.
-    private static func attempt(_ address: inout sockaddr_un) -> Result<Int32, SystemCallError> {
+    private static func attempt(_ address: UnixSocketAddress) -> Result<Int32, SystemCallError> {
         // Non-blocking only for `connect`, which would otherwise wait when the backlog is full.
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
         guard fd >= 0 else { return .failure(SystemCallError(code: errno)) }
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
+        let result = address.withSockaddr { connect(fd, $0, $1) }
         guard result == 0 else {
             let code = errno
             close(fd)

@@ -21,15 +21,8 @@ public final class QMPListener: Sendable {
 
     /// Binds and listens on `path`, replacing a stale socket file left there.
     public init(path: String) throws {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard !bytes.isEmpty, bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            throw VMTemplateError(.invalidArgument, "socket path '\(path)' is \(bytes.count) bytes, over the \(MemoryLayout.size(ofValue: address.sun_path) - 1) allowed for Unix sockets: use a store with a shorter path (--store).")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
+        guard let address = UnixSocketAddress(path: path) else {
+            throw VMTemplateError(.invalidArgument, "socket path '\(path)' is \(path.utf8.count) bytes, over the \(UnixSocketAddress.maxPathBytes) allowed for Unix sockets: use a store with a shorter path (--store).")
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
@@ -38,9 +31,7 @@ public final class QMPListener: Sendable {
         // Only a socket file is ever replaced: anything else at the path is an error below.
         var status = stat()
         if lstat(path, &status) == 0, (status.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let bound = address.withSockaddr { bind(fd, $0, $1) }
         // QEMU's monitor serves one client at a time; the backlog holds the others until then.
         guard bound == 0, listen(fd, 16) == 0 else {
             let code = errno
