@@ -1,6 +1,9 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+// Layers, each a target so that an upward import does not compile:
+//   CLinuxHost → VMTemplateOS → VMTemplateQEMU → VMTemplateStore → VMTemplateKit (create, clone,
+//   scheduler) → the vmtemplate CLI and vmtemplate-bench.
 let package = Package(
     name: "vmtemplate",
     platforms: [.macOS(.v15)],
@@ -14,11 +17,22 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
-        // The few Linux calls Swift cannot import (variadic prctl(2)).
+        // The few Linux calls Swift cannot import (variadic prctl(2) and syscall(2)).
         .target(name: "CLinuxHost"),
+        // Host and OS plumbing: errors, sizes, JSON, /proc readers, files and locks, processes.
+        .target(name: "VMTemplateOS", dependencies: ["CLinuxHost"]),
+        // QEMU: binaries, the command line as a value, QMP, one QEMUInstance per process,
+        // and the memory-backend-file rules.
+        .target(name: "VMTemplateQEMU", dependencies: ["VMTemplateOS"]),
+        // The on-disk store: templates, staging, clone records, settings, admission.
+        .target(
+            name: "VMTemplateStore",
+            dependencies: ["VMTemplateOS", "VMTemplateQEMU", .product(name: "Crypto", package: "swift-crypto")]
+        ),
+        // What vmtemplate does: create templates, clone them, schedule clones.
         .target(
             name: "VMTemplateKit",
-            dependencies: ["CLinuxHost", .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore"]
         ),
         .executableTarget(
             name: "vmtemplate",
@@ -37,7 +51,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMTemplateKitTests",
-            dependencies: ["VMTemplateKit"]
+            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit"]
         ),
     ],
     swiftLanguageModes: [.v6]

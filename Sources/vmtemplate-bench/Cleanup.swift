@@ -2,6 +2,9 @@ import Dispatch
 import Foundation
 import Synchronization
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -12,9 +15,9 @@ import Musl
 /// Everything the bench started, so that nothing outlives it: not on success, not on an error,
 /// not on Ctrl-C.
 ///
-/// QEMU runs in a session of its own (`QEMUProcess.spawn` and the CLI both use setsid), so a
-/// Ctrl-C in the terminal never reaches it: it has to be killed by process ID. Three nets:
-/// - QEMU processes the bench spawned itself, by their `QEMUProcess`;
+/// QEMU runs in a session of its own (`QEMUInstance.launch` and the CLI both use setsid), so a
+/// Ctrl-C in the terminal never reaches it: it has to be killed. Three nets:
+/// - QEMU processes the bench spawned itself, by their `QEMUInstance`;
 /// - clones in the store whose record names one of the bench's CLI children, or the bench
 ///   itself, as creator (covers a `vmtemplate clone` interrupted before it printed its clone ID);
 /// - any process whose command line mentions one of the bench's scratch directories (every path
@@ -23,8 +26,8 @@ final class Cleanup: Sendable {
     static let shared = Cleanup()
 
     private struct State {
-        var qemus: [pid_t: QEMUProcess] = [:]
-        var runningChildren: Set<pid_t> = []
+        var qemus: [pid_t: QEMUInstance] = [:]
+        var runningChildren: [pid_t: ChildProcess] = [:]
         var allChildren: Set<pid_t> = []
         var stores: [TemplateStore] = []
         var scratchDirectories: [String] = []
@@ -39,26 +42,26 @@ final class Cleanup: Sendable {
 
     var interrupted: Bool { state.withLock { $0.interrupted } }
 
-    func adopt(qemu: QEMUProcess) {
+    func adopt(qemu: QEMUInstance) {
         let interrupted = state.withLock { state -> Bool in
             state.qemus[qemu.pid] = qemu
             return state.interrupted
         }
-        if interrupted { qemu.signal(SIGKILL) }
+        if interrupted { _ = try? qemu.kill() }
     }
 
-    func release(qemu: QEMUProcess) { _ = state.withLock { $0.qemus.removeValue(forKey: qemu.pid) } }
+    func release(qemu: QEMUInstance) { _ = state.withLock { $0.qemus.removeValue(forKey: qemu.pid) } }
 
-    func adopt(child: pid_t) {
+    func adopt(child: ChildProcess) {
         let interrupted = state.withLock { state -> Bool in
-            state.runningChildren.insert(child)
-            state.allChildren.insert(child)
+            state.runningChildren[child.pid] = child
+            state.allChildren.insert(child.pid)
             return state.interrupted
         }
-        if interrupted { kill(child, SIGKILL) }
+        if interrupted { _ = try? child.handle.signal(SIGKILL) }
     }
 
-    func release(child: pid_t) { _ = state.withLock { $0.runningChildren.remove(child) } }
+    func release(child: ChildProcess) { _ = state.withLock { $0.runningChildren.removeValue(forKey: child.pid) } }
 
     /// A store whose clones made by the bench's CLI children must be stopped at the end.
     func watch(store: TemplateStore) { state.withLock { $0.stores.append(store) } }
@@ -79,27 +82,26 @@ final class Cleanup: Sendable {
             current = State(allChildren: current.allChildren, interrupted: current.interrupted || interrupted)
             return copy
         }
-        for child in snapshot.runningChildren { kill(child, SIGKILL) }
-        for child in snapshot.runningChildren {
-            var status: Int32 = 0
-            _ = waitpid(child, &status, 0)
-        }
-        for qemu in snapshot.qemus.values { qemu.signal(SIGKILL) }
+        for child in snapshot.runningChildren.values { _ = try? child.handle.signal(SIGKILL) }
+        for child in snapshot.runningChildren.values { _ = child.handle.waitBlocking() }
+        for qemu in snapshot.qemus.values { _ = try? qemu.kill() }
         for store in snapshot.stores {
+            let engine = CloneEngine(store: store)
             for record in store.clones().records {
                 // Clones made by the CLI children, or by CloneEngine in this very process (profile).
                 guard let creator = record.creator, snapshot.allChildren.contains(creator.pid) || creator.pid == getpid() else { continue }
-                if let qemu = record.qemu, qemu.isAlive { kill(qemu.pid, SIGKILL) }
+                if case .running(let qemu) = engine.qemu(of: record) { _ = try? qemu.kill() }
                 try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
             }
         }
         for directory in snapshot.scratchDirectories {
-            for pid in Self.processes(mentioning: directory) { kill(pid, SIGKILL) }
+            for pid in Self.processes(mentioning: directory) {
+                if let identity = ProcessIdentity.current(pid: pid), let process = ProcessHandle.open(identity) {
+                    _ = try? process.signal(SIGKILL)
+                }
+            }
         }
-        for qemu in snapshot.qemus.values {
-            var status: Int32 = 0
-            _ = waitpid(qemu.pid, &status, 0)
-        }
+        for qemu in snapshot.qemus.values { _ = qemu.waitForExitBlocking() }
         for directory in snapshot.scratchDirectories {
             // Killed processes that are not our children (clones the CLI started) take a moment to
             // go; removing files under them works anyway on Linux, but wait so `ps` is clean after.

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct CloneBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -144,7 +147,7 @@ struct CloneBench: AsyncParsableCommand {
                 try await Task.sleep(for: .seconds(idleSeconds))
                 guard let pid = idleClone.pid, let coldVM = idleCold else { throw BenchError("the clone JSON has no pid") }
                 memory = (try MemoryReport.clone(pid: pid, templateFile: workspace.memoryFile),
-                          try MemoryReport.coldVM(pid: coldVM.process.pid, guestMemoryBytes: workspace.manifest.machine.memoryBytes))
+                          try MemoryReport.coldVM(pid: coldVM.qemu.pid, guestMemoryBytes: workspace.manifest.machine.memoryBytes))
                 try await CLI.remove(workspace, [idleClone])
                 await coldVM.stop()
             } catch {

@@ -1,5 +1,8 @@
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 /// What one VM's QEMU process holds privately, split into guest RAM and QEMU's own memory, and
 /// QEMU's own memory split into what it is made of.

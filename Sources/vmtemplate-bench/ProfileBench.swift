@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -65,7 +68,7 @@ struct ProfileBench: AsyncParsableCommand {
     }
 
     private static let stepNames = [
-        "QEMUProcess.spawn (fork/exec call)",
+        "QEMUInstance.launch (fork/exec call)",
         "spawn until QMP ready (connect, greeting, qmp_capabilities)",
         "migrate-set-capabilities",
         "migrate-incoming (reply)",
@@ -96,7 +99,7 @@ struct ProfileBench: AsyncParsableCommand {
             for _ in 0..<50 {
                 let before = ContinuousClock.now
                 try await Task.sleep(for: .milliseconds(1))
-                sleeps.append(before.duration(to: .now).benchSeconds)
+                sleeps.append(before.duration(to: .now).seconds)
             }
             for run in 0...runs {
                 // Run 0 is the warm-up.
@@ -107,7 +110,7 @@ struct ProfileBench: AsyncParsableCommand {
                 let list = try await Self.timeCLI(workspace, ["list", "--json", "--store", emptyStore])
                 let engineStarted = ContinuousClock.now
                 let (record, _) = try await engine.clone(CloneRequest(template: workspace.template))
-                let engineSeconds = engineStarted.duration(to: .now).benchSeconds
+                let engineSeconds = engineStarted.duration(to: .now).seconds
                 try await engine.remove(record, grace: .seconds(1))
                 let replay = try await Self.replay(workspace)
                 let connect = try await Self.replayConnect(workspace)
@@ -139,7 +142,7 @@ struct ProfileBench: AsyncParsableCommand {
         let (status, ended) = try await child.wait()
         defer { child.removeOutput() }
         guard status == 0 else { throw BenchError("vmtemplate \(arguments.joined(separator: " ")) failed: \(child.stderr)") }
-        return child.started.duration(to: ended).benchSeconds
+        return child.started.duration(to: ended).seconds
     }
 
     /// CloneEngine's restore, step by step, on the same command line.
@@ -149,7 +152,7 @@ struct ProfileBench: AsyncParsableCommand {
         marks.append(started)
         marks.append(.now)
         do {
-            let process = vm.process
+            let process = vm.qemu
             let qmp = try await QMPClient.connect(socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning })
             defer { qmp.close() }
             marks.append(.now)
@@ -168,7 +171,7 @@ struct ProfileBench: AsyncParsableCommand {
             throw vm.failure("replayed restore", error)
         }
         await vm.stop()
-        return zip(marks, marks.dropFirst()).map { $0.0.duration(to: $0.1).benchSeconds }
+        return zip(marks, marks.dropFirst()).map { $0.0.duration(to: $0.1).seconds }
     }
 
     /// What slows clones started together: the CLI processes themselves, the restore, and the
@@ -226,7 +229,7 @@ struct ProfileBench: AsyncParsableCommand {
     private static func timed(_ body: () async throws -> Void) async throws -> Double {
         let started = ContinuousClock.now
         try await body()
-        return started.duration(to: .now).benchSeconds
+        return started.duration(to: .now).seconds
     }
 
     /// CloneEngine's restore in one go; with `paused`, QEMU gets `-S` so the guest stays stopped
@@ -234,7 +237,7 @@ struct ProfileBench: AsyncParsableCommand {
     private static func restore(_ workspace: Workspace, paused: Bool) async throws -> BenchVM {
         let (vm, _) = try BenchVM.spawn(workspace) { try workspace.cloneArguments(paths: $0) + (paused ? ["-S"] : []) }
         do {
-            let process = vm.process
+            let process = vm.qemu
             // Pipelined, as CloneEngine does it.
             let qmp = try await QMPClient.connect(
                 socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning },
@@ -255,7 +258,7 @@ struct ProfileBench: AsyncParsableCommand {
     /// Spawn, connect, greeting and qmp_capabilities on a plain blocking socket.
     private static func replayConnect(_ workspace: Workspace) async throws -> [Double] {
         let (vm, started) = try BenchVM.spawn(workspace) { try workspace.cloneArguments(paths: $0) }
-        let process = vm.process
+        let process = vm.qemu
         let socketPath = vm.paths.qmpSocket
         do {
             let marks = try await onOwnThread { () -> [ContinuousClock.Instant] in
@@ -269,7 +272,7 @@ struct ProfileBench: AsyncParsableCommand {
                 return [started, accepted, greeted, .now]
             }
             await vm.stop()
-            return zip(marks, marks.dropFirst()).map { $0.0.duration(to: $0.1).benchSeconds }
+            return zip(marks, marks.dropFirst()).map { $0.0.duration(to: $0.1).seconds }
         } catch {
             await vm.stop()
             throw vm.failure("replayed connect", error)

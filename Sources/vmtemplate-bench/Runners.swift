@@ -1,5 +1,8 @@
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -9,7 +12,7 @@ import Musl
 
 /// A QEMU the bench started itself (floor, Kata-style clone, cold boot).
 struct BenchVM: Sendable {
-    let process: QEMUProcess
+    let qemu: QEMUInstance
     let directory: String
     let paths: InstancePaths
 
@@ -19,26 +22,24 @@ struct BenchVM: Sendable {
         let directory = try workspace.newInstanceDirectory()
         let paths = InstancePaths(directory: directory)
         let rendered = try arguments(paths)
-        let listener = qmp == .inheritedListener ? try QMPListener(path: paths.qmpSocket) : nil
-        // The clock starts before the spawn, as for the CLI: exec and dynamic linking are part
-        // of what a user waits for.
+        // The clock starts before the listener and the spawn, as for the CLI: exec and dynamic
+        // linking are part of what a user waits for.
         let started = ContinuousClock.now
-        let process = try QEMUProcess.spawn(executable: workspace.qemuPath, arguments: rendered, logPath: paths.qemuLog, qmpListener: listener)
-        Cleanup.shared.adopt(qemu: process)
-        return (BenchVM(process: process, directory: directory, paths: paths), started)
+        let qemu = try QEMUInstance.launch(arguments: rendered, name: Workspace.benchQEMUName, paths: paths, qmp: qmp, executable: workspace.qemuPath)
+        Cleanup.shared.adopt(qemu: qemu)
+        return (BenchVM(qemu: qemu, directory: directory, paths: paths), started)
     }
 
     /// Kills it (nothing to save) and removes its directory.
     func stop() async {
-        process.signal(SIGKILL)
-        await process.waitForExit(timeout: .seconds(10))
-        Cleanup.shared.release(qemu: process)
+        _ = try? await qemu.stop(grace: .zero, politely: false)
+        Cleanup.shared.release(qemu: qemu)
         try? FileSystem.removeTree(path: directory)
     }
 
     func failure(_ what: String, _ error: any Error) -> BenchError {
-        let how = process.exitDescription.map { "QEMU \($0); " } ?? ""
-        return BenchError("\(what): \(how)\(error)\n\(process.logTail(lines: 8))")
+        let how = qemu.exitDescription.map { "QEMU \($0); " } ?? ""
+        return BenchError("\(what): \(how)\(error)\n\(qemu.logTail(lines: 8))")
     }
 }
 
@@ -56,7 +57,7 @@ enum Runners {
     /// accepts, which QEMU sets up before it builds the machine; commands run in the main loop,
     /// after the machine is built. So the first reply is when QEMU is really ready.
     private static func awaitGreeting(_ vm: BenchVM, started: ContinuousClock.Instant) async throws -> (greeting: ContinuousClock.Instant, firstReply: ContinuousClock.Instant) {
-        let process = vm.process
+        let process = vm.qemu
         let socketPath = vm.paths.qmpSocket
         do {
             return try await onOwnThread {
@@ -88,7 +89,7 @@ enum Runners {
             throw error
         }
         await vm.stop()
-        return FloorTimes(greeting: started.duration(to: arrived.greeting).benchSeconds, firstReply: started.duration(to: arrived.firstReply).benchSeconds)
+        return FloorTimes(greeting: started.duration(to: arrived.greeting).seconds, firstReply: started.duration(to: arrived.firstReply).seconds)
     }
 
     /// `count` floors started at once: from the first spawn to the last greeting (and the last
@@ -110,7 +111,7 @@ enum Runners {
             guard let lastGreeting = arrivals.map(\.greeting).max(), let lastReply = arrivals.map(\.firstReply).max() else {
                 return FloorTimes(greeting: .nan, firstReply: .nan)
             }
-            return FloorTimes(greeting: firstStart.duration(to: lastGreeting).benchSeconds, firstReply: firstStart.duration(to: lastReply).benchSeconds)
+            return FloorTimes(greeting: firstStart.duration(to: lastGreeting).seconds, firstReply: firstStart.duration(to: lastReply).seconds)
         } catch {
             for vm in vms { await vm.stop() }
             throw error
@@ -126,7 +127,7 @@ enum Runners {
     static func kata(_ workspace: Workspace, check: Bool = false) async throws -> Double {
         let (vm, started) = try BenchVM.spawn(workspace, qmp: .socketPath) { try workspace.kataArguments(paths: $0) }
         do {
-            let process = vm.process
+            let process = vm.qemu
             let qmp = try await QMPClient.connect(socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning })
             defer { qmp.close() }
             try await qmp.migrateSetCapabilities(["x-ignore-shared": true])
@@ -142,7 +143,7 @@ enum Runners {
                 try await Task.sleep(for: .milliseconds(100))
             }
             try await qmp.cont()
-            let seconds = started.duration(to: .now).benchSeconds
+            let seconds = started.duration(to: .now).seconds
             if check { _ = try await ControlChannel.request("ping", socket: vm.paths.controlSocket, expecting: "pong") }
             await vm.stop()
             return seconds
@@ -161,7 +162,7 @@ enum Runners {
         let watcher = SerialConsoleWatcher(path: vm.paths.serialLog, pollInterval: .milliseconds(2))
         let ready: Bool
         do {
-            ready = try await watcher.waitForMarker(workspace.manifest.readyMarker, timeout: .seconds(180), isAlive: { vm.process.isRunning })
+            ready = try await watcher.waitForMarker(workspace.manifest.readyMarker, timeout: .seconds(180), isAlive: { vm.qemu.isRunning })
         } catch {
             await vm.stop()
             throw vm.failure("cold boot", BenchError("no ready marker on the console within 180 s"))
@@ -170,7 +171,7 @@ enum Runners {
             await vm.stop()
             throw vm.failure("cold boot", BenchError("QEMU exited before the ready marker"))
         }
-        return (started.duration(to: .now).benchSeconds, vm)
+        return (started.duration(to: .now).seconds, vm)
     }
 }
 
@@ -210,8 +211,7 @@ enum CLI {
 
     private static func spawnClone(_ workspace: Workspace, _ settings: CloneSettings, binary: String? = nil) throws -> ChildProcess {
         let base = "\(workspace.scratch)/cli-\(UUID().uuidString.prefix(8))"
-        let spawn = { try ChildProcess.spawn(binary ?? workspace.vmtemplate, cloneArguments(workspace, settings), environment: settings.environment, outputBase: base) }
-        return settings.disableTransparentHugePages ? try TransparentHugePages.disabled(spawn) : try spawn()
+        return try ChildProcess.spawn(binary ?? workspace.vmtemplate, cloneArguments(workspace, settings), environment: settings.environment, transparentHugePages: !settings.disableTransparentHugePages, outputBase: base)
     }
 
     private static func finish(_ child: ChildProcess, status: Int32) throws -> CLIClone {
@@ -233,7 +233,7 @@ enum CLI {
         let child = try spawnClone(workspace, settings, binary: binary)
         let (status, ended) = try await child.wait()
         let clone = try finish(child, status: status)
-        return (child.started.duration(to: ended).benchSeconds, clone)
+        return (child.started.duration(to: ended).seconds, clone)
     }
 
     /// `count` CLI clones started at once: from the first spawn until the last one returned.
@@ -257,7 +257,7 @@ enum CLI {
             throw BenchError("\(failures.count) of \(count) concurrent clones failed: \(failures[0])")
         }
         guard let last = results.map(\.1).max() else { return (.nan, clones) }
-        return (firstStart.duration(to: last).benchSeconds, clones)
+        return (firstStart.duration(to: last).seconds, clones)
     }
 
     /// `vmtemplate rm ID... --grace 1` (not timed).
@@ -273,17 +273,14 @@ enum CLI {
 
 // MARK: - Guest control channel
 
-enum ControlChannel {
-    /// Sends one request line and returns the reply line and how long it took, from the write to
-    /// the whole reply line.
+extension ControlChannel {
+    /// One request on the library's control channel, timed from the connect to the whole reply
+    /// line, on a thread of its own; the reply must start with `prefix`.
     static func request(_ line: String, socket path: String, expecting prefix: String, timeout: Duration = .seconds(300)) async throws -> (reply: String, seconds: Double) {
         try await onOwnThread {
-            let deadline = ContinuousClock.now + timeout
-            let socket = try LineSocket.connect(path: path, deadline: deadline)
             let sent = ContinuousClock.now
-            try socket.writeLine(line)
-            let reply = try socket.readLine(deadline: deadline)
-            let seconds = sent.duration(to: .now).benchSeconds
+            let reply = try ControlChannel(path: path).request(line, timeout: timeout)
+            let seconds = sent.duration(to: .now).seconds
             guard reply.hasPrefix(prefix) else { throw BenchError("guest answered '\(reply)' to '\(line)'") }
             return (reply, seconds)
         }

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -98,7 +101,7 @@ struct SchedulerBench: AsyncParsableCommand {
         let (status, ended) = try await child.wait()
         defer { child.removeOutput() }
         guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
-        return child.started.duration(to: ended).benchSeconds
+        return child.started.duration(to: ended).seconds
     }
 
     /// One clone with a 32 MiB limit dirtying 64 MiB under a running scheduler: the time from the
@@ -125,7 +128,7 @@ struct SchedulerBench: AsyncParsableCommand {
                 crossed = .now
             }
             if let crossed, scheduler.stdout.contains("\"clone\":\"\(clone.id)\"") {
-                let seconds = crossed.duration(to: .now).benchSeconds
+                let seconds = crossed.duration(to: .now).seconds
                 _ = await scheduler.waitAfterTerm()
                 try await CLI.remove(workspace, [clone])
                 return seconds
@@ -139,7 +142,7 @@ struct SchedulerBench: AsyncParsableCommand {
 extension ChildProcess {
     /// Sends SIGTERM and reaps the child.
     func waitAfterTerm() async -> Int32? {
-        kill(pid, SIGTERM)
+        _ = try? handle.signal(SIGTERM)
         return try? await wait().status
     }
 }

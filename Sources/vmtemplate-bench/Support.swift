@@ -1,6 +1,9 @@
 import Foundation
 import Synchronization
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -92,74 +95,45 @@ func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async 
 
 // MARK: - Child processes (the vmtemplate CLI)
 
-/// A child process started with posix_spawn, its stdout and stderr in files.
-///
-/// Not `QEMUProcess.spawn`: that one puts the child in a session of its own and always passes the
-/// bench's environment, while a CLI child must get Ctrl-C with the bench and may need extra
-/// environment variables (the malloc tuning runs).
+/// A child process (the vmtemplate CLI) with its stdout and stderr in files. The library's
+/// `ProcessHandle` starts it, in the bench's session (a Ctrl-C reaches it with the bench), with
+/// extra environment variables where a run needs them.
 final class ChildProcess: Sendable {
-    let pid: pid_t
+    let handle: ProcessHandle
     let stdoutPath: String
     let stderrPath: String
     let started: ContinuousClock.Instant
+    var pid: pid_t { handle.pid }
 
-    private init(pid: pid_t, stdoutPath: String, stderrPath: String, started: ContinuousClock.Instant) {
-        self.pid = pid
+    private init(handle: ProcessHandle, stdoutPath: String, stderrPath: String, started: ContinuousClock.Instant) {
+        self.handle = handle
         self.stdoutPath = stdoutPath
         self.stderrPath = stderrPath
         self.started = started
     }
 
-    static func spawn(_ executable: String, _ arguments: [String], environment extra: [String: String] = [:], outputBase: String) throws -> ChildProcess {
-        var fileActions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&fileActions)
-        defer { posix_spawn_file_actions_destroy(&fileActions) }
-        let stdoutPath = outputBase + ".out"
-        let stderrPath = outputBase + ".err"
-        posix_spawn_file_actions_addopen(&fileActions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&fileActions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_addopen(&fileActions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-
-        var environment = ProcessInfo.processInfo.environment
-        for (key, value) in extra { environment[key] = value }
-        let environmentStrings = environment.map { "\($0.key)=\($0.value)" }
-        var cEnvironment: [UnsafeMutablePointer<CChar>?] = environmentStrings.map { strdup($0) }
-        cEnvironment.append(nil)
-        var cArguments: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) }
-        cArguments.append(nil)
-        defer {
-            for pointer in cEnvironment { free(pointer) }
-            for pointer in cArguments { free(pointer) }
-        }
-        // Default dispositions: the bench ignores SIGINT (it handles it itself), and an ignored
-        // signal would otherwise stay ignored in the child across exec.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        SpawnAttributes.configure(&attributes, newSession: false)
-
-        var pid: pid_t = 0
+    static func spawn(_ executable: String, _ arguments: [String], environment extra: [String: String] = [:], transparentHugePages: Bool = true, outputBase: String) throws -> ChildProcess {
+        var request = SpawnRequest(executable: executable, arguments: arguments, stdoutPath: outputBase + ".out")
+        request.stderrPath = outputBase + ".err"
+        request.truncateOutput = true
+        request.environment = extra
+        request.transparentHugePages = transparentHugePages
         let started = ContinuousClock.now
-        let result = posix_spawn(&pid, executable, &fileActions, &attributes, cArguments, cEnvironment)
-        guard result == 0 else {
-            throw BenchError("could not start \(executable): \(String(cString: strerror(result)))")
-        }
-        Cleanup.shared.adopt(child: pid)
-        return ChildProcess(pid: pid, stdoutPath: stdoutPath, stderrPath: stderrPath, started: started)
+        let handle = try ProcessHandle.spawn(request)
+        let child = ChildProcess(handle: handle, stdoutPath: outputBase + ".out", stderrPath: outputBase + ".err", started: started)
+        Cleanup.shared.adopt(child: child)
+        return child
     }
 
     /// Waits for the child to exit (on a thread of its own); returns its wait status and when it
     /// was reaped.
     func wait() async throws -> (status: Int32, ended: ContinuousClock.Instant) {
-        let pid = self.pid
+        let handle = self.handle
         let result = try await onOwnThread { () -> (Int32, ContinuousClock.Instant) in
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) == -1 {
-                guard errno == EINTR else { throw BenchError("waitpid(\(pid)): \(String(cString: strerror(errno)))") }
-            }
+            let status = handle.waitBlocking() ?? 0
             return (status, ContinuousClock.now)
         }
-        Cleanup.shared.release(child: pid)
+        Cleanup.shared.release(child: self)
         return result
     }
 
@@ -187,20 +161,11 @@ final class LineSocket {
     /// deadline passes, or `isAlive` says the server died. On a QEMU given a pre-bound listener
     /// (`QMPListener`) the first attempt succeeds and the greeting read blocks until QEMU greets.
     static func connect(path: String, deadline: ContinuousClock.Instant, isAlive: () -> Bool = { true }) throws -> LineSocket {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw BenchError("socket path too long: \(path)") }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
+        guard let address = UnixSocketAddress(path: path) else { throw BenchError("socket path too long: \(path)") }
         while true {
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { throw BenchError("socket: \(String(cString: strerror(errno)))") }
-            let result = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
+            let result = address.withSockaddr { Glibc.connect(fd, $0, $1) }
             if result == 0 { return LineSocket(fd: fd) }
             let code = errno
             close(fd)
@@ -259,29 +224,9 @@ final class LineSocket {
 
 // MARK: - Transparent huge pages
 
-/// `prctl(PR_SET_THP_DISABLE)`: the flag is inherited by children and kept across execve, so
-/// setting it around a spawn gives that child (and the QEMU it starts) no huge pages.
+/// Transparent huge pages: the runs that turn them off for a CLI child (and the QEMU it starts)
+/// do so with `SpawnRequest.transparentHugePages`, the library's own switch.
 enum TransparentHugePages {
-    private typealias Prctl = @convention(c) (Int32, UInt, UInt, UInt, UInt) -> Int32
-    private static let setDisable: Int32 = 41  // PR_SET_THP_DISABLE
-    private static let getDisable: Int32 = 42  // PR_GET_THP_DISABLE
-
-    /// prctl is variadic in C, which Swift does not import; look it up and call it with the fixed
-    /// integer arguments the kernel reads (the x86-64 calling convention passes them the same way).
-    private static var prctl: Prctl? {
-        guard let symbol = dlsym(nil, "prctl") else { return nil }
-        return unsafeBitCast(symbol, to: Prctl.self)
-    }
-
-    /// Runs `body` with THP disabled for this process (and what it spawns meanwhile).
-    static func disabled<T>(_ body: () throws -> T) throws -> T {
-        guard let prctl else { throw BenchError("prctl is not available") }
-        let before = prctl(getDisable, 0, 0, 0, 0)
-        guard prctl(setDisable, 1, 0, 0, 0) == 0 else { throw BenchError("prctl(PR_SET_THP_DISABLE): \(String(cString: strerror(errno)))") }
-        defer { _ = prctl(setDisable, before > 0 ? 1 : 0, 0, 0, 0) }
-        return try body()
-    }
-
     /// The system-wide mode, e.g. "madvise".
     static var systemMode: String {
         let text = (try? String(contentsOfFile: "/sys/kernel/mm/transparent_hugepage/enabled", encoding: .utf8)) ?? ""
@@ -337,12 +282,5 @@ struct HostFacts: Codable, Sendable {
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         return String(decoding: data, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? "unknown"
-    }
-}
-
-extension Duration {
-    var benchSeconds: Double {
-        let (whole, fraction) = components
-        return Double(whole) + Double(fraction) / 1e18
     }
 }

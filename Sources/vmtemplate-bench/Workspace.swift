@@ -1,5 +1,8 @@
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -21,6 +24,9 @@ struct Workspace: Sendable {
     let memoryOptions: MemoryBackendOptions
     let vmtemplate: String
     let host: HostFacts
+
+    /// The `-name` of every QEMU the bench starts itself.
+    static let benchQEMUName = "vmtemplate-bench"
 
     struct Options: Sendable {
         var storePath: String?
@@ -53,17 +59,17 @@ struct Workspace: Sendable {
             let creator = TemplateCreator(store: store, qemu: qemu, kvm: .probe())
             _ = try await creator.create(CreateRequest(name: name, recipe: try Recipe.load(path: recipePath), accelerator: .tcg))
         }
-        let manifest = try store.manifest(of: name)
+        let published = try store.template(named: name)
+        let manifest = published.manifest
         guard manifest.machine.accelerator == .tcg else {
             throw BenchError("template \(name) uses \(manifest.machine.accelerator.rawValue); these benchmarks are for TCG: use a store without it, or another --template")
         }
         let qemuPath = try QEMUBinary.locate(explicit: manifest.qemu.path)
         let capabilities = try manifest.qemu.capabilities ?? QEMUBinary.probe(path: qemuPath).capabilities
-        let directory = store.templateDirectory(name)
         return Workspace(
             scratch: scratch, store: store, template: name, manifest: manifest,
-            memoryFile: "\(directory)/\(manifest.memory.name)",
-            stateFile: "\(directory)/\(manifest.state.name)",
+            memoryFile: published.memoryPath,
+            stateFile: published.statePath,
             qemuPath: qemuPath,
             memoryOptions: try CloneEngine.memoryOptions(capabilities: capabilities, allowWritableTemplate: false).options,
             vmtemplate: vmtemplate,
@@ -103,7 +109,7 @@ struct Workspace: Sendable {
     /// memory backend options, same paths layout, `-incoming defer`, a fresh vmgenid.
     func cloneArguments(paths: InstancePaths, memoryOptions: MemoryBackendOptions? = nil, tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) throws -> [String] {
         try QEMUCommandLine(
-            name: "vmtemplate-clone-bench",
+            name: Self.benchQEMUName,
             machine: manifest.machine,
             memory: MemoryBackendFile(path: memoryFile, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions ?? self.memoryOptions),
             paths: paths,
@@ -138,7 +144,7 @@ struct Workspace: Sendable {
     func coldBootArguments(paths: InstancePaths) throws -> [String] {
         let boot = KernelBoot(kernel: manifest.boot.kernel.path, initrd: manifest.boot.initrd?.path, append: manifest.boot.append)
         let backend = MemoryBackendFile(path: "\(scratch)/unused", sizeBytes: manifest.machine.memoryBytes, options: .template)
-        var arguments = try QEMUCommandLine(name: "vmtemplate-bench-cold", machine: manifest.machine, memory: backend, paths: paths, launch: .boot(boot)).arguments()
+        var arguments = try QEMUCommandLine(name: Self.benchQEMUName, machine: manifest.machine, memory: backend, paths: paths, launch: .boot(boot)).arguments()
         let objectValue = try backend.objectArgument()
         guard let index = arguments.firstIndex(of: objectValue) else {
             throw BenchError("the template command line has no memory-backend-file object: QEMUCommandLine changed; update the bench")

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct Clone: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,7 +30,7 @@ struct Clone: AsyncParsableCommand {
     @Flag(help: "Where QEMU has no rom= (< 8.2), let clones open the template read-write (protected by the private mapping only).")
     var allowWritableTemplate = false
 
-    @Option(name: .customLong("tcg-tb-size"), help: ArgumentHelp("TCG translation cache per clone in MiB (default: QEMU's).", valueName: "MiB"))
+    @Option(name: .customLong("tcg-tb-size"), help: ArgumentHelp("TCG translation cache per clone in MiB (default: \(CloneRequest.defaultTranslationCacheMiB); QEMU's own default is up to 1 GiB).", valueName: "MiB"))
     var tcgTranslationCacheMiB: Int?
 
     @Option(help: ArgumentHelp("Seconds to wait for the restore.", valueName: "seconds"))
@@ -122,7 +125,7 @@ struct Remove: AsyncParsableCommand {
                     group.addTask {
                         do {
                             let how = try await engine.remove(record, grace: .milliseconds(Int64(grace * 1000)))
-                            print("removed \(record.id) (\(record.name)): \(how)")
+                            print("removed \(record.id) (\(record.name)): \(how.rawValue)")
                             return nil
                         } catch {
                             return "\(record.id): \(error)"

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct Explain: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

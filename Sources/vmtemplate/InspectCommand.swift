@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct Inspect: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show one template or clone in full.")
@@ -30,7 +33,7 @@ struct Inspect: AsyncParsableCommand {
             let store = try store.open()
             let records = store.clones().records
             if let name = try? EntityName(reference), store.templateExists(name) {
-                let view = TemplateView(template: try store.manifest(of: name), clones: records.filter { $0.template == reference }.map(\.id))
+                let view = TemplateView(template: try store.template(named: name).manifest, clones: records.filter { $0.template == reference }.map(\.id))
                 if json { return try Terminal.printJSON(view) }
                 print(String(decoding: try JSONCoding.encode(view), as: UTF8.self), terminator: "")
                 return

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct List: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List templates (and clones).")
@@ -40,12 +43,13 @@ struct List: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let store = try store.open()
-            let (manifests, templateProblems) = store.templates()
+            let (templates, templateProblems) = store.templates()
+            let manifests = templates.map(\.manifest)
             let (records, cloneProblems) = store.clones()
             let clones = await CloneEngine(store: store).statuses(of: records)
             let problems = templateProblems + cloneProblems
             let rows = manifests.map { manifest in
-                TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue)
+                TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version.description, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue)
             }
             if json {
                 try Terminal.printJSON(Listing(templates: rows, clones: clones, summary: MemorySummary(templates: manifests, clones: clones), problems: problems))

@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 struct Doctor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -46,15 +49,16 @@ struct GC: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let report = try store.open().collectGarbage()
+            let report = await CloneEngine(store: try store.open()).collectGarbage()
             if json {
                 try Terminal.printJSON(report)
                 return
             }
             for entry in report.removedStaging { print("removed unfinished template \(entry)") }
-            for pid in report.killedProcesses { print("killed orphaned QEMU \(pid)") }
+            for id in report.removedClones { print("removed clone \(id)") }
+            for pid in report.stoppedQEMU { print("stopped orphaned QEMU \(pid)") }
             for problem in report.problems { Terminal.note("warning: \(problem)") }
-            if report.removedStaging.isEmpty && report.killedProcesses.isEmpty { print("nothing to clean up") }
+            if report.isEmpty { print("nothing to clean up") }
         }
     }
 }

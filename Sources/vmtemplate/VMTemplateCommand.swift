@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 @main
 struct VMTemplateCommand: AsyncParsableCommand {
@@ -48,7 +51,7 @@ func reportingErrors(_ body: () async throws -> Void) async throws {
         try await body()
     } catch let error as VMTemplateError {
         Terminal.error(error.message)
-        if let cause = error.cause, !cause.isEmpty {
+        if let cause = error.causeText {
             FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
         }
         throw ExitCode.failure

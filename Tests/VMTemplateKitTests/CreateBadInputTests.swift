@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 /// Bad input to `create`: one clear line on stderr, exit status 1, nothing left in the store.
 @Suite("create refuses bad input", .enabled(if: Environment.canRunGuests, "needs QEMU and the busybox guest: run scripts/setup"))

@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -22,7 +25,7 @@ extension RealGuests {
             }
             #expect(try FileStatus.read(path: directory).mode == 0o555)
 
-            let manifest = try TemplateStore(root: store.root).manifest(of: try EntityName(SharedTemplate.name))
+            let manifest = try TemplateStore(root: store.root).template(named: try EntityName(SharedTemplate.name)).manifest
             #expect(manifest.formatVersion == 1)
             #expect(manifest.name == SharedTemplate.name)
             #expect(manifest.machine.machineType.hasPrefix("pc-q35-"), "alias must be resolved to a versioned machine")
@@ -37,7 +40,7 @@ extension RealGuests {
             #expect(manifest.state.sha256 == (try FileDigest.sha256(path: "\(directory)/state")))
             #expect(manifest.state.sizeBytes > 0 && manifest.state.sizeBytes < 16 * 1024 * 1024, "x-ignore-shared keeps RAM out of the state")
             #expect(manifest.boot.kernel.sha256 == (try FileDigest.sha256(path: "\(Checkout.root)/templates/busybox/out/vmlinuz")))
-            #expect(manifest.qemu.version == (try QEMUBinary.probe(path: manifest.qemu.path)).version.description)
+            #expect(manifest.qemu.version == (try QEMUBinary.probe(path: manifest.qemu.path)).version)
             #expect(manifest.templateArguments.contains { $0.contains("share=on") })
             #expect(manifest.timings.bootToReady > 0 && manifest.timings.total >= manifest.timings.bootToReady)
 
@@ -155,7 +158,7 @@ extension RealGuests {
                 #expect(list.status == 0)
                 #expect((try? JSONSerialization.jsonObject(with: Data(list.stdout.utf8))) != nil)
             }
-            let names = try TemplateStore(root: store.root).templates().manifests.map(\.name)
+            let names = try TemplateStore(root: store.root).templates().templates.map(\.manifest.name)
             #expect(names == ["a", "b"])
             #expect(store.stagingEntries().isEmpty)
         }

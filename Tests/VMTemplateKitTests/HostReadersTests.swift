@@ -7,6 +7,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 /// A fresh directory under /tmp, removed by the caller with `FileSystem.removeTree`.
 private func makeTemporaryDirectory(_ label: String) throws -> String {
@@ -543,7 +546,7 @@ struct FileSystemTests {
         let full = FileSystem.error("allocate 1 GiB for", path: "/store/t/memory", code: ENOSPC, permissionNeeded: "unused")
         #expect(full.code == .ioError)
         #expect(full.message == "could not allocate 1 GiB for '/store/t/memory': the file system is full; free space on it or use another store")
-        #expect(full.cause?.contains("No space left on device") == true)
+        #expect(full.causeText?.contains("No space left on device") == true)
 
         let denied = FileSystem.error("create", path: "/store/x", code: EACCES, permissionNeeded: "this user needs write permission on the directory '/store'")
         #expect(denied.message == "could not create '/store/x': permission denied; this user needs write permission on the directory '/store'")

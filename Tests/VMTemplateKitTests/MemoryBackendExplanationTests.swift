@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc

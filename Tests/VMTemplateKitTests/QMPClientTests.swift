@@ -2,6 +2,9 @@ import Foundation
 import Synchronization
 import Testing
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
 @Suite("QMPClient against a stub QMP server", .timeLimit(.minutes(1)))
 struct QMPClientTests {
@@ -16,7 +19,7 @@ struct QMPClientTests {
         let client = try await connect(to: server)
         defer { client.close() }
 
-        #expect(client.greeting.qemuVersion == QMPGreeting.Version(major: 10, minor: 0, micro: 2))
+        #expect(client.greeting.qemuVersion == QEMUVersion(10, 0, 2))
         #expect(client.greeting.package == "stub-1.0")
         #expect(client.greeting.capabilities == ["oob"])
         let first = try #require(server.requests.first)

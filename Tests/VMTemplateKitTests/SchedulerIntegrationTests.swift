@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -75,7 +78,7 @@ extension RealGuests {
         func enforcement(action: OverLimitAction) async throws {
             let store = try await SharedTemplate.shared.store()
             defer { cleanUp(store) }
-            let manifest = try TemplateStore(root: store.root).manifest(of: try EntityName(SharedTemplate.name))
+            let manifest = try TemplateStore(root: store.root).template(named: try EntityName(SharedTemplate.name)).manifest
             try clone(store, ["--name", "greedy", "--cow-limit", "32M", "--over-limit", action.rawValue])
             try clone(store, ["--name", "sibling"])
             let scheduler = try startScheduler(store)
@@ -174,6 +177,45 @@ extension RealGuests {
             #expect(gc.status == 0)
             #expect(kill(getpid(), 0) == 0, "gc must not kill the process that reused the PID")
             kill(realPID, SIGKILL)
+        }
+
+        @Test("a record naming a live process that is not its QEMU: rm refuses and signals nothing")
+        func recordNamingAnotherProcess() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "claims"])
+            let templateStore = try TemplateStore(root: store.root)
+            let record = try templateStore.findClone("claims")
+            let real = try #require(record.qemu)
+            let bystander = Process()
+            bystander.executableURL = URL(fileURLWithPath: "/bin/sleep")
+            bystander.arguments = ["60"]
+            try bystander.run()
+            defer { bystander.terminate() }
+            let identity = try #require(ProcessIdentity.current(pid: bystander.processIdentifier))
+            try templateStore.updateClone(record.id) { $0.qemu = identity }
+            let rm = try CLI.run(["rm", "claims"] + store.arguments)
+            #expect(rm.status == 1)
+            #expect(rm.stderr.contains("not its QEMU"), "\(rm.stderr)")
+            #expect(bystander.isRunning, "rm must not signal a process that is not the clone's QEMU")
+            #expect(FileManager.default.fileExists(atPath: store.cloneDirectory(record.id)))
+            // Put the real QEMU back, so the clean-up removes the clone.
+            try templateStore.updateClone(record.id) { $0.qemu = real }
+        }
+
+        @Test("a clone whose record cannot be read: gc finds its QEMU by -name, stops it, removes it")
+        func unreadableRecord() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "garbled"])
+            let record = try TemplateStore(root: store.root).findClone("garbled")
+            let pid = try #require(record.qemu?.pid)
+            try Data("{ not json".utf8).write(to: URL(fileURLWithPath: "\(store.cloneDirectory(record.id))/record.json"))
+            let gc = try CLI.run(["gc", "--json"] + store.arguments)
+            #expect(gc.status == 0)
+            #expect(gc.stdout.contains(record.id), "\(gc.stdout)")
+            #expect(await eventually(timeout: .seconds(5)) { ProcessStat.read(pid: pid).map { $0.state == "Z" } ?? true }, "its QEMU must be stopped")
+            #expect(!FileManager.default.fileExists(atPath: store.cloneDirectory(record.id)))
         }
 
         @Test("a clone whose QMP socket does not answer is reported, without hanging list")

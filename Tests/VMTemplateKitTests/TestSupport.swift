@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
 
 #if canImport(Glibc)
 import Glibc
@@ -88,8 +91,10 @@ struct TemporaryStore {
     let root: String
 
     init(_ label: String = "store") throws {
-        // Short paths: Unix socket paths inside the store are limited to 107 bytes.
-        let base = "/tmp/vmt-\(label.prefix(8))-\(UUID().uuidString.prefix(8))"
+        // Short paths: Unix socket paths inside the store are limited to 107 bytes. The label is
+        // kept whole: stale-fixture clean-up reads the PID in "shared-PID" back from it.
+        precondition(label.utf8.count <= 24, "TemporaryStore labels must stay short (socket paths)")
+        let base = "/tmp/vmt-\(label)-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         root = base
     }
@@ -148,7 +153,7 @@ actor SharedTemplate {
         let made = try TemporaryStore("shared-\(getpid())")
         let result = try CLI.run(["create", Self.name, "--recipe", Checkout.busyboxRecipe, "--json"] + made.arguments)
         guard result.status == 0 else {
-            throw VMTemplateError(.internalError, "creating the shared busybox template failed", cause: result.stderr)
+            throw VMTemplateError(.internalError, "creating the shared busybox template failed", detail: result.stderr)
         }
         store = made
         return made
@@ -159,7 +164,8 @@ actor SharedTemplate {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []
         for entry in entries where entry.hasPrefix("vmt-shared-") {
             let pid = Int32(entry.dropFirst("vmt-shared-".count).prefix { $0 != "-" }) ?? 0
-            if pid > 0, pid != getpid(), kill(pid, 0) != 0 {
+            // Only a test run that is gone (ESRCH): EPERM means another user's run is alive.
+            if pid > 0, pid != getpid(), kill(pid, 0) != 0, errno == ESRCH {
                 TemporaryStore(existing: "/tmp/\(entry)").remove()
             }
         }

@@ -1,10 +1,24 @@
 #ifndef CLINUXHOST_H
 #define CLINUXHOST_H
 
-/// Linux calls Swift cannot import directly (variadic C functions such as prctl(2)).
+/// Linux calls Swift cannot import directly: variadic C functions (prctl(2), syscall(2)).
+/// Each returns 0 (or a descriptor) on success and -errno on failure.
 
 /// Disables transparent huge pages for this process and every process it starts from now on
-/// (PR_SET_THP_DISABLE is inherited across fork and preserved across execve). Returns 0 or -errno.
+/// (PR_SET_THP_DISABLE is inherited across fork and preserved across execve).
 int clinuxhost_disable_transparent_huge_pages(void);
+
+/// PR_GET_THP_DISABLE: 1 when disabled, 0 when not.
+int clinuxhost_thp_disabled(void);
+
+/// PR_SET_THP_DISABLE to `disabled` (0 or 1).
+int clinuxhost_set_thp_disabled(int disabled);
+
+/// pidfd_open(2) (Linux >= 5.3): a descriptor that keeps naming this one process even after its
+/// PID is reused, so a signal sent through it can never reach another process.
+int clinuxhost_pidfd_open(int pid);
+
+/// pidfd_send_signal(2) (Linux >= 5.1).
+int clinuxhost_pidfd_send_signal(int pidfd, int signal);
 
 #endif

@@ -1,3 +1,6 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 import Foundation
 
 #if canImport(Glibc)
@@ -75,7 +78,7 @@ public struct CloneEngine: Sendable {
             return (path, capabilities)
         }
         let binary = try QEMUBinary.probe(path: path)
-        guard binary.version.description == manifest.qemu.version else {
+        guard binary.version == manifest.qemu.version else {
             throw VMTemplateError(.unsupported, "template '\(manifest.name)' was made with QEMU \(manifest.qemu.version) but \(path) is QEMU \(binary.version): device state only loads into the same QEMU. Create the template again with this QEMU, or pass --qemu with a \(manifest.qemu.version) binary.")
         }
         return (path, binary.capabilities)
@@ -83,10 +86,11 @@ public struct CloneEngine: Sendable {
 
     /// Checks that the template's files are the ones its manifest describes (size, mode, inode,
     /// modification time): a cheap test that catches replaced or rewritten files without hashing.
-    public func checkFiles(of manifest: TemplateManifest, in directory: String) throws {
+    public func checkFiles(of template: PublishedTemplate) throws {
+        let manifest = template.manifest
         var statuses: [(TemplateManifest.StoredFile, FileStatus)] = []
         for file in [manifest.memory, manifest.state] {
-            guard let status = try? FileStatus.read(path: "\(directory)/\(file.name)") else {
+            guard let status = try? FileStatus.read(path: "\(template.directory)/\(file.name)") else {
                 throw VMTemplateError(.notFound, "template '\(manifest.name)' is missing its \(file.name) file: the template is damaged; remove it and create it again.")
             }
             statuses.append((file, status))
@@ -105,45 +109,36 @@ public struct CloneEngine: Sendable {
     /// Starts a clone and returns once its guest runs.
     public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
         let started = ContinuousClock.now
-        let manifest = try store.manifest(of: request.template)
-        guard manifest.name == request.template.value else {
-            throw VMTemplateError(.invalidState, "template directory '\(request.template)' holds the manifest of '\(manifest.name)': it was copied or renamed, so it cannot be trusted; create it again under this name.")
-        }
-        try checkFiles(of: manifest, in: store.templateDirectory(request.template))
+        let template = try store.template(named: request.template)
+        let manifest = template.manifest
+        try checkFiles(of: template)
         let (qemuPath, capabilities) = try qemuFor(manifest)
         let (memoryOptions, warning) = try Self.memoryOptions(capabilities: capabilities, allowWritableTemplate: request.allowWritableTemplate)
         if request.freshGenerationID && !manifest.machine.vmgenid {
             throw VMTemplateError(.unsupported, "template '\(manifest.name)' has no vmgenid device, so its clones cannot get fresh generation IDs: pass --no-vmgenid, or create the template with \"vmgenid\": true.")
         }
 
-        var record = try reserve(request, manifest: manifest, writable: memoryOptions.readonly == false)
-        var process: QEMUProcess?
+        var record = try reserve(request, template: template, executable: qemuPath, writable: memoryOptions.readonly == false)
+        var instance: QEMUInstance?
         do {
             try record.paths.checkSocketLengths()
-            let memoryPath = record.memoryFile
             let commandLine = QEMUCommandLine(
-                name: "vmtemplate-clone-\(record.id)",
+                name: CloneRecord.qemuName(id: record.id),
                 machine: manifest.machine,
-                memory: MemoryBackendFile(path: memoryPath, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions),
+                memory: MemoryBackendFile(path: template.memoryPath, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions),
                 paths: record.paths,
                 launch: .incoming,
                 vmgenidGUID: record.vmgenid ?? "auto",
                 tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB
             )
-            let arguments = try commandLine.arguments()
-            let spawned: QEMUProcess
-            do {
-                // The listener's scope ends with the spawn: this process's copy closes, QEMU's stays.
-                let listener = try QMPListener(path: record.paths.qmpSocket)
-                spawned = try QEMUProcess.spawn(executable: qemuPath, arguments: arguments, logPath: record.paths.qemuLog, qmpListener: listener, transparentHugePages: false)
-            }
-            process = spawned
-            record.qemu = spawned.identity
-            record.qemuArguments = arguments
+            let qemu = try QEMUInstance.launch(commandLine, executable: qemuPath, transparentHugePages: false)
+            instance = qemu
+            record.qemu = qemu.identity
+            record.qemuArguments = try commandLine.arguments()
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
             let spawnedRecord = record
-            async let restored: Void = restore(manifest: manifest, record: spawnedRecord, process: spawned, timeout: request.timeout)
+            async let restored: Void = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
             try store.save(spawnedRecord)
             try await restored
             record.state = .running
@@ -151,15 +146,16 @@ public struct CloneEngine: Sendable {
             try store.save(record)
             return (record, warning)
         } catch {
-            if let process { await process.terminate(grace: .milliseconds(500)) }
+            if let instance { _ = try? await instance.stop(grace: .milliseconds(500), politely: false) }
             try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
             throw error
         }
     }
 
     /// Creates the clone's directory and first record under the store lock, so names stay unique.
-    private func reserve(_ request: CloneRequest, manifest: TemplateManifest, writable: Bool) throws -> CloneRecord {
-        try store.withLock {
+    private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
+        let manifest = template.manifest
+        return try store.withLock {
             let existing = store.clones().records
             let live = existing.filter(\.isLive)
             try Admission.check(
@@ -175,14 +171,14 @@ public struct CloneEngine: Sendable {
             }
             let directory = store.cloneDirectory(id)
             guard mkdir(directory, 0o755) == 0 else {
-                throw VMTemplateError(.ioError, "cannot create clone directory '\(directory)': \(errnoText()). Check that this user may write to '\(store.clonesDirectory)'.")
+                throw VMTemplateError(.ioError, "cannot create clone directory '\(directory)': \(errnoText()). Check that this user may write to '\(store.clonesDirectory)'.", cause: SystemCallError("mkdir"))
             }
             let record = CloneRecord(
                 id: id, name: name, template: manifest.name,
-                qemu: nil, creator: ProcessIdentity.current(pid: getpid()),
+                qemu: nil, qemuExecutable: executable, creator: ProcessIdentity.current(pid: getpid()),
                 createdAt: Date(), state: .starting,
                 paths: InstancePaths(directory: directory),
-                memoryFile: "\(store.templateDirectory(request.template))/memory",
+                memoryFile: template.memoryPath,
                 writableTemplate: writable,
                 vmgenid: request.freshGenerationID ? UUID().uuidString.lowercased() : nil,
                 qemuArguments: [], restoreSeconds: nil,
@@ -202,29 +198,33 @@ public struct CloneEngine: Sendable {
     }
 
     /// Loads the device state into the waiting QEMU and lets the guest run.
-    private func restore(manifest: TemplateManifest, record: CloneRecord, process: QEMUProcess, timeout: Duration) async throws {
-        func died(_ phase: String) async -> VMTemplateError? {
-            guard let how = await process.exitDescription(within: .seconds(1)) else { return nil }
-            return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase) of clone \(record.id) from template '\(manifest.name)': see its output below.", cause: process.logTail())
+    private func restore(_ template: PublishedTemplate, into qemu: QEMUInstance, cloneID: String, timeout: Duration) async throws {
+        let manifest = template.manifest
+        let what = "clone \(cloneID) from template '\(manifest.name)'"
+        func failed(_ error: any Error) async -> VMTemplateError {
+            await qemu.exitError(during: "the restore of \(what)")
+                ?? VMTemplateError(.qemuFailed, "restoring \(what) failed: the template may not match this QEMU; create it again.", cause: error)
         }
-        let statePath = "\(store.templateDirectory(try EntityName(record.template)))/\(manifest.state.name)"
-        let uri = manifest.migration.uriScheme == "file" ? "file:\(statePath)" : "exec:cat \(ShellQuote.quote(statePath))"
+        func timedOut(_ error: VMTemplateError) -> VMTemplateError {
+            VMTemplateError(.timeout, "restoring \(what) took longer than \(timeout.shortText): the machine may be overloaded; try again or raise --timeout.", cause: error)
+        }
         let qmp: QMPClient
         do {
             // The whole restore is queued with the handshake, before QEMU has even greeted: it
             // runs the moment QEMU's main loop starts. The same capabilities as at save time;
             // `events` announces completion, so no polling.
-            qmp = try await QMPClient.connect(
-                socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning },
-                pipelining: [.migrateSetCapabilities(["x-ignore-shared": true, "events": true]), .migrateIncoming(uri: uri)])
+            qmp = try await qemu.connectQMP(
+                timeout: timeout,
+                pipelining: [.migrateSetCapabilities(["x-ignore-shared": true, "events": true]), .migrateIncoming(uri: manifest.migration.transport.loadURI(from: template.statePath))],
+                phase: "the start-up of \(what)")
         } catch let error as QMPError {
-            throw await died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
-        } catch {
-            throw await died("start-up") ?? error
+            throw await failed(error)
+        } catch let error as VMTemplateError where error.code == .timeout {
+            throw timedOut(error)
         }
         defer { qmp.close() }
         let running = qmp.greeting.qemuVersion
-        guard "\(running.major).\(running.minor).\(running.micro)" == manifest.qemu.version else {
+        guard running == manifest.qemu.version else {
             throw VMTemplateError(.unsupported, "QEMU reports version \(running) but template '\(manifest.name)' was made with \(manifest.qemu.version): create the template again with this QEMU.")
         }
         do {
@@ -232,9 +232,9 @@ public struct CloneEngine: Sendable {
             // The template was paused when saved, so QEMU keeps the guest paused after loading it.
             try await qmp.cont()
         } catch let error as VMTemplateError where error.code == .timeout {
-            throw VMTemplateError(.timeout, "restoring clone \(record.id) from template '\(manifest.name)' took longer than \(timeout): the machine may be overloaded; try again or raise --timeout.", cause: error.message)
+            throw timedOut(error)
         } catch {
-            throw await died("restore") ?? VMTemplateError(.qemuFailed, "restoring clone \(record.id) from template '\(manifest.name)' failed: the template may not match this QEMU; create it again.", cause: "\(error)\n\(process.logTail())")
+            throw await failed(error)
         }
     }
 }

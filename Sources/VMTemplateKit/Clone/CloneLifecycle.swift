@@ -1,12 +1,19 @@
 import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
-
+/// A running clone's life after `clone`: its state, resume, removal, and the clean-up `gc` does.
 extension CloneEngine {
+    /// The clone's QEMU, if the process the record names is still running *and* is this clone's
+    /// QEMU (``QEMUInstance/attach(identity:name:qmpSocket:logPath:executable:)``). The only way
+    /// to a clone's QEMU that may signal it.
+    public func qemu(of record: CloneRecord) -> QEMUInstance.Attachment {
+        guard let identity = record.qemu else { return .exited }
+        let paths = InstancePaths(directory: store.cloneDirectory(record.id))
+        return QEMUInstance.attach(identity: identity, name: CloneRecord.qemuName(id: record.id), qmpSocket: paths.qmpSocket, logPath: paths.qemuLog, executable: record.qemuExecutable)
+    }
+
     /// The clone's state right now: `exited` when its QEMU is gone (PID and start time must both
     /// match), else what QMP says, or `unresponsive` when QMP does not answer within `timeout`.
     public func liveState(of record: CloneRecord, timeout: Duration = .milliseconds(500)) async -> CloneState {
@@ -25,46 +32,105 @@ extension CloneEngine {
         }
     }
 
-    /// Stops a clone's QEMU with a ladder (QMP `quit`, SIGTERM, SIGKILL after `grace` each) and
-    /// removes its directory and record. Returns how it was stopped.
+    /// Stops a clone's QEMU with the instance's ladder (QMP `quit`, SIGTERM, SIGKILL after `grace`
+    /// each) and removes its directory and record. Returns how it was stopped.
     @discardableResult
-    public func remove(_ record: CloneRecord, grace: Duration = .seconds(3)) async throws -> String {
-        var how = "already exited"
-        if let qemu = record.qemu, qemu.isAlive {
-            how = "quit"
-            if let qmp = try? await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(1), isPeerAlive: { qemu.isAlive }) {
-                try? await qmp.quit()
-                qmp.close()
-            }
-            if !(await Self.waitForExit(qemu, timeout: grace)) {
-                how = "SIGTERM"
-                kill(qemu.pid, SIGTERM)
-                if !(await Self.waitForExit(qemu, timeout: grace)) {
-                    how = "SIGKILL"
-                    kill(qemu.pid, SIGKILL)
-                    _ = await Self.waitForExit(qemu, timeout: .seconds(10))
-                }
-            }
-            if qemu.isAlive {
-                throw VMTemplateError(.qemuFailed, "clone \(record.id) (QEMU pid \(qemu.pid)) did not stop even after SIGKILL: check the process by hand.")
-            }
+    public func remove(_ record: CloneRecord, grace: Duration = .seconds(3)) async throws -> QEMUInstance.StopResult {
+        var how = QEMUInstance.StopResult.alreadyExited
+        switch qemu(of: record) {
+        case .running(let instance):
+            how = try await instance.stop(grace: grace)
+        case .exited:
+            break
+        case .notThisQEMU(let reason):
+            throw VMTemplateError(.invalidState, "clone \(record.id) names process \(record.qemu?.pid ?? 0), which is not its QEMU (\(reason)): nothing was stopped or removed; check the record by hand.")
         }
         try store.withLock {
             do {
                 try FileSystem.removeTree(path: store.cloneDirectory(record.id))
             } catch let error as VMTemplateError {
-                throw VMTemplateError(.ioError, "clone \(record.id) stopped but its directory could not be removed: \(error.message)")
+                throw VMTemplateError(.ioError, "clone \(record.id) stopped but its directory could not be removed: \(error.message)", cause: error.cause)
             }
         }
         return how
     }
 
-    static func waitForExit(_ qemu: ProcessIdentity, timeout: Duration) async -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while qemu.isAlive {
-            if ContinuousClock.now >= deadline { return false }
-            try? await Task.sleep(for: .milliseconds(5))
+    /// Continues a paused clone (QMP `cont`), optionally with a new copy-on-write limit so the
+    /// scheduler does not pause it again at once.
+    public func resume(_ record: CloneRecord, cowLimitBytes: UInt64? = nil) async throws -> CloneRecord {
+        guard case .running(let qemu) = qemu(of: record) else {
+            throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be resumed: remove it (vmtemplate rm) and clone again.")
         }
-        return true
+        let limit = cowLimitBytes ?? record.cowLimitBytes
+        if let limit, let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile), usage.copyOnWriteBytes > limit {
+            throw VMTemplateError(.limitExceeded, "clone \(record.id) uses \(ByteSize(bytes: usage.copyOnWriteBytes)) of copy-on-write, over its limit of \(ByteSize(bytes: limit)): the scheduler would pause it again. Resume it with a higher --cow-limit, or remove it.")
+        }
+        let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "resume")
+        defer { qmp.close() }
+        try await qmp.cont()
+        return try store.updateClone(record.id) { updated in
+            updated.state = .running
+            if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
+        } ?? record
+    }
+
+    /// `gc`: what interrupted `create`s left in staging (``TemplateStore/collectStagingGarbage(into:)``)
+    /// and the clones that are over (``collectCloneGarbage(into:)``).
+    public func collectGarbage() async -> GarbageReport {
+        var report = GarbageReport()
+        await store.collectStagingGarbage(into: &report)
+        await collectCloneGarbage(into: &report)
+        return report
+    }
+
+    /// Removes clones that are over: those whose QEMU has exited, those a `clone` was interrupted
+    /// setting up (stopping the QEMU it left), and directories without a readable record (stopping
+    /// a QEMU that runs under the clone's `-name`, found through `/proc`). A clone whose creator
+    /// still runs is left alone.
+    public func collectCloneGarbage(into report: inout GarbageReport) async {
+        for record in store.clones().records {
+            if record.state == .starting && record.creator?.isAlive == true { continue }
+            let interrupted = record.state == .starting
+            switch qemu(of: record) {
+            case .running(let instance):
+                guard interrupted else { continue }
+                do {
+                    try await instance.stop(grace: .milliseconds(500), politely: false)
+                    report.stoppedQEMU.append(instance.pid)
+                } catch {
+                    report.problems.append("clone \(record.id): \(error)")
+                    continue
+                }
+            case .exited:
+                break
+            case .notThisQEMU(let reason):
+                if record.qemu?.isAlive == true, !interrupted { continue }
+                report.problems.append("clone \(record.id): its record names a process that is not its QEMU (\(reason)); nothing was signalled.")
+            }
+            removeDirectory(of: record.id, into: &report)
+        }
+        // Listed under the lock: `clone` creates a directory and its first record under it, so a
+        // directory seen without a record then is debris, not a clone being set up.
+        for (id, _) in (try? store.withLock { store.unreadableClones() }) ?? [] {
+            let paths = InstancePaths(directory: store.cloneDirectory(id))
+            for instance in QEMUInstance.running(named: CloneRecord.qemuName(id: id), qmpSocket: paths.qmpSocket, logPath: paths.qemuLog) {
+                do {
+                    try await instance.stop(grace: .milliseconds(500), politely: false)
+                    report.stoppedQEMU.append(instance.pid)
+                } catch {
+                    report.problems.append("clone \(id): \(error)")
+                }
+            }
+            removeDirectory(of: id, into: &report)
+        }
+    }
+
+    private func removeDirectory(of id: String, into report: inout GarbageReport) {
+        do {
+            try store.withLock { try FileSystem.removeTree(path: store.cloneDirectory(id)) }
+            report.removedClones.append(id)
+        } catch {
+            report.problems.append("\(store.cloneDirectory(id)): \(error)")
+        }
     }
 }

@@ -1,3 +1,6 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 import Foundation
 
 /// One clone as `list` and `inspect` show it: its record, its live state and its memory.

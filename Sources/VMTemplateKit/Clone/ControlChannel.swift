@@ -1,3 +1,6 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 import Foundation
 
 #if canImport(Glibc)

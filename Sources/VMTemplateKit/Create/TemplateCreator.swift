@@ -1,3 +1,6 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 import Foundation
 
 #if canImport(Glibc)
@@ -49,14 +52,14 @@ public struct TemplateCreator: Sendable {
     public func create(_ request: CreateRequest, progress: @Sendable (CreatePhase) -> Void = { _ in }) async throws -> TemplateManifest {
         let started = ContinuousClock.now
         let plan = try prepare(request)
-        let staging = try store.reserveStaging(request.name)
-        var process: QEMUProcess?
+        let staging = try await store.reserveStaging(request.name)
+        var instance: QEMUInstance?
         do {
-            let manifest = try await run(plan, request: request, staging: staging, started: started, progress: progress) { process = $0 }
+            let manifest = try await run(plan, request: request, staging: staging, started: started, progress: progress) { instance = $0 }
             return manifest
         } catch {
-            if let process {
-                await process.terminate(grace: .milliseconds(500))
+            if let instance {
+                _ = try? await instance.stop(grace: .milliseconds(500), politely: false)
             }
             staging.discard()
             throw error
@@ -70,7 +73,7 @@ public struct TemplateCreator: Sendable {
         var boot: KernelBoot
         var kernelReference: TemplateManifest.FileReference
         var initrdReference: TemplateManifest.FileReference?
-        var useFileMigration: Bool
+        var migration: MigrationTransport
     }
 
     func prepare(_ request: CreateRequest) throws -> Plan {
@@ -105,7 +108,7 @@ public struct TemplateCreator: Sendable {
             boot: KernelBoot(kernel: recipe.kernel, initrd: recipe.initrd, append: recipe.append),
             kernelReference: kernelReference,
             initrdReference: initrdReference,
-            useFileMigration: qemu.capabilities.supportsFileMigration
+            migration: MigrationTransport(capabilities: qemu.capabilities)
         )
     }
 
@@ -124,31 +127,32 @@ public struct TemplateCreator: Sendable {
 
     // MARK: The flow
 
-    private func run(_ plan: Plan, request: CreateRequest, staging: StagingArea, started: ContinuousClock.Instant, progress: @Sendable (CreatePhase) -> Void, onSpawn: (QEMUProcess) -> Void) async throws -> TemplateManifest {
+    private func run(_ plan: Plan, request: CreateRequest, staging: StagingArea, started: ContinuousClock.Instant, progress: @Sendable (CreatePhase) -> Void, onLaunch: (QEMUInstance) -> Void) async throws -> TemplateManifest {
         var timings = CreateTimings()
         let paths = staging.paths
+        let files = staging.files
         try paths.checkSocketLengths()
-        try FileSystem.allocateFile(path: staging.memoryPath, size: plan.machine.memoryBytes, mode: 0o600)
+        try FileSystem.allocateFile(path: files.memoryPath, size: plan.machine.memoryBytes, mode: 0o600)
 
         progress(.boot)
         let commandLine = QEMUCommandLine(
-            name: "vmtemplate-create-\(request.name)",
+            name: staging.qemuName,
             machine: plan.machine,
-            memory: MemoryBackendFile(path: staging.memoryPath, sizeBytes: plan.machine.memoryBytes, options: .template),
+            memory: MemoryBackendFile(path: files.memoryPath, sizeBytes: plan.machine.memoryBytes, options: .template),
             paths: paths,
             launch: .boot(plan.boot)
         )
         let arguments = try commandLine.arguments()
-        let process = try QEMUProcess.spawn(executable: qemu.path, arguments: arguments, logPath: paths.qemuLog, qmpListener: try QMPListener(path: paths.qmpSocket))
-        onSpawn(process)
-        try staging.writeOwner(qemu: process.identity)
+        let qemuInstance = try QEMUInstance.launch(commandLine, executable: qemu.path)
+        onLaunch(qemuInstance)
+        try staging.writeOwner(qemu: qemuInstance.identity, executable: qemu.path)
 
-        let qmp = try await connectQMP(paths.qmpSocket, process: process)
+        let qmp = try await qemuInstance.connectQMP(timeout: .seconds(30))
         defer { qmp.close() }
 
         progress(.ready)
         let bootStarted = ContinuousClock.now
-        try await waitUntilReady(request: request, plan: plan, paths: paths, process: process)
+        try await waitUntilReady(request: request, plan: plan, paths: paths, qemu: qemuInstance)
         timings.bootToReady = bootStarted.duration(to: .now).seconds
 
         progress(.pause)
@@ -158,18 +162,18 @@ public struct TemplateCreator: Sendable {
 
         progress(.save)
         let saveStarted = ContinuousClock.now
-        let scheme = try await save(qmp: qmp, process: process, staging: staging, useFile: plan.useFileMigration)
-        await process.terminate(grace: .seconds(5)) { try? await qmp.quit() }
-        try FileSystem.fsyncFile(path: staging.memoryPath)
-        try FileSystem.fsyncFile(path: staging.statePath)
+        try await save(qmp: qmp, qemu: qemuInstance, staging: staging, transport: plan.migration)
+        try await qemuInstance.stop(grace: .seconds(5), qmp: qmp)
+        try FileSystem.fsyncFile(path: files.memoryPath)
+        try FileSystem.fsyncFile(path: files.statePath)
         timings.save = saveStarted.duration(to: .now).seconds
 
         progress(.digest)
         let digestStarted = ContinuousClock.now
-        try FileSystem.setMode(path: staging.memoryPath, mode: 0o444)
-        try FileSystem.setMode(path: staging.statePath, mode: 0o444)
-        let memory = try Self.storedFile(staging.memoryPath, name: "memory")
-        let state = try Self.storedFile(staging.statePath, name: "state")
+        try FileSystem.setMode(path: files.memoryPath, mode: 0o444)
+        try FileSystem.setMode(path: files.statePath, mode: 0o444)
+        let memory = try Self.storedFile(files.memoryPath, name: "memory")
+        let state = try Self.storedFile(files.statePath, name: "state")
         timings.digest = digestStarted.duration(to: .now).seconds
 
         progress(.publish)
@@ -179,38 +183,30 @@ public struct TemplateCreator: Sendable {
             formatVersion: TemplateManifest.currentFormatVersion,
             name: request.name.value,
             createdAt: Date(),
-            qemu: .init(path: qemu.path, version: qemu.version.description, package: qemu.package, capabilities: qemu.capabilities, binary: try? .init(FileStatus.read(path: qemu.path))),
+            qemu: .init(path: qemu.path, version: qemu.version, package: qemu.package, capabilities: qemu.capabilities, binary: try? .init(FileStatus.read(path: qemu.path))),
             machine: plan.machine,
             boot: .init(kernel: plan.kernelReference, initrd: plan.initrdReference, append: plan.boot.append),
             readyMarker: request.recipe.readyMarker,
             memory: memory,
             state: state,
-            migration: .init(capabilities: ["x-ignore-shared"], uriScheme: scheme),
+            migration: .init(capabilities: ["x-ignore-shared"], uriScheme: plan.migration.rawValue),
             templateArguments: arguments,
             timings: timings
         )
         // The manifest carries its own timings, so the publish phase is measured up to its write.
         manifest.timings.publish = publishStarted.duration(to: .now).seconds
         manifest.timings.total = started.duration(to: .now).seconds
-        try FileSystem.writeFileAtomically(path: staging.manifestPath, data: try JSONCoding.encode(manifest), mode: 0o444)
+        try StoredJSON.write(manifest, to: files.manifestPath, mode: 0o444)
         try store.publish(staging)
         return manifest
     }
 
-    private func connectQMP(_ socket: String, process: QEMUProcess) async throws -> QMPClient {
-        do {
-            return try await QMPClient.connect(socketPath: socket, timeout: .seconds(30), isPeerAlive: { process.isRunning })
-        } catch {
-            throw await qemuDied(process, during: "start-up") ?? error
-        }
-    }
-
-    private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, process: QEMUProcess) async throws {
+    private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, qemu: QEMUInstance) async throws {
         let timeout = request.readyTimeout ?? .milliseconds(Int64(request.recipe.readyTimeoutSeconds * 1000))
         let watcher = SerialConsoleWatcher(path: paths.serialLog)
         let ready: Bool
         do {
-            ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { process.isRunning })
+            ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { qemu.isRunning })
         } catch let error as VMTemplateError where error.code == .timeout {
             let consoleTail = LogTail.lastLines(ofFile: paths.serialLog, count: 15)
             var advice = "check the recipe's kernel, initrd and append line"
@@ -218,35 +214,33 @@ public struct TemplateCreator: Sendable {
             throw VMTemplateError(
                 .timeout,
                 "guest did not print its ready marker '\(request.recipe.readyMarker)' within \(timeout): \(advice). Last lines of its console:",
-                cause: consoleTail.isEmpty ? "(the console printed nothing)" : consoleTail
+                detail: consoleTail.isEmpty ? "(the console printed nothing)" : consoleTail
             )
         }
         if !ready {
-            throw await qemuDied(process, during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
+            throw await qemu.exitError(during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
         }
     }
 
     /// Saves the device state; the RAM stays in the shared file (`x-ignore-shared`).
-    private func save(qmp: QMPClient, process: QEMUProcess, staging: StagingArea, useFile: Bool) async throws -> String {
+    private func save(qmp: QMPClient, qemu: QEMUInstance, staging: StagingArea, transport: MigrationTransport) async throws {
         // `events` makes QEMU announce each migration state, so completion is awaited, not polled.
         try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
-        let uri = useFile ? "file:\(staging.statePath)" : "exec:cat > \(ShellQuote.quote(staging.statePath))"
         do {
-            try await qmp.migrate(uri: uri)
+            try await qmp.migrate(uri: transport.saveURI(to: staging.files.statePath))
             _ = try await qmp.waitForMigration(timeout: .seconds(120))
         } catch {
             if let free = try? FileSystem.availableBytes(onFileSystemOf: staging.directory), free < 64 * 1024 {
-                throw VMTemplateError(.ioError, "disk full while saving the template's device state in '\(store.root)': free some space or use another --store, then create it again.", cause: "\(error)")
+                throw VMTemplateError(.ioError, "disk full while saving the template's device state in '\(store.root)': free some space or use another --store, then create it again.", cause: error)
             }
-            throw await qemuDied(process, during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: "\(error)")
+            throw await qemu.exitError(during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: error)
         }
-        return useFile ? "file" : "exec"
     }
 
     /// Leaves only the template's own files: the console log is kept as `boot.log`.
     private func tidy(_ staging: StagingArea) throws {
         let paths = staging.paths
-        let bootLog = "\(staging.directory)/boot.log"
+        let bootLog = staging.files.bootLogPath
         if rename(paths.serialLog, bootLog) == 0 { chmod(bootLog, 0o444) }
         for leftover in [paths.qmpSocket, paths.controlSocket, paths.qemuLog, "\(staging.directory)/owner.json"] {
             unlink(leftover)
@@ -257,26 +251,5 @@ public struct TemplateCreator: Sendable {
         let digest = try FileDigest.sha256(path: path)
         let status = try FileStatus.read(path: path)
         return .init(name: name, sizeBytes: status.sizeBytes, sha256: digest, mode: status.mode, inode: status.inode, modifiedNanoseconds: status.modifiedNanoseconds)
-    }
-
-    /// If QEMU has exited, an error that shows how and what it printed.
-    private func qemuDied(_ process: QEMUProcess, during phase: String) async -> VMTemplateError? {
-        guard let how = await process.exitDescription(within: .seconds(1)) else { return nil }
-        return VMTemplateError(.qemuFailed, "QEMU \(how) during \(phase): see its output below; 'vmtemplate doctor' checks the installation.", cause: process.logTail())
-    }
-}
-
-extension Duration {
-    /// The duration in seconds, as a floating-point number.
-    public var seconds: Double {
-        let (whole, fraction) = components
-        return Double(whole) + Double(fraction) / 1e18
-    }
-}
-
-/// Single-quotes a string for `/bin/sh` (the `exec:` migration URI runs a shell command).
-enum ShellQuote {
-    static func quote(_ text: String) -> String {
-        "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'"
     }
 }

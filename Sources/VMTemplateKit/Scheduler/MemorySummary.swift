@@ -1,3 +1,6 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 /// The store's memory at a glance: what the clones use, against what they would use as full copies.
 public struct MemorySummary: Sendable, Codable, Equatable {
     public var templates: Int

@@ -1,10 +1,8 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
 import Foundation
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 /// Samples every clone's copy-on-write memory and acts on clones over their limit.
 ///
@@ -13,7 +11,8 @@ import Musl
 /// show its actions. One scheduler per store runs at a time (`ROOT/scheduler.lock`).
 public struct Scheduler: Sendable {
     public let store: TemplateStore
-    public let engine: CloneEngine
+    /// How the scheduler reaches a clone's QEMU (verified before it is paused or killed).
+    private let engine: CloneEngine
 
     public init(store: TemplateStore) {
         self.store = store
@@ -48,18 +47,24 @@ public struct Scheduler: Sendable {
 
         let action = record.overLimitAction ?? settings.overLimitAction
         var failure: String?
-        switch action {
-        case .pause:
+        switch engine.qemu(of: record) {
+        case .running(let instance):
             do {
-                let qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(2), isPeerAlive: { qemu.isAlive })
-                defer { qmp.close() }
-                try await qmp.stop()
+                switch action {
+                case .pause:
+                    let qmp = try await instance.connectQMP(timeout: .seconds(2), phase: "pause")
+                    defer { qmp.close() }
+                    try await qmp.stop()
+                case .kill:
+                    try instance.kill()
+                }
             } catch {
                 failure = "\(error)"
             }
-        case .kill:
-            // Checked again right before: the PID must still be this clone's QEMU.
-            if qemu.isAlive { kill(qemu.pid, SIGKILL) }
+        case .exited:
+            return nil
+        case .notThisQEMU(let reason):
+            failure = "not acted on: \(reason)"
         }
         let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: usage.copyOnWriteBytes, limitBytes: limit, action: action, done: failure == nil, error: failure)
         _ = try? store.updateClone(record.id) { updated in
@@ -86,26 +91,5 @@ public struct Scheduler: Sendable {
             let next = started + .milliseconds(Int64(seconds * 1000))
             if next > .now { try? await Task.sleep(until: next, clock: .continuous) }
         }
-    }
-}
-
-extension CloneEngine {
-    /// Continues a paused clone (QMP `cont`), optionally with a new copy-on-write limit so the
-    /// scheduler does not pause it again at once.
-    public func resume(_ record: CloneRecord, cowLimitBytes: UInt64? = nil) async throws -> CloneRecord {
-        guard let qemu = record.qemu, qemu.isAlive else {
-            throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be resumed: remove it (vmtemplate rm) and clone again.")
-        }
-        let limit = cowLimitBytes ?? record.cowLimitBytes
-        if let limit, let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile), usage.copyOnWriteBytes > limit {
-            throw VMTemplateError(.limitExceeded, "clone \(record.id) uses \(ByteSize(bytes: usage.copyOnWriteBytes)) of copy-on-write, over its limit of \(ByteSize(bytes: limit)): the scheduler would pause it again. Resume it with a higher --cow-limit, or remove it.")
-        }
-        let qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(5), isPeerAlive: { qemu.isAlive })
-        defer { qmp.close() }
-        try await qmp.cont()
-        return try store.updateClone(record.id) { updated in
-            updated.state = .running
-            if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
-        } ?? record
     }
 }

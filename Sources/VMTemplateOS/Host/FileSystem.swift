@@ -1,0 +1,456 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// POSIX file helpers for the store: durable writes, up-front allocation, and safe removal.
+///
+/// Every failure becomes a `VMTemplateError` whose message names the path, what failed and what to do.
+public enum FileSystem {
+    /// A failed system call: which call and its errno, turned into a `VMTemplateError` at the API edge.
+    package typealias CallError = SystemCallError
+
+    // MARK: - Durability
+
+    /// Flushes a file's data and metadata to disk so it survives a crash or power loss.
+    public static func fsyncFile(path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw error("open", path: path, code: errno, permissionNeeded: "this user needs read permission on the file")
+        }
+        defer { close(fd) }
+        guard fsyncRetryingInterrupts(fd) == 0 else {
+            throw error("sync", path: path, code: errno, permissionNeeded: "this user needs read permission on the file")
+        }
+    }
+
+    /// Flushes a directory so that entries created, renamed or removed in it survive a crash.
+    public static func fsyncDirectory(path: String) throws {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw error("open directory", path: path, code: errno, permissionNeeded: "this user needs read permission on the directory")
+        }
+        defer { close(fd) }
+        guard fsyncRetryingInterrupts(fd) == 0 else {
+            throw error("sync directory", path: path, code: errno, permissionNeeded: "this user needs read permission on the directory")
+        }
+    }
+
+    /// Replaces `path` with `data` so readers see either the old or the new file, never a partial one.
+    ///
+    /// Writes a temporary file in the same directory (rename is only atomic within one file system),
+    /// syncs it, renames it over `path`, then syncs the directory so the rename itself is durable.
+    /// `mode` is applied exactly, regardless of the umask. `durable: false` skips both syncs: the
+    /// rename still makes the write atomic, and records that die with the machine anyway (a running
+    /// clone's) need not pay for a disk flush on the hot path.
+    public static func writeFileAtomically(path: String, data: some Collection<UInt8>, mode: mode_t = 0o644, durable: Bool = true) throws {
+        let (directory, name) = split(path)
+        let writable = "this user needs write permission on the directory '\(directory)'"
+        let temporary = "\(directory)/.\(name).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw error("create", path: temporary, code: errno, permissionNeeded: writable)
+        }
+        var fdOpen = true
+        var renamed = false
+        defer {
+            if fdOpen { close(fd) }
+            if !renamed { unlink(temporary) }
+        }
+
+        guard fchmod(fd, mode) == 0 else {
+            throw error("set the mode of", path: temporary, code: errno, permissionNeeded: writable)
+        }
+        let writeResult: Result<Void, CallError> =
+            data.withContiguousStorageIfAvailable { writeAll(fd, UnsafeRawBufferPointer($0)) }
+            ?? Array(data).withUnsafeBytes { writeAll(fd, $0) }
+        if case .failure(let failure) = writeResult {
+            throw error("write", path: temporary, code: failure.code, permissionNeeded: writable)
+        }
+        guard !durable || fsyncRetryingInterrupts(fd) == 0 else {
+            throw error("sync", path: temporary, code: errno, permissionNeeded: writable)
+        }
+        fdOpen = false
+        // close(2) can report deferred write errors (e.g. on NFS); a file that failed here is not durable.
+        guard close(fd) == 0 else {
+            throw error("write", path: temporary, code: errno, permissionNeeded: writable)
+        }
+        guard rename(temporary, path) == 0 else {
+            throw error("rename '\(temporary)' to", path: path, code: errno, permissionNeeded: writable)
+        }
+        renamed = true
+        if durable { try fsyncDirectory(path: directory) }
+    }
+
+    /// Creates a new file of `size` bytes with its blocks reserved, failing if the file exists.
+    ///
+    /// `posix_fallocate` makes a full disk fail now, with a clear error, rather than later as a SIGBUS
+    /// in a process that maps the file. File systems that cannot preallocate get a sparse file instead.
+    /// On failure the partly created file is removed.
+    public static func allocateFile(path: String, size: UInt64, mode: mode_t = 0o644) throws {
+        let (directory, _) = split(path)
+        let writable = "this user needs write permission on the directory '\(directory)'"
+        guard size <= UInt64(Int64.max) else {
+            throw VMTemplateError(.invalidArgument, "cannot allocate '\(path)': \(size) bytes is larger than a file can be; use a smaller size")
+        }
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw error("create", path: path, code: errno, permissionNeeded: writable)
+        }
+        var complete = false
+        defer {
+            close(fd)
+            if !complete { unlink(path) }
+        }
+        guard fchmod(fd, mode) == 0 else {
+            throw error("set the mode of", path: path, code: errno, permissionNeeded: writable)
+        }
+        if size > 0 {
+            var result: Int32
+            repeat {
+                // posix_fallocate returns the error number instead of setting errno.
+                result = posix_fallocate(fd, 0, off_t(size))
+            } while result == EINTR
+            if result == EOPNOTSUPP || result == ENOTSUP {
+                guard ftruncate(fd, off_t(size)) == 0 else {
+                    throw error("set the size of", path: path, code: errno, permissionNeeded: writable)
+                }
+            } else if result != 0 {
+                throw error("allocate \(ByteSize(bytes: size)) for", path: path, code: result, permissionNeeded: writable)
+            }
+        }
+        complete = true
+    }
+
+    // MARK: - Space, modes, removal
+
+    /// Bytes an unprivileged user can still write on the file system holding `path`.
+    public static func availableBytes(onFileSystemOf path: String) throws -> UInt64 {
+        var info = statvfs()
+        guard statvfs(path, &info) == 0 else {
+            throw error("check free space on the file system of", path: path, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
+        }
+        let (product, overflow) = UInt64(info.f_bavail).multipliedReportingOverflow(by: UInt64(info.f_frsize))
+        return overflow ? UInt64.max : product
+    }
+
+    /// Sets the permission bits of `path` (e.g. 0o444 to make a template file read-only).
+    public static func setMode(path: String, mode: mode_t) throws {
+        guard chmod(path, mode) == 0 else {
+            throw error("set the mode of", path: path, code: errno, permissionNeeded: "only the file's owner or root can change its mode")
+        }
+    }
+
+    /// Removes `path` and everything under it; a path that is already gone is not an error.
+    ///
+    /// Symbolic links are removed, never followed, so a link inside a clone directory cannot make this
+    /// delete files elsewhere. It refuses to descend into another mounted file system. Directories that
+    /// lack owner write permission (read-only template directories) are made writable before emptying.
+    public static func removeTree(path: String) throws {
+        var info = stat()
+        guard lstat(path, &info) == 0 else {
+            if errno == ENOENT { return }
+            throw error("inspect", path: path, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
+        }
+        try removeTree(path: path, info: info, device: info.st_dev)
+    }
+
+    private static func removeTree(path: String, info: stat, device: dev_t) throws {
+        let parentWritable = "this user needs write permission on the directory '\(split(path).directory)'"
+        guard (info.st_mode & S_IFMT) == S_IFDIR else {
+            guard unlink(path) == 0 || errno == ENOENT else {
+                throw error("remove", path: path, code: errno, permissionNeeded: parentWritable)
+            }
+            return
+        }
+        guard info.st_dev == device else {
+            throw VMTemplateError(
+                .invalidState,
+                "refusing to remove '\(path)': another file system is mounted there; unmount it, then try again"
+            )
+        }
+        if info.st_mode & S_IRWXU != S_IRWXU {
+            // Best effort: if this fails, the removals below report the real permission problem.
+            _ = chmod(path, (info.st_mode & 0o7777) | S_IRWXU)
+        }
+        let names: [String]
+        switch listDirectory(path) {
+        case .success(let list):
+            names = list
+        case .failure(let failure):
+            if failure.code == ENOENT { return }
+            throw error("list", path: path, code: failure.code, permissionNeeded: "this user needs read permission on the directory")
+        }
+        for name in names {
+            let child = path.hasSuffix("/") ? path + name : path + "/" + name
+            var childInfo = stat()
+            guard lstat(child, &childInfo) == 0 else {
+                if errno == ENOENT { continue }
+                throw error("inspect", path: child, code: errno, permissionNeeded: "this user needs search permission on '\(path)'")
+            }
+            try removeTree(path: child, info: childInfo, device: device)
+        }
+        guard rmdir(path) == 0 || errno == ENOENT else {
+            throw error("remove directory", path: path, code: errno, permissionNeeded: parentWritable)
+        }
+    }
+
+    /// The canonical path of `path` (symbolic links resolved), or nil when it does not exist.
+    public static func resolvedPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    // MARK: - Internals shared by the host readers
+
+    /// Reads a whole file with plain read(2) calls, which /proc files need because they report size 0.
+    package static func readContents(path: String) -> Result<[UInt8], CallError> {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return .failure(CallError("open", code: errno)) }
+        defer { close(fd) }
+        var contents: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                return .failure(CallError("read", code: code))
+            }
+            if count == 0 { break }
+            contents.append(contentsOf: chunk[0..<count])
+        }
+        return .success(contents)
+    }
+
+    /// `readContents` decoded as UTF-8 (invalid bytes are replaced, which parsers tolerate).
+    package static func readText(path: String) -> Result<String, CallError> {
+        readContents(path: path).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Builds the error for a failed call on `path`: a sentence saying what failed and what to do.
+    package static func error(_ action: String, path: String, code: Int32, permissionNeeded: String) -> VMTemplateError {
+        let problem: String
+        switch code {
+        case ENOSPC, EDQUOT:
+            problem = "the file system is full; free space on it or use another store"
+        case EACCES, EPERM:
+            problem = "permission denied; \(permissionNeeded)"
+        case ENOENT:
+            problem = "it does not exist; check the path"
+        case EEXIST:
+            problem = "it already exists; remove it or choose another name"
+        case EROFS:
+            problem = "the file system is read-only; remount it read-write or use another store"
+        case ENOTDIR:
+            problem = "part of the path is not a directory; check the path"
+        case EIO:
+            problem = "the disk reported an I/O error; check the device (see dmesg)"
+        default:
+            problem = "\(errnoText(code)); check the path and the file system"
+        }
+        let errorCode: VMTemplateError.Code = code == EEXIST ? .exists : .ioError
+        return VMTemplateError(errorCode, "could not \(action) '\(path)': \(problem)", cause: SystemCallError(action, code: code))
+    }
+
+    /// Splits a path into its directory ("." when there is none) and last component.
+    package static func split(_ path: String) -> (directory: String, name: String) {
+        var trimmed = Substring(path)
+        while trimmed.count > 1, trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+        guard let slash = trimmed.lastIndex(of: "/") else { return (".", String(trimmed)) }
+        let directory = trimmed[..<slash]
+        let name = trimmed[trimmed.index(after: slash)...]
+        return (directory.isEmpty ? "/" : String(directory), String(name))
+    }
+
+    private static func fsyncRetryingInterrupts(_ fd: Int32) -> Int32 {
+        var result: Int32
+        repeat { result = fsync(fd) } while result != 0 && errno == EINTR
+        return result
+    }
+
+    private static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) -> Result<Void, CallError> {
+        var offset = 0
+        while offset < buffer.count {
+            guard let base = buffer.baseAddress else { break }
+            let written = write(fd, base + offset, buffer.count - offset)
+            if written < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                return .failure(CallError("write", code: code))
+            }
+            offset += written
+        }
+        return .success(())
+    }
+
+    private static func listDirectory(_ path: String) -> Result<[String], CallError> {
+        guard let directory = opendir(path) else { return .failure(CallError("opendir", code: errno)) }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while true {
+            errno = 0
+            guard let entry = readdir(directory) else {
+                let code = errno
+                if code != 0 { return .failure(CallError("readdir", code: code)) }
+                break
+            }
+            let name = withUnsafePointer(to: &entry.pointee.d_name) { pointer in
+                pointer.withMemoryRebound(to: CChar.self, capacity: MemoryLayout.size(ofValue: entry.pointee.d_name)) {
+                    String(cString: $0)
+                }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return .success(names)
+    }
+}
+
+/// An advisory lock on a lock file, using flock(2), shared between processes.
+///
+/// flock locks belong to the open file description, so two `FileLock` instances (even in one process)
+/// exclude each other, while one instance is not reentrant: locking it again while held converts the
+/// lock instead of waiting. That is also why this class is deliberately not `Sendable`: tasks that need
+/// to exclude each other must each create their own `FileLock` on the same path.
+/// The descriptor is O_CLOEXEC so QEMU processes spawned while a lock is held never inherit (and keep) it.
+public final class FileLock {
+    /// The lock file's path.
+    public let path: String
+    let fileDescriptor: Int32
+
+    /// Opens (creating with mode 0644 if needed) the lock file at `path`.
+    public init(path: String) throws {
+        var fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if fd < 0 && (errno == EACCES || errno == EROFS) {
+            // flock works on read-only descriptors, so a lock file another user created is still usable.
+            fd = open(path, O_RDONLY | O_CLOEXEC)
+        }
+        guard fd >= 0 else {
+            throw FileSystem.error(
+                "open the lock file", path: path, code: errno,
+                permissionNeeded: "this user needs write permission on the directory '\(FileSystem.split(path).directory)' or read permission on the lock file"
+            )
+        }
+        self.path = path
+        self.fileDescriptor = fd
+    }
+
+    deinit {
+        close(fileDescriptor)
+    }
+
+    /// Runs `body` holding the exclusive lock, waiting (blocking the thread) for other holders.
+    ///
+    /// Unavailable from async code, where blocking a cooperative thread can deadlock the holder.
+    @available(*, noasync, message: "blocks the thread; call it with await to use the polling variant")
+    public func withExclusive<T>(_ body: () throws -> T) throws -> T {
+        try lockBlocking(LOCK_EX)
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Runs `body` holding a shared lock, waiting (blocking the thread) for an exclusive holder.
+    ///
+    /// Unavailable from async code, where blocking a cooperative thread can deadlock the holder.
+    @available(*, noasync, message: "blocks the thread; call it with await to use the polling variant")
+    public func withShared<T>(_ body: () throws -> T) throws -> T {
+        try lockBlocking(LOCK_SH)
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Runs `body` holding the exclusive lock, polling so no cooperative thread blocks while waiting.
+    ///
+    /// Throws `CancellationError` if the task is cancelled while waiting.
+    public func withExclusive<T>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: () async throws -> T
+    ) async throws -> T {
+        try await lockPolling(LOCK_EX)
+        defer { unlock() }
+        return try await body()
+    }
+
+    /// The async variant for a synchronous `body`; without it, async callers would get the blocking one.
+    public func withExclusive<T>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: () throws -> T
+    ) async throws -> T {
+        try await lockPolling(LOCK_EX)
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Runs `body` holding a shared lock, polling so no cooperative thread blocks while waiting.
+    ///
+    /// Throws `CancellationError` if the task is cancelled while waiting.
+    public func withShared<T>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: () async throws -> T
+    ) async throws -> T {
+        try await lockPolling(LOCK_SH)
+        defer { unlock() }
+        return try await body()
+    }
+
+    /// The async variant for a synchronous `body`; without it, async callers would get the blocking one.
+    public func withShared<T>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: () throws -> T
+    ) async throws -> T {
+        try await lockPolling(LOCK_SH)
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Takes the exclusive lock if nobody else holds the file; call `unlock()` when done.
+    public func tryExclusive() -> Bool {
+        tryLock(LOCK_EX)
+    }
+
+    /// Takes a shared lock unless someone holds it exclusively; call `unlock()` when done.
+    public func tryShared() -> Bool {
+        tryLock(LOCK_SH)
+    }
+
+    /// Releases the lock taken by `tryExclusive()` or `tryShared()`.
+    public func unlock() {
+        var result: Int32
+        repeat { result = flock(fileDescriptor, LOCK_UN) } while result != 0 && errno == EINTR
+    }
+
+    private func tryLock(_ operation: Int32) -> Bool {
+        var result: Int32
+        repeat { result = flock(fileDescriptor, operation | LOCK_NB) } while result != 0 && errno == EINTR
+        return result == 0
+    }
+
+    private func lockBlocking(_ operation: Int32) throws {
+        var result: Int32
+        repeat { result = flock(fileDescriptor, operation) } while result != 0 && errno == EINTR
+        guard result == 0 else { throw lockError(errno) }
+    }
+
+    private func lockPolling(_ operation: Int32, isolation: isolated (any Actor)? = #isolation) async throws {
+        var delay: UInt64 = 1_000_000  // 1 ms, doubling to 100 ms: quick when contention is brief.
+        while true {
+            let result = flock(fileDescriptor, operation | LOCK_NB)
+            if result == 0 { return }
+            let code = errno
+            guard code == EWOULDBLOCK || code == EINTR else { throw lockError(code) }
+            try await Task.sleep(nanoseconds: delay)
+            delay = min(delay * 2, 100_000_000)
+        }
+    }
+
+    private func lockError(_ code: Int32) -> VMTemplateError {
+        VMTemplateError(
+            .ioError,
+            "could not lock '\(path)': \(errnoText(code)); put the store on a local file system that supports flock",
+            cause: SystemCallError("flock", code: code)
+        )
+    }
+}

@@ -1,0 +1,311 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One mapping from `/proc/PID/smaps`: its address range, what it maps, and its memory counters.
+public struct SmapsMapping: Sendable, Equatable {
+    /// First address of the mapping.
+    public var start: UInt64
+    /// One past the last address of the mapping.
+    public var end: UInt64
+    /// Permissions as shown by the kernel, e.g. "rw-p" ("p" private, "s" shared).
+    public var permissions: String
+    /// Offset into the mapped file.
+    public var offset: UInt64
+    /// Device of the mapped file, "major:minor" in hex.
+    public var device: String
+    /// Inode of the mapped file, 0 for anonymous memory.
+    public var inode: UInt64
+    /// The mapped path or pseudo-path ("[heap]"); nil for anonymous memory.
+    ///
+    /// May contain spaces; ends with " (deleted)" when the file was unlinked after being mapped.
+    public var path: String?
+    /// The counters in bytes (the file states kB), keyed by their names: "Rss", "Anonymous", "Swap", ...
+    public var fields: [String: UInt64]
+
+    /// Creates a mapping; normally obtained from `Smaps.parse(_:)`.
+    public init(
+        start: UInt64, end: UInt64, permissions: String, offset: UInt64, device: String = "00:00",
+        inode: UInt64, path: String?, fields: [String: UInt64]
+    ) {
+        self.start = start
+        self.end = end
+        self.permissions = permissions
+        self.offset = offset
+        self.device = device
+        self.inode = inode
+        self.path = path
+        self.fields = fields
+    }
+
+    /// The mapping's virtual size in bytes.
+    public var size: UInt64 { end >= start ? end - start : 0 }
+    /// Resident bytes.
+    public var rss: UInt64 { fields["Rss"] ?? 0 }
+    /// Anonymous bytes; for a private file mapping, the pages written since mapping (copy-on-write copies).
+    public var anonymous: UInt64 { fields["Anonymous"] ?? 0 }
+    /// Clean pages mapped only by this process (may still be page cache shared with later mappers).
+    public var privateClean: UInt64 { fields["Private_Clean"] ?? 0 }
+    /// Dirty pages mapped only by this process.
+    public var privateDirty: UInt64 { fields["Private_Dirty"] ?? 0 }
+    /// Clean pages also mapped by other processes.
+    public var sharedClean: UInt64 { fields["Shared_Clean"] ?? 0 }
+    /// Dirty pages also mapped by other processes.
+    public var sharedDirty: UInt64 { fields["Shared_Dirty"] ?? 0 }
+    /// Bytes of this mapping swapped out.
+    public var swap: UInt64 { fields["Swap"] ?? 0 }
+
+    /// True if the mapped file was deleted after it was mapped.
+    public var isDeletedFile: Bool { path?.hasSuffix(Smaps.deletedSuffix) ?? false }
+}
+
+/// Readers and parsers for `/proc/PID/smaps` and `/proc/PID/smaps_rollup`.
+public enum Smaps {
+    /// What the kernel appends to the path of a mapped file that has since been unlinked.
+    public static let deletedSuffix = " (deleted)"
+
+    /// Parses the text of `/proc/PID/smaps`; lines it does not understand are skipped.
+    public static func parse(_ text: String) -> [SmapsMapping] {
+        var mappings: [SmapsMapping] = []
+        var current: SmapsMapping?
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+            if let header = parseHeader(line) {
+                if let finished = current { mappings.append(finished) }
+                current = header
+            } else if let (key, bytes) = parseField(line) {
+                current?.fields[key] = bytes
+            }
+        }
+        if let finished = current { mappings.append(finished) }
+        return mappings
+    }
+
+    /// Parses the text of `/proc/PID/smaps_rollup` into its counters in bytes ("Rss", "Anonymous", ...).
+    public static func parseRollup(_ text: String) -> [String: UInt64] {
+        var fields: [String: UInt64] = [:]
+        for line in text.split(separator: "\n") where parseHeader(line) == nil {
+            if let (key, bytes) = parseField(line) { fields[key] = bytes }
+        }
+        return fields
+    }
+
+    /// Reads and parses `/proc/PID/smaps`; throws `.notFound` if the process is gone.
+    public static func read(pid: Int32) throws -> [SmapsMapping] {
+        parse(try readProcFile(pid: pid, name: "smaps"))
+    }
+
+    /// Reads and parses `/proc/PID/smaps_rollup`; throws `.notFound` if the process is gone.
+    public static func readRollup(pid: Int32) throws -> [String: UInt64] {
+        parseRollup(try readProcFile(pid: pid, name: "smaps_rollup"))
+    }
+
+    /// What clone accounting needs from smaps: `Anonymous` and `Rss - Anonymous` of the mappings
+    /// of one of `templatePaths`, and `Anonymous` and `Swap` of the whole process.
+    struct Counters: Equatable {
+        var templateAnonymous: UInt64 = 0
+        var templateShared: UInt64 = 0
+        var totalAnonymous: UInt64 = 0
+        var totalSwap: UInt64 = 0
+    }
+
+    static func counters(_ smaps: String, templatePaths: [String]) -> Counters {
+        let accepted = Set(templatePaths.flatMap { [$0, $0 + deletedSuffix] })
+        var counters = Counters()
+        var inTemplate = false
+        var rss: UInt64 = 0
+        var anonymous: UInt64 = 0
+        func finish() {
+            if inTemplate {
+                counters.templateAnonymous &+= anonymous
+                counters.templateShared &+= rss >= anonymous ? rss - anonymous : 0
+            }
+        }
+        for line in smaps.split(separator: "\n", omittingEmptySubsequences: true) {
+            // Field lines start with a capitalized key; mapping headers with a hex address.
+            if let first = line.utf8.first, first >= UInt8(ascii: "A"), first <= UInt8(ascii: "Z") {
+                if line.hasPrefix("Anonymous:"), let (_, bytes) = parseField(line) {
+                    counters.totalAnonymous &+= bytes
+                    anonymous = bytes
+                } else if line.hasPrefix("Swap:"), let (_, bytes) = parseField(line) {
+                    counters.totalSwap &+= bytes
+                } else if inTemplate, line.hasPrefix("Rss:"), let (_, bytes) = parseField(line) {
+                    rss = bytes
+                }
+                continue
+            }
+            finish()
+            rss = 0
+            anonymous = 0
+            inTemplate = parseHeader(line).flatMap(\.path).map(accepted.contains) ?? false
+        }
+        finish()
+        return counters
+    }
+
+    static func readText(pid: Int32, name: String) throws -> String {
+        try readProcFile(pid: pid, name: name)
+    }
+
+    private static func readProcFile(pid: Int32, name: String) throws -> String {
+        let path = "/proc/\(pid)/\(name)"
+        let gone = VMTemplateError(
+            .notFound,
+            "process \(pid) is gone, so its memory cannot be measured; check whether the clone is still running"
+        )
+        guard pid > 0 else { throw gone }
+        switch FileSystem.readText(path: path) {
+        case .success(let text):
+            // A zombie, or a process that exited between open and read, has an empty smaps.
+            guard !text.isEmpty else { throw gone }
+            return text
+        case .failure(let failure):
+            switch failure.code {
+            case ENOENT, ESRCH:
+                throw gone
+            case EACCES, EPERM:
+                throw VMTemplateError(
+                    .ioError,
+                    "cannot read '\(path)': permission denied; run as the user that started the clone, or as root",
+                    cause: failure
+                )
+            default:
+                throw VMTemplateError(
+                    .ioError,
+                    "cannot read '\(path)': \(errnoText(failure.code)); check that /proc is mounted",
+                    cause: failure
+                )
+            }
+        }
+    }
+
+    /// A mapping header: "start-end perms offset dev inode [path]", the path padded with spaces.
+    private static func parseHeader(_ line: Substring) -> SmapsMapping? {
+        var rest = line[...]
+        func nextToken() -> Substring? {
+            rest = rest.drop(while: { $0 == " " })
+            guard !rest.isEmpty else { return nil }
+            let token = rest.prefix(while: { $0 != " " })
+            rest = rest.dropFirst(token.count)
+            return token
+        }
+        guard let range = nextToken(), let dash = range.firstIndex(of: "-"),
+              let start = UInt64(range[..<dash], radix: 16),
+              let end = UInt64(range[range.index(after: dash)...], radix: 16),
+              let permissions = nextToken(), permissions.count == 4,
+              let offsetText = nextToken(), let offset = UInt64(offsetText, radix: 16),
+              let device = nextToken(), device.contains(":"),
+              let inodeText = nextToken(), let inode = UInt64(inodeText)
+        else { return nil }
+        // Only the padding is stripped: a path may itself contain (even end in) spaces.
+        let pathText = rest.drop(while: { $0 == " " })
+        return SmapsMapping(
+            start: start, end: end, permissions: String(permissions), offset: offset,
+            device: String(device), inode: inode, path: pathText.isEmpty ? nil : String(pathText), fields: [:]
+        )
+    }
+
+    /// A counter line "Name:   123 kB"; lines without a kB value (VmFlags, THPeligible) give nil.
+    private static func parseField(_ line: Substring) -> (String, UInt64)? {
+        guard let colon = line.firstIndex(of: ":") else { return nil }
+        let key = line[..<colon]
+        let value = line[line.index(after: colon)...].split(separator: " ")
+        guard value.count == 2, value[1] == "kB", let kilobytes = UInt64(value[0]) else { return nil }
+        let (bytes, overflow) = kilobytes.multipliedReportingOverflow(by: 1024)
+        return (String(key), overflow ? UInt64.max : bytes)
+    }
+}
+
+/// What one clone costs in memory, separating its own pages from the template pages it shares.
+public struct CloneMemoryUsage: Sendable, Codable, Equatable {
+    /// Pages of guest RAM the guest has written: private copies of template pages, the clone's own delta.
+    public var copyOnWriteBytes: UInt64
+    /// Template pages the clone maps from the page cache; shared with the template and other clones, so
+    /// not this clone's cost, even though the kernel may count them as Private_Clean.
+    public var templateResidentBytes: UInt64
+    /// QEMU's own anonymous memory outside guest RAM: heap, TCG translation cache, device state.
+    public var qemuPrivateBytes: UInt64
+    /// Bytes of the whole process swapped out.
+    public var swapBytes: UInt64
+
+    /// Creates a usage record; normally obtained from `measure(pid:templateFile:)`.
+    public init(copyOnWriteBytes: UInt64, templateResidentBytes: UInt64, qemuPrivateBytes: UInt64, swapBytes: UInt64) {
+        self.copyOnWriteBytes = copyOnWriteBytes
+        self.templateResidentBytes = templateResidentBytes
+        self.qemuPrivateBytes = qemuPrivateBytes
+        self.swapBytes = swapBytes
+    }
+
+    /// Memory this clone alone is responsible for: its copy-on-write pages plus QEMU's private memory.
+    public var ownBytes: UInt64 {
+        copyOnWriteBytes &+ qemuPrivateBytes
+    }
+
+    /// Measures the running process `pid` whose guest RAM is a private mapping of `templateFile`.
+    ///
+    /// Throws `.notFound` if the process is gone.
+    public static func measure(pid: Int32, templateFile: String) throws -> CloneMemoryUsage {
+        let smaps = try Smaps.readText(pid: pid, name: "smaps")
+        // The hot path of `list` and the scheduler: one read of smaps (smaps_rollup would walk the
+        // page tables a second time), and only the fields this needs are parsed: parsing every
+        // field of every mapping costs several times the read itself.
+        let counters = Smaps.counters(smaps, templatePaths: candidatePaths(for: templateFile))
+        return CloneMemoryUsage(
+            copyOnWriteBytes: counters.templateAnonymous,
+            templateResidentBytes: counters.templateShared,
+            qemuPrivateBytes: counters.totalAnonymous >= counters.templateAnonymous ? counters.totalAnonymous - counters.templateAnonymous : 0,
+            swapBytes: counters.totalSwap
+        )
+    }
+
+    /// The pure form of `measure(pid:templateFile:)`, taking the text of smaps and smaps_rollup.
+    ///
+    /// `templatePaths` are the exact paths the template file may appear under (already resolved).
+    public static func measure(smaps: String, rollup: String?, templatePaths: [String]) -> CloneMemoryUsage {
+        measure(mappings: Smaps.parse(smaps), rollup: rollup.map(Smaps.parseRollup), templatePaths: templatePaths)
+    }
+
+    /// Sums the template mappings and subtracts them from the whole-process totals.
+    public static func measure(mappings: [SmapsMapping], rollup: [String: UInt64]?, templatePaths: [String]) -> CloneMemoryUsage {
+        let accepted = Set(templatePaths.flatMap { [$0, $0 + Smaps.deletedSuffix] })
+        var copyOnWrite: UInt64 = 0
+        var templateResident: UInt64 = 0
+        for mapping in mappings {
+            guard let path = mapping.path, accepted.contains(path) else { continue }
+            copyOnWrite &+= mapping.anonymous
+            templateResident &+= mapping.rss >= mapping.anonymous ? mapping.rss - mapping.anonymous : 0
+        }
+        let totals = rollup ?? mappings.reduce(into: [String: UInt64]()) { sums, mapping in
+            sums["Anonymous", default: 0] &+= mapping.anonymous
+            sums["Swap", default: 0] &+= mapping.swap
+        }
+        let totalAnonymous = totals["Anonymous"] ?? 0
+        // smaps and smaps_rollup are separate snapshots of a running process, so clamp instead of wrapping.
+        let qemuPrivate = totalAnonymous >= copyOnWrite ? totalAnonymous - copyOnWrite : 0
+        return CloneMemoryUsage(
+            copyOnWriteBytes: copyOnWrite,
+            templateResidentBytes: templateResident,
+            qemuPrivateBytes: qemuPrivate,
+            swapBytes: totals["Swap"] ?? 0
+        )
+    }
+
+    /// The path as given, made absolute, and with symlinks resolved: smaps shows the resolved one.
+    static func candidatePaths(for templateFile: String) -> [String] {
+        var paths = [templateFile]
+        if !templateFile.hasPrefix("/") {
+            var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+            if getcwd(&buffer, buffer.count) != nil {
+                let cwd = String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                paths.append(cwd == "/" ? "/" + templateFile : cwd + "/" + templateFile)
+            }
+        }
+        if let resolved = realpath(templateFile, nil) {
+            paths.append(String(cString: resolved))
+            free(resolved)
+        }
+        var seen = Set<String>()
+        return paths.filter { seen.insert($0).inserted }
+    }
+}

@@ -1,0 +1,60 @@
+/// The one error type the library throws.
+///
+/// `message` is a sentence for the person at the terminal: what went wrong and what to do about it.
+/// `cause` keeps what went wrong underneath as an error of its own (a `QMPError` with QEMU's error
+/// class, a `SystemCallError` with its errno, a `QEMUExit` with QEMU's last words), so callers can
+/// tell causes apart and the detail reaches the user unchanged.
+public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable, Codable {
+        case invalidArgument
+        case notFound
+        case exists
+        case invalidState
+        case timeout
+        case unsupported
+        case qemuFailed
+        case ioError
+        case busy
+        case limitExceeded
+        case internalError
+    }
+
+    public let code: Code
+    public let message: String
+    public let cause: (any Error)?
+
+    public init(_ code: Code, _ message: String, cause: (any Error)? = nil) {
+        self.code = code
+        self.message = message
+        self.cause = cause
+    }
+
+    /// Free-text detail (a console tail, a child's stderr) as the cause.
+    public init(_ code: Code, _ message: String, detail: String) {
+        self.init(code, message, cause: ErrorDetail(detail))
+    }
+
+    /// The cause as text, for terminals and logs; nil when there is none or it says nothing.
+    public var causeText: String? {
+        guard let cause else { return nil }
+        let text = "\(cause)"
+        return text.isEmpty ? nil : text
+    }
+
+    public var description: String {
+        guard let causeText else { return message }
+        return "\(message)\n\(causeText)"
+    }
+}
+
+/// Text that explains an error but is not an error of a known kind (a console's last lines, the
+/// stderr of a probe): the cause of a `VMTemplateError` when nothing more structured exists.
+public struct ErrorDetail: Error, Sendable, CustomStringConvertible {
+    public let text: String
+
+    public init(_ text: String) {
+        self.text = text
+    }
+
+    public var description: String { text }
+}

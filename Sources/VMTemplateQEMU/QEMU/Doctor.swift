@@ -1,0 +1,57 @@
+import VMTemplateOS
+/// What `vmtemplate doctor` reports: can this machine make templates and clones, and how.
+public struct DoctorReport: Sendable, Codable, Equatable {
+    public var qemuPath: String?
+    public var qemuVersion: String?
+    public var qemuPackage: String?
+    public var supportsROM: Bool
+    public var supportsFileMigration: Bool
+    public var kvmUsable: Bool
+    public var kvmReason: String
+    public var defaultAccel: Accelerator
+    /// Things that work but deserve attention (e.g. clones that must open the template read-write).
+    public var warnings: [String]
+    /// Things that stop vmtemplate from working, each with what to do.
+    public var problems: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case qemuPath = "qemu_path"
+        case qemuVersion = "qemu_version"
+        case qemuPackage = "qemu_package"
+        case supportsROM = "supports_rom"
+        case supportsFileMigration = "supports_file_migration"
+        case kvmUsable = "kvm_usable"
+        case kvmReason = "kvm_reason"
+        case defaultAccel = "default_accel"
+        case warnings, problems
+    }
+
+    /// Probes the QEMU binary (`--qemu`, `$VMTEMPLATE_QEMU`, `PATH`) and KVM.
+    public static func run(explicitQEMU: String?, kvm: KVMProbe = .probe()) -> DoctorReport {
+        var report = DoctorReport(
+            qemuPath: nil, qemuVersion: nil, qemuPackage: nil,
+            supportsROM: false, supportsFileMigration: false,
+            kvmUsable: kvm.usableForStockGuests, kvmReason: kvm.reason,
+            defaultAccel: kvm.usableForStockGuests ? .kvm : .tcg,
+            warnings: [], problems: []
+        )
+        do {
+            let binary = try QEMUBinary.probe(path: try QEMUBinary.locate(explicit: explicitQEMU))
+            report.qemuPath = binary.path
+            report.qemuVersion = binary.version.description
+            report.qemuPackage = binary.package
+            report.supportsROM = binary.capabilities.supportsROM
+            report.supportsFileMigration = binary.capabilities.supportsFileMigration
+            if !binary.capabilities.supportsMachineMemoryBackend || !binary.capabilities.supportsIgnoreShared {
+                report.problems.append("QEMU \(binary.version) is too old for templates: install QEMU >= 8.2 (scripts/setup uses bookworm-backports).")
+            } else if !binary.capabilities.supportsROM {
+                report.warnings.append("QEMU \(binary.version) has no memory-backend-file rom= (needs 8.2): clones could only open the template read-write (--allow-writable-template), protected by the private mapping alone. Install QEMU >= 8.2.")
+            }
+        } catch let error as VMTemplateError {
+            report.problems.append(error.message)
+        } catch {
+            report.problems.append("\(error)")
+        }
+        return report
+    }
+}

@@ -1,0 +1,176 @@
+import VMTemplateOS
+/// Everything needed to rebuild a machine identical to the template's: device state only loads
+/// into a machine with the same versioned type, the same machine options, the same devices in the
+/// same order, and the same memory size. Stored in the manifest; clones render from it.
+public struct MachineSpec: Sendable, Codable, Equatable {
+    /// Versioned machine type, e.g. `pc-q35-10.0` (never an alias like `q35`).
+    public var machineType: String
+    /// Extra machine properties, in order, e.g. `["sata=off", "smbus=off"]`.
+    public var machineOptions: [String]
+    /// `-cpu` model, or nil for QEMU's default for the accelerator.
+    public var cpuModel: String?
+    public var cpus: Int
+    public var memoryBytes: UInt64
+    public var accelerator: Accelerator
+    /// Whether the machine has a `vmgenid` device, so each clone can get a fresh generation ID.
+    public var vmgenid: Bool
+
+    public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool) {
+        self.machineType = machineType
+        self.machineOptions = machineOptions
+        self.cpuModel = cpuModel
+        self.cpus = cpus
+        self.memoryBytes = memoryBytes
+        self.accelerator = accelerator
+        self.vmgenid = vmgenid
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case machineType = "machine_type"
+        case machineOptions = "machine_options"
+        case cpuModel = "cpu_model"
+        case cpus
+        case memoryBytes = "memory_bytes"
+        case accelerator
+        case vmgenid
+    }
+}
+
+/// Kernel boot of a template VM. Clones restore from saved state and need none of it, which also
+/// keeps QEMU from holding a copy of the kernel blob in each clone's memory.
+public struct KernelBoot: Sendable, Equatable {
+    public var kernel: String
+    public var initrd: String?
+    public var append: String
+
+    public init(kernel: String, initrd: String?, append: String) {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.append = append
+    }
+}
+
+/// The files through which vmtemplate talks to one running QEMU.
+public struct InstancePaths: Sendable, Equatable, Codable {
+    public var qmpSocket: String
+    /// The first serial port (kernel console, ready marker), written to a file.
+    public var serialLog: String
+    /// The second serial port, served by QEMU as a Unix socket: the guest's control channel.
+    public var controlSocket: String
+    /// QEMU's own stdout and stderr.
+    public var qemuLog: String
+
+    public init(directory: String) {
+        qmpSocket = "\(directory)/qmp.sock"
+        serialLog = "\(directory)/serial.log"
+        controlSocket = "\(directory)/control.sock"
+        qemuLog = "\(directory)/qemu.log"
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case qmpSocket = "qmp_socket"
+        case serialLog = "serial_log"
+        case controlSocket = "control_socket"
+        case qemuLog = "qemu_log"
+    }
+
+    /// Unix socket paths are limited by `sun_path` (107 bytes on Linux): QEMU would fail with a
+    /// vague error.
+    public func checkSocketLengths() throws {
+        for path in [qmpSocket, controlSocket] where path.utf8.count > UnixSocketAddress.maxPathBytes {
+            throw VMTemplateError(.invalidArgument, "socket path '\(path)' is \(path.utf8.count) bytes, over the \(UnixSocketAddress.maxPathBytes) allowed for Unix sockets: use a store with a shorter path (--store).")
+        }
+    }
+}
+
+/// Where QEMU's QMP monitor listens.
+public enum QMPEndpoint: Sendable, Equatable {
+    /// On a socket vmtemplate bound beforehand and passes as fd 3 (``QMPListener``): the spawner
+    /// must pass the listener to ``QEMUInstance/launch(_:executable:transparentHugePages:)`` (it binds the listener itself).
+    case inheritedListener
+    /// On `InstancePaths.qmpSocket`, bound by QEMU itself (what other tools, e.g. Kata, do).
+    case socketPath
+}
+
+/// How a QEMU instance starts.
+public enum LaunchMode: Sendable, Equatable {
+    /// Boot the kernel (the template VM).
+    case boot(KernelBoot)
+    /// Wait paused for `migrate-incoming` (a clone).
+    case incoming
+}
+
+/// The whole QEMU command line, as a value; `arguments` renders it.
+public struct QEMUCommandLine: Sendable, Equatable {
+    public var name: String
+    public var machine: MachineSpec
+    public var memory: MemoryBackendFile
+    public var paths: InstancePaths
+    public var launch: LaunchMode
+    /// The generation ID to give the `vmgenid` device (`auto` lets QEMU pick a fresh one).
+    public var vmgenidGUID: String
+    /// TCG translation cache size in MiB, nil for QEMU's default.
+    public var tcgTranslationCacheMiB: Int?
+
+    public var qmp: QMPEndpoint
+
+    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) {
+        self.qmp = qmp
+        self.name = name
+        self.machine = machine
+        self.memory = memory
+        self.paths = paths
+        self.launch = launch
+        self.vmgenidGUID = vmgenidGUID
+        self.tcgTranslationCacheMiB = tcgTranslationCacheMiB
+    }
+
+    public func arguments() throws -> [String] {
+        var machineProperties: [(String, String)] = [("memory-backend", memory.id)]
+        for option in machine.machineOptions {
+            let pair = option.split(separator: "=", maxSplits: 1).map(String.init)
+            machineProperties.append((pair[0], pair.count > 1 ? pair[1] : "on"))
+        }
+        var arguments = [
+            "-name", QEMUOptionString.render(type: name, []),
+            // Only the devices named below: anything QEMU adds by default would have to match
+            // between template and clone, and costs memory in every clone.
+            "-nodefaults", "-no-user-config",
+            "-display", "none",
+            "-machine", QEMUOptionString.render(type: machine.machineType, machineProperties),
+            "-accel", machine.accelerator.accelArgument(tcgTranslationCacheMiB: tcgTranslationCacheMiB),
+        ]
+        if let cpuModel = machine.cpuModel { arguments += ["-cpu", cpuModel] }
+        arguments += [
+            "-smp", String(machine.cpus),
+            "-m", "\(machine.memoryBytes / (1024 * 1024))M",
+            "-object", try memory.objectArgument(),
+            "-chardev", QEMUOptionString.render(type: "file", [("id", "console"), ("path", paths.serialLog)]),
+            "-serial", "chardev:console",
+            // wait=off: the guest must run whether or not anybody is connected to its channel.
+            "-chardev", QEMUOptionString.render(type: "socket", [("id", "control"), ("path", paths.controlSocket), ("server", "on"), ("wait", "off")]),
+            "-serial", "chardev:control",
+        ]
+        switch qmp {
+        case .inheritedListener:
+            arguments += [
+                "-chardev", QEMUOptionString.render(type: "socket", [("id", "qmp"), ("fd", String(QMPListener.inheritedDescriptor)), ("server", "on"), ("wait", "off")]),
+                "-mon", "chardev=qmp,mode=control",
+            ]
+        case .socketPath:
+            arguments += ["-qmp", "unix:\(QEMUOptionString.escape(paths.qmpSocket)),server=on,wait=off"]
+        }
+        if machine.vmgenid {
+            arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]
+        }
+        switch launch {
+        case .boot(let boot):
+            arguments += ["-kernel", boot.kernel]
+            if let initrd = boot.initrd { arguments += ["-initrd", initrd] }
+            arguments += ["-append", boot.append]
+        case .incoming:
+            arguments += ["-incoming", "defer"]
+        }
+        return arguments
+    }
+}

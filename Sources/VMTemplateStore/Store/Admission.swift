@@ -1,0 +1,31 @@
+import VMTemplateOS
+import VMTemplateQEMU
+/// Decides whether one more clone fits the store's limits.
+///
+/// The memory budget holds against the worst case, because a guest can write all of its RAM
+/// whenever it likes: each live clone commits its copy-on-write limit (or, without one, its whole
+/// guest memory) plus `qemuReserveBytes` for QEMU's own memory. Template pages are shared page
+/// cache and are not counted per clone.
+public enum Admission {
+    /// What each clone's QEMU is assumed to need for itself (measured: ~17 MiB idle; docs/benchmarks.md).
+    public static let qemuReserveBytes: UInt64 = 32 * 1024 * 1024
+
+    /// Memory a clone commits: `min(limit, guest memory) + QEMU's reserve`.
+    public static func committedBytes(guestMemory: UInt64, cowLimit: UInt64?) -> UInt64 {
+        min(cowLimit ?? guestMemory, guestMemory) + qemuReserveBytes
+    }
+
+    /// Throws `.limitExceeded` when admitting a clone committing `newCommitted` would break a limit.
+    /// `live` are the committed bytes of the clones alive now.
+    public static func check(settings: StoreSettings, live: [UInt64], newCommitted: UInt64) throws {
+        if let maxClones = settings.maxClones, live.count + 1 > maxClones {
+            throw VMTemplateError(.limitExceeded, "the store admits at most \(maxClones) live clones and \(live.count) are running: remove some (vmtemplate rm) or raise the limit (vmtemplate settings --max-clones N).")
+        }
+        if let budget = settings.memoryBudgetBytes {
+            let committed = live.reduce(0, +)
+            if committed + newCommitted > budget {
+                throw VMTemplateError(.limitExceeded, "one more clone would commit \(ByteSize(bytes: committed + newCommitted)) of the store's \(ByteSize(bytes: budget)) memory budget (\(live.count) clones commit \(ByteSize(bytes: committed)), this one \(ByteSize(bytes: newCommitted))): give it a smaller --cow-limit, remove clones, or raise the budget (vmtemplate settings --memory-budget SIZE).")
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import Foundation
+
+/// What the scheduler does to a clone over its copy-on-write limit.
+public enum OverLimitAction: String, Sendable, Codable, CaseIterable {
+    /// QMP `stop`: the guest freezes, its memory stays; `vmtemplate resume` continues it.
+    case pause
+    /// SIGKILL: the memory is returned at once; the clone shows as `exited`.
+    case kill
+}
+
+/// Store-wide limits, in `ROOT/settings.json`. Absent fields mean "no limit".
+public struct StoreSettings: Sendable, Codable, Equatable {
+    /// Live clones the store admits at most.
+    public var maxClones: Int?
+    /// Memory all live clones may commit together (see `Admission`).
+    public var memoryBudgetBytes: UInt64?
+    /// What the scheduler does to a clone over its limit, unless the clone says otherwise.
+    public var overLimitAction: OverLimitAction
+    /// Seconds between two samples of the scheduler.
+    public var intervalSeconds: Double
+
+    public init(maxClones: Int? = nil, memoryBudgetBytes: UInt64? = nil, overLimitAction: OverLimitAction = .pause, intervalSeconds: Double = 1) {
+        self.maxClones = maxClones
+        self.memoryBudgetBytes = memoryBudgetBytes
+        self.overLimitAction = overLimitAction
+        self.intervalSeconds = intervalSeconds
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case maxClones = "max_clones"
+        case memoryBudgetBytes = "memory_budget_bytes"
+        case overLimitAction = "over_limit_action"
+        case intervalSeconds = "interval_seconds"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        maxClones = try c.decodeIfPresent(Int.self, forKey: .maxClones)
+        memoryBudgetBytes = try c.decodeIfPresent(UInt64.self, forKey: .memoryBudgetBytes)
+        overLimitAction = try c.decodeIfPresent(OverLimitAction.self, forKey: .overLimitAction) ?? .pause
+        intervalSeconds = try c.decodeIfPresent(Double.self, forKey: .intervalSeconds) ?? 1
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        // Explicit nulls: `settings --json` shows every knob, set or not.
+        try c.encode(maxClones, forKey: .maxClones)
+        try c.encode(memoryBudgetBytes, forKey: .memoryBudgetBytes)
+        try c.encode(overLimitAction, forKey: .overLimitAction)
+        try c.encode(intervalSeconds, forKey: .intervalSeconds)
+    }
+}
+
+extension TemplateStore {
+    var settingsPath: String { "\(root)/settings.json" }
+
+    /// The store's settings (defaults when there is no settings file).
+    public func settings() throws -> StoreSettings {
+        switch StoredJSON.read(StoreSettings.self, at: settingsPath) {
+        case .success(let settings):
+            return settings
+        case .failure(.missing):
+            return StoreSettings()
+        case .failure(let failure):
+            throw VMTemplateError(.invalidState, "settings file '\(settingsPath)' cannot be used because \(failure). Fix it or set the values again with 'vmtemplate settings'.", cause: failure)
+        }
+    }
+
+    /// Changes the settings under the store lock, so concurrent changes are not lost.
+    public func updateSettings(_ change: (inout StoreSettings) throws -> Void) throws -> StoreSettings {
+        let updated = try update(StoreSettings.self, at: settingsPath, default: StoreSettings()) { settings in
+            try change(&settings)
+            if let maxClones = settings.maxClones, maxClones < 0 {
+                throw VMTemplateError(.invalidArgument, "max clones must be 0 or more.")
+            }
+            guard settings.intervalSeconds >= 0.05 && settings.intervalSeconds <= 3600 else {
+                throw VMTemplateError(.invalidArgument, "the scheduler interval must be between 0.05 and 3600 seconds.")
+            }
+        }
+        return updated ?? StoreSettings()
+    }
+}

@@ -1,0 +1,188 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import Foundation
+
+/// `manifest.json` of a published template: what it is, how it was made, and how to rebuild a
+/// machine that its device state loads into.
+public struct TemplateManifest: Sendable, Codable, Equatable {
+    public init(formatVersion: Int, name: String, createdAt: Date, qemu: QEMUInfo, machine: MachineSpec, boot: BootInfo, readyMarker: String, memory: StoredFile, state: StoredFile, migration: MigrationInfo, templateArguments: [String], timings: CreateTimings) {
+        self.formatVersion = formatVersion
+        self.name = name
+        self.createdAt = createdAt
+        self.qemu = qemu
+        self.machine = machine
+        self.boot = boot
+        self.readyMarker = readyMarker
+        self.memory = memory
+        self.state = state
+        self.migration = migration
+        self.templateArguments = templateArguments
+        self.timings = timings
+    }
+
+    public static let currentFormatVersion = 1
+
+    public var formatVersion: Int
+    public var name: String
+    public var createdAt: Date
+    public var qemu: QEMUInfo
+    public var machine: MachineSpec
+    public var boot: BootInfo
+    public var readyMarker: String
+    public var memory: StoredFile
+    public var state: StoredFile
+    public var migration: MigrationInfo
+    /// The exact QEMU arguments the template VM ran with, for diagnosis.
+    public var templateArguments: [String]
+    public var timings: CreateTimings
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version"
+        case name
+        case createdAt = "created_at"
+        case qemu, machine, boot
+        case readyMarker = "ready_marker"
+        case memory, state, migration
+        case templateArguments = "template_arguments"
+        case timings
+    }
+
+    public struct QEMUInfo: Sendable, Codable, Equatable {
+        public init(path: String, version: QEMUVersion, package: String?, capabilities: QEMUCapabilities?, binary: BinaryFingerprint?) {
+            self.path = path
+            self.version = version
+            self.package = package
+            self.capabilities = capabilities
+            self.binary = binary
+        }
+
+        public var path: String
+        public var version: QEMUVersion
+        public var package: String?
+        /// What the binary could do when the template was made; trusted by `clone` as long as the
+        /// binary is the same file (`binary`), so cloning does not pay for probing QEMU.
+        public var capabilities: QEMUCapabilities?
+        public var binary: BinaryFingerprint?
+    }
+
+    /// Identifies a file cheaply: if none of these changed, it is the same binary.
+    public struct BinaryFingerprint: Sendable, Codable, Equatable {
+        public var sizeBytes: UInt64
+        public var inode: UInt64
+        public var modifiedNanoseconds: Int64
+
+        public init(_ status: FileStatus) {
+            sizeBytes = status.sizeBytes
+            inode = status.inode
+            modifiedNanoseconds = status.modifiedNanoseconds
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case sizeBytes = "size_bytes"
+            case inode
+            case modifiedNanoseconds = "mtime_ns"
+        }
+    }
+
+    public struct BootInfo: Sendable, Codable, Equatable {
+        public init(kernel: FileReference, initrd: FileReference?, append: String) {
+            self.kernel = kernel
+            self.initrd = initrd
+            self.append = append
+        }
+
+        public var kernel: FileReference
+        public var initrd: FileReference?
+        public var append: String
+    }
+
+    /// A file outside the store that the template was made from.
+    public struct FileReference: Sendable, Codable, Equatable {
+        public init(path: String, sizeBytes: UInt64, sha256: String) {
+            self.path = path
+            self.sizeBytes = sizeBytes
+            self.sha256 = sha256
+        }
+
+        public var path: String
+        public var sizeBytes: UInt64
+        public var sha256: String
+
+        enum CodingKeys: String, CodingKey {
+            case path
+            case sizeBytes = "size_bytes"
+            case sha256
+        }
+    }
+
+    /// A file inside the template directory, with what a quick check compares before trusting it.
+    public struct StoredFile: Sendable, Codable, Equatable {
+        public init(name: String, sizeBytes: UInt64, sha256: String, mode: UInt16, inode: UInt64, modifiedNanoseconds: Int64) {
+            self.name = name
+            self.sizeBytes = sizeBytes
+            self.sha256 = sha256
+            self.mode = mode
+            self.inode = inode
+            self.modifiedNanoseconds = modifiedNanoseconds
+        }
+
+        public var name: String
+        public var sizeBytes: UInt64
+        public var sha256: String
+        public var mode: UInt16
+        public var inode: UInt64
+        public var modifiedNanoseconds: Int64
+
+        enum CodingKeys: String, CodingKey {
+            case name
+            case sizeBytes = "size_bytes"
+            case sha256, mode, inode
+            case modifiedNanoseconds = "mtime_ns"
+        }
+    }
+
+    public struct MigrationInfo: Sendable, Codable, Equatable {
+        public init(capabilities: [String], uriScheme: String) {
+            self.capabilities = capabilities
+            self.uriScheme = uriScheme
+        }
+
+        /// Migration capabilities the state was saved with; a clone must load it with the same.
+        public var capabilities: [String]
+        /// `file` or `exec`: how the state was written.
+        public var uriScheme: String
+
+        enum CodingKeys: String, CodingKey {
+            case capabilities
+            case uriScheme = "uri_scheme"
+        }
+
+        /// How the state file is read back; an unknown scheme falls back to the pipe, which every
+        /// QEMU has.
+        public var transport: MigrationTransport { MigrationTransport(rawValue: uriScheme) ?? .exec }
+    }
+}
+
+/// How long each phase of `create` took, in seconds.
+public struct CreateTimings: Sendable, Codable, Equatable {
+    public var bootToReady: Double
+    public var pause: Double
+    public var save: Double
+    public var digest: Double
+    public var publish: Double
+    public var total: Double
+
+    public init(bootToReady: Double = 0, pause: Double = 0, save: Double = 0, digest: Double = 0, publish: Double = 0, total: Double = 0) {
+        self.bootToReady = bootToReady
+        self.pause = pause
+        self.save = save
+        self.digest = digest
+        self.publish = publish
+        self.total = total
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case bootToReady = "boot_to_ready"
+        case pause, save, digest, publish, total
+    }
+}

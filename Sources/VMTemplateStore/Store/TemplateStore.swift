@@ -1,0 +1,337 @@
+import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The on-disk store of templates and clone records.
+///
+/// ```
+/// ROOT/lock                       flock(2): serializes every change to the store
+/// ROOT/settings.json              limits (StoreSettings)
+/// ROOT/templates/NAME/            published, immutable: memory, state, manifest.json, boot.log (0444)
+/// ROOT/staging/NAME/              a template being made; never listed; `gc` removes dead ones
+/// ROOT/clones/ID/                 one directory per clone: record.json, sockets, logs
+/// ```
+///
+/// A template appears in `templates/` only by the rename of a complete staging directory, so a
+/// reader never sees half a template, and a `create` killed at any point leaves nothing in `list`.
+/// Every path is derived from this layout and a checked name, never read from a file.
+public struct TemplateStore: Sendable {
+    public let root: String
+    public static let environmentVariable = "VMTEMPLATE_STORE"
+
+    public var templatesDirectory: String { "\(root)/templates" }
+    public var stagingDirectory: String { "\(root)/staging" }
+    public var clonesDirectory: String { "\(root)/clones" }
+    var lockPath: String { "\(root)/lock" }
+
+    /// Opens (and if needed creates) the store at `root`.
+    public init(root: String) throws {
+        let normalized = URL(fileURLWithPath: root).standardizedFileURL.path
+        self.root = normalized
+        for directory in [normalized, templatesDirectory, stagingDirectory] {
+            try Self.makeDirectory(directory)
+        }
+        // Sticky and world-writable, like /tmp: any user who can read a template may clone it,
+        // and only a clone's owner (or root) can remove its directory.
+        if !FileManager.default.fileExists(atPath: clonesDirectory) {
+            try Self.makeDirectory(clonesDirectory)
+            chmod(clonesDirectory, 0o1777)
+        }
+    }
+
+    /// `--store`, else `$VMTEMPLATE_STORE`, else `/var/lib/vmtemplate` for root and
+    /// `$XDG_DATA_HOME/vmtemplate` (or `~/.local/share/vmtemplate`) for everyone else.
+    public static func defaultRoot(explicit: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
+        if let explicit, !explicit.isEmpty { return explicit }
+        if let fromEnvironment = environment[environmentVariable], !fromEnvironment.isEmpty { return fromEnvironment }
+        if getuid() == 0 { return "/var/lib/vmtemplate" }
+        if let dataHome = environment["XDG_DATA_HOME"], !dataHome.isEmpty { return "\(dataHome)/vmtemplate" }
+        return "\(environment["HOME"] ?? NSHomeDirectory())/.local/share/vmtemplate"
+    }
+
+    private static func makeDirectory(_ path: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) {
+            guard isDirectory.boolValue else {
+                throw VMTemplateError(.invalidArgument, "store path '\(path)' exists and is not a directory: pick another --store.")
+            }
+            return
+        }
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        } catch {
+            throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
+        }
+    }
+
+    /// Runs `body` holding the store's exclusive lock (across processes).
+    public func withLock<T>(_ body: () throws -> T) throws -> T {
+        let lock = try FileLock(path: lockPath)
+        return try lock.withExclusive(body)
+    }
+
+    // MARK: Templates
+
+    /// The files of a published template, by name.
+    public func templateFiles(_ name: EntityName) -> TemplateFiles {
+        TemplateFiles(directory: "\(templatesDirectory)/\(name)")
+    }
+
+    public func templateExists(_ name: EntityName) -> Bool {
+        FileManager.default.fileExists(atPath: templateFiles(name).directory)
+    }
+
+    /// The published template `name`: its manifest and where its files are.
+    ///
+    /// Refuses a template whose manifest names another template: a directory copied or renamed
+    /// by hand cannot be trusted.
+    public func template(named name: EntityName) throws -> PublishedTemplate {
+        let files = templateFiles(name)
+        let manifest: TemplateManifest
+        switch StoredJSON.read(TemplateManifest.self, at: files.manifestPath) {
+        case .success(let decoded):
+            manifest = decoded
+        case .failure(.missing) where !templateExists(name):
+            throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list' for the templates there are, or make it with 'vmtemplate create \(name) --recipe ...'.")
+        case .failure(.invalid(let reason)):
+            throw VMTemplateError(.ioError, "manifest of template '\(name)' is not valid: \(reason). The template is damaged or was made by a newer vmtemplate.")
+        case .failure(let failure):
+            throw VMTemplateError(.ioError, "template '\(name)' has no readable manifest.json (\(failure)): the template is damaged; remove it and create it again.", cause: failure)
+        }
+        guard manifest.name == name.value else {
+            throw VMTemplateError(.invalidState, "template directory '\(name)' holds the manifest of '\(manifest.name)': it was copied or renamed, so it cannot be trusted; create it again under this name.")
+        }
+        return PublishedTemplate(name: name, files: files, manifest: manifest)
+    }
+
+    /// Every published template, by name. Entries that cannot be read are reported in `problems`
+    /// rather than failing the whole listing.
+    public func templates() -> (templates: [PublishedTemplate], problems: [String]) {
+        var templates: [PublishedTemplate] = []
+        var problems: [String] = []
+        for entry in StoredJSON.entries(of: templatesDirectory) {
+            do {
+                templates.append(try template(named: try EntityName(entry)))
+            } catch let error as VMTemplateError {
+                problems.append(error.message)
+            } catch {
+                problems.append("template '\(entry)': \(error)")
+            }
+        }
+        return (templates, problems)
+    }
+
+    // MARK: Staging
+
+    /// Reserves `NAME` for a template being made: creates `staging/NAME` and records who owns it.
+    ///
+    /// A leftover of a `create` that was killed (its owner is gone) is reclaimed first: its QEMU is
+    /// killed and the directory removed. A `create` of the same name that is still running wins.
+    public func reserveStaging(_ name: EntityName) async throws -> StagingArea {
+        let staging = StagingArea(name: name, directory: "\(stagingDirectory)/\(name)")
+        let leftover: (StagingArea, StagingArea.Owner?)? = try withLock {
+            if templateExists(name) {
+                throw VMTemplateError(.exists, "template '\(name)' already exists: pick another name, or remove it first.")
+            }
+            guard FileManager.default.fileExists(atPath: staging.directory) else { return nil }
+            let owner = staging.owner
+            if let owner, owner.creator.isAlive {
+                throw VMTemplateError(.busy, "template '\(name)' is being created right now by process \(owner.creator.pid): wait for it to finish, or pick another name.")
+            }
+            return (try claimForDiscard(staging), owner)
+        }
+        if let (claimed, owner) = leftover {
+            try await claimed.discard(owner: owner)
+        }
+        return try withLock {
+            guard mkdir(staging.directory, 0o755) == 0 else {
+                let code = errno
+                if code == EEXIST {
+                    throw VMTemplateError(.busy, "template '\(name)' is being created right now by another process: wait for it to finish, or pick another name.")
+                }
+                throw VMTemplateError(.ioError, "cannot create staging directory '\(staging.directory)': \(errnoText(code)).", cause: SystemCallError("mkdir", code: code))
+            }
+            try staging.writeOwner(qemu: nil, executable: nil)
+            return staging
+        }
+    }
+
+    /// Moves a dead staging area aside (under the lock) so that stopping its QEMU and removing it
+    /// can happen without the lock, and a new `create` of the same name cannot be caught by it.
+    private func claimForDiscard(_ staging: StagingArea) throws -> StagingArea {
+        let aside = "\(stagingDirectory)/\(StagingArea.discardPrefix)\(String(UInt32.random(in: 0...UInt32.max), radix: 16))-\(staging.name)"
+        guard rename(staging.directory, aside) == 0 else {
+            throw VMTemplateError(.ioError, "cannot move the leftover staging area '\(staging.directory)' aside: \(errnoText()).", cause: SystemCallError("rename"))
+        }
+        return StagingArea(name: staging.name, directory: aside)
+    }
+
+    /// Publishes a complete staging directory as `templates/NAME` with one rename.
+    package func publish(_ staging: StagingArea) throws {
+        try withLock {
+            let target = templateFiles(staging.name).directory
+            if templateExists(staging.name) {
+                throw VMTemplateError(.exists, "template '\(staging.name)' was created by another process meanwhile: pick another name.")
+            }
+            try FileSystem.fsyncDirectory(path: staging.directory)
+            guard rename(staging.directory, target) == 0 else {
+                throw VMTemplateError(.ioError, "cannot publish template '\(staging.name)': rename to '\(target)' failed: \(errnoText()).", cause: SystemCallError("rename"))
+            }
+            // Read-only directory too: nobody but root can add or remove files in a template.
+            chmod(target, 0o555)
+            try FileSystem.fsyncDirectory(path: templatesDirectory)
+            try FileSystem.fsyncDirectory(path: stagingDirectory)
+        }
+    }
+
+    /// Removes what interrupted `create`s left in `staging/` (and stops the QEMU they left);
+    /// anything whose creator still runs is left alone.
+    public func collectStagingGarbage(into report: inout GarbageReport) async {
+        var problems: [String] = []
+        let claimed: [(StagingArea, StagingArea.Owner?)] = (try? withLock {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: stagingDirectory)) ?? []
+            return names.sorted().compactMap { entry -> (StagingArea, StagingArea.Owner?)? in
+                let directory = "\(stagingDirectory)/\(entry)"
+                // Moved aside by a `gc` or `create` that died before it finished the removal.
+                if entry.hasPrefix(StagingArea.discardPrefix), let name = try? EntityName(String(entry.split(separator: "-", maxSplits: 2).last ?? "")) {
+                    let aside = StagingArea(name: name, directory: directory)
+                    return (aside, aside.owner)
+                }
+                guard let name = try? EntityName(entry) else {
+                    problems.append("\(directory): not a template name; remove it by hand if it is not yours.")
+                    return nil
+                }
+                let staging = StagingArea(name: name, directory: directory)
+                let owner = staging.owner
+                if let owner, owner.creator.isAlive { return nil }
+                do {
+                    return (try claimForDiscard(staging), owner)
+                } catch {
+                    problems.append("\(directory): \(error)")
+                    return nil
+                }
+            }
+        }) ?? []
+        report.problems += problems
+        for (staging, owner) in claimed {
+            do {
+                if let pid = try await staging.discard(owner: owner) { report.stoppedQEMU.append(pid) }
+                report.removedStaging.append(staging.name.value)
+            } catch {
+                report.problems.append("\(staging.directory): \(error)")
+            }
+        }
+    }
+}
+
+/// What `gc` did.
+public struct GarbageReport: Sendable, Codable, Equatable {
+    public var removedStaging: [String] = []
+    public var stoppedQEMU: [Int32] = []
+    public var removedClones: [String] = []
+    public var problems: [String] = []
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case removedStaging = "removed_staging"
+        case stoppedQEMU = "killed_processes"
+        case removedClones = "removed_clones"
+        case problems
+    }
+
+    public var isEmpty: Bool { removedStaging.isEmpty && stoppedQEMU.isEmpty && removedClones.isEmpty }
+}
+
+/// Where a template's files are, in `templates/NAME` or `staging/NAME` alike.
+public struct TemplateFiles: Sendable, Equatable {
+    public let directory: String
+
+    public init(directory: String) {
+        self.directory = directory
+    }
+
+    public var memoryPath: String { "\(directory)/memory" }
+    public var statePath: String { "\(directory)/state" }
+    public var manifestPath: String { "\(directory)/manifest.json" }
+    public var bootLogPath: String { "\(directory)/boot.log" }
+}
+
+/// A published template: its name, its files and its manifest. What `clone` needs of a template,
+/// so nobody rebuilds its paths from a name.
+public struct PublishedTemplate: Sendable {
+    public let name: EntityName
+    public let files: TemplateFiles
+    public let manifest: TemplateManifest
+
+    public var directory: String { files.directory }
+    public var memoryPath: String { files.memoryPath }
+    public var statePath: String { files.statePath }
+}
+
+/// A template being made: `staging/NAME`, with `owner.json` naming the creating process and its QEMU.
+public struct StagingArea: Sendable {
+    public let name: EntityName
+    public let directory: String
+
+    public var files: TemplateFiles { TemplateFiles(directory: directory) }
+    public var paths: InstancePaths { InstancePaths(directory: directory) }
+    var ownerPath: String { "\(directory)/owner.json" }
+    /// Staging areas moved aside to be removed are named `.discard-RANDOM-NAME`.
+    static let discardPrefix = ".discard-"
+
+    /// The `-name` of the QEMU that boots this template: how `gc` recognises it.
+    public var qemuName: String { "vmtemplate-create-\(name)" }
+
+    package struct Owner: Codable, Sendable {
+        var creator: ProcessIdentity
+        var qemu: ProcessIdentity?
+        var qemuExecutable: String?
+
+        enum CodingKeys: String, CodingKey {
+            case creator, qemu
+            case qemuExecutable = "qemu_executable"
+        }
+    }
+
+    /// Records this process as the creator and, once started, the template's QEMU, so that `gc`
+    /// can tell a live `create` from a dead one and stop what a dead one left running.
+    public func writeOwner(qemu: ProcessIdentity?, executable: String?) throws {
+        guard let creator = ProcessIdentity.current(pid: getpid()) else {
+            throw VMTemplateError(.internalError, "cannot read this process's own /proc entry: is /proc mounted?")
+        }
+        try StoredJSON.write(Owner(creator: creator, qemu: qemu, qemuExecutable: executable), to: ownerPath)
+    }
+
+    var owner: Owner? {
+        try? StoredJSON.read(Owner.self, at: ownerPath).get()
+    }
+
+    /// Stops the staging area's QEMU (only if it is the QEMU `owner` names, checked by
+    /// ``QEMUInstance/attach(identity:name:qmpSocket:logPath:executable:)``) and removes the
+    /// directory. Returns the PID of the QEMU it stopped.
+    @discardableResult
+    func discard(owner: Owner?) async throws -> Int32? {
+        var stopped: Int32?
+        if let identity = owner?.qemu {
+            let paths = self.paths
+            if case .running(let qemu) = QEMUInstance.attach(identity: identity, name: qemuName, qmpSocket: paths.qmpSocket, logPath: paths.qemuLog, executable: owner?.qemuExecutable) {
+                try await qemu.stop(grace: .milliseconds(500), politely: false)
+                stopped = qemu.pid
+            }
+        }
+        try FileSystem.removeTree(path: directory)
+        return stopped
+    }
+
+    /// Removes this staging area (on any failure of `create`, after its QEMU was stopped).
+    public func discard() {
+        try? FileSystem.removeTree(path: directory)
+    }
+}
