@@ -31,6 +31,18 @@ struct CloneBench: AsyncParsableCommand {
     @Option(name: .customLong("also-vmtemplate"), help: ArgumentHelp("A second vmtemplate binary (e.g. built with --static-swift-stdlib) timed in the same runs.", valueName: "path"))
     var otherVMTemplate: String?
 
+    @Option(name: .customLong("also-environment"), help: ArgumentHelp("KEY=VALUE for --also-vmtemplate's runs only (repeatable), e.g. VMTEMPLATE_QEMU_SANDBOX=off with the same binary to measure what QEMU's confinement costs.", valueName: "KEY=VALUE"))
+    var otherEnvironment: [String] = []
+
+    private var otherSettings: CloneSettings {
+        var settings = CloneSettings()
+        for pair in otherEnvironment {
+            let parts = pair.split(separator: "=", maxSplits: 1).map(String.init)
+            if parts.count == 2 { settings.environment[parts[0]] = parts[1] }
+        }
+        return settings
+    }
+
     func validate() throws {
         guard runs >= 1, coldRuns >= 1, concurrency >= 1, concurrentRuns >= 1, idleSeconds >= 0 else {
             throw ValidationError("counts must be at least 1 (--idle-seconds at least 0)")
@@ -49,6 +61,18 @@ struct CloneBench: AsyncParsableCommand {
         /// --also-vmtemplate's clones, if given.
         var otherClone: Summary?
         var otherVMTemplate: String?
+
+    @Option(name: .customLong("also-environment"), help: ArgumentHelp("KEY=VALUE for --also-vmtemplate's runs only (repeatable), e.g. VMTEMPLATE_QEMU_SANDBOX=off with the same binary to measure what QEMU's confinement costs.", valueName: "KEY=VALUE"))
+    var otherEnvironment: [String] = []
+
+    private var otherSettings: CloneSettings {
+        var settings = CloneSettings()
+        for pair in otherEnvironment {
+            let parts = pair.split(separator: "=", maxSplits: 1).map(String.init)
+            if parts.count == 2 { settings.environment[parts[0]] = parts[1] }
+        }
+        return settings
+    }
         var kata: Summary
         var coldBoot: Summary
         var concurrency: Int
@@ -102,7 +126,7 @@ struct CloneBench: AsyncParsableCommand {
             var otherClones: [Double] = []
             if let otherVMTemplate {
                 guard FileManager.default.isExecutableFile(atPath: otherVMTemplate) else { throw BenchError("--also-vmtemplate \(otherVMTemplate) is not an executable") }
-                let warmOther = try await CLI.clone(workspace, binary: otherVMTemplate)
+                let warmOther = try await CLI.clone(workspace, otherSettings, binary: otherVMTemplate)
                 try await CLI.remove(workspace, [warmOther.clone])
             }
             var katas: [Double] = []
@@ -121,7 +145,7 @@ struct CloneBench: AsyncParsableCommand {
                         clones.append(seconds)
                         try await CLI.remove(workspace, [clone])
                     case 3:
-                        let (seconds, clone) = try await CLI.clone(workspace, binary: otherVMTemplate)
+                        let (seconds, clone) = try await CLI.clone(workspace, otherSettings, binary: otherVMTemplate)
                         otherClones.append(seconds)
                         try await CLI.remove(workspace, [clone])
                     default:

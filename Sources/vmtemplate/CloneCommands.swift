@@ -45,6 +45,9 @@ struct Clone: AsyncParsableCommand {
     @Flag(help: "Print the clone as one JSON object on stdout.")
     var json = false
 
+    @Option(name: .customLong("template-store"), help: ArgumentHelp("Read the template from this store (another user's, read-only) and keep the clone in --store (default: $VMTEMPLATE_TEMPLATE_STORE, else --store).", valueName: "path"))
+    var templateStore: String?
+
     @OptionGroup var store: StoreOptions
     @OptionGroup var qemu: QEMUOptions
 
@@ -77,15 +80,22 @@ struct Clone: AsyncParsableCommand {
         try await reportingErrors {
             let templateName = try EntityName(template)
             let cloneName = try name.map { try EntityName($0, kind: "clone") }
-            let engine = CloneEngine(store: try store.open(), explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
+            let store = try store.open()
+            let templatesRoot = templateStore ?? ProcessInfo.processInfo.environment[TemplateStore.templateStoreEnvironmentVariable].flatMap { $0.isEmpty ? nil : $0 }
+            let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }
+            let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
             let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .milliseconds(Int64(timeout * 1000)), cowLimitBytes: limit, overLimitAction: overLimit)
-            let (record, warning) = try await engine.clone(request)
-            if let warning { Terminal.note(warning) }
-            if json {
-                try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: record.paths.qmpSocket, serialLog: record.paths.serialLog, controlSocket: record.paths.controlSocket, vmgenid: record.vmgenid))
-            } else {
-                print(record.id)
+            let json = self.json
+            try await interruptible {
+                let (record, warning) = try await engine.clone(request)
+                if let warning { Terminal.note(warning) }
+                if json {
+                    let paths = store.clonePaths(record.id)
+                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid))
+                } else {
+                    print(record.id)
+                }
             }
         }
     }
@@ -125,7 +135,7 @@ struct Remove: AsyncParsableCommand {
                     group.addTask {
                         do {
                             let how = try await engine.remove(record, grace: .milliseconds(Int64(grace * 1000)))
-                            print("removed \(record.id) (\(record.name)): \(how.rawValue)")
+                            print(TerminalText.escape("removed \(record.id) (\(record.name)): \(how.rawValue)"))
                             return nil
                         } catch {
                             return "\(record.id): \(error)"
@@ -160,9 +170,22 @@ struct Send: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let record = try store.open().findClone(clone)
-            let reply = try ControlChannel(path: record.paths.controlSocket).request(request.joined(separator: " "), timeout: .milliseconds(Int64(timeout * 1000)))
-            print(reply)
+            let store = try store.open(.readOnly)
+            let record = try store.findClone(clone)
+            // A paused guest never answers: say so instead of waiting out the timeout.
+            let state = await CloneEngine(store: store).liveState(of: record)
+            switch state {
+            case .paused:
+                throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused\(record.lastEnforcement.map { " by the scheduler (copy-on-write \(ByteSize(bytes: $0.cowBytes)) over its limit)" } ?? ""): resume it first (vmtemplate resume \(record.id)).")
+            case .exited:
+                throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has exited: remove it (vmtemplate rm \(record.id)) and clone again.")
+            case .notYours:
+                throw VMTemplateError(.permissionDenied, "clone \(record.id) (\(record.name)) is not yours: only its owner (or root) may talk to it.")
+            default:
+                break
+            }
+            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .milliseconds(Int64(timeout * 1000)))
+            print(TerminalText.escape(reply))
         }
     }
 }

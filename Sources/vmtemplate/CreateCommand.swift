@@ -35,6 +35,9 @@ struct Create: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds to wait for the ready marker, overriding the recipe.", valueName: "seconds"))
     var timeout: Double?
 
+    @Option(help: ArgumentHelp("Only this group may read the template (files 0440, directory 0550); default: everyone (0444).", valueName: "group"))
+    var group: String?
+
     @Flag(help: "Print the template's manifest as one JSON object on stdout.")
     var json = false
 
@@ -53,21 +56,24 @@ struct Create: AsyncParsableCommand {
             if let memory { recipe.memory = memory }
             if let cpus { recipe.cpus = cpus }
             let creator = TemplateCreator(store: try store.open(), qemu: try qemu.probe(), kvm: .probe())
-            let request = CreateRequest(name: templateName, recipe: recipe, accelerator: accel, readyTimeout: timeout.map { .milliseconds(Int64($0 * 1000)) })
+            let request = CreateRequest(name: templateName, recipe: recipe, accelerator: accel, readyTimeout: timeout.map { .milliseconds(Int64($0 * 1000)) }, group: group)
             let showProgress = Terminal.stderrIsTerminal
-            let manifest = try await creator.create(request) { phase in
-                if showProgress { Terminal.note("\(templateName): \(phase.rawValue)") }
-            }
-            if json {
-                try Terminal.printJSON(manifest)
-            } else {
-                let t = manifest.timings
-                print("created template \(manifest.name): \(ByteSize(bytes: manifest.machine.memoryBytes)) RAM, \(manifest.machine.machineType), \(manifest.machine.accelerator.rawValue); boot to ready \(format(t.bootToReady)), save \(format(t.save)), digest \(format(t.digest)), total \(format(t.total))")
+            let json = self.json
+            try await interruptible {
+                let manifest = try await creator.create(request) { phase in
+                    if showProgress { Terminal.note("\(templateName): \(phase.rawValue)") }
+                }
+                if json {
+                    try Terminal.printJSON(manifest)
+                } else {
+                    let t = manifest.timings
+                    print("created template \(manifest.name): \(ByteSize(bytes: manifest.machine.memoryBytes)) RAM, \(manifest.machine.machineType), \(manifest.machine.accelerator.rawValue); boot to ready \(Self.format(t.bootToReady)), save \(Self.format(t.save)), digest \(Self.format(t.digest)), total \(Self.format(t.total))")
+                }
             }
         }
     }
 
-    private func format(_ seconds: Double) -> String {
+    private static func format(_ seconds: Double) -> String {
         seconds < 1 ? String(format: "%.0f ms", seconds * 1000) : String(format: "%.2f s", seconds)
     }
 }

@@ -30,7 +30,7 @@ struct Inspect: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let store = try store.open()
+            let store = try store.open(.readOnly)
             let records = store.clones().records
             if let name = try? EntityName(reference), store.templateExists(name) {
                 let view = TemplateView(template: try store.template(named: name).manifest, clones: records.filter { $0.template == reference }.map(\.id))

@@ -42,10 +42,12 @@ struct List: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let store = try store.open()
+            let store = try store.open(.readOnly)
             let (templates, templateProblems) = store.templates()
             let manifests = templates.map(\.manifest)
-            let (records, cloneProblems) = store.clones()
+            let listing = store.listClones()
+            let records = listing.records
+            let cloneProblems = listing.problems + (listing.notYours.isEmpty ? [] : ["\(listing.notYours.count) clones here are another user's (not yours): \(listing.notYours.joined(separator: ", "))."])
             let clones = await CloneEngine(store: store).statuses(of: records)
             let problems = templateProblems + cloneProblems
             let rows = manifests.map { manifest in
@@ -90,6 +92,8 @@ extension List {
 /// Left-aligned columns separated by two spaces.
 enum TextTable {
     static func render(_ rows: [[String]]) -> String {
+        // Cells carry names and text from records: escaped before anything is measured or printed.
+        let rows = rows.map { $0.map(TerminalText.escape) }
         guard let columns = rows.map(\.count).max() else { return "" }
         var widths = Array(repeating: 0, count: columns)
         for row in rows {

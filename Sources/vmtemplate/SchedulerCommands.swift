@@ -40,7 +40,7 @@ struct SchedulerCommand: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data((line + "\n").utf8))
             }
             if once {
-                for action in await scheduler.sampleOnce() { log(try JSONCoding.line(action)) }
+                for action in try await scheduler.sampleOnce() { log(try JSONCoding.line(action)) }
                 return
             }
             Terminal.note("scheduler watching \(scheduler.store.root)")
@@ -95,9 +95,10 @@ struct Settings: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let store = try store.open()
+            let changing = maxClones != nil || memoryBudget != nil || action != nil || interval != nil
+            let store = try store.open(changing ? .readWrite : .readOnly)
             var settings = try store.settings()
-            if maxClones != nil || memoryBudget != nil || action != nil || interval != nil {
+            if changing {
                 settings = try store.updateSettings { settings in
                     if let maxClones {
                         if maxClones == "none" {

@@ -1,5 +1,7 @@
 import ArgumentParser
+import Dispatch
 import Foundation
+import Synchronization
 import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
@@ -20,7 +22,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
-        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, Resume.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
+        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 }
 
@@ -29,8 +31,10 @@ struct StoreOptions: ParsableArguments {
     @Option(name: .customLong("store"), help: ArgumentHelp("Store directory (default: $VMTEMPLATE_STORE, else /var/lib/vmtemplate for root, ~/.local/share/vmtemplate otherwise).", valueName: "path"))
     var storePath: String?
 
-    func open() throws -> TemplateStore {
-        try TemplateStore(root: TemplateStore.defaultRoot(explicit: storePath))
+    /// `.readOnly` for commands that only look: they never create a store and work on another
+    /// user's.
+    func open(_ mode: TemplateStore.Mode = .readWrite) throws -> TemplateStore {
+        try TemplateStore(root: TemplateStore.defaultRoot(explicit: storePath), mode: mode)
     }
 }
 
@@ -46,27 +50,55 @@ struct QEMUOptions: ParsableArguments {
 extension AcceleratorChoice: ExpressibleByArgument {}
 
 /// Runs a command body and turns library errors into one clear line on stderr and exit status 1.
+/// Everything printed is escaped: messages and causes carry text from records, consoles and QEMU.
 func reportingErrors(_ body: () async throws -> Void) async throws {
     do {
         try await body()
     } catch let error as VMTemplateError {
         Terminal.error(error.message)
         if let cause = error.causeText {
-            FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+            FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \(TerminalText.escape(String($0)))" }.joined(separator: "\n") + "\n").utf8))
         }
         throw ExitCode.failure
+    } catch is CancellationError {
+        throw ExitCode.failure
     }
+}
+
+/// Runs `body` (a `create` or a `clone`) so that SIGINT, SIGTERM and SIGHUP cancel it: the
+/// library then runs the same clean-up as for a failure (no QEMU left, nothing half-made), and the
+/// command exits with 128 + the signal's number.
+func interruptible(_ body: @escaping @Sendable () async throws -> Void) async throws {
+    let task = Task { try await body() }
+    let received = Mutex<Int32?>(nil)
+    let sources = [SIGINT, SIGTERM, SIGHUP].map { number in
+        signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+        source.setEventHandler {
+            received.withLock { $0 = $0 ?? number }
+            task.cancel()
+        }
+        source.resume()
+        return source
+    }
+    defer { for source in sources { source.cancel() } }
+    let result = await task.result
+    if let number = received.withLock({ $0 }) {
+        Terminal.error("interrupted by signal \(number): everything this command had started was stopped and removed.")
+        throw ExitCode(128 + number)
+    }
+    try result.get()
 }
 
 enum Terminal {
     static var stderrIsTerminal: Bool { isatty(2) == 1 }
 
     static func error(_ message: String) {
-        FileHandle.standardError.write(Data("vmtemplate: error: \(message)\n".utf8))
+        FileHandle.standardError.write(Data("vmtemplate: error: \(TerminalText.escape(message))\n".utf8))
     }
 
     static func note(_ message: String) {
-        FileHandle.standardError.write(Data("vmtemplate: \(message)\n".utf8))
+        FileHandle.standardError.write(Data("vmtemplate: \(TerminalText.escape(message))\n".utf8))
     }
 
     static func printJSON(_ value: some Encodable) throws {

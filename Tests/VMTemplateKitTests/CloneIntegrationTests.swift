@@ -93,21 +93,36 @@ extension RealGuests {
             #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
         }
 
-        @Test("a non-root user clones a root-owned read-only template", .enabled(if: Environment.isRoot, "needs root to own the template and switch to another user"))
+        @Test("a non-root user clones a root-owned read-only template into a store of their own", .enabled(if: Environment.isRoot, "needs root to own the template and switch to another user"))
         func unprivilegedClone() async throws {
             let store = try await SharedTemplate.shared.store()
             defer { try? removeAll(store) }
             let memoryFile = "\(store.templateDirectory(SharedTemplate.name))/memory"
             let status = try FileStatus.read(path: memoryFile)
             #expect(status.ownerUID == 0 && status.mode == 0o444)
-            let result = try ShortCommand.run("/usr/bin/setpriv", [
-                "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-                Checkout.binary, "clone", SharedTemplate.name, "--json", "--store", store.root,
-            ])
+            // nobody's own store: a directory nobody creates itself.
+            let own = "/tmp/vmt-nobody-\(UUID().uuidString.prefix(8))"
+            defer { TemporaryStore(existing: own).remove() }
+            func asNobody(_ arguments: [String]) throws -> ShortCommand.Output {
+                try ShortCommand.run("/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", Checkout.binary] + arguments)
+            }
+            // Root's store is root's alone: nobody can no longer write a clone into it.
+            let refused = try asNobody(["clone", SharedTemplate.name, "--store", store.root])
+            #expect(refused.status == 1)
+            #expect(refused.stderr.contains("only its owner changes a store"), "\(refused.stderr)")
+            #expect(refused.stderr.contains("--template-store \(store.root)"))
+
+            let result = try asNobody(["clone", SharedTemplate.name, "--json", "--store", own, "--template-store", store.root])
             try #require(result.status == 0, "clone as nobody failed: \(result.stderr)")
             let clone = try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
+            #expect(clone.control_socket.hasPrefix(own), "the clone lives in nobody's store")
             #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
-            #expect(try FileStatus.read(path: store.cloneDirectory(clone.id)).ownerUID == 65534)
+            #expect(try FileStatus.read(path: "\(own)/clones/\(clone.id)").ownerUID == 65534)
+            // Root's listing of nobody's store is read-only and shows the clone.
+            let listing = try CLI.run(["list", "--json", "--store", own])
+            #expect(listing.stdout.contains(clone.id))
+            let removed = try asNobody(["rm", clone.id, "--store", own])
+            #expect(removed.status == 0, "\(removed.stderr)")
         }
 
         @Test("rm stops the QEMU and removes the record; a SIGKILLed clone shows as exited and gc cleans it")

@@ -37,7 +37,10 @@ struct ModelTests {
         #expect(try Accelerator.resolve(.auto, kvm: pvm) == .tcg)
         #expect(try Accelerator.resolve(.auto, kvm: real) == .kvm)
         #expect(try Accelerator.resolve(.tcg, kvm: real) == .tcg)
-        #expect(try Accelerator.resolve(.kvm, kvm: pvm) == .kvm, "an explicit kvm is honoured where the device works")
+        // An explicit kvm where KVM cannot run stock guests fails at once with doctor's reason,
+        // instead of hanging until the ready timeout.
+        let refused = #expect(throws: VMTemplateError.self) { try Accelerator.resolve(.kvm, kvm: pvm) }
+        #expect(refused?.message.contains("PVM") == true)
         #expect(throws: VMTemplateError.self) { try Accelerator.resolve(.kvm, kvm: none) }
     }
 

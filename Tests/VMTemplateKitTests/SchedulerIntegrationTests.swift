@@ -226,7 +226,7 @@ extension RealGuests {
             try clone(store, ["--name", "free"])
             let record = try TemplateStore(root: store.root).findClone("held")
             // QEMU's QMP socket serves one client at a time: holding it makes it unanswerable.
-            let holder = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: .seconds(5))
+            let holder = try await QMPClient.connect(socketPath: TemplateStore(root: store.root).clonePaths(record.id).qmpSocket, timeout: .seconds(5))
             defer { holder.close() }
             let listing = try list(store)
             #expect(listing.clones.first { $0.name == "held" }?.state == "unresponsive")

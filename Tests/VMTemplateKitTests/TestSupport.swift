@@ -16,7 +16,10 @@ enum Checkout {
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
     static let busyboxRecipe = "\(root)/templates/busybox/template.json"
     /// The `vmtemplate` executable `swift build` made next to the test bundle.
+    /// `$VMTEMPLATE_TEST_BINARY` runs the tests against another build (an older commit's, to show
+    /// that a test fails there: docs/reliability.md).
     static var binary: String {
+        if let other = ProcessInfo.processInfo.environment["VMTEMPLATE_TEST_BINARY"], !other.isEmpty { return other }
         let candidates = [
             Bundle.main.bundleURL.appendingPathComponent("vmtemplate").path,
             Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vmtemplate").path,
@@ -39,6 +42,8 @@ struct CommandResult {
     var status: Int32
     var stdout: String
     var stderr: String
+    /// Ended by a signal it did not handle (a trap, an abort, a kill): a crash unless the test sent it.
+    var signaled = false
 }
 
 /// Runs the real `vmtemplate` binary, the way a container runtime would.
@@ -65,7 +70,7 @@ enum CLI {
             let err = (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? ""
             try? FileManager.default.removeItem(atPath: stdoutPath)
             try? FileManager.default.removeItem(atPath: stderrPath)
-            return CommandResult(status: process.terminationStatus, stdout: out, stderr: err)
+            return CommandResult(status: process.terminationStatus, stdout: out, stderr: err, signaled: process.terminationReason == .uncaughtSignal)
         }
     }
 

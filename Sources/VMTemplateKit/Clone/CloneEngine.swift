@@ -49,12 +49,17 @@ public struct CloneRequest: Sendable {
 /// copy-on-write pages of the clone, the file never changes), `-incoming defer`, then the device
 /// state loaded with `x-ignore-shared` and the guest continued.
 public struct CloneEngine: Sendable {
+    /// Where clone records live; this user's own.
     public let store: TemplateStore
+    /// Where templates are read from: the same store, or another user's (`--template-store`,
+    /// opened read-only: a non-root user clones root's templates into a store of their own).
+    public let templates: TemplateStore
     /// `--qemu`/`$VMTEMPLATE_QEMU` if given; otherwise the binary that made the template.
     public let explicitQEMU: String?
 
-    public init(store: TemplateStore, explicitQEMU: String? = nil) {
+    public init(store: TemplateStore, templates: TemplateStore? = nil, explicitQEMU: String? = nil) {
         self.store = store
+        self.templates = templates ?? store
         self.explicitQEMU = explicitQEMU
     }
 
@@ -109,7 +114,7 @@ public struct CloneEngine: Sendable {
     /// Starts a clone and returns once its guest runs.
     public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
         let started = ContinuousClock.now
-        let template = try store.template(named: request.template)
+        let template = try templates.template(named: request.template)
         let manifest = template.manifest
         try checkFiles(of: template)
         let (qemuPath, capabilities) = try qemuFor(manifest)
@@ -121,15 +126,17 @@ public struct CloneEngine: Sendable {
         var record = try reserve(request, template: template, executable: qemuPath, writable: memoryOptions.readonly == false)
         var instance: QEMUInstance?
         do {
-            try record.paths.checkSocketLengths()
+            let paths = store.clonePaths(record.id)
+            try paths.checkSocketLengths()
             let commandLine = QEMUCommandLine(
                 name: CloneRecord.qemuName(id: record.id),
                 machine: manifest.machine,
                 memory: MemoryBackendFile(path: template.memoryPath, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions),
-                paths: record.paths,
+                paths: paths,
                 launch: .incoming,
                 vmgenidGUID: record.vmgenid ?? "auto",
-                tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB
+                tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB,
+                confinement: .forThisProcess(userMayRead: Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
             let qemu = try QEMUInstance.launch(commandLine, executable: qemuPath, transparentHugePages: false)
             instance = qemu
@@ -146,10 +153,21 @@ public struct CloneEngine: Sendable {
             try store.save(record)
             return (record, warning)
         } catch {
-            if let instance { _ = try? await instance.stop(grace: .milliseconds(500), politely: false) }
-            try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
+            // The same clean-up for a failure and for an interruption (a cancelled task).
+            let directory = store.cloneDirectory(record.id)
+            let launched = instance
+            await uncancellable {
+                if let launched { _ = try? await launched.stop(grace: .milliseconds(500), politely: false) }
+                try? FileSystem.removeTree(path: directory)
+            }
             throw error
         }
+    }
+
+    /// Whether any user may read `path` (so QEMU, once it has dropped to its own user, can).
+    static func everyoneMayRead(_ path: String) -> Bool {
+        guard let status = try? FileStatus.read(path: path) else { return false }
+        return status.mode & 0o004 != 0
     }
 
     /// Creates the clone's directory and first record under the store lock, so names stay unique.
@@ -169,7 +187,13 @@ public struct CloneEngine: Sendable {
             if existing.contains(where: { $0.name == name || $0.id == name }) {
                 throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
             }
+            // Names are unique among clones and templates, so a name always says which one it is.
+            if let asTemplate = try? EntityName(name), store.templateExists(asTemplate) || templates.templateExists(asTemplate) {
+                throw VMTemplateError(.exists, "'\(name)' is the name of a template: give the clone another --name.")
+            }
             let directory = store.cloneDirectory(id)
+            // 0755: others may read the record (as they may see a process); logs and sockets
+            // inside are the owner's alone.
             guard mkdir(directory, 0o755) == 0 else {
                 throw VMTemplateError(.ioError, "cannot create clone directory '\(directory)': \(errnoText()). Check that this user may write to '\(store.clonesDirectory)'.", cause: SystemCallError("mkdir"))
             }
@@ -177,7 +201,7 @@ public struct CloneEngine: Sendable {
                 id: id, name: name, template: manifest.name,
                 qemu: nil, qemuExecutable: executable, creator: ProcessIdentity.current(pid: getpid()),
                 createdAt: Date(), state: .starting,
-                paths: InstancePaths(directory: directory),
+                templateStore: templates.root == store.root ? nil : templates.root,
                 memoryFile: template.memoryPath,
                 writableTemplate: writable,
                 vmgenid: request.freshGenerationID ? UUID().uuidString.lowercased() : nil,

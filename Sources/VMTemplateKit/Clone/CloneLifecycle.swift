@@ -10,7 +10,7 @@ extension CloneEngine {
     /// to a clone's QEMU that may signal it.
     public func qemu(of record: CloneRecord) -> QEMUInstance.Attachment {
         guard let identity = record.qemu else { return .exited }
-        let paths = InstancePaths(directory: store.cloneDirectory(record.id))
+        let paths = store.clonePaths(record.id)
         return QEMUInstance.attach(identity: identity, name: CloneRecord.qemuName(id: record.id), qmpSocket: paths.qmpSocket, logPath: paths.qemuLog, executable: record.qemuExecutable)
     }
 
@@ -23,10 +23,14 @@ extension CloneEngine {
         guard qemu.isAlive else { return .exited }
         if record.state == .starting { return record.creator?.isAlive == true ? .starting : .unresponsive }
         do {
-            let qmp = try await QMPClient.connect(socketPath: record.paths.qmpSocket, timeout: timeout, isPeerAlive: { qemu.isAlive })
+            let qmp = try await QMPClient.connect(socketPath: store.clonePaths(record.id).qmpSocket, timeout: timeout, isPeerAlive: { qemu.isAlive })
             defer { qmp.close() }
             let status = try await qmp.queryStatus()
             return status.running ? .running : .paused
+        } catch let error as VMTemplateError where (error.cause as? SystemCallError)?.code == EACCES {
+            // Another user's clone: its sockets are its owner's alone.
+            _ = error
+            return .notYours
         } catch {
             return qemu.isAlive ? .unresponsive : .exited
         }
@@ -111,8 +115,10 @@ extension CloneEngine {
         }
         // Listed under the lock: `clone` creates a directory and its first record under it, so a
         // directory seen without a record then is debris, not a clone being set up.
-        for (id, _) in (try? store.withLock { store.unreadableClones() }) ?? [] {
-            let paths = InstancePaths(directory: store.cloneDirectory(id))
+        let listing = (try? store.withLock { store.listClones() }) ?? TemplateStore.CloneListing()
+        report.problems += listing.problems.filter { !$0.contains("'vmtemplate gc' removes it") }
+        for id in listing.broken {
+            let paths = store.clonePaths(id)
             for instance in QEMUInstance.running(named: CloneRecord.qemuName(id: id), qmpSocket: paths.qmpSocket, logPath: paths.qemuLog) {
                 do {
                     try await instance.stop(grace: .milliseconds(500), politely: false)
@@ -132,5 +138,24 @@ extension CloneEngine {
         } catch {
             report.problems.append("\(store.cloneDirectory(id)): \(error)")
         }
+    }
+}
+
+extension CloneEngine {
+    /// Removes template `name`. Refused while clones of this store run from it, unless `force`,
+    /// which stops them first (as `rm` does). Returns the clones it removed.
+    public func removeTemplate(_ name: EntityName, force: Bool, grace: Duration = .seconds(3)) async throws -> [CloneRecord] {
+        guard store.templateExists(name) else {
+            throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list'.")
+        }
+        let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive }
+        if !users.isEmpty && !force {
+            throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clones (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")
+        }
+        for record in users {
+            try await remove(record, grace: grace)
+        }
+        try store.removeTemplateFiles(name)
+        return users
     }
 }

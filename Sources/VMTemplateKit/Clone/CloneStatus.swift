@@ -55,10 +55,11 @@ extension CloneEngine {
 
     public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500)) async -> CloneStatus {
         let state = await liveState(of: record, timeout: qmpTimeout)
+        let paths = store.clonePaths(record.id)
         var status = CloneStatus(
             id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: state,
             createdAt: record.createdAt, uptimeSeconds: max(0, Date().timeIntervalSince(record.createdAt)),
-            qmpSocket: record.paths.qmpSocket, controlSocket: record.paths.controlSocket, serialLog: record.paths.serialLog,
+            qmpSocket: paths.qmpSocket, controlSocket: paths.controlSocket, serialLog: paths.serialLog,
             vmgenid: record.vmgenid
         )
         if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {

@@ -16,8 +16,12 @@ public struct CreateRequest: Sendable {
     public var accelerator: AcceleratorChoice
     /// Overrides the recipe's ready timeout.
     public var readyTimeout: Duration?
+    /// Restrict the template to a group: files 0440 and directory 0550 of that group, instead of
+    /// readable by everyone (guest RAM holds whatever the guest had in memory when it was saved).
+    public var group: String?
 
-    public init(name: EntityName, recipe: Recipe, accelerator: AcceleratorChoice = .auto, readyTimeout: Duration? = nil) {
+    public init(name: EntityName, recipe: Recipe, accelerator: AcceleratorChoice = .auto, readyTimeout: Duration? = nil, group: String? = nil) {
+        self.group = group
         self.name = name
         self.recipe = recipe
         self.accelerator = accelerator
@@ -52,16 +56,19 @@ public struct TemplateCreator: Sendable {
     public func create(_ request: CreateRequest, progress: @Sendable (CreatePhase) -> Void = { _ in }) async throws -> TemplateManifest {
         let started = ContinuousClock.now
         let plan = try prepare(request)
+        let access = try TemplateAccess(group: request.group)
         let staging = try await store.reserveStaging(request.name)
         var instance: QEMUInstance?
         do {
-            let manifest = try await run(plan, request: request, staging: staging, started: started, progress: progress) { instance = $0 }
+            let manifest = try await run(plan, request: request, access: access, staging: staging, started: started, progress: progress) { instance = $0 }
             return manifest
         } catch {
-            if let instance {
-                _ = try? await instance.stop(grace: .milliseconds(500), politely: false)
+            // The same clean-up for a failure and for an interruption (a cancelled task).
+            let launched = instance
+            await uncancellable {
+                if let launched { _ = try? await launched.stop(grace: .milliseconds(500), politely: false) }
+                staging.discard()
             }
-            staging.discard()
             throw error
         }
     }
@@ -127,7 +134,7 @@ public struct TemplateCreator: Sendable {
 
     // MARK: The flow
 
-    private func run(_ plan: Plan, request: CreateRequest, staging: StagingArea, started: ContinuousClock.Instant, progress: @Sendable (CreatePhase) -> Void, onLaunch: (QEMUInstance) -> Void) async throws -> TemplateManifest {
+    private func run(_ plan: Plan, request: CreateRequest, access: TemplateAccess, staging: StagingArea, started: ContinuousClock.Instant, progress: @Sendable (CreatePhase) -> Void, onLaunch: (QEMUInstance) -> Void) async throws -> TemplateManifest {
         var timings = CreateTimings()
         let paths = staging.paths
         let files = staging.files
@@ -140,7 +147,10 @@ public struct TemplateCreator: Sendable {
             machine: plan.machine,
             memory: MemoryBackendFile(path: files.memoryPath, sizeBytes: plan.machine.memoryBytes, options: .template),
             paths: paths,
-            launch: .boot(plan.boot)
+            launch: .boot(plan.boot),
+            // No user drop: QEMU writes the device state into the owner's staging area after it
+            // has started, which another user cannot.
+            confinement: .forThisProcess(userMayRead: false, denySpawn: plan.migration == .file)
         )
         let arguments = try commandLine.arguments()
         let qemuInstance = try QEMUInstance.launch(commandLine, executable: qemu.path)
@@ -170,15 +180,15 @@ public struct TemplateCreator: Sendable {
 
         progress(.digest)
         let digestStarted = ContinuousClock.now
-        try FileSystem.setMode(path: files.memoryPath, mode: 0o444)
-        try FileSystem.setMode(path: files.statePath, mode: 0o444)
+        try access.apply(to: files.memoryPath)
+        try access.apply(to: files.statePath)
         let memory = try Self.storedFile(files.memoryPath, name: "memory")
         let state = try Self.storedFile(files.statePath, name: "state")
         timings.digest = digestStarted.duration(to: .now).seconds
 
         progress(.publish)
         let publishStarted = ContinuousClock.now
-        try tidy(staging)
+        try tidy(staging, access: access)
         var manifest = TemplateManifest(
             formatVersion: TemplateManifest.currentFormatVersion,
             name: request.name.value,
@@ -196,8 +206,10 @@ public struct TemplateCreator: Sendable {
         // The manifest carries its own timings, so the publish phase is measured up to its write.
         manifest.timings.publish = publishStarted.duration(to: .now).seconds
         manifest.timings.total = started.duration(to: .now).seconds
-        try StoredJSON.write(manifest, to: files.manifestPath, mode: 0o444)
-        try store.publish(staging)
+        try StoredJSON.write(manifest, to: files.manifestPath, mode: access.fileMode)
+        try access.apply(to: files.manifestPath)
+        try store.publish(staging, directoryMode: access.directoryMode)
+        if let gid = access.groupID { chown(store.templateFiles(request.name).directory, uid_t.max, gid) }
         return manifest
     }
 
@@ -238,10 +250,10 @@ public struct TemplateCreator: Sendable {
     }
 
     /// Leaves only the template's own files: the console log is kept as `boot.log`.
-    private func tidy(_ staging: StagingArea) throws {
+    private func tidy(_ staging: StagingArea, access: TemplateAccess) throws {
         let paths = staging.paths
         let bootLog = staging.files.bootLogPath
-        if rename(paths.serialLog, bootLog) == 0 { chmod(bootLog, 0o444) }
+        if rename(paths.serialLog, bootLog) == 0 { try access.apply(to: bootLog) }
         for leftover in [paths.qmpSocket, paths.controlSocket, paths.qemuLog, "\(staging.directory)/owner.json"] {
             unlink(leftover)
         }
@@ -251,5 +263,31 @@ public struct TemplateCreator: Sendable {
         let digest = try FileDigest.sha256(path: path)
         let status = try FileStatus.read(path: path)
         return .init(name: name, sizeBytes: status.sizeBytes, sha256: digest, mode: status.mode, inode: status.inode, modifiedNanoseconds: status.modifiedNanoseconds)
+    }
+}
+
+/// Who may read a template: everybody (0444 files, 0555 directory), or one group (0440, 0550).
+struct TemplateAccess {
+    let groupID: gid_t?
+
+    init(group: String?) throws {
+        guard let group else {
+            groupID = nil
+            return
+        }
+        guard let entry = getgrnam(group) else {
+            throw VMTemplateError(.invalidArgument, "there is no group '\(TerminalText.escape(group))': create it (groupadd) or pick an existing one for --group.")
+        }
+        groupID = entry.pointee.gr_gid
+    }
+
+    var fileMode: mode_t { groupID == nil ? 0o444 : 0o440 }
+    var directoryMode: mode_t { groupID == nil ? 0o555 : 0o550 }
+
+    func apply(to path: String) throws {
+        if let groupID, chown(path, uid_t.max, groupID) != 0 {
+            throw FileSystem.error("give the group to", path: path, code: errno, permissionNeeded: "only root or a member of the group can give a file to it")
+        }
+        try FileSystem.setMode(path: path, mode: fileMode)
     }
 }

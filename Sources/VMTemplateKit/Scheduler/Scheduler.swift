@@ -20,9 +20,10 @@ public struct Scheduler: Sendable {
     }
 
     /// One pass over all clones. Returns the actions taken (each also saved in its record).
-    public func sampleOnce() async -> [Enforcement] {
+    /// A settings file that cannot be read is an error, never a fall-back to no limits.
+    public func sampleOnce() async throws -> [Enforcement] {
         let records = store.clones().records
-        let settings = (try? store.settings()) ?? StoreSettings()
+        let settings = try store.settings()
         return await withTaskGroup(of: Enforcement?.self) { group in
             for record in records {
                 group.addTask { await check(record, settings: settings) }
@@ -77,17 +78,21 @@ public struct Scheduler: Sendable {
     /// Runs until cancelled: a pass every `interval` (nil: the store's setting, re-read each pass).
     /// `log` receives each action as one JSON line.
     public func run(interval: Double? = nil, log: @Sendable (String) -> Void) async throws {
-        let lock = try FileLock(path: "\(store.root)/scheduler.lock")
+        _ = try store.settings()
+        let lock = try FileLock(path: "\(store.root)/scheduler.lock", mode: 0o600)
+        guard lock.status.ownerUID == store.ownerUID else {
+            throw VMTemplateError(.permissionDenied, "'\(store.root)/scheduler.lock' belongs to uid \(lock.status.ownerUID), not to the store's owner: remove it and start the scheduler again.")
+        }
         guard lock.tryExclusive() else {
             throw VMTemplateError(.busy, "another scheduler is already running on store '\(store.root)': run only one per store.")
         }
         defer { lock.unlock() }
         while !Task.isCancelled {
             let started = ContinuousClock.now
-            for action in await sampleOnce() {
+            for action in try await sampleOnce() {
                 if let line = try? JSONCoding.line(action) { log(line) }
             }
-            let seconds = interval ?? ((try? store.settings().intervalSeconds) ?? 1)
+            let seconds = try interval ?? store.settings().intervalSeconds
             let next = started + .milliseconds(Int64(seconds * 1000))
             if next > .now { try? await Task.sleep(until: next, clock: .continuous) }
         }

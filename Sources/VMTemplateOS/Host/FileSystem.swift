@@ -1,3 +1,4 @@
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -145,54 +146,66 @@ public enum FileSystem {
 
     /// Removes `path` and everything under it; a path that is already gone is not an error.
     ///
-    /// Symbolic links are removed, never followed, so a link inside a clone directory cannot make this
-    /// delete files elsewhere. It refuses to descend into another mounted file system. Directories that
-    /// lack owner write permission (read-only template directories) are made writable before emptying.
+    /// Everything is removed relative to an open directory (`openat`, `unlinkat`) and nothing is
+    /// followed: a symbolic link is removed as a link, and a directory swapped for a link while this
+    /// runs is refused, so nothing inside a store can make this delete files elsewhere. It refuses to
+    /// descend into another mounted file system. Directories that lack owner write permission
+    /// (read-only template directories) are made writable before emptying.
     public static func removeTree(path: String) throws {
+        let (directory, name) = split(path)
+        guard name != "." && name != ".." && name != "/" else {
+            throw VMTemplateError(.invalidArgument, "refusing to remove '\(path)': not a single directory entry")
+        }
+        let parent = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard parent >= 0 else {
+            if errno == ENOENT { return }
+            throw error("open directory", path: directory, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
+        }
+        defer { close(parent) }
+        try removeEntry(name, in: parent, path: path, device: nil)
+    }
+
+    private static func removeEntry(_ name: String, in parent: Int32, path: String, device: dev_t?) throws {
+        let parentWritable = "this user needs write permission on the directory '\(split(path).directory)'"
         var info = stat()
-        guard lstat(path, &info) == 0 else {
+        guard fstatat(parent, name, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
             if errno == ENOENT { return }
             throw error("inspect", path: path, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
         }
-        try removeTree(path: path, info: info, device: info.st_dev)
-    }
-
-    private static func removeTree(path: String, info: stat, device: dev_t) throws {
-        let parentWritable = "this user needs write permission on the directory '\(split(path).directory)'"
         guard (info.st_mode & S_IFMT) == S_IFDIR else {
-            guard unlink(path) == 0 || errno == ENOENT else {
+            guard unlinkat(parent, name, 0) == 0 || errno == ENOENT else {
                 throw error("remove", path: path, code: errno, permissionNeeded: parentWritable)
             }
             return
         }
-        guard info.st_dev == device else {
-            throw VMTemplateError(
-                .invalidState,
-                "refusing to remove '\(path)': another file system is mounted there; unmount it, then try again"
-            )
+        if let device, info.st_dev != device {
+            throw VMTemplateError(.invalidState, "refusing to remove '\(path)': another file system is mounted there; unmount it, then try again")
+        }
+        let fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return }
+            throw error("open directory", path: path, code: errno, permissionNeeded: "this user needs read permission on the directory")
+        }
+        defer { close(fd) }
+        var opened = stat()
+        guard fstat(fd, &opened) == 0, opened.st_dev == info.st_dev, opened.st_ino == info.st_ino else {
+            throw VMTemplateError(.invalidState, "refusing to remove '\(path)': it changed while being removed; try again")
         }
         if info.st_mode & S_IRWXU != S_IRWXU {
             // Best effort: if this fails, the removals below report the real permission problem.
-            _ = chmod(path, (info.st_mode & 0o7777) | S_IRWXU)
+            _ = fchmod(fd, (info.st_mode & 0o7777) | S_IRWXU)
         }
         let names: [String]
-        switch listDirectory(path) {
+        switch listDirectory(descriptor: fd) {
         case .success(let list):
             names = list
         case .failure(let failure):
-            if failure.code == ENOENT { return }
             throw error("list", path: path, code: failure.code, permissionNeeded: "this user needs read permission on the directory")
         }
-        for name in names {
-            let child = path.hasSuffix("/") ? path + name : path + "/" + name
-            var childInfo = stat()
-            guard lstat(child, &childInfo) == 0 else {
-                if errno == ENOENT { continue }
-                throw error("inspect", path: child, code: errno, permissionNeeded: "this user needs search permission on '\(path)'")
-            }
-            try removeTree(path: child, info: childInfo, device: device)
+        for child in names {
+            try removeEntry(child, in: fd, path: path.hasSuffix("/") ? path + child : path + "/" + child, device: device ?? info.st_dev)
         }
-        guard rmdir(path) == 0 || errno == ENOENT else {
+        guard unlinkat(parent, name, AT_REMOVEDIR) == 0 || errno == ENOENT else {
             throw error("remove directory", path: path, code: errno, permissionNeeded: parentWritable)
         }
     }
@@ -211,6 +224,11 @@ public enum FileSystem {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return .failure(CallError("open", code: errno)) }
         defer { close(fd) }
+        return readAll(descriptor: fd)
+    }
+
+    /// Reads an open file to its end.
+    package static func readAll(descriptor fd: Int32) -> Result<[UInt8], CallError> {
         var contents: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
@@ -287,8 +305,15 @@ public enum FileSystem {
         return .success(())
     }
 
-    private static func listDirectory(_ path: String) -> Result<[String], CallError> {
-        guard let directory = opendir(path) else { return .failure(CallError("opendir", code: errno)) }
+    /// The names in the open directory `descriptor` (which stays open; `fdopendir` gets a copy).
+    private static func listDirectory(descriptor: Int32) -> Result<[String], CallError> {
+        let copy = dup(descriptor)
+        guard copy >= 0 else { return .failure(CallError("dup", code: errno)) }
+        guard let directory = fdopendir(copy) else {
+            let code = errno
+            close(copy)
+            return .failure(CallError("fdopendir", code: code))
+        }
         defer { closedir(directory) }
         var names: [String] = []
         while true {
@@ -321,12 +346,13 @@ public final class FileLock {
     public let path: String
     let fileDescriptor: Int32
 
-    /// Opens (creating with mode 0644 if needed) the lock file at `path`.
-    public init(path: String) throws {
-        var fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+    /// Opens (creating with `mode` if needed) the lock file at `path`. A symbolic link is refused:
+    /// a lock file is never somebody else's file reached through a link.
+    public init(path: String, mode: mode_t = 0o644) throws {
+        var fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, mode)
         if fd < 0 && (errno == EACCES || errno == EROFS) {
             // flock works on read-only descriptors, so a lock file another user created is still usable.
-            fd = open(path, O_RDONLY | O_CLOEXEC)
+            fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         }
         guard fd >= 0 else {
             throw FileSystem.error(
@@ -336,6 +362,46 @@ public final class FileLock {
         }
         self.path = path
         self.fileDescriptor = fd
+    }
+
+    /// The lock file's owner and mode, from the open descriptor.
+    public var status: (ownerUID: uid_t, mode: mode_t) {
+        var info = stat()
+        _ = fstat(fileDescriptor, &info)
+        return (info.st_uid, info.st_mode & 0o7777)
+    }
+
+    /// Runs `body` holding the exclusive lock, waiting at most `timeout` for other holders (polling,
+    /// so it never blocks forever). The error names the process that holds the lock.
+    public func withExclusive<T>(waitingAtMost timeout: Duration, _ body: () throws -> T) throws -> T {
+        let deadline = ContinuousClock.now + timeout
+        var delay: useconds_t = 500
+        while !tryLock(LOCK_EX) {
+            guard ContinuousClock.now < deadline else {
+                let holder = holders().first.map { "process \($0.pid) (\($0.command))" } ?? "another process"
+                throw VMTemplateError(.busy, "the lock '\(path)' has been held by \(holder) for more than \(timeout.shortText): wait for it to finish, or stop it if it hangs.")
+            }
+            usleep(delay)
+            delay = min(delay * 2, 50_000)
+        }
+        defer { unlock() }
+        return try body()
+    }
+
+    /// The processes holding a lock on this file, from `/proc/locks` (matched by device and inode).
+    public func holders() -> [(pid: Int32, command: String)] {
+        var info = stat()
+        guard fstat(fileDescriptor, &info) == 0, case .success(let text) = FileSystem.readText(path: "/proc/locks") else { return [] }
+        let major = ((info.st_dev >> 8) & 0xfff) | ((info.st_dev >> 32) & ~0xfff)
+        let minor = (info.st_dev & 0xff) | ((info.st_dev >> 12) & ~0xff)
+        let wanted = String(format: "%02x:%02x:%lu", UInt64(major), UInt64(minor), UInt64(info.st_ino))
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; blocked waiters carry "->".
+            guard fields.count >= 6, !fields.contains("->"), fields[5] == wanted, let pid = Int32(fields[4]) else { return nil }
+            let command = ProcessStat.read(pid: pid)?.comm ?? "gone"
+            return (pid, command)
+        }
     }
 
     deinit {

@@ -27,6 +27,8 @@ public struct SpawnRequest: Sendable {
     public var inherited: [(descriptor: Int32, as: Int32)] = []
     /// Transparent huge pages for the child (PR_SET_THP_DISABLE is inherited across exec).
     public var transparentHugePages = true
+    /// The child's umask (inherited across exec); nil keeps this process's.
+    public var umask: mode_t?
 
     public init(executable: String, arguments: [String], stdoutPath: String) {
         self.executable = executable
@@ -122,6 +124,11 @@ public final class ProcessHandle: Sendable {
         if hugePagesBefore != nil { _ = clinuxhost_set_thp_disabled(1) }
         defer { if let before = hugePagesBefore, before >= 0 { _ = clinuxhost_set_thp_disabled(before) } }
 
+        // posix_spawn has no umask attribute: set around the spawn (this process creates no files
+        // meanwhile), and the child keeps it.
+        let previousMask = request.umask.map { Glibc.umask($0) }
+        defer { if let previousMask { Glibc.umask(previousMask) } }
+
         var pid: pid_t = 0
         let result = posix_spawn(&pid, request.executable, &fileActions, &attributes, cArguments, cEnvironment)
         guard result == 0 else {
@@ -182,7 +189,8 @@ public final class ProcessHandle: Sendable {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if !isRunning { return true }
-            try? await Task.sleep(for: .milliseconds(2))
+            // A cancelled task's sleep returns at once: wait on the thread instead of spinning.
+            if Task.isCancelled { usleep(2000) } else { try? await Task.sleep(for: .milliseconds(2)) }
         }
         return !isRunning
     }

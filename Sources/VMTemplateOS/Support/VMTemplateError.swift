@@ -16,6 +16,9 @@ public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
         case ioError
         case busy
         case limitExceeded
+        case permissionDenied
+        /// A template's files differ from its manifest.
+        case integrityFailure
         case internalError
     }
 

@@ -17,8 +17,10 @@ public enum Accelerator: String, Sendable, Codable, CaseIterable {
         case .auto:
             return kvm.usableForStockGuests ? .kvm : .tcg
         case .kvm:
-            guard kvm.deviceUsable else {
-                throw VMTemplateError(.unsupported, "KVM was asked for but is not usable: \(kvm.reason) Use --accel tcg (or auto).")
+            // The same judgement as `doctor`: a /dev/kvm that hangs stock kernels (PVM) is refused
+            // here at once instead of timing out at the ready marker.
+            guard kvm.usableForStockGuests else {
+                throw VMTemplateError(.unsupported, "KVM was asked for but cannot run ordinary guests here: \(kvm.reason) Use --accel tcg (or auto); 'vmtemplate doctor' says the same.")
             }
             return .kvm
         }

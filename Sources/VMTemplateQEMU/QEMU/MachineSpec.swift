@@ -1,3 +1,4 @@
+import Foundation
 import VMTemplateOS
 /// Everything needed to rebuild a machine identical to the template's: device state only loads
 /// into a machine with the same versioned type, the same machine options, the same devices in the
@@ -92,6 +93,53 @@ public enum QMPEndpoint: Sendable, Equatable {
     case socketPath
 }
 
+/// What QEMU may do once it runs, when vmtemplate starts it as root.
+public struct QEMUConfinement: Sendable, Equatable {
+    /// QEMU's seccomp filter (`-sandbox on`) with obsolete calls, privilege elevation and
+    /// resource control denied; `spawn` denied too unless the migration pipes through a shell.
+    public var sandbox: Bool
+    /// Deny fork/exec (incompatible with `exec:` migration URIs).
+    public var denySpawn: Bool
+    /// Drop to this user (`-run-with user=`) once QEMU has opened its files and sockets.
+    public var user: String?
+
+    public init(sandbox: Bool, denySpawn: Bool, user: String?) {
+        self.sandbox = sandbox
+        self.denySpawn = denySpawn
+        self.user = user
+    }
+
+    /// The system user `scripts/setup` creates for QEMU to run as.
+    public static let systemUser = "vmtemplate-qemu"
+    /// `off` turns confinement off (for measuring what it costs, or debugging QEMU).
+    public static let environmentVariable = "VMTEMPLATE_QEMU_SANDBOX"
+
+    /// What a QEMU started by this process gets: nothing unless this process is root (an
+    /// unprivileged QEMU has nothing to drop); as root the sandbox, and the drop to
+    /// ``systemUser`` when it exists and `userMayRead` (QEMU reads the files it opens after the
+    /// drop, such as a clone's device state, as that user). `VMTEMPLATE_QEMU_SANDBOX=off` turns it off.
+    public static func forThisProcess(userMayRead: Bool, denySpawn: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) -> QEMUConfinement? {
+        guard geteuid() == 0, environment[environmentVariable] != "off" else { return nil }
+        let user = userMayRead && getpwnam(systemUser) != nil ? systemUser : nil
+        return QEMUConfinement(sandbox: true, denySpawn: denySpawn, user: user)
+    }
+
+    func arguments() -> [String] {
+        var arguments: [String] = []
+        if sandbox {
+            // QEMU installs the filter while it parses its options, before it drops to `user`,
+            // so the drop's setgroups/setgid/setuid must be allowed when there is one. After the
+            // drop no capability is left, so set*id can no longer raise privileges anyway.
+            let elevate = user == nil ? "deny" : "allow"
+            arguments += ["-sandbox", "on,obsolete=deny,elevateprivileges=\(elevate),spawn=\(denySpawn ? "deny" : "allow"),resourcecontrol=deny"]
+        }
+        if let user {
+            arguments += ["-run-with", "user=" + QEMUOptionString.escape(user)]
+        }
+        return arguments
+    }
+}
+
 /// How a QEMU instance starts.
 public enum LaunchMode: Sendable, Equatable {
     /// Boot the kernel (the template VM).
@@ -113,9 +161,12 @@ public struct QEMUCommandLine: Sendable, Equatable {
     public var tcgTranslationCacheMiB: Int?
 
     public var qmp: QMPEndpoint
+    /// Seccomp and an unprivileged user, for a QEMU started as root; nil: neither.
+    public var confinement: QEMUConfinement?
 
-    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) {
+    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener, confinement: QEMUConfinement? = nil) {
         self.qmp = qmp
+        self.confinement = confinement
         self.name = name
         self.machine = machine
         self.memory = memory
@@ -163,6 +214,7 @@ public struct QEMUCommandLine: Sendable, Equatable {
         if machine.vmgenid {
             arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]
         }
+        if let confinement { arguments += confinement.arguments() }
         switch launch {
         case .boot(let boot):
             arguments += ["-kernel", boot.kernel]

@@ -63,6 +63,9 @@ public final class QEMUInstance: Sendable {
         var request = SpawnRequest(executable: executable, arguments: arguments, stdoutPath: paths.qemuLog)
         request.newSession = true
         request.transparentHugePages = transparentHugePages
+        // What QEMU creates (the control socket, the console log) is its owner's alone: guest
+        // consoles and control channels carry secrets.
+        request.umask = 0o077
         if let listener { request.inherited = [(listener.descriptor, QMPListener.inheritedDescriptor)] }
         let process: ProcessHandle
         do {

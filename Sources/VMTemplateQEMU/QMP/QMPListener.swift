@@ -32,7 +32,11 @@ public final class QMPListener: Sendable {
         // Only a socket file is ever replaced: anything else at the path is an error below.
         var status = stat()
         if lstat(path, &status) == 0, (status.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        // The monitor commands the VM: the socket is its owner's alone (connecting needs write
+        // permission on the socket file). umask keeps it so from the moment it exists.
+        let previousMask = umask(0o077)
         let bound = address.withSockaddr { bind(fd, $0, $1) }
+        umask(previousMask)
         // QEMU's monitor serves one client at a time; the backlog holds the others until then.
         guard bound == 0, listen(fd, 16) == 0 else {
             let code = errno

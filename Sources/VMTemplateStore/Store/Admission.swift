@@ -12,7 +12,19 @@ public enum Admission {
 
     /// Memory a clone commits: `min(limit, guest memory) + QEMU's reserve`.
     public static func committedBytes(guestMemory: UInt64, cowLimit: UInt64?) -> UInt64 {
-        min(cowLimit ?? guestMemory, guestMemory) + qemuReserveBytes
+        saturatingSum([min(cowLimit ?? guestMemory, guestMemory), qemuReserveBytes])
+    }
+
+    /// A sum that stops at `UInt64.max` instead of trapping: no record, however large its numbers,
+    /// can crash admission, and a saturated sum is over every budget.
+    public static func saturatingSum(_ values: [UInt64]) -> UInt64 {
+        var total: UInt64 = 0
+        for value in values {
+            let (sum, overflow) = total.addingReportingOverflow(value)
+            if overflow { return .max }
+            total = sum
+        }
+        return total
     }
 
     /// Throws `.limitExceeded` when admitting a clone committing `newCommitted` would break a limit.
@@ -22,9 +34,10 @@ public enum Admission {
             throw VMTemplateError(.limitExceeded, "the store admits at most \(maxClones) live clones and \(live.count) are running: remove some (vmtemplate rm) or raise the limit (vmtemplate settings --max-clones N).")
         }
         if let budget = settings.memoryBudgetBytes {
-            let committed = live.reduce(0, +)
-            if committed + newCommitted > budget {
-                throw VMTemplateError(.limitExceeded, "one more clone would commit \(ByteSize(bytes: committed + newCommitted)) of the store's \(ByteSize(bytes: budget)) memory budget (\(live.count) clones commit \(ByteSize(bytes: committed)), this one \(ByteSize(bytes: newCommitted))): give it a smaller --cow-limit, remove clones, or raise the budget (vmtemplate settings --memory-budget SIZE).")
+            let committed = saturatingSum(live)
+            let total = saturatingSum([committed, newCommitted])
+            if total > budget {
+                throw VMTemplateError(.limitExceeded, "one more clone would commit \(ByteSize(bytes: total)) of the store's \(ByteSize(bytes: budget)) memory budget (\(live.count) clones commit \(ByteSize(bytes: committed)), this one \(ByteSize(bytes: newCommitted))): give it a smaller --cow-limit, remove clones, or raise the budget (vmtemplate settings --memory-budget SIZE).")
             }
         }
     }

@@ -14,6 +14,8 @@ public enum CloneState: String, Sendable, Codable, CaseIterable {
     case exited
     /// QEMU runs but its QMP socket did not answer in time.
     case unresponsive
+    /// Another user's clone: this user may not reach its sockets.
+    case notYours = "not-yours"
     case unknown
 
     public init(from decoder: any Decoder) throws {
@@ -24,7 +26,7 @@ public enum CloneState: String, Sendable, Codable, CaseIterable {
 
 /// `clones/ID/record.json`: everything needed to find, inspect and stop one clone.
 public struct CloneRecord: Sendable, Codable, Equatable {
-    public init(id: String, name: String, template: String, qemu: ProcessIdentity? = nil, qemuExecutable: String? = nil, creator: ProcessIdentity? = nil, createdAt: Date, state: CloneState, paths: InstancePaths, memoryFile: String, writableTemplate: Bool, vmgenid: String? = nil, qemuArguments: [String], restoreSeconds: Double? = nil, guestMemoryBytes: UInt64? = nil, cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil, lastEnforcement: Enforcement? = nil) {
+    public init(id: String, name: String, template: String, qemu: ProcessIdentity? = nil, qemuExecutable: String? = nil, creator: ProcessIdentity? = nil, createdAt: Date, state: CloneState, templateStore: String? = nil, memoryFile: String, writableTemplate: Bool, vmgenid: String? = nil, qemuArguments: [String], restoreSeconds: Double? = nil, guestMemoryBytes: UInt64? = nil, cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil, lastEnforcement: Enforcement? = nil) {
         self.id = id
         self.name = name
         self.template = template
@@ -33,7 +35,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         self.creator = creator
         self.createdAt = createdAt
         self.state = state
-        self.paths = paths
+        self.templateStore = templateStore
         self.memoryFile = memoryFile
         self.writableTemplate = writableTemplate
         self.vmgenid = vmgenid
@@ -58,8 +60,10 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var createdAt: Date
     /// The state at the last change vmtemplate made; `list` checks the live one.
     public var state: CloneState
-    public var paths: InstancePaths
-    /// The template RAM file the clone maps (private), for memory accounting.
+    /// The store the template came from, when it is not the clone's own (`--template-store`).
+    public var templateStore: String?
+    /// The template RAM file the clone maps (private), for memory accounting. Always
+    /// `TEMPLATE_STORE/templates/TEMPLATE/memory`: a record that says otherwise is not believed.
     public var memoryFile: String
     /// Whether the clone opened the template read-write (QEMU < 8.2, `--allow-writable-template`).
     public var writableTemplate: Bool
@@ -80,7 +84,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case id, name, template, qemu, creator
         case qemuExecutable = "qemu_executable"
         case createdAt = "created_at"
-        case state, paths
+        case state
+        case templateStore = "template_store"
         case memoryFile = "memory_file"
         case writableTemplate = "writable_template"
         case vmgenid
@@ -101,6 +106,33 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var isLive: Bool {
         if let qemu { return qemu.isAlive }
         return state == .starting && creator?.isAlive == true
+    }
+
+    /// Bounds on what a record may say; anything beyond is a record nobody should believe.
+    public static let maxGuestMemoryBytes: UInt64 = 1 << 42  // 4 TiB
+    public static let maxPID: Int32 = 1 << 22  // the kernel's PID_MAX_LIMIT
+
+    /// Why this record cannot be believed as the record of the clone in directory `directoryName`
+    /// of the store at `storeRoot`, or nil. A record is a claim by whoever wrote the file: its ID
+    /// must be its directory's name, its names valid names, its numbers within bounds, and its
+    /// template file where the store layout puts it.
+    public func problem(directoryName: String, storeRoot: String) -> String? {
+        guard id == directoryName else { return "it names clone '\(TerminalText.escape(id))', not its directory" }
+        guard (try? EntityName(id, kind: "clone ID")) != nil else { return "its ID is not a valid name" }
+        guard (try? EntityName(name, kind: "clone")) != nil else { return "its name '\(TerminalText.escape(name))' is not a valid clone name" }
+        guard (try? EntityName(template)) != nil else { return "its template '\(TerminalText.escape(template))' is not a valid template name" }
+        if let guestMemoryBytes, guestMemoryBytes > Self.maxGuestMemoryBytes { return "guest_memory_bytes \(guestMemoryBytes) is out of range" }
+        if let cowLimitBytes, cowLimitBytes > Self.maxGuestMemoryBytes { return "cow_limit_bytes \(cowLimitBytes) is out of range" }
+        if let restoreSeconds, !(restoreSeconds.isFinite && restoreSeconds >= 0 && restoreSeconds < 86_400) { return "restore_seconds is out of range" }
+        for process in [qemu, creator].compactMap({ $0 }) where !(1...Self.maxPID).contains(process.pid) {
+            return "PID \(process.pid) is out of range"
+        }
+        let templateRoot = templateStore ?? storeRoot
+        guard templateRoot.hasPrefix("/"), !templateRoot.contains("/../"), memoryFile == "\(templateRoot)/templates/\(template)/memory" else {
+            return "its memory file is not its template's"
+        }
+        guard qemuArguments.count <= 4096 else { return "it lists \(qemuArguments.count) QEMU arguments" }
+        return nil
     }
 
     /// The `-name` its QEMU runs with: how ``QEMUInstance/attach(identity:name:qmpSocket:logPath:executable:)``
@@ -148,11 +180,15 @@ public struct Enforcement: Sendable, Codable, Equatable {
 extension TemplateStore {
     public func cloneDirectory(_ id: String) -> String { "\(clonesDirectory)/\(id)" }
 
+    /// The files of clone `id`: derived from the store layout, never read from its record.
+    public func clonePaths(_ id: String) -> InstancePaths { InstancePaths(directory: cloneDirectory(id)) }
+
     func recordPath(_ id: String) -> String { "\(cloneDirectory(id))/record.json" }
 
     /// Writes a record atomically. Not synced: a clone does not survive the machine going down,
     /// and the rename keeps readers from ever seeing half a record.
     public func save(_ record: CloneRecord) throws {
+        try requireWritable()
         try StoredJSON.write(record, to: recordPath(record.id), durable: false)
     }
 
@@ -160,41 +196,91 @@ extension TemplateStore {
     /// writers never lose each other's changes. Returns nil when the clone is gone.
     @discardableResult
     public func updateClone(_ id: String, _ change: (inout CloneRecord) throws -> Void) throws -> CloneRecord? {
-        try update(CloneRecord.self, at: recordPath(id), durable: false, change)
+        guard trustedCloneDirectory(id) == nil else { return nil }
+        return try update(CloneRecord.self, at: recordPath(id), durable: false, change)
     }
 
-    /// All clone records, oldest first; unreadable ones go to `problems` with their directory.
-    public func clones() -> (records: [CloneRecord], problems: [String]) {
-        var (found, unreadable) = StoredJSON.readAll(CloneRecord.self, file: "record.json", in: clonesDirectory, what: "clone record")
-        var problems = unreadable.map { "\($0); 'vmtemplate gc' removes it." }
-        found.removeAll { entry in
-            guard entry.value.id != entry.entry else { return false }
-            problems.append("clone record \(recordPath(entry.entry)) names clone '\(entry.value.id)', not its directory: it is ignored; 'vmtemplate gc' removes it.")
-            return true
-        }
-        return (found.map(\.value).sorted { $0.createdAt < $1.createdAt }, problems)
+    /// Why the directory of clone `id` is not to be believed, or nil: it must be a directory (not a
+    /// link) that the store's owner owns.
+    func trustedCloneDirectory(_ id: String) -> String? {
+        var info = stat()
+        guard lstat(cloneDirectory(id), &info) == 0 else { return "it cannot be inspected (\(errnoText()))" }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else { return "it is not a directory (a link or a file)" }
+        guard info.st_uid == ownerUID else { return "it belongs to uid \(info.st_uid), not to the store's owner (uid \(ownerUID))" }
+        return nil
     }
 
-    /// The clone directories whose record cannot be read (with the reason), for `gc`.
-    public func unreadableClones() -> [(id: String, problem: StoredJSON.ReadFailure)] {
-        StoredJSON.entries(of: clonesDirectory).compactMap { entry in
-            switch StoredJSON.read(CloneRecord.self, at: recordPath(entry)) {
-            case .success(let record) where record.id == entry: return nil
-            case .success: return (entry, .invalid("it names another clone"))
-            case .failure(let failure): return (entry, failure)
+    /// What a listing of `clones/` found.
+    public struct CloneListing: Sendable {
+        /// Records the store's owner wrote that hold up (oldest first).
+        public var records: [CloneRecord] = []
+        /// Clones whose records this user may not read (another user's store): their IDs.
+        public var notYours: [String] = []
+        /// Entries that are not believed, and why: reported, never acted on.
+        public var problems: [String] = []
+        /// Directories of the owner's without a record that can be used (a `clone` killed before it
+        /// wrote one, or a corrupt record): what `gc` cleans up.
+        public var broken: [String] = []
+
+        public init() {}
+    }
+
+    /// Every clone in the store, each entry checked before it is believed.
+    public func listClones() -> CloneListing {
+        var listing = CloneListing()
+        for entry in StoredJSON.entries(of: clonesDirectory) {
+            let display = TerminalText.escape(entry)
+            guard (try? EntityName(entry, kind: "clone ID")) != nil else {
+                listing.problems.append("\(clonesDirectory)/\(display) is not a clone's directory: ignored; remove it by hand if it is not yours.")
+                continue
+            }
+            if let reason = trustedCloneDirectory(entry) {
+                listing.problems.append("clone directory \(cloneDirectory(display)): \(reason); ignored, never acted on. Check it and remove it by hand.")
+                continue
+            }
+            switch StoredJSON.read(CloneRecord.self, at: recordPath(entry), owner: ownerUID) {
+            case .success(let record):
+                if let reason = record.problem(directoryName: entry, storeRoot: root) {
+                    listing.problems.append("clone record \(recordPath(display)): \(reason); not believed. 'vmtemplate gc' removes it.")
+                    listing.broken.append(entry)
+                } else {
+                    listing.records.append(record)
+                }
+            case .failure(.unreadable(let error)) where error.code == EACCES:
+                listing.notYours.append(entry)
+            case .failure(.missing):
+                listing.broken.append(entry)
+            case .failure(let failure):
+                listing.problems.append("clone record \(recordPath(display)): \(failure); 'vmtemplate gc' removes it.")
+                listing.broken.append(entry)
             }
         }
+        listing.records.sort { $0.createdAt < $1.createdAt }
+        return listing
+    }
+
+    /// All clone records the store's owner wrote that hold up, oldest first; what is not believed
+    /// goes to `problems`.
+    public func clones() -> (records: [CloneRecord], problems: [String]) {
+        let listing = listClones()
+        return (listing.records, listing.problems)
     }
 
     /// Finds clones by ID, ID prefix (unambiguous) or name.
     public func findClone(_ reference: String) throws -> CloneRecord {
         let records = clones().records
-        if let exact = records.first(where: { $0.id == reference || $0.name == reference }) { return exact }
+        let shown = TerminalText.escape(reference)
+        if let exact = records.first(where: { $0.id == reference }) { return exact }
+        let named = records.filter { $0.name == reference }
+        if named.count == 1 { return named[0] }
+        if named.count > 1 {
+            throw VMTemplateError(.invalidState, "\(named.count) clones are named '\(shown)' (\(named.map(\.id).joined(separator: ", "))): use an ID.")
+        }
         let byPrefix = records.filter { $0.id.hasPrefix(reference) }
         if byPrefix.count == 1 { return byPrefix[0] }
         if byPrefix.count > 1 {
-            throw VMTemplateError(.invalidArgument, "'\(reference)' matches \(byPrefix.count) clones: give more of the ID.")
+            throw VMTemplateError(.invalidArgument, "'\(shown)' matches \(byPrefix.count) clones: give more of the ID.")
         }
-        throw VMTemplateError(.notFound, "no clone with ID or name '\(reference)': see 'vmtemplate list'.")
+        throw VMTemplateError(.notFound, "no clone with ID or name '\(shown)': see 'vmtemplate list'.")
     }
 }

@@ -41,6 +41,17 @@ public struct StoreSettings: Sendable, Codable, Equatable {
         memoryBudgetBytes = try c.decodeIfPresent(UInt64.self, forKey: .memoryBudgetBytes)
         overLimitAction = try c.decodeIfPresent(OverLimitAction.self, forKey: .overLimitAction) ?? .pause
         intervalSeconds = try c.decodeIfPresent(Double.self, forKey: .intervalSeconds) ?? 1
+        if let problem = problem {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: problem))
+        }
+    }
+
+    /// Why these settings are out of bounds, or nil.
+    public var problem: String? {
+        if let maxClones, !(0...1_000_000).contains(maxClones) { return "max_clones must be 0 to 1000000" }
+        if let memoryBudgetBytes, memoryBudgetBytes > 1 << 60 { return "memory_budget_bytes is out of range" }
+        if !(intervalSeconds >= 0.05 && intervalSeconds <= 3600) { return "interval_seconds must be between 0.05 and 3600" }
+        return nil
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -58,7 +69,7 @@ extension TemplateStore {
 
     /// The store's settings (defaults when there is no settings file).
     public func settings() throws -> StoreSettings {
-        switch StoredJSON.read(StoreSettings.self, at: settingsPath) {
+        switch StoredJSON.read(StoreSettings.self, at: settingsPath, owner: ownerUID) {
         case .success(let settings):
             return settings
         case .failure(.missing):
@@ -72,11 +83,8 @@ extension TemplateStore {
     public func updateSettings(_ change: (inout StoreSettings) throws -> Void) throws -> StoreSettings {
         let updated = try update(StoreSettings.self, at: settingsPath, default: StoreSettings()) { settings in
             try change(&settings)
-            if let maxClones = settings.maxClones, maxClones < 0 {
-                throw VMTemplateError(.invalidArgument, "max clones must be 0 or more.")
-            }
-            guard settings.intervalSeconds >= 0.05 && settings.intervalSeconds <= 3600 else {
-                throw VMTemplateError(.invalidArgument, "the scheduler interval must be between 0.05 and 3600 seconds.")
+            if let problem = settings.problem {
+                throw VMTemplateError(.invalidArgument, "\(problem): give a value in range.")
             }
         }
         return updated ?? StoreSettings()

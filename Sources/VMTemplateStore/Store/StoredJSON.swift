@@ -15,24 +15,46 @@ public enum StoredJSON {
         case missing
         case unreadable(SystemCallError)
         case invalid(String)
+        /// Not a regular file of the expected owner (a link, another user's file): not believed.
+        case untrusted(String)
 
         public var description: String {
             switch self {
             case .missing: "it does not exist"
             case .unreadable(let error): "it cannot be read (\(error))"
             case .invalid(let reason): "it is not valid: \(reason)"
+            case .untrusted(let reason): "it is not to be believed: \(reason)"
             }
         }
     }
 
-    /// Reads and decodes `path`.
-    public static func read<Value: Decodable>(_ type: Value.Type, at path: String) -> Result<Value, ReadFailure> {
+    /// The largest JSON file the store reads (a manifest or record is a few KiB).
+    static let maxBytes = 1 << 20
+
+    /// Reads and decodes `path`. With `owner`, the file must be a regular file (a symbolic link is
+    /// never followed) owned by that user: anybody else's file is only a claim.
+    public static func read<Value: Decodable>(_ type: Value.Type, at path: String, owner: uid_t? = nil) -> Result<Value, ReadFailure> {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else {
+            let code = errno
+            if code == ENOENT || code == ENOTDIR { return .failure(.missing) }
+            if code == ELOOP { return .failure(.untrusted("it is a symbolic link")) }
+            return .failure(.unreadable(SystemCallError("open", code: code)))
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return .failure(.unreadable(SystemCallError("fstat"))) }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { return .failure(.untrusted("it is not a regular file")) }
+        if let owner, info.st_uid != owner {
+            return .failure(.untrusted("it belongs to uid \(info.st_uid), not to the store's owner (uid \(owner))"))
+        }
+        guard info.st_size <= maxBytes else { return .failure(.invalid("it is \(info.st_size) bytes, more than a store file ever is")) }
         let bytes: [UInt8]
-        switch FileSystem.readContents(path: path) {
+        switch FileSystem.readAll(descriptor: fd) {
         case .success(let contents):
             bytes = contents
         case .failure(let error):
-            return .failure(error.code == ENOENT || error.code == ENOTDIR ? .missing : .unreadable(error))
+            return .failure(.unreadable(error))
         }
         do {
             return .success(try JSONCoding.decoder().decode(Value.self, from: Data(bytes)))
@@ -49,12 +71,12 @@ public enum StoredJSON {
 
     /// Reads `file` in every entry of `directory` (hidden entries and entries without the file
     /// skipped): the values by entry name, and a sentence for each entry that could not be read.
-    public static func readAll<Value: Decodable>(_ type: Value.Type, file: String, in directory: String, what: String) -> (values: [(entry: String, value: Value)], problems: [String]) {
+    public static func readAll<Value: Decodable>(_ type: Value.Type, file: String, in directory: String, owner: uid_t? = nil, what: String) -> (values: [(entry: String, value: Value)], problems: [String]) {
         var values: [(String, Value)] = []
         var problems: [String] = []
         for entry in entries(of: directory) {
             let path = "\(directory)/\(entry)/\(file)"
-            switch read(type, at: path) {
+            switch read(type, at: path, owner: owner) {
             case .success(let value):
                 values.append((entry, value))
             case .failure(.missing):
@@ -82,7 +104,7 @@ extension TemplateStore {
     public func update<Value: Codable>(_ type: Value.Type, at path: String, default initial: Value? = nil, durable: Bool = true, _ change: (inout Value) throws -> Void) throws -> Value? {
         try withLock {
             var value: Value
-            switch StoredJSON.read(type, at: path) {
+            switch StoredJSON.read(type, at: path, owner: ownerUID) {
             case .success(let current):
                 value = current
             case .failure(.missing):

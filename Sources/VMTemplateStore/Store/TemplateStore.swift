@@ -23,25 +23,100 @@ import Musl
 /// Every path is derived from this layout and a checked name, never read from a file.
 public struct TemplateStore: Sendable {
     public let root: String
+    /// The store's owner: the owner of its root directory. Only this user changes the store, and
+    /// only directories and records this user owns are believed (see docs/architecture.md).
+    public let ownerUID: uid_t
+    public let mode: Mode
     public static let environmentVariable = "VMTEMPLATE_STORE"
+    /// Where `clone` reads templates from when they are not in the clone's own store.
+    public static let templateStoreEnvironmentVariable = "VMTEMPLATE_TEMPLATE_STORE"
+    /// How long a command waits for the store lock before it says who holds it: 30 s, or
+    /// `$VMTEMPLATE_LOCK_TIMEOUT` seconds (0.1 to 3600).
+    public static var lockTimeout: Duration {
+        if let text = ProcessInfo.processInfo.environment["VMTEMPLATE_LOCK_TIMEOUT"], let seconds = Double(text), seconds >= 0.1, seconds <= 3600 {
+            return .seconds(fractional: seconds)
+        }
+        return .seconds(30)
+    }
 
     public var templatesDirectory: String { "\(root)/templates" }
     public var stagingDirectory: String { "\(root)/staging" }
     public var clonesDirectory: String { "\(root)/clones" }
     var lockPath: String { "\(root)/lock" }
 
-    /// Opens (and if needed creates) the store at `root`.
-    public init(root: String) throws {
+    /// How a command uses the store.
+    public enum Mode: Sendable {
+        /// Reads only (`list`, `inspect`, `send`, `verify`, templates for `clone --template-store`):
+        /// never creates anything, works on another user's store.
+        case readOnly
+        /// Changes it: creates the store if it is missing, and must be its owner.
+        case readWrite
+    }
+
+    /// Opens the store at `root`; `.readWrite` creates it if needed (owned by this user, writable
+    /// by nobody else) and refuses a store that belongs to another user.
+    public init(root: String, mode: Mode = .readWrite) throws {
         let normalized = URL(fileURLWithPath: root).standardizedFileURL.path
         self.root = normalized
-        for directory in [normalized, templatesDirectory, stagingDirectory] {
-            try Self.makeDirectory(directory)
+        self.mode = mode
+        let me = geteuid()
+        var info = stat()
+        if stat(normalized, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFDIR else {
+                throw VMTemplateError(.invalidArgument, "store path '\(normalized)' exists and is not a directory: pick another --store.")
+            }
+            ownerUID = info.st_uid
+        } else {
+            ownerUID = me
         }
-        // Sticky and world-writable, like /tmp: any user who can read a template may clone it,
-        // and only a clone's owner (or root) can remove its directory.
-        if !FileManager.default.fileExists(atPath: clonesDirectory) {
-            try Self.makeDirectory(clonesDirectory)
-            chmod(clonesDirectory, 0o1777)
+        guard mode == .readWrite else { return }
+        guard ownerUID == me else {
+            throw VMTemplateError(.permissionDenied, "store '\(normalized)' belongs to uid \(ownerUID), and only its owner changes a store: use a store of your own (--store), and clone this store's templates with --template-store \(normalized).")
+        }
+        let layout: [(String, mode_t)] = [(normalized, 0o755), (templatesDirectory, 0o755), (stagingDirectory, 0o700), (clonesDirectory, 0o755)]
+        for (directory, directoryMode) in layout {
+            try Self.makeDirectory(directory, mode: directoryMode, owner: me)
+        }
+    }
+
+    /// Creates `path` with `mode`, or checks the one there: a directory (not a link) that `owner`
+    /// owns. Write permission for anybody else is taken away (stores made before 0.2 had a
+    /// world-writable `clones/`).
+    private static func makeDirectory(_ path: String, mode: mode_t, owner: uid_t) throws {
+        var info = stat()
+        if lstat(path, &info) != 0 {
+            guard errno == ENOENT else {
+                throw FileSystem.error("inspect", path: path, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
+            }
+            if mkdir(path, mode) != 0 && errno != EEXIST {
+                if errno == ENOENT {
+                    do {
+                        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: mode])
+                    } catch {
+                        throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
+                    }
+                } else {
+                    throw FileSystem.error("create the store directory", path: path, code: errno, permissionNeeded: "this user needs write permission on its parent directory")
+                }
+            }
+            chmod(path, mode)
+            guard lstat(path, &info) == 0 else { return }
+        }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else {
+            throw VMTemplateError(.invalidState, "'\(path)' in the store is not a directory (a link or a file someone put there): remove it, then try again.")
+        }
+        guard info.st_uid == owner else {
+            throw VMTemplateError(.permissionDenied, "'\(path)' belongs to uid \(info.st_uid), not to the store's owner (uid \(owner)): the store cannot be trusted; check who changed it.")
+        }
+        if info.st_mode & 0o022 != 0 {
+            chmod(path, info.st_mode & 0o7755 & ~0o1000)
+        }
+    }
+
+    /// Refuses a change to a store opened read-only.
+    func requireWritable() throws {
+        guard mode == .readWrite else {
+            throw VMTemplateError(.permissionDenied, "store '\(root)' was opened read-only: only its owner (uid \(ownerUID)) changes it.")
         }
     }
 
@@ -55,25 +130,17 @@ public struct TemplateStore: Sendable {
         return "\(environment["HOME"] ?? NSHomeDirectory())/.local/share/vmtemplate"
     }
 
-    private static func makeDirectory(_ path: String) throws {
-        var isDirectory: ObjCBool = false
-        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) {
-            guard isDirectory.boolValue else {
-                throw VMTemplateError(.invalidArgument, "store path '\(path)' exists and is not a directory: pick another --store.")
-            }
-            return
-        }
-        do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        } catch {
-            throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
-        }
-    }
-
-    /// Runs `body` holding the store's exclusive lock (across processes).
+    /// Runs `body` holding the store's exclusive lock (across processes), waiting at most
+    /// `lockTimeout`. The lock file is the owner's, mode 0600, so nobody else can hold it.
     public func withLock<T>(_ body: () throws -> T) throws -> T {
-        let lock = try FileLock(path: lockPath)
-        return try lock.withExclusive(body)
+        try requireWritable()
+        let lock = try FileLock(path: lockPath, mode: 0o600)
+        let status = lock.status
+        if status.ownerUID != ownerUID {
+            throw VMTemplateError(.permissionDenied, "the store lock '\(lockPath)' belongs to uid \(status.ownerUID), not to the store's owner: someone else made it to hold the store hostage; remove it (rm \(lockPath)) and try again.")
+        }
+        if status.mode & 0o077 != 0 { chmod(lockPath, 0o600) }
+        return try lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
     }
 
     // MARK: Templates
@@ -93,8 +160,14 @@ public struct TemplateStore: Sendable {
     /// by hand cannot be trusted.
     public func template(named name: EntityName) throws -> PublishedTemplate {
         let files = templateFiles(name)
+        var info = stat()
+        if lstat(files.directory, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == ownerUID else {
+                throw VMTemplateError(.permissionDenied, "template '\(name)' in '\(root)' is not a directory of the store's owner (uid \(ownerUID)): it is not to be trusted; check it and remove it by hand.")
+            }
+        }
         let manifest: TemplateManifest
-        switch StoredJSON.read(TemplateManifest.self, at: files.manifestPath) {
+        switch StoredJSON.read(TemplateManifest.self, at: files.manifestPath, owner: ownerUID) {
         case .success(let decoded):
             manifest = decoded
         case .failure(.missing) where !templateExists(name):
@@ -173,7 +246,7 @@ public struct TemplateStore: Sendable {
     }
 
     /// Publishes a complete staging directory as `templates/NAME` with one rename.
-    package func publish(_ staging: StagingArea) throws {
+    package func publish(_ staging: StagingArea, directoryMode: mode_t = 0o555) throws {
         try withLock {
             let target = templateFiles(staging.name).directory
             if templateExists(staging.name) {
@@ -184,7 +257,7 @@ public struct TemplateStore: Sendable {
                 throw VMTemplateError(.ioError, "cannot publish template '\(staging.name)': rename to '\(target)' failed: \(errnoText()).", cause: SystemCallError("rename"))
             }
             // Read-only directory too: nobody but root can add or remove files in a template.
-            chmod(target, 0o555)
+            chmod(target, directoryMode)
             try FileSystem.fsyncDirectory(path: templatesDirectory)
             try FileSystem.fsyncDirectory(path: stagingDirectory)
         }

@@ -1,0 +1,22 @@
+/// Text from a store (names, paths, reasons in records) made safe for a terminal.
+///
+/// A record is written by whoever could write the file, so its text may carry escape sequences
+/// that rewrite the operator's screen or hide a line. Control characters (C0, DEL and C1) and
+/// backslashes are shown as `\xNN`-style escapes; everything else is left as it is.
+public enum TerminalText {
+    public static func escape(_ text: String) -> String {
+        var result = ""
+        result.reserveCapacity(text.utf8.count)
+        for scalar in text.unicodeScalars {
+            switch scalar.value {
+            case 0x5c:
+                result += "\\\\"
+            case 0x00..<0x20, 0x7f, 0x80..<0xa0:
+                result += "\\x" + (scalar.value < 0x10 ? "0" : "") + String(scalar.value, radix: 16)
+            default:
+                result.unicodeScalars.append(scalar)
+            }
+        }
+        return result
+    }
+}
