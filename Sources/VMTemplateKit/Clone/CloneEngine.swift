@@ -164,10 +164,17 @@ public struct CloneEngine: Sendable {
         }
     }
 
-    /// Whether any user may read `path` (so QEMU, once it has dropped to its own user, can).
+    /// Whether any user may read `path`: the file readable by others and every directory above it
+    /// searchable by others (so QEMU, once it has dropped to its own user, can open it).
     static func everyoneMayRead(_ path: String) -> Bool {
-        guard let status = try? FileStatus.read(path: path) else { return false }
-        return status.mode & 0o004 != 0
+        var info = stat()
+        guard stat(path, &info) == 0, info.st_mode & 0o004 != 0 else { return false }
+        var directory = FileSystem.split(path).directory
+        while directory != "/" && directory != "." {
+            guard stat(directory, &info) == 0, info.st_mode & 0o001 != 0 else { return false }
+            directory = FileSystem.split(directory).directory
+        }
+        return true
     }
 
     /// Creates the clone's directory and first record under the store lock, so names stay unique.

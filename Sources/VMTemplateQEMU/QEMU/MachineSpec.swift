@@ -111,7 +111,8 @@ public struct QEMUConfinement: Sendable, Equatable {
 
     /// The system user `scripts/setup` creates for QEMU to run as.
     public static let systemUser = "vmtemplate-qemu"
-    /// `off` turns confinement off (for measuring what it costs, or debugging QEMU).
+    /// `off` turns confinement off, `no-user` keeps the sandbox but not the user drop (for
+    /// measuring what each costs, or debugging QEMU).
     public static let environmentVariable = "VMTEMPLATE_QEMU_SANDBOX"
 
     /// What a QEMU started by this process gets: nothing unless this process is root (an
@@ -119,8 +120,9 @@ public struct QEMUConfinement: Sendable, Equatable {
     /// ``systemUser`` when it exists and `userMayRead` (QEMU reads the files it opens after the
     /// drop, such as a clone's device state, as that user). `VMTEMPLATE_QEMU_SANDBOX=off` turns it off.
     public static func forThisProcess(userMayRead: Bool, denySpawn: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) -> QEMUConfinement? {
-        guard geteuid() == 0, environment[environmentVariable] != "off" else { return nil }
-        let user = userMayRead && getpwnam(systemUser) != nil ? systemUser : nil
+        let setting = environment[environmentVariable]
+        guard geteuid() == 0, setting != "off" else { return nil }
+        let user = userMayRead && setting != "no-user" && getpwnam(systemUser) != nil ? systemUser : nil
         return QEMUConfinement(sandbox: true, denySpawn: denySpawn, user: user)
     }
 
