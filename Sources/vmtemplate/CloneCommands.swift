@@ -52,8 +52,8 @@ struct Clone: AsyncParsableCommand {
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
-        if timeout <= 0 { throw ValidationError("--timeout must be a positive number of seconds.") }
-        if let tcgTranslationCacheMiB, tcgTranslationCacheMiB < 1 { throw ValidationError("--tcg-tb-size must be at least 1 (MiB).") }
+        if !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be a number of seconds from 0 to 86400.") }
+        if let tcgTranslationCacheMiB, !(1...65_536).contains(tcgTranslationCacheMiB) { throw ValidationError("--tcg-tb-size must be 1 to 65536 (MiB).") }
     }
 
     struct Output: Encodable {
@@ -85,7 +85,7 @@ struct Clone: AsyncParsableCommand {
             let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }
             let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
-            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .milliseconds(Int64(timeout * 1000)), cowLimitBytes: limit, overLimitAction: overLimit)
+            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
             let json = self.json
             try await interruptible {
                 let (record, warning) = try await engine.clone(request)
@@ -120,6 +120,7 @@ struct Remove: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
+        if !(grace >= 0 && grace <= 600) { throw ValidationError("--grace must be a number of seconds from 0 to 600.") }
         if all && !clones.isEmpty { throw ValidationError("give clone IDs or --all, not both.") }
         if !all && clones.isEmpty { throw ValidationError("give one or more clone IDs or names, or --all.") }
     }
@@ -134,7 +135,7 @@ struct Remove: AsyncParsableCommand {
                 for record in records {
                     group.addTask {
                         do {
-                            let how = try await engine.remove(record, grace: .milliseconds(Int64(grace * 1000)))
+                            let how = try await engine.remove(record, grace: .seconds(fractional: grace))
                             print(TerminalText.escape("removed \(record.id) (\(record.name)): \(how.rawValue)"))
                             return nil
                         } catch {
@@ -168,6 +169,10 @@ struct Send: AsyncParsableCommand {
 
     @OptionGroup var store: StoreOptions
 
+    func validate() throws {
+        if !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be a number of seconds from 0 to 86400.") }
+    }
+
     func run() async throws {
         try await reportingErrors {
             let store = try store.open(.readOnly)
@@ -184,7 +189,7 @@ struct Send: AsyncParsableCommand {
             default:
                 break
             }
-            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .milliseconds(Int64(timeout * 1000)))
+            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))
         }
     }

@@ -45,7 +45,7 @@ struct Create: AsyncParsableCommand {
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
-        if let timeout, timeout <= 0 { throw ValidationError("--timeout must be a positive number of seconds.") }
+        if let timeout, !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be a number of seconds from 0 to 86400.") }
     }
 
     func run() async throws {
@@ -56,7 +56,7 @@ struct Create: AsyncParsableCommand {
             if let memory { recipe.memory = memory }
             if let cpus { recipe.cpus = cpus }
             let creator = TemplateCreator(store: try store.open(), qemu: try qemu.probe(), kvm: .probe())
-            let request = CreateRequest(name: templateName, recipe: recipe, accelerator: accel, readyTimeout: timeout.map { .milliseconds(Int64($0 * 1000)) }, group: group)
+            let request = CreateRequest(name: templateName, recipe: recipe, accelerator: accel, readyTimeout: timeout.map { .seconds(fractional: $0) }, group: group)
             let showProgress = Terminal.stderrIsTerminal
             let json = self.json
             try await interruptible {

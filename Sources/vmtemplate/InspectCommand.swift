@@ -35,13 +35,13 @@ struct Inspect: AsyncParsableCommand {
             if let name = try? EntityName(reference), store.templateExists(name) {
                 let view = TemplateView(template: try store.template(named: name).manifest, clones: records.filter { $0.template == reference }.map(\.id))
                 if json { return try Terminal.printJSON(view) }
-                print(String(decoding: try JSONCoding.encode(view), as: UTF8.self), terminator: "")
+                print(TerminalText.escapeJSON(String(decoding: try JSONCoding.encode(view), as: UTF8.self)), terminator: "")
                 return
             }
             let record = try store.findClone(reference)
             let view = CloneView(clone: await CloneEngine(store: store).status(of: record), record: record)
             if json { return try Terminal.printJSON(view) }
-            print(String(decoding: try JSONCoding.encode(view), as: UTF8.self), terminator: "")
+            print(TerminalText.escapeJSON(String(decoding: try JSONCoding.encode(view), as: UTF8.self)), terminator: "")
         }
     }
 }

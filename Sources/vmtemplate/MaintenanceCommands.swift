@@ -29,8 +29,8 @@ struct Doctor: AsyncParsableCommand {
                 ["kvm usable", "\(yesNo(report.kvmUsable)): \(report.kvmReason)"],
                 ["default accel", report.defaultAccel.rawValue],
             ]))
-            for warning in report.warnings { print("warning: \(warning)") }
-            for problem in report.problems { print("problem: \(problem)") }
+            for warning in report.warnings { print(TerminalText.escape("warning: \(warning)")) }
+            for problem in report.problems { print(TerminalText.escape("problem: \(problem)")) }
         }
         if !report.problems.isEmpty { throw ExitCode.failure }
     }

@@ -28,7 +28,7 @@ struct SchedulerCommand: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
-        if let interval, interval < 0.05 { throw ValidationError("--interval must be at least 0.05 seconds.") }
+        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
     }
 
     func run() async throws {

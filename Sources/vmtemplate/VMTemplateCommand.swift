@@ -102,6 +102,6 @@ enum Terminal {
     }
 
     static func printJSON(_ value: some Encodable) throws {
-        print(try JSONCoding.line(value))
+        print(TerminalText.escapeJSON(try JSONCoding.line(value)))
     }
 }

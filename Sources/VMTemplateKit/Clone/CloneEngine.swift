@@ -95,7 +95,8 @@ public struct CloneEngine: Sendable {
         let manifest = template.manifest
         var statuses: [(TemplateManifest.StoredFile, FileStatus)] = []
         for file in [manifest.memory, manifest.state] {
-            guard let status = try? FileStatus.read(path: "\(template.directory)/\(file.name)") else {
+            // lstat: a template file is never reached through a link.
+            guard let status = try? FileStatus.read(path: "\(template.directory)/\(file.name)", followingLinks: false), status.isRegularFile else {
                 throw VMTemplateError(.notFound, "template '\(manifest.name)' is missing its \(file.name) file: the template is damaged; remove it and create it again.")
             }
             statuses.append((file, status))
@@ -114,6 +115,11 @@ public struct CloneEngine: Sendable {
     /// Starts a clone and returns once its guest runs.
     public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
         let started = ContinuousClock.now
+        // A template's manifest names the QEMU binary that runs it and the files it maps: only a
+        // store of root's or of this user's may say that to this process.
+        guard templates.ownerUID == 0 || templates.ownerUID == geteuid() else {
+            throw VMTemplateError(.permissionDenied, "template store '\(templates.root)' belongs to uid \(templates.ownerUID): clone only from root's store or your own (a template names the QEMU that runs it).")
+        }
         let template = try templates.template(named: request.template)
         let manifest = template.manifest
         try checkFiles(of: template)
@@ -136,11 +142,12 @@ public struct CloneEngine: Sendable {
                 launch: .incoming,
                 vmgenidGUID: record.vmgenid ?? "auto",
                 tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB,
-                confinement: .forThisProcess(userMayRead: Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
+                confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
             let qemu = try QEMUInstance.launch(commandLine, executable: qemuPath, transparentHugePages: false)
             instance = qemu
             record.qemu = qemu.identity
+            record.qemuExecutable = qemu.executable ?? qemuPath
             record.qemuArguments = try commandLine.arguments()
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.

@@ -92,8 +92,16 @@ extension CloneEngine {
     /// a QEMU that runs under the clone's `-name`, found through `/proc`). A clone whose creator
     /// still runs is left alone.
     public func collectCloneGarbage(into report: inout GarbageReport) async {
-        for record in store.clones().records {
-            if record.state == .starting && record.creator?.isAlive == true { continue }
+        for snapshot in store.clones().records {
+            var record = snapshot
+            if record.state == .starting {
+                guard record.creator?.isAlive != true else { continue }
+                // The creator is gone, so the record can no longer change; but the snapshot may
+                // predate its last write (a `clone` that finished and exited after the listing).
+                // Read again, now that nothing will write it.
+                guard let fresh = store.cloneRecord(record.id) else { continue }
+                record = fresh
+            }
             let interrupted = record.state == .starting
             switch qemu(of: record) {
             case .running(let instance):
@@ -106,7 +114,8 @@ extension CloneEngine {
                     continue
                 }
             case .exited:
-                break
+                // A `clone` killed between spawning QEMU and recording it: found by its -name.
+                if interrupted, !(await stopQEMU(named: record.id, into: &report)) { continue }
             case .notThisQEMU(let reason):
                 if record.qemu?.isAlive == true, !interrupted { continue }
                 report.problems.append("clone \(record.id): its record names a process that is not its QEMU (\(reason)); nothing was signalled.")
@@ -116,19 +125,29 @@ extension CloneEngine {
         // Listed under the lock: `clone` creates a directory and its first record under it, so a
         // directory seen without a record then is debris, not a clone being set up.
         let listing = (try? store.withLock { store.listClones() }) ?? TemplateStore.CloneListing()
-        report.problems += listing.problems.filter { !$0.contains("'vmtemplate gc' removes it") }
-        for id in listing.broken {
-            let paths = store.clonePaths(id)
-            for instance in QEMUInstance.running(named: CloneRecord.qemuName(id: id), qmpSocket: paths.qmpSocket, logPath: paths.qemuLog) {
-                do {
-                    try await instance.stop(grace: .milliseconds(500), politely: false)
-                    report.stoppedQEMU.append(instance.pid)
-                } catch {
-                    report.problems.append("clone \(id): \(error)")
-                }
-            }
+        report.problems += listing.problems
+        for id in listing.broken where await stopQEMU(named: id, into: &report) {
             removeDirectory(of: id, into: &report)
         }
+    }
+
+    /// Stops every QEMU running as clone `id` (found by its `-name`). Returns false when one
+    /// could not be stopped, so its directory stays.
+    private func stopQEMU(named id: String, into report: inout GarbageReport) async -> Bool {
+        let paths = store.clonePaths(id)
+        var stoppedAll = true
+        var owners: Set<uid_t> = [store.ownerUID]
+        if let user = getpwnam(QEMUConfinement.systemUser) { owners.insert(user.pointee.pw_uid) }
+        for instance in QEMUInstance.running(named: CloneRecord.qemuName(id: id), ownedBy: owners, qmpSocket: paths.qmpSocket, logPath: paths.qemuLog) {
+            do {
+                try await instance.stop(grace: .milliseconds(500), politely: false)
+                report.stoppedQEMU.append(instance.pid)
+            } catch {
+                report.problems.append("clone \(id): \(error)")
+                stoppedAll = false
+            }
+        }
+        return stoppedAll
     }
 
     private func removeDirectory(of id: String, into report: inout GarbageReport) {

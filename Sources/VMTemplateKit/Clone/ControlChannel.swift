@@ -14,6 +14,8 @@ import Musl
 /// (templates/busybox/README.md).
 public struct ControlChannel: Sendable {
     public let path: String
+    /// The longest reply line accepted.
+    public static let maxReplyBytes = 1 << 20
 
     public init(path: String) {
         self.path = path
@@ -31,27 +33,37 @@ public struct ControlChannel: Sendable {
         guard connected == 0 else {
             throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?")
         }
-        let (seconds, attoseconds) = timeout.components
-        var limit = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        let deadline = ContinuousClock.now + timeout
         let bytes = Array((line + "\n").utf8)
         let written = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard written == bytes.count else {
-            throw VMTemplateError(.ioError, "cannot send to the control channel '\(path)': \(errnoText()).")
+            throw VMTemplateError(.ioError, "cannot send to the control channel '\(path)': \(errnoText()).", cause: SystemCallError("send"))
         }
+        // One deadline for the whole reply and a bounded length: a guest that trickles bytes or
+        // never ends its line cannot hold this process or fill its memory.
         var reply: [UInt8] = []
-        var byte: UInt8 = 0
-        while true {
-            let count = read(fd, &byte, 1)
-            if count == 1 {
-                if byte == 0x0a { break }
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        readLoop: while true {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            guard remaining > .zero else {
+                throw VMTemplateError(.timeout, "the guest did not answer '\(TerminalText.escape(line))' on '\(path)' within \(timeout.shortText).")
+            }
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let milliseconds = Int32(clamping: remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000 + 1)
+            let ready = poll(&descriptor, 1, milliseconds)
+            if ready < 0 && errno == EINTR { continue }
+            guard ready > 0 else { continue }
+            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else {
+                throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(TerminalText.escape(line))'.")
+            }
+            for byte in chunk[0..<count] {
+                if byte == 0x0a { break readLoop }
                 reply.append(byte)
-            } else if count < 0 && errno == EINTR {
-                continue
-            } else if count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                throw VMTemplateError(.timeout, "the guest did not answer '\(line)' on '\(path)' within \(timeout).")
-            } else {
-                throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(line)'.")
+            }
+            guard reply.count <= Self.maxReplyBytes else {
+                throw VMTemplateError(.invalidState, "the guest's reply to '\(TerminalText.escape(line))' on '\(path)' is longer than \(Self.maxReplyBytes) bytes without ending its line: not a reply of this protocol.")
             }
         }
         return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)

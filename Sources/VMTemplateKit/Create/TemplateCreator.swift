@@ -98,6 +98,9 @@ public struct TemplateCreator: Sendable {
         if let available = try? MemInfo.read().availableBytes, memory.bytes > available {
             throw VMTemplateError(.invalidArgument, "memory \(memory) is more than this machine has free (\(ByteSize(bytes: available))): give a smaller --memory.")
         }
+        guard recipe.readyTimeoutSeconds > 0, recipe.readyTimeoutSeconds <= 86_400 else {
+            throw VMTemplateError(.invalidArgument, "ready_timeout_seconds \(recipe.readyTimeoutSeconds) is out of range: give 1 to 86400.")
+        }
         guard (1...64).contains(recipe.cpus) else {
             throw VMTemplateError(.invalidArgument, "cpus \(recipe.cpus) is out of range: give 1 to 64.")
         }
@@ -150,12 +153,12 @@ public struct TemplateCreator: Sendable {
             launch: .boot(plan.boot),
             // No user drop: QEMU writes the device state into the owner's staging area after it
             // has started, which another user cannot.
-            confinement: .forThisProcess(userMayRead: false, denySpawn: plan.migration == .file)
+            confinement: .forThisProcess(version: qemu.version, userMayRead: false, denySpawn: plan.migration == .file)
         )
         let arguments = try commandLine.arguments()
         let qemuInstance = try QEMUInstance.launch(commandLine, executable: qemu.path)
         onLaunch(qemuInstance)
-        try staging.writeOwner(qemu: qemuInstance.identity, executable: qemu.path)
+        try staging.writeOwner(qemu: qemuInstance.identity, executable: qemuInstance.executable ?? qemu.path)
 
         let qmp = try await qemuInstance.connectQMP(timeout: .seconds(30))
         defer { qmp.close() }
@@ -214,7 +217,7 @@ public struct TemplateCreator: Sendable {
     }
 
     private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, qemu: QEMUInstance) async throws {
-        let timeout = request.readyTimeout ?? .milliseconds(Int64(request.recipe.readyTimeoutSeconds * 1000))
+        let timeout = request.readyTimeout ?? .seconds(fractional: request.recipe.readyTimeoutSeconds)
         let watcher = SerialConsoleWatcher(path: paths.serialLog)
         let ready: Bool
         do {

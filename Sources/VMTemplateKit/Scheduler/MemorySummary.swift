@@ -35,15 +35,15 @@ public struct MemorySummary: Sendable, Codable, Equatable {
         exited = clones.filter { $0.state == .exited }.count
         unresponsive = clones.filter { $0.state == .unresponsive }.count
         let live = clones.filter { $0.state != .exited }
-        cowBytes = live.compactMap(\.cowBytes).reduce(0, +)
-        privateBytes = live.compactMap(\.privateBytes).reduce(0, +)
+        cowBytes = Admission.saturatingSum(live.compactMap(\.cowBytes))
+        privateBytes = Admission.saturatingSum(live.compactMap(\.privateBytes))
         var residentByTemplate: [String: UInt64] = [:]
         for clone in live {
             residentByTemplate[clone.template] = max(residentByTemplate[clone.template] ?? 0, clone.templateResidentBytes ?? 0)
         }
-        templateResidentBytes = residentByTemplate.values.reduce(0, +)
-        inUseBytes = cowBytes + privateBytes + templateResidentBytes
+        templateResidentBytes = Admission.saturatingSum(Array(residentByTemplate.values))
+        inUseBytes = Admission.saturatingSum([cowBytes, privateBytes, templateResidentBytes])
         let guestMemory = Dictionary(templates.map { ($0.name, $0.machine.memoryBytes) }, uniquingKeysWith: { first, _ in first })
-        fullCopyBytes = live.map { (guestMemory[$0.template] ?? 0) + ($0.privateBytes ?? 0) }.reduce(0, +)
+        fullCopyBytes = Admission.saturatingSum(live.flatMap { [guestMemory[$0.template] ?? 0, $0.privateBytes ?? 0] })
     }
 }

@@ -79,12 +79,10 @@ public struct Scheduler: Sendable {
     /// `log` receives each action as one JSON line.
     public func run(interval: Double? = nil, log: @Sendable (String) -> Void) async throws {
         _ = try store.settings()
-        let lock = try FileLock(path: "\(store.root)/scheduler.lock", mode: 0o600)
-        guard lock.status.ownerUID == store.ownerUID else {
-            throw VMTemplateError(.permissionDenied, "'\(store.root)/scheduler.lock' belongs to uid \(lock.status.ownerUID), not to the store's owner: remove it and start the scheduler again.")
-        }
+        let lock = try store.openLockFile("\(store.root)/scheduler.lock")
         guard lock.tryExclusive() else {
-            throw VMTemplateError(.busy, "another scheduler is already running on store '\(store.root)': run only one per store.")
+            let holder = lock.holders().first.map { " (process \($0.pid), \(TerminalText.escape($0.command)))" } ?? ""
+            throw VMTemplateError(.busy, "another scheduler\(holder) is already running on store '\(store.root)': run only one per store.")
         }
         defer { lock.unlock() }
         while !Task.isCancelled {
@@ -93,7 +91,7 @@ public struct Scheduler: Sendable {
                 if let line = try? JSONCoding.line(action) { log(line) }
             }
             let seconds = try interval ?? store.settings().intervalSeconds
-            let next = started + .milliseconds(Int64(seconds * 1000))
+            let next = started + .seconds(fractional: seconds)
             if next > .now { try? await Task.sleep(until: next, clock: .continuous) }
         }
     }

@@ -5,9 +5,11 @@ extension Duration {
         return Double(whole) + Double(fraction) / 1e18
     }
 
-    /// Seconds given as a floating-point number (options such as `--timeout 2.5`).
+    /// Seconds given as a floating-point number (options such as `--timeout 2.5`), clamped to
+    /// 0 ... 10^9 s; NaN is 0. Never traps, whatever a file or a command line says.
     public static func seconds(fractional value: Double) -> Duration {
-        .milliseconds(Int64((value * 1000).rounded()))
+        guard value.isFinite, value > 0 else { return .zero }
+        return .milliseconds(Int64((min(value, 1e9) * 1000).rounded()))
     }
 
     /// "250 ms", "5 s", "1.5 s": for messages.

@@ -19,4 +19,19 @@ public enum TerminalText {
         }
         return result
     }
+
+    /// JSON text with DEL and the C1 controls (U+007F ... U+009F) written as `\u00XX`: still the
+    /// same JSON, but a terminal that shows it acts on none of them (JSONEncoder escapes only C0).
+    public static func escapeJSON(_ json: String) -> String {
+        var result = ""
+        result.reserveCapacity(json.utf8.count)
+        for scalar in json.unicodeScalars {
+            if (0x7f...0x9f).contains(scalar.value) {
+                result += "\\u00" + String(scalar.value, radix: 16)
+            } else {
+                result.unicodeScalars.append(scalar)
+            }
+        }
+        return result
+    }
 }

@@ -119,10 +119,11 @@ public struct QEMUConfinement: Sendable, Equatable {
     /// unprivileged QEMU has nothing to drop); as root the sandbox, and the drop to
     /// ``systemUser`` when it exists and `userMayRead` (QEMU reads the files it opens after the
     /// drop, such as a clone's device state, as that user). `VMTEMPLATE_QEMU_SANDBOX=off` turns it off.
-    public static func forThisProcess(userMayRead: Bool, denySpawn: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) -> QEMUConfinement? {
+    public static func forThisProcess(version: QEMUVersion, userMayRead: Bool, denySpawn: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) -> QEMUConfinement? {
         let setting = environment[environmentVariable]
-        guard geteuid() == 0, setting != "off" else { return nil }
-        let user = userMayRead && setting != "no-user" && getpwnam(systemUser) != nil ? systemUser : nil
+        // -sandbox with these sub-options: QEMU >= 2.11; -run-with user=: QEMU >= 9.1.
+        guard geteuid() == 0, setting != "off", version >= QEMUVersion(2, 11) else { return nil }
+        let user = userMayRead && setting != "no-user" && version >= QEMUVersion(9, 1) && getpwnam(systemUser) != nil ? systemUser : nil
         return QEMUConfinement(sandbox: true, denySpawn: denySpawn, user: user)
     }
 
@@ -181,8 +182,12 @@ public struct QEMUCommandLine: Sendable, Equatable {
     public func arguments() throws -> [String] {
         var machineProperties: [(String, String)] = [("memory-backend", memory.id)]
         for option in machine.machineOptions {
-            let pair = option.split(separator: "=", maxSplits: 1).map(String.init)
-            machineProperties.append((pair[0], pair.count > 1 ? pair[1] : "on"))
+            let pair = option.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            // A property name is QEMU's own word: nothing that could start another property.
+            guard let key = pair.first, !key.isEmpty, key.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e }) else {
+                throw VMTemplateError(.invalidArgument, "machine option '\(TerminalText.escape(option))' is not NAME or NAME=VALUE with a lower-case NAME (e.g. smbus=off): fix the recipe's machine_options.")
+            }
+            machineProperties.append((key, pair.count > 1 ? pair[1] : "on"))
         }
         var arguments = [
             "-name", QEMUOptionString.render(type: name, []),

@@ -22,6 +22,9 @@ public final class QEMUInstance: Sendable {
     public let name: String
     public let qmpSocket: String
     public let logPath: String
+    /// `/proc/PID/exe` right after the spawn (posix_spawn returns once the exec is done): what a
+    /// record keeps to recognise this QEMU later.
+    public let executable: String?
     private let process: ProcessHandle
 
     public var identity: ProcessIdentity { process.identity }
@@ -41,6 +44,7 @@ public final class QEMUInstance: Sendable {
         self.qmpSocket = qmpSocket
         self.logPath = logPath
         self.process = process
+        self.executable = QEMUIdentity.readExecutable(pid: process.pid)
     }
 
     // MARK: Starting
@@ -103,10 +107,14 @@ public final class QEMUInstance: Sendable {
 
     /// Every running QEMU whose command line carries `-name` `name`, found through `/proc`: for a
     /// clean-up that has nothing but a name (a record that cannot be read).
-    public static func running(named name: String, qmpSocket: String, logPath: String) -> [QEMUInstance] {
+    /// Only processes of `owners` count: anybody can start a process called `qemu-system-*` with
+    /// any `-name`, but it is not a clone's QEMU unless the store's owner (or the QEMU user it
+    /// drops to) runs it.
+    public static func running(named name: String, ownedBy owners: Set<uid_t>, qmpSocket: String, logPath: String) -> [QEMUInstance] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.compactMap { entry -> QEMUInstance? in
-            guard let pid = Int32(entry), pid != getpid(),
+            var info = stat()
+            guard let pid = Int32(entry), pid != getpid(), stat("/proc/\(pid)", &info) == 0, owners.contains(info.st_uid),
                   case .success(let bytes) = FileSystem.readContents(path: "/proc/\(pid)/cmdline"),
                   QEMUIdentity.problem(commandLine: bytes, name: name) == nil,
                   let identity = ProcessIdentity.current(pid: pid),
@@ -209,13 +217,12 @@ package enum QEMUIdentity {
             return "cannot read /proc/\(pid)/exe (another user's process?)"
         }
         let base = running.split(separator: "/").last.map(String.init) ?? running
-        guard base.hasPrefix("qemu-system-") else {
+        guard base.hasPrefix("qemu-system-") || base == "qemu-kvm" else {
             return "process \(pid) runs \(running), not a QEMU system emulator"
         }
         if let executable {
-            let expected = FileSystem.resolvedPath(executable) ?? executable
-            guard running == expected else {
-                return "process \(pid) runs \(running), not \(expected)"
+            guard running == executable || running == FileSystem.resolvedPath(executable) else {
+                return "process \(pid) runs \(running), not \(executable)"
             }
         }
         guard case .success(let bytes) = FileSystem.readContents(path: "/proc/\(pid)/cmdline") else {

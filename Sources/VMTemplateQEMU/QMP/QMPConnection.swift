@@ -211,6 +211,9 @@ struct SharedState {
 
     /// Gives `event` to the oldest open waiter that wants it, or buffers it for a later one.
     mutating func deliver(_ event: QMPEvent) {
+        // Bounded: a QEMU that floods events cannot grow this process without limit.
+        if history.count >= 1024 { history.removeFirst(512) }
+        if unconsumed.count >= 1024 { unconsumed.removeFirst(512) }
         history.append(event)
         for key in waiters.keys.sorted() {
             guard let waiter = waiters[key], waiter.isOpen,
@@ -378,6 +381,7 @@ final class Connection: Sendable {
     }
 
     private static let mismatch = VMTemplateError(.internalError, "A QMP waiter received the wrong kind of message.")
+    static let maxLineBytes = 16 << 20
 
     // MARK: Writing
 
@@ -422,6 +426,12 @@ final class Connection: Sendable {
                 chunk.withUnsafeBytes { lines.append(UnsafeRawBufferPointer(rebasing: $0[..<count])) }
                 while let line = lines.nextLine() {
                     dispatch(line, decoder: decoder)
+                }
+                // No QMP message comes near this (query-qmp-schema is ~200 KiB): whatever sends
+                // more without a newline is not a QMP server to keep reading from.
+                if lines.pendingCount > Self.maxLineBytes {
+                    failure = SystemCallError("read", code: EMSGSIZE)
+                    break
                 }
             } else if count == 0 {
                 break

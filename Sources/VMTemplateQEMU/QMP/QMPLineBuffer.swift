@@ -36,6 +36,9 @@ struct LineBuffer {
         return line
     }
 
+    /// Bytes received that are not a complete line yet.
+    var pendingCount: Int { bytes.count - start }
+
     /// Whatever followed the last newline when the stream ended.
     mutating func remainder() -> Data? {
         guard start < bytes.count else { return nil }

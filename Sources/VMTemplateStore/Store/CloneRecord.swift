@@ -210,6 +210,15 @@ extension TemplateStore {
         return nil
     }
 
+    /// The record of clone `id` as it is on disk now, if it holds up (see ``listClones()``).
+    public func cloneRecord(_ id: String) -> CloneRecord? {
+        guard (try? EntityName(id, kind: "clone ID")) != nil, trustedCloneDirectory(id) == nil,
+              let record = try? StoredJSON.read(CloneRecord.self, at: recordPath(id), owner: ownerUID).get(),
+              record.problem(directoryName: id, storeRoot: root) == nil
+        else { return nil }
+        return record
+    }
+
     /// What a listing of `clones/` found.
     public struct CloneListing: Sendable {
         /// Records the store's owner wrote that hold up (oldest first).
@@ -249,6 +258,7 @@ extension TemplateStore {
             case .failure(.unreadable(let error)) where error.code == EACCES:
                 listing.notYours.append(entry)
             case .failure(.missing):
+                listing.problems.append("clone directory \(cloneDirectory(display)) has no record; 'vmtemplate gc' removes it.")
                 listing.broken.append(entry)
             case .failure(let failure):
                 listing.problems.append("clone record \(recordPath(display)): \(failure); 'vmtemplate gc' removes it.")

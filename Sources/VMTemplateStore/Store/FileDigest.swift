@@ -43,9 +43,9 @@ public struct FileStatus: Sendable, Equatable {
     public var ownerUID: UInt32
     public var isRegularFile: Bool
 
-    public static func read(path: String) throws -> FileStatus {
+    public static func read(path: String, followingLinks: Bool = true) throws -> FileStatus {
         var info = stat()
-        guard stat(path, &info) == 0 else {
+        guard (followingLinks ? stat(path, &info) : lstat(path, &info)) == 0 else {
             let code: VMTemplateError.Code = errno == ENOENT ? .notFound : .ioError
             throw VMTemplateError(code, "cannot stat '\(path)': \(errnoText()).")
         }
@@ -53,7 +53,9 @@ public struct FileStatus: Sendable, Equatable {
             sizeBytes: UInt64(info.st_size),
             mode: UInt16(info.st_mode & 0o7777),
             inode: UInt64(info.st_ino),
-            modifiedNanoseconds: Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec),
+            // Saturating: a modification time past 2262 (any value a file can be given) must not trap.
+            modifiedNanoseconds: Int64(info.st_mtim.tv_sec).multipliedReportingOverflow(by: 1_000_000_000).overflow
+                ? .max : Int64(info.st_mtim.tv_sec) &* 1_000_000_000 &+ Int64(info.st_mtim.tv_nsec),
             ownerUID: info.st_uid,
             isRegularFile: (info.st_mode & S_IFMT) == S_IFREG
         )

@@ -83,34 +83,34 @@ public struct TemplateStore: Sendable {
     /// owns. Write permission for anybody else is taken away (stores made before 0.2 had a
     /// world-writable `clones/`).
     private static func makeDirectory(_ path: String, mode: mode_t, owner: uid_t) throws {
-        var info = stat()
-        if lstat(path, &info) != 0 {
-            guard errno == ENOENT else {
-                throw FileSystem.error("inspect", path: path, code: errno, permissionNeeded: "this user needs search permission on its parent directories")
-            }
-            if mkdir(path, mode) != 0 && errno != EEXIST {
-                if errno == ENOENT {
-                    do {
-                        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: mode])
-                    } catch {
-                        throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
-                    }
-                } else {
-                    throw FileSystem.error("create the store directory", path: path, code: errno, permissionNeeded: "this user needs write permission on its parent directory")
+        if mkdir(path, mode) != 0 {
+            let code = errno
+            if code == ENOENT {
+                do {
+                    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: mode])
+                } catch {
+                    throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
                 }
+            } else if code != EEXIST {
+                throw FileSystem.error("create the store directory", path: path, code: code, permissionNeeded: "this user needs write permission on its parent directory")
             }
-            chmod(path, mode)
-            guard lstat(path, &info) == 0 else { return }
         }
-        guard (info.st_mode & S_IFMT) == S_IFDIR else {
-            throw VMTemplateError(.invalidState, "'\(path)' in the store is not a directory (a link or a file someone put there): remove it, then try again.")
+        // Checked and changed through a descriptor opened without following links, so a link
+        // planted at `path` meanwhile is refused, never followed.
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw VMTemplateError(.invalidState, "'\(path)' in the store is not a directory (a link or a file someone put there): remove it, then try again.", cause: SystemCallError("open"))
         }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw FileSystem.error("inspect", path: path, code: errno, permissionNeeded: "") }
         guard info.st_uid == owner else {
             throw VMTemplateError(.permissionDenied, "'\(path)' belongs to uid \(info.st_uid), not to the store's owner (uid \(owner)): the store cannot be trusted; check who changed it.")
         }
-        if info.st_mode & 0o022 != 0 {
-            chmod(path, info.st_mode & 0o7755 & ~0o1000)
-        }
+        // A new directory gets exactly `mode`; an existing one loses write permission for others
+        // (stores made before 0.2 had a world-writable clones/).
+        let wanted = info.st_nlink <= 2 && info.st_mode & 0o7777 != mode ? mode : info.st_mode & 0o7755 & ~0o1000
+        if info.st_mode & 0o7777 != wanted { _ = fchmod(fd, wanted) }
     }
 
     /// Refuses a change to a store opened read-only.
@@ -134,13 +134,31 @@ public struct TemplateStore: Sendable {
     /// `lockTimeout`. The lock file is the owner's, mode 0600, so nobody else can hold it.
     public func withLock<T>(_ body: () throws -> T) throws -> T {
         try requireWritable()
-        let lock = try FileLock(path: lockPath, mode: 0o600)
-        let status = lock.status
-        if status.ownerUID != ownerUID {
-            throw VMTemplateError(.permissionDenied, "the store lock '\(lockPath)' belongs to uid \(status.ownerUID), not to the store's owner: someone else made it to hold the store hostage; remove it (rm \(lockPath)) and try again.")
-        }
-        if status.mode & 0o077 != 0 { chmod(lockPath, 0o600) }
+        let lock = try openLockFile(lockPath)
         return try lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
+    }
+
+    /// Opens one of the store's lock files: the owner's, mode 0600. A lock file of another user is
+    /// refused; one whose mode lets others open it (stores made before 0.2) is replaced by a fresh
+    /// file, since a descriptor somebody opened earlier would keep working on the old one.
+    public func openLockFile(_ path: String) throws -> FileLock {
+        try requireWritable()
+        let lock = try FileLock(path: path, mode: 0o600)
+        let status = lock.status
+        guard status.ownerUID == ownerUID else {
+            throw VMTemplateError(.permissionDenied, "the lock file '\(path)' belongs to uid \(status.ownerUID), not to the store's owner: someone else made it to hold the store hostage; remove it (rm \(path)) and try again.")
+        }
+        guard status.mode & 0o077 != 0 else { return lock }
+        let fresh = "\(path).new-\(getpid())"
+        let fd = open(fresh, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw FileSystem.error("create", path: fresh, code: errno, permissionNeeded: "this user needs write permission on the store") }
+        fchmod(fd, 0o600)
+        close(fd)
+        guard rename(fresh, path) == 0 else {
+            unlink(fresh)
+            throw FileSystem.error("replace", path: path, code: errno, permissionNeeded: "this user needs write permission on the store")
+        }
+        return try FileLock(path: path, mode: 0o600)
     }
 
     // MARK: Templates
@@ -176,6 +194,12 @@ public struct TemplateStore: Sendable {
             throw VMTemplateError(.ioError, "manifest of template '\(name)' is not valid: \(reason). The template is damaged or was made by a newer vmtemplate.")
         case .failure(let failure):
             throw VMTemplateError(.ioError, "template '\(name)' has no readable manifest.json (\(failure)): the template is damaged; remove it and create it again.", cause: failure)
+        }
+        guard manifest.memory.name == "memory", manifest.state.name == "state" else {
+            throw VMTemplateError(.invalidState, "template '\(name)' has a manifest whose files are not 'memory' and 'state': it cannot be trusted; create it again.")
+        }
+        guard manifest.machine.memoryBytes <= CloneRecord.maxGuestMemoryBytes, manifest.memory.sizeBytes <= CloneRecord.maxGuestMemoryBytes else {
+            throw VMTemplateError(.invalidState, "template '\(name)' has a manifest with an impossible memory size: it cannot be trusted; create it again.")
         }
         guard manifest.name == name.value else {
             throw VMTemplateError(.invalidState, "template directory '\(name)' holds the manifest of '\(manifest.name)': it was copied or renamed, so it cannot be trusted; create it again under this name.")

@@ -376,6 +376,40 @@ extension RealGuests {
             tally.finish()
         }
 
+        // MARK: Clear refusals
+
+        @Test("clear refusals: kvm that cannot run guests, send to a paused clone, another user's clone, read-only commands on a missing store")
+        func clearRefusals() async throws {
+            let store = try await store()
+            defer { removeAll(store) }
+            let tally = Reliability.Tally("clear refusals")
+            if !KVMProbe.probe().usableForStockGuests {
+                let own = try TemporaryStore("kvm")
+                defer { own.remove() }
+                let started = ContinuousClock.now
+                let kvm = try CLI.run(["create", "k", "--recipe", Checkout.busyboxRecipe, "--accel", "kvm"] + own.arguments)
+                tally.trial(failed: kvm.status != 1 || !kvm.stderr.contains("cannot run ordinary guests") || started.duration(to: .now) > .seconds(10), lost: !QEMUProcesses.using(own.root).isEmpty, note: "create --accel kvm: \(kvm.stderr)")
+            }
+            let clone = try CLI.run(["clone", SharedTemplate.name, "--name", "frozen", "--json"] + store.arguments)
+            try #require(clone.status == 0, "\(clone.stderr)")
+            let qmp = try await QMPClient.connect(socketPath: TemplateStore(root: store.root).clonePaths(try TemplateStore(root: store.root).findClone("frozen").id).qmpSocket, timeout: .seconds(5))
+            try await qmp.stop()
+            qmp.close()
+            let started = ContinuousClock.now
+            let send = try CLI.run(["send", "frozen", "ping", "--timeout", "30"] + store.arguments)
+            tally.trial(failed: send.status != 1 || !send.stderr.contains("is paused") || started.duration(to: .now) > .seconds(10), lost: false, note: "send to a paused clone: \(send.stderr)")
+            if Environment.isRoot {
+                let listing = try Reliability.asNobody([Checkout.binary, "list", "--json"] + store.arguments)
+                tally.trial(failed: listing.status != 0 || !listing.stdout.contains("\"state\":\"not-yours\"") || listing.stdout.contains("\"state\":\"unresponsive\""), lost: false, note: "list as nobody: \(listing.stdout) \(listing.stderr)")
+            }
+            let missing = "/tmp/vmt-missing-\(UUID().uuidString.prefix(8))"
+            for arguments in [["list"], ["settings"], ["inspect", "x"], ["verify", "x"], ["send", "x", "ping"]] {
+                let result = try CLI.run(arguments + ["--store", missing])
+                tally.trial(failed: result.signaled, lost: FileManager.default.fileExists(atPath: missing), note: "\(arguments) created \(missing)")
+            }
+            tally.finish()
+        }
+
         // MARK: Many at once
 
         @Test("concurrent clones interleaved with list, rm, gc and the scheduler: every clone accounted for, no orphan QEMU")
