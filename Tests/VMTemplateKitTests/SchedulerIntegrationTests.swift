@@ -190,6 +190,8 @@ extension RealGuests {
             let bystander = Process()
             bystander.executableURL = URL(fileURLWithPath: "/bin/sleep")
             bystander.arguments = ["60"]
+            bystander.standardOutput = FileHandle.nullDevice
+            bystander.standardError = FileHandle.nullDevice
             try bystander.run()
             defer { bystander.terminate() }
             let identity = try #require(ProcessIdentity.current(pid: bystander.processIdentifier))

@@ -64,6 +64,10 @@ enum Reliability {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/sleep")
         process.arguments = ["300"]
+        // Not the test's own output: a child left holding it would keep `swift test` waiting.
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
         try process.run()
         return process
     }
