@@ -61,18 +61,6 @@ struct CloneBench: AsyncParsableCommand {
         /// --also-vmtemplate's clones, if given.
         var otherClone: Summary?
         var otherVMTemplate: String?
-
-    @Option(name: .customLong("also-environment"), help: ArgumentHelp("KEY=VALUE for --also-vmtemplate's runs only (repeatable), e.g. VMTEMPLATE_QEMU_SANDBOX=off with the same binary to measure what QEMU's confinement costs.", valueName: "KEY=VALUE"))
-    var otherEnvironment: [String] = []
-
-    private var otherSettings: CloneSettings {
-        var settings = CloneSettings()
-        for pair in otherEnvironment {
-            let parts = pair.split(separator: "=", maxSplits: 1).map(String.init)
-            if parts.count == 2 { settings.environment[parts[0]] = parts[1] }
-        }
-        return settings
-    }
         var kata: Summary
         var coldBoot: Summary
         var concurrency: Int

@@ -28,6 +28,7 @@ struct Doctor: AsyncParsableCommand {
                 ["file: migration", yesNo(report.supportsFileMigration)],
                 ["kvm usable", "\(yesNo(report.kvmUsable)): \(report.kvmReason)"],
                 ["default accel", report.defaultAccel.rawValue],
+                ["qemu confinement", report.confinement],
             ]))
             for warning in report.warnings { print(TerminalText.escape("warning: \(warning)")) }
             for problem in report.problems { print(TerminalText.escape("problem: \(problem)")) }

@@ -1,3 +1,4 @@
+import Foundation
 import VMTemplateOS
 /// What `vmtemplate doctor` reports: can this machine make templates and clones, and how.
 public struct DoctorReport: Sendable, Codable, Equatable {
@@ -9,6 +10,8 @@ public struct DoctorReport: Sendable, Codable, Equatable {
     public var kvmUsable: Bool
     public var kvmReason: String
     public var defaultAccel: Accelerator
+    /// How QEMU started by this user is confined (seccomp, the user it drops to), in words.
+    public var confinement: String
     /// Things that work but deserve attention (e.g. clones that must open the template read-write).
     public var warnings: [String]
     /// Things that stop vmtemplate from working, each with what to do.
@@ -23,6 +26,7 @@ public struct DoctorReport: Sendable, Codable, Equatable {
         case kvmUsable = "kvm_usable"
         case kvmReason = "kvm_reason"
         case defaultAccel = "default_accel"
+        case confinement
         case warnings, problems
     }
 
@@ -33,6 +37,7 @@ public struct DoctorReport: Sendable, Codable, Equatable {
             supportsROM: false, supportsFileMigration: false,
             kvmUsable: kvm.usableForStockGuests, kvmReason: kvm.reason,
             defaultAccel: kvm.usableForStockGuests ? .kvm : .tcg,
+            confinement: "not root: QEMU runs as this user",
             warnings: [], problems: []
         )
         do {
@@ -42,6 +47,18 @@ public struct DoctorReport: Sendable, Codable, Equatable {
             report.qemuPackage = binary.package
             report.supportsROM = binary.capabilities.supportsROM
             report.supportsFileMigration = binary.capabilities.supportsFileMigration
+            if let confinement = QEMUConfinement.forThisProcess(version: binary.version, userMayRead: true, denySpawn: binary.capabilities.supportsFileMigration) {
+                if let user = confinement.user {
+                    report.confinement = "seccomp sandbox; clones drop to user \(user) where their template is readable by it"
+                } else {
+                    report.confinement = "seccomp sandbox only: QEMU keeps root"
+                    report.warnings.append(binary.version < QEMUVersion(9, 1)
+                        ? "QEMU \(binary.version) has no -run-with user= (9.1): clones started by root keep root, sandboxed."
+                        : "there is no user \(QEMUConfinement.systemUser): clones started by root keep root, sandboxed; run scripts/setup to create it.")
+                }
+            } else if geteuid() == 0 {
+                report.confinement = "none (\(QEMUConfinement.environmentVariable)=off, or QEMU older than 2.11)"
+            }
             if !binary.capabilities.supportsMachineMemoryBackend || !binary.capabilities.supportsIgnoreShared {
                 report.problems.append("QEMU \(binary.version) is too old for templates: install QEMU >= 8.2 (scripts/setup uses bookworm-backports).")
             } else if !binary.capabilities.supportsROM {

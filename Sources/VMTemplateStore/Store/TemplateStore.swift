@@ -234,7 +234,11 @@ public struct TemplateStore: Sendable {
         let staging = StagingArea(name: name, directory: "\(stagingDirectory)/\(name)")
         let leftover: (StagingArea, StagingArea.Owner?)? = try withLock {
             if templateExists(name) {
-                throw VMTemplateError(.exists, "template '\(name)' already exists: pick another name, or remove it first.")
+                throw VMTemplateError(.exists, "template '\(name)' already exists: pick another name, or remove it first (vmtemplate rm-template \(name)).")
+            }
+            // Names are unique among clones and templates, so a name always says which one it is.
+            if clones().records.contains(where: { $0.name == name.value }) {
+                throw VMTemplateError(.exists, "'\(name)' is the name of a clone: give the template another name.")
             }
             guard FileManager.default.fileExists(atPath: staging.directory) else { return nil }
             let owner = staging.owner

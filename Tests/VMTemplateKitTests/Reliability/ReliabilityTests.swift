@@ -395,6 +395,9 @@ extension RealGuests {
             let qmp = try await QMPClient.connect(socketPath: TemplateStore(root: store.root).clonePaths(try TemplateStore(root: store.root).findClone("frozen").id).qmpSocket, timeout: .seconds(5))
             try await qmp.stop()
             qmp.close()
+            // Names are unique among clones and templates.
+            let sameName = try CLI.run(["create", "frozen", "--recipe", Checkout.busyboxRecipe] + store.arguments)
+            tally.trial(failed: sameName.status != 1 || !sameName.stderr.contains("is the name of a clone"), lost: !store.stagingEntries().isEmpty, note: "create with a clone's name: \(sameName.stderr)")
             let started = ContinuousClock.now
             let send = try CLI.run(["send", "frozen", "ping", "--timeout", "30"] + store.arguments)
             tally.trial(failed: send.status != 1 || !send.stderr.contains("is paused") || started.duration(to: .now) > .seconds(10), lost: false, note: "send to a paused clone: \(send.stderr)")
@@ -406,6 +409,33 @@ extension RealGuests {
             for arguments in [["list"], ["settings"], ["inspect", "x"], ["verify", "x"], ["send", "x", "ping"]] {
                 let result = try CLI.run(arguments + ["--store", missing])
                 tally.trial(failed: result.signaled, lost: FileManager.default.fileExists(atPath: missing), note: "\(arguments) created \(missing)")
+            }
+            tally.finish()
+        }
+
+        // MARK: A full disk
+
+        @Test("clone into a store on a small, full tmpfs: a clear error, nothing half-made, no QEMU", .enabled(if: Environment.isRoot, "needs root to mount a tmpfs"))
+        func fullStore() async throws {
+            let templates = try await store()
+            let tally = Reliability.Tally("clone into a full store")
+            let mountPoint = try TemporaryStore("fullc")
+            defer {
+                _ = try? ShortCommand.run("/bin/umount", ["-l", mountPoint.root])
+                try? FileManager.default.removeItem(atPath: mountPoint.root)
+            }
+            let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1M", "tmpfs", mountPoint.root])
+            try #require(mount.status == 0, "mount failed: \(mount.stderr)")
+            #expect(try CLI.run(["settings"] + mountPoint.arguments).status == 0)
+            #expect(try CLI.run(["settings", "--max-clones", "100"] + mountPoint.arguments).status == 0)
+            let free = try FileSystem.availableBytes(onFileSystemOf: mountPoint.root)
+            try FileSystem.allocateFile(path: "\(mountPoint.root)/filler", size: free, mode: 0o600)
+            for _ in 0..<Reliability.trials(fast: 2, long: 10) {
+                let result = try CLI.run(["clone", SharedTemplate.name, "--template-store", templates.root] + mountPoint.arguments)
+                let left = (try? FileManager.default.contentsOfDirectory(atPath: "\(mountPoint.root)/clones")) ?? []
+                let quiet = await eventually(timeout: .seconds(5)) { QEMUProcesses.using(mountPoint.root).isEmpty }
+                tally.trial(failed: result.status != 1 || result.signaled || !(result.stderr.contains("full") || result.stderr.contains("No space left")),
+                            lost: !left.isEmpty || !quiet, note: "status \(result.status): \(result.stderr), left \(left)")
             }
             tally.finish()
         }
