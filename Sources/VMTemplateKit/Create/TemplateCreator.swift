@@ -101,11 +101,17 @@ public struct TemplateCreator: Sendable {
         guard recipe.readyTimeoutSeconds > 0, recipe.readyTimeoutSeconds <= 86_400 else {
             throw VMTemplateError(.invalidArgument, "ready_timeout_seconds \(recipe.readyTimeoutSeconds) is out of range: give 1 to 86400.")
         }
+        guard (0...32).contains(recipe.hotplugSlots) else {
+            throw VMTemplateError(.invalidArgument, "hotplug_slots \(recipe.hotplugSlots) is out of range: give 0 to 32.")
+        }
         guard (1...64).contains(recipe.cpus) else {
             throw VMTemplateError(.invalidArgument, "cpus \(recipe.cpus) is out of range: give 1 to 64.")
         }
         let accelerator = try Accelerator.resolve(request.accelerator, kvm: kvm)
         let machineType = try qemu.resolveMachineType(recipe.machine)
+        if recipe.hotplugSlots > 0 && !machineType.contains("q35") {
+            throw VMTemplateError(.invalidArgument, "hotplug_slots needs a PCIe machine (q35), not \(machineType): set \"hotplug_slots\": 0 or \"machine\": \"q35\".")
+        }
         let kernelReference = try Self.reference(recipe.kernel, what: "kernel")
         let initrdReference = try recipe.initrd.map { try Self.reference($0, what: "initrd") }
 
@@ -114,7 +120,7 @@ public struct TemplateCreator: Sendable {
             throw VMTemplateError(.ioError, "not enough disk space in store '\(store.root)': the template needs \(ByteSize(bytes: needed)), \(ByteSize(bytes: free)) is free. Free some space or use another --store.")
         }
         return Plan(
-            machine: MachineSpec(machineType: machineType, machineOptions: recipe.machineOptions, cpuModel: recipe.cpuModel, cpus: recipe.cpus, memoryBytes: memory.bytes, accelerator: accelerator, vmgenid: recipe.vmgenid),
+            machine: MachineSpec(machineType: machineType, machineOptions: recipe.machineOptions, cpuModel: recipe.cpuModel, cpus: recipe.cpus, memoryBytes: memory.bytes, accelerator: accelerator, vmgenid: recipe.vmgenid, hotplugSlots: recipe.hotplugSlots),
             boot: KernelBoot(kernel: recipe.kernel, initrd: recipe.initrd, append: recipe.append),
             kernelReference: kernelReference,
             initrdReference: initrdReference,

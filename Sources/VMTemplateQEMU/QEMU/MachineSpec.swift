@@ -15,8 +15,12 @@ public struct MachineSpec: Sendable, Codable, Equatable {
     public var accelerator: Accelerator
     /// Whether the machine has a `vmgenid` device, so each clone can get a fresh generation ID.
     public var vmgenid: Bool
+    /// Empty PCIe root ports (`pcie-root-port`) for devices hot-plugged into clones; 0 in
+    /// manifests from before they existed. Template and clone must have the same number.
+    public var hotplugSlots: Int
 
-    public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool) {
+    public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool, hotplugSlots: Int = 0) {
+        self.hotplugSlots = hotplugSlots
         self.machineType = machineType
         self.machineOptions = machineOptions
         self.cpuModel = cpuModel
@@ -34,6 +38,19 @@ public struct MachineSpec: Sendable, Codable, Equatable {
         case memoryBytes = "memory_bytes"
         case accelerator
         case vmgenid
+        case hotplugSlots = "hotplug_slots"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        machineType = try c.decode(String.self, forKey: .machineType)
+        machineOptions = try c.decode([String].self, forKey: .machineOptions)
+        cpuModel = try c.decodeIfPresent(String.self, forKey: .cpuModel)
+        cpus = try c.decode(Int.self, forKey: .cpus)
+        memoryBytes = try c.decode(UInt64.self, forKey: .memoryBytes)
+        accelerator = try c.decode(Accelerator.self, forKey: .accelerator)
+        vmgenid = try c.decode(Bool.self, forKey: .vmgenid)
+        hotplugSlots = try c.decodeIfPresent(Int.self, forKey: .hotplugSlots) ?? 0
     }
 }
 
@@ -217,6 +234,11 @@ public struct QEMUCommandLine: Sendable, Equatable {
             ]
         case .socketPath:
             arguments += ["-qmp", "unix:\(QEMUOptionString.escape(paths.qmpSocket)),server=on,wait=off"]
+        }
+        // Root ports for hot-plug: chassis numbers from 1, addresses left to QEMU, which assigns
+        // them in order, the same in the template and every clone.
+        for slot in 0..<max(0, min(machine.hotplugSlots, 32)) {
+            arguments += ["-device", QEMUOptionString.render(type: "pcie-root-port", [("id", "hotplug\(slot)"), ("chassis", String(slot + 1))])]
         }
         if machine.vmgenid {
             arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]

@@ -19,8 +19,11 @@ public struct Recipe: Sendable, Codable, Equatable {
     public var readyMarker: String
     public var readyTimeoutSeconds: Double
     public var vmgenid: Bool
+    /// Empty PCIe root ports for devices hot-plugged into clones (q35 only).
+    public var hotplugSlots: Int
 
-    public init(kernel: String, initrd: String?, append: String, memory: String = "256M", cpus: Int = 1, machine: String = "q35", machineOptions: [String] = [], cpuModel: String? = nil, readyMarker: String = "VMTEMPLATE-READY", readyTimeoutSeconds: Double = 120, vmgenid: Bool = true) {
+    public init(kernel: String, initrd: String?, append: String, memory: String = "256M", cpus: Int = 1, machine: String = "q35", machineOptions: [String] = [], cpuModel: String? = nil, readyMarker: String = "VMTEMPLATE-READY", readyTimeoutSeconds: Double = 120, vmgenid: Bool = true, hotplugSlots: Int = 4) {
+        self.hotplugSlots = hotplugSlots
         self.kernel = kernel
         self.initrd = initrd
         self.append = append
@@ -41,6 +44,7 @@ public struct Recipe: Sendable, Codable, Equatable {
         case readyMarker = "ready_marker"
         case readyTimeoutSeconds = "ready_timeout_seconds"
         case vmgenid
+        case hotplugSlots = "hotplug_slots"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -56,6 +60,7 @@ public struct Recipe: Sendable, Codable, Equatable {
         readyMarker = try c.decodeIfPresent(String.self, forKey: .readyMarker) ?? "VMTEMPLATE-READY"
         readyTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .readyTimeoutSeconds) ?? 120
         vmgenid = try c.decodeIfPresent(Bool.self, forKey: .vmgenid) ?? true
+        hotplugSlots = try c.decodeIfPresent(Int.self, forKey: .hotplugSlots) ?? 4
     }
 
     /// Loads a recipe file and makes its relative paths absolute.
