@@ -66,9 +66,11 @@ struct Clone: AsyncParsableCommand {
         var serialLog: String
         var controlSocket: String
         var vmgenid: String?
+        /// `requested` (clock and hostname sent, not awaited) or `none`.
+        var clock: String?
 
         enum CodingKeys: String, CodingKey {
-            case id, name, template, pid, state
+            case id, name, template, pid, state, clock
             case qmpSocket = "qmp_socket"
             case serialLog = "serial_log"
             case controlSocket = "control_socket"
@@ -85,14 +87,17 @@ struct Clone: AsyncParsableCommand {
             let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }
             let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
-            let request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
+            var request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
+            // This very binary delivers the guest's clock and hostname, detached (GuestSetup).
+            request.guestSetupHelper = FileSystem.resolvedPath("/proc/self/exe")
+            let request2 = request
             let json = self.json
             try await interruptible {
-                let (record, warning) = try await engine.clone(request)
+                let (record, warning) = try await engine.clone(request2)
                 if let warning { Terminal.note(warning) }
                 if json {
                     let paths = store.clonePaths(record.id)
-                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid))
+                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock))
                 } else {
                     print(record.id)
                 }
@@ -192,5 +197,19 @@ struct Send: AsyncParsableCommand {
             let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))
         }
+    }
+}
+
+/// Delivers a clone's clock and hostname to its guest and exits; started detached by `clone`
+/// (``GuestSetup``), not for people.
+struct GuestSetupCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "_guest-setup", abstract: "Internal: tell a clone's guest the time and its hostname.", shouldDisplay: false)
+
+    @Option var socket: String
+    @Option var epoch: Int
+    @Option var hostname: String
+
+    func run() throws {
+        _ = try GuestSetup(controlSocket: socket, epoch: epoch, hostname: hostname).deliver()
     }
 }

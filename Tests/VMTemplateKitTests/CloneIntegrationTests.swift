@@ -94,13 +94,34 @@ extension RealGuests {
             #expect(guestTime > 1_700_000_000)
             #expect(try channel.request("settime 1000000000") == "time 1000000000")
             #expect(try channel.request("time").hasPrefix("10000000"))
-            #expect(try channel.request("hostname") == "vmtemplate")
+            #expect(try channel.request("hostname") == clone.name, "a clone is named after itself")
             #expect(try channel.request("hostname web-7") == "hostname web-7")
             #expect(try channel.request("hostname bad/name").hasPrefix("error:"))
             #expect(try channel.request("ifaces").contains("lo=00:00:00:00:00:00"))
             #expect(try channel.request("disks") == "", "no disk until one is hot-plugged")
             #expect(try channel.request("read vda 0 1").hasPrefix("error: no block device"))
             #expect(try channel.request("write vda 0 zz").hasPrefix("error:"))
+        }
+
+        @Test("a clone's guest gets the host's time and its own hostname when it starts, and a runtime's first request is answered after them")
+        func clockAndHostname() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            // The template's clock stopped when it was paused: make sure that was a while ago.
+            let manifest = try TemplateStore(root: store.root).template(named: try EntityName(SharedTemplate.name)).manifest
+            #expect(manifest.guestClock == .controlChannel)
+            let age = Date().timeIntervalSince(manifest.createdAt)
+            if age < 10 { try await Task.sleep(for: .seconds(10 - age)) }
+            let result = try CLI.run(["clone", SharedTemplate.name, "--name", "clocked", "--json"] + store.arguments)
+            try #require(result.status == 0, "\(result.stderr)")
+            #expect(result.stdout.contains("\"clock\":\"requested\""))
+            let clone = try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
+            let channel = ControlChannel(path: clone.control_socket)
+            // The first request a runtime sends gets its own reply, not the helper's.
+            #expect(try channel.request("ping", timeout: .seconds(60)) == "pong")
+            let guestTime = try #require(Int(try channel.request("time")))
+            #expect(abs(guestTime - Int(Date().timeIntervalSince1970)) <= 2, "guest \(guestTime), host \(Int(Date().timeIntervalSince1970)), template \(Int(age)) s old")
+            #expect(try channel.request("hostname") == "clocked")
         }
 
         @Test("a disk hot-plugged into one of the template's root ports is found by the guest's virtio_blk driver")

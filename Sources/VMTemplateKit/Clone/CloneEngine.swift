@@ -29,6 +29,9 @@ public struct CloneRequest: Sendable {
     public var cowLimitBytes: UInt64?
     /// The scheduler's action over the limit (nil: the store's setting).
     public var overLimitAction: OverLimitAction?
+    /// An executable whose `_guest-setup` subcommand delivers a ``GuestSetup`` (the vmtemplate
+    /// CLI itself); nil: a detached thread of this process delivers it (for long-lived callers).
+    public var guestSetupHelper: String?
 
     public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30), cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil) {
         self.cowLimitBytes = cowLimitBytes
@@ -155,6 +158,7 @@ public struct CloneEngine: Sendable {
             async let restored: Void = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
             try store.save(spawnedRecord)
             try await restored
+            record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, helper: request.guestSetupHelper)
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
             try store.save(record)
@@ -168,6 +172,24 @@ public struct CloneEngine: Sendable {
                 try? FileSystem.removeTree(path: directory)
             }
             throw error
+        }
+    }
+
+    /// Tells a resumed guest the time and its hostname the way its recipe says, without waiting
+    /// for it (``GuestSetup``). Returns what the record says of it.
+    func startGuestSetup(_ clock: GuestClock, name: String, controlSocket: String, helper: String?) -> String {
+        guard clock == .controlChannel else { return "none" }
+        let setup = GuestSetup(controlSocket: controlSocket, epoch: Int(Date().timeIntervalSince1970.rounded()), hostname: name)
+        do {
+            if let helper {
+                try setup.launchHelper(executable: helper)
+            } else {
+                let thread = Thread { _ = try? setup.deliver() }
+                thread.start()
+            }
+            return "requested"
+        } catch {
+            return "not sent: \(error)"
         }
     }
 

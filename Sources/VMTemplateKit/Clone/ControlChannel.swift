@@ -23,6 +23,12 @@ public struct ControlChannel: Sendable {
 
     /// Sends `line` and returns the guest's one-line reply (without the line ending).
     public func request(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
+        try requests([line], timeout: timeout)[0]
+    }
+
+    /// Sends `lines` in one write on one connection and returns the guest's reply to each, in
+    /// order, within one deadline for all of them.
+    public func requests(_ lines: [String], timeout: Duration = .seconds(20)) throws -> [String] {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create a socket: \(errnoText()).") }
         defer { close(fd) }
@@ -31,22 +37,24 @@ public struct ControlChannel: Sendable {
         }
         let connected = address.withSockaddr { connect(fd, $0, $1) }
         guard connected == 0 else {
-            throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?")
+            throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?", cause: SystemCallError("connect"))
         }
+        let shown = TerminalText.escape(lines.joined(separator: "; "))
         let deadline = ContinuousClock.now + timeout
-        let bytes = Array((line + "\n").utf8)
+        let bytes = Array(lines.map { $0 + "\n" }.joined().utf8)
         let written = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard written == bytes.count else {
             throw VMTemplateError(.ioError, "cannot send to the control channel '\(path)': \(errnoText()).", cause: SystemCallError("send"))
         }
-        // One deadline for the whole reply and a bounded length: a guest that trickles bytes or
-        // never ends its line cannot hold this process or fill its memory.
+        // One deadline for all replies and a bounded length: a guest that trickles bytes or never
+        // ends its line cannot hold this process or fill its memory.
+        var replies: [String] = []
         var reply: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
-        readLoop: while true {
+        while replies.count < lines.count {
             let remaining = ContinuousClock.now.duration(to: deadline)
             guard remaining > .zero else {
-                throw VMTemplateError(.timeout, "the guest did not answer '\(TerminalText.escape(line))' on '\(path)' within \(timeout.shortText).")
+                throw VMTemplateError(.timeout, "the guest did not answer '\(shown)' on '\(path)' within \(timeout.shortText).")
             }
             var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let milliseconds = Int32(clamping: remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000 + 1)
@@ -56,16 +64,20 @@ public struct ControlChannel: Sendable {
             let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count < 0 && errno == EINTR { continue }
             guard count > 0 else {
-                throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(TerminalText.escape(line))'.")
+                throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(shown)'.")
             }
-            for byte in chunk[0..<count] {
-                if byte == 0x0a { break readLoop }
-                reply.append(byte)
+            for byte in chunk[0..<count] where replies.count < lines.count {
+                if byte == 0x0a {
+                    replies.append(String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+                    reply = []
+                } else {
+                    reply.append(byte)
+                }
             }
             guard reply.count <= Self.maxReplyBytes else {
-                throw VMTemplateError(.invalidState, "the guest's reply to '\(TerminalText.escape(line))' on '\(path)' is longer than \(Self.maxReplyBytes) bytes without ending its line: not a reply of this protocol.")
+                throw VMTemplateError(.invalidState, "the guest's reply to '\(shown)' on '\(path)' is longer than \(Self.maxReplyBytes) bytes without ending its line: not a reply of this protocol.")
             }
         }
-        return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return replies
     }
 }

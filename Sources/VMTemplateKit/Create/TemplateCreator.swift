@@ -210,7 +210,8 @@ public struct TemplateCreator: Sendable {
             state: state,
             migration: .init(capabilities: ["x-ignore-shared"], uriScheme: plan.migration.rawValue),
             templateArguments: arguments,
-            timings: timings
+            timings: timings,
+            guestClock: request.recipe.guestClock
         )
         // The manifest carries its own timings, so the publish phase is measured up to its write.
         manifest.timings.publish = publishStarted.duration(to: .now).seconds

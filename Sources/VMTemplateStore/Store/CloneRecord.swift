@@ -79,6 +79,9 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var overLimitAction: OverLimitAction?
     /// The scheduler's last action on this clone.
     public var lastEnforcement: Enforcement?
+    /// What was done about the guest's clock and hostname at start: `requested` (sent by a
+    /// detached helper, not awaited), `none`, or `not sent: REASON`.
+    public var clock: String?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -95,6 +98,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case cowLimitBytes = "cow_limit_bytes"
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"
+        case clock
     }
 
     /// Memory this clone commits against the store's budget.

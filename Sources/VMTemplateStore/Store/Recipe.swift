@@ -21,9 +21,12 @@ public struct Recipe: Sendable, Codable, Equatable {
     public var vmgenid: Bool
     /// Empty PCIe root ports for devices hot-plugged into clones (q35 only).
     public var hotplugSlots: Int
+    /// How a clone's guest clock and hostname are set when it starts.
+    public var guestClock: GuestClock
 
-    public init(kernel: String, initrd: String?, append: String, memory: String = "256M", cpus: Int = 1, machine: String = "q35", machineOptions: [String] = [], cpuModel: String? = nil, readyMarker: String = "VMTEMPLATE-READY", readyTimeoutSeconds: Double = 120, vmgenid: Bool = true, hotplugSlots: Int = 4) {
+    public init(kernel: String, initrd: String?, append: String, memory: String = "256M", cpus: Int = 1, machine: String = "q35", machineOptions: [String] = [], cpuModel: String? = nil, readyMarker: String = "VMTEMPLATE-READY", readyTimeoutSeconds: Double = 120, vmgenid: Bool = true, hotplugSlots: Int = 4, guestClock: GuestClock = .none) {
         self.hotplugSlots = hotplugSlots
+        self.guestClock = guestClock
         self.kernel = kernel
         self.initrd = initrd
         self.append = append
@@ -45,6 +48,7 @@ public struct Recipe: Sendable, Codable, Equatable {
         case readyTimeoutSeconds = "ready_timeout_seconds"
         case vmgenid
         case hotplugSlots = "hotplug_slots"
+        case guestClock = "guest_clock"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -61,6 +65,7 @@ public struct Recipe: Sendable, Codable, Equatable {
         readyTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .readyTimeoutSeconds) ?? 120
         vmgenid = try c.decodeIfPresent(Bool.self, forKey: .vmgenid) ?? true
         hotplugSlots = try c.decodeIfPresent(Int.self, forKey: .hotplugSlots) ?? 4
+        guestClock = try c.decodeIfPresent(GuestClock.self, forKey: .guestClock) ?? .none
     }
 
     /// Loads a recipe file and makes its relative paths absolute.
@@ -82,4 +87,14 @@ public struct Recipe: Sendable, Codable, Equatable {
         recipe.initrd = recipe.initrd.map(absolute)
         return recipe
     }
+}
+
+/// How a clone's guest learns the time and its hostname when it starts: a restored guest's clock
+/// stands where the template's stood when it was paused, minutes or days ago.
+public enum GuestClock: String, Sendable, Codable, CaseIterable {
+    /// `settime EPOCH` and `hostname NAME` on the control channel right after `cont`, delivered
+    /// by a detached helper so the clone does not wait (the built-in busybox guest).
+    case controlChannel = "control-channel"
+    /// Nothing: the guest keeps the template's time until something in it sets the clock.
+    case none
 }

@@ -5,7 +5,8 @@ import Foundation
 /// `manifest.json` of a published template: what it is, how it was made, and how to rebuild a
 /// machine that its device state loads into.
 public struct TemplateManifest: Sendable, Codable, Equatable {
-    public init(formatVersion: Int, name: String, createdAt: Date, qemu: QEMUInfo, machine: MachineSpec, boot: BootInfo, readyMarker: String, memory: StoredFile, state: StoredFile, migration: MigrationInfo, templateArguments: [String], timings: CreateTimings) {
+    public init(formatVersion: Int, name: String, createdAt: Date, qemu: QEMUInfo, machine: MachineSpec, boot: BootInfo, readyMarker: String, memory: StoredFile, state: StoredFile, migration: MigrationInfo, templateArguments: [String], timings: CreateTimings, guestClock: GuestClock? = nil) {
+        self.guestClock = guestClock
         self.formatVersion = formatVersion
         self.name = name
         self.createdAt = createdAt
@@ -29,6 +30,8 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     public var machine: MachineSpec
     public var boot: BootInfo
     public var readyMarker: String
+    /// How clones set their guest's clock and hostname (nil in manifests from before it existed: none).
+    public var guestClock: GuestClock?
     public var memory: StoredFile
     public var state: StoredFile
     public var migration: MigrationInfo
@@ -42,6 +45,7 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
         case createdAt = "created_at"
         case qemu, machine, boot
         case readyMarker = "ready_marker"
+        case guestClock = "guest_clock"
         case memory, state, migration
         case templateArguments = "template_arguments"
         case timings
