@@ -23,7 +23,7 @@ let package = Package(
         .target(name: "VMTemplateOS", dependencies: ["CLinuxHost"]),
         // QEMU: binaries, the command line as a value, QMP, one QEMUInstance per process,
         // and the memory-backend-file rules.
-        .target(name: "VMTemplateQEMU", dependencies: ["VMTemplateOS"]),
+        .target(name: "VMTemplateQEMU", dependencies: ["CLinuxHost", "VMTemplateOS"]),
         // The on-disk store: templates, staging, clone records, settings, admission.
         .target(
             name: "VMTemplateStore",

@@ -124,4 +124,28 @@ struct QEMUInstanceTests {
             #expect(exit.lastWords.contains("no-such-option"))
         }
     }
+
+    @Test("add-fd hands QEMU an open file it could not open by path (the path is gone): /dev/fdset/N works")
+    func descriptorPassing() async throws {
+        try await withDirectory { directory in
+            let qemu = try launch(in: directory)
+            defer { _ = try? qemu.kill(); qemu.waitForExitBlocking() }
+            let qmp = try await qemu.connectQMP(timeout: .seconds(20))
+            defer { qmp.close() }
+            let path = "\(directory)/disk.raw"
+            try Data(repeating: 0x5a, count: 1 << 20).write(to: URL(fileURLWithPath: path))
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            unlink(path)
+            let (fdset, _) = try await qmp.addFD(fd, opaque: "disk")
+            try await qmp.execute("blockdev-add", arguments: JSONValue.object([
+                "node-name": .string("passed"), "driver": .string("raw"), "read-only": .bool(true),
+                "file": .object(["driver": .string("file"), "filename": .string("/dev/fdset/\(fdset)"), "read-only": .bool(true)]),
+            ]))
+            let sets = try await qmp.execute("query-fdsets", as: JSONValue.self)
+            #expect(sets[0]?["fdset-id"]?.intValue == fdset)
+            #expect(sets[0]?["fds"]?[0]?["opaque"]?.stringValue == "disk")
+        }
+    }
 }

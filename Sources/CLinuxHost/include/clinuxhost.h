@@ -21,4 +21,8 @@ int clinuxhost_pidfd_open(int pid);
 /// pidfd_send_signal(2) (Linux >= 5.1).
 int clinuxhost_pidfd_send_signal(int pidfd, int signal);
 
+/// sendmsg(2) of `length` bytes with one descriptor attached (SCM_RIGHTS), as QMP's `getfd` and
+/// `add-fd` expect. Returns the bytes sent (the descriptor goes with the first byte) or -errno.
+long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long length, int descriptor);
+
 #endif

@@ -33,6 +33,23 @@ extension QMPClient {
             "quit", arguments: QMPNoArguments?.none, timeout: .seconds(10), closeMeansSuccess: true)
     }
 
+    /// Hands `descriptor` to QEMU in a new (or the given) fd set, for `/dev/fdset/N` paths: QEMU
+    /// then uses a file it may not be able to open itself (it may run as another user). This
+    /// process keeps its own copy of the descriptor.
+    ///
+    /// Maps to the QMP command `add-fd`, with the descriptor passed as SCM_RIGHTS.
+    public func addFD(_ descriptor: Int32, fdset: Int? = nil, opaque: String? = nil) async throws -> (fdset: Int, fd: Int) {
+        let command = QMPCommand("add-fd", arguments: AddFD(fdsetID: fdset, opaque: opaque))
+        let sent = try connection.sendAll([command], passing: descriptor)
+        let reply = try await connection.reply(to: sent[0].id, command: command.name, timeout: .seconds(10))
+        do {
+            let info = try JSONDecoder().decode(ReturnEnvelope<AddFDInfo>.self, from: reply).value
+            return (info.fdsetID, info.fd)
+        } catch {
+            throw VMTemplateError(.qemuFailed, "QEMU's reply to 'add-fd' does not have the expected shape.", cause: error)
+        }
+    }
+
     /// Returns the VM's run state.
     ///
     /// Maps to the QMP command `query-status`.
@@ -198,6 +215,26 @@ struct MigrationCapability: Encodable, Sendable {
 
 struct MigrationCapabilities: Encodable, Sendable {
     let capabilities: [MigrationCapability]
+}
+
+struct AddFD: Encodable, Sendable {
+    let fdsetID: Int?
+    let opaque: String?
+
+    enum CodingKeys: String, CodingKey {
+        case fdsetID = "fdset-id"
+        case opaque
+    }
+}
+
+struct AddFDInfo: Decodable, Sendable {
+    let fdsetID: Int
+    let fd: Int
+
+    enum CodingKeys: String, CodingKey {
+        case fdsetID = "fdset-id"
+        case fd
+    }
 }
 
 struct MigrationURI: Encodable, Sendable {

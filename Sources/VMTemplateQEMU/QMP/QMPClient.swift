@@ -25,7 +25,7 @@ public final class QMPClient: Sendable {
     /// What QEMU said when the connection opened.
     public let greeting: QMPGreeting
 
-    private let connection: Connection
+    let connection: Connection
 
     private init(socketPath: String, greeting: QMPGreeting, connection: Connection) {
         self.socketPath = socketPath

@@ -1,3 +1,4 @@
+import CLinuxHost
 import VMTemplateOS
 #if canImport(Glibc)
 import Glibc
@@ -306,7 +307,7 @@ final class Connection: Sendable {
 
     /// Registers a reply waiter for each command (before writing, so even an immediate reply has
     /// somewhere to go), then writes them all at once. Returns their ids, in order.
-    func sendAll(_ commands: [QMPCommand]) throws -> [(id: Int, command: String)] {
+    func sendAll(_ commands: [QMPCommand], passing descriptor: Int32? = nil) throws -> [(id: Int, command: String)] {
         var sent: [(id: Int, command: String)] = []
         var bytes = Data()
         do {
@@ -321,7 +322,7 @@ final class Connection: Sendable {
                         cause: error)
                 }
             }
-            try send(bytes, command: commands.map(\.name).joined(separator: ", "))
+            try send(bytes, command: commands.map(\.name).joined(separator: ", "), passing: descriptor)
         } catch {
             for (id, _) in sent { abandon(id) }
             throw error
@@ -385,10 +386,18 @@ final class Connection: Sendable {
 
     // MARK: Writing
 
-    func send(_ line: Data, command: String) throws {
+    func send(_ line: Data, command: String, passing descriptor: Int32? = nil) throws {
         let failure: Int32? = descriptorOpen.withLock { open in
             guard open else { return EBADF }
-            return line.withUnsafeBytes { UnixSocket.sendAll(fd, $0) }
+            return line.withUnsafeBytes { bytes in
+                guard let descriptor, let base = bytes.baseAddress, bytes.count > 0 else { return UnixSocket.sendAll(fd, bytes) }
+                // The descriptor travels with the first byte (SCM_RIGHTS); QEMU keeps it for the
+                // command that asks for it (`add-fd`, `getfd`).
+                var sent: Int
+                repeat { sent = clinuxhost_send_with_descriptor(fd, base, UInt(bytes.count), descriptor) } while sent == -Int(EINTR)
+                guard sent >= 0 else { return Int32(-sent) }
+                return UnixSocket.sendAll(fd, UnsafeRawBufferPointer(rebasing: bytes[sent...]))
+            }
         }
         guard let code = failure else { return }
         if let reason = state.withLock({ $0.closeReason }) {
