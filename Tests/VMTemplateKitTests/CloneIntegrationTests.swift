@@ -124,6 +124,27 @@ extension RealGuests {
             #expect(try channel.request("hostname") == "clocked")
         }
 
+        @Test("as root, a clone's QEMU is sandboxed and runs as vmtemplate-qemu, even from a private store and a group-restricted template", .enabled(if: Environment.isRoot && getpwnam("vmtemplate-qemu") != nil, "needs root and the vmtemplate-qemu user (scripts/setup)"))
+        func confinedClone() async throws {
+            let parent = try TemporaryStore("priv")
+            defer { parent.remove() }
+            chmod(parent.root, 0o700)
+            let store = "\(parent.root)/store"
+            let created = try CLI.run(["create", "g", "--recipe", Checkout.busyboxRecipe, "--group", "root", "--store", store])
+            try #require(created.status == 0, "\(created.stderr)")
+            let result = try CLI.run(["clone", "g", "--json", "--store", store])
+            try #require(result.status == 0, "\(result.stderr)")
+            let clone = try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
+            #expect(try ControlChannel(path: clone.control_socket).request("ping", timeout: .seconds(60)) == "pong")
+            var info = stat()
+            #expect(stat("/proc/\(clone.pid)", &info) == 0)
+            #expect(info.st_uid == getpwnam("vmtemplate-qemu")?.pointee.pw_uid, "QEMU dropped to its user although it cannot reach the state file by path")
+            let arguments = (try? String(contentsOfFile: "/proc/\(clone.pid)/cmdline", encoding: .utf8))?.split(separator: "\0").map(String.init) ?? []
+            #expect(arguments.contains { $0.hasPrefix("on,obsolete=deny") }, "QEMU runs under -sandbox")
+            #expect(try FileStatus.read(path: "\(store)/templates/g/state").mode == 0o440)
+            _ = try CLI.run(["rm", "--all", "--store", store])
+        }
+
         @Test("a disk hot-plugged into one of the template's root ports is found by the guest's virtio_blk driver")
         func hotPluggedDisk() async throws {
             let store = try await SharedTemplate.shared.store()

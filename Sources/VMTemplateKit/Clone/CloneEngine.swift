@@ -145,7 +145,8 @@ public struct CloneEngine: Sendable {
                 launch: .incoming,
                 vmgenidGUID: record.vmgenid ?? "auto",
                 tcgTranslationCacheMiB: request.tcgTranslationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB,
-                confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
+                // With `file:` the state is passed as a descriptor, so QEMU's user need not reach it.
+                confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
             let qemu = try QEMUInstance.launch(commandLine, executable: qemuPath, transparentHugePages: false)
             instance = qemu
@@ -192,6 +193,9 @@ public struct CloneEngine: Sendable {
             return "not sent: \(error)"
         }
     }
+
+    /// The fd set the template's device state is passed in.
+    static let stateFDSet = 1
 
     /// Whether any user may read `path`: the file readable by others and every directory above it
     /// searchable by others (so QEMU, once it has dropped to its own user, can open it).
@@ -273,9 +277,18 @@ public struct CloneEngine: Sendable {
             // The whole restore is queued with the handshake, before QEMU has even greeted: it
             // runs the moment QEMU's main loop starts. The same capabilities as at save time;
             // `events` announces completion, so no polling.
+            // The device state goes to QEMU as an open descriptor (`add-fd`, `file:/dev/fdset/N`):
+            // a QEMU that has dropped to its own user need not be able to open the template's
+            // file by path (a group-restricted template, a store under a private directory).
+            let state = manifest.migration.transport == .file ? open(template.statePath, O_RDONLY | O_CLOEXEC) : -1
+            defer { if state >= 0 { close(state) } }
+            let load: [QMPCommand] = state >= 0
+                ? [.addFD(fdset: Self.stateFDSet), .migrateIncoming(uri: "file:/dev/fdset/\(Self.stateFDSet)")]
+                : [.migrateIncoming(uri: manifest.migration.transport.loadURI(from: template.statePath))]
             qmp = try await qemu.connectQMP(
                 timeout: timeout,
-                pipelining: [.migrateSetCapabilities(["x-ignore-shared": true, "events": true]), .migrateIncoming(uri: manifest.migration.transport.loadURI(from: template.statePath))],
+                pipelining: [.migrateSetCapabilities(["x-ignore-shared": true, "events": true])] + load,
+                passing: state >= 0 ? state : nil,
                 phase: "the start-up of \(what)")
         } catch let error as QMPError {
             throw await failed(error)

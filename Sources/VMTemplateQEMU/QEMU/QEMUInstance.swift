@@ -159,10 +159,10 @@ public final class QEMUInstance: Sendable {
     /// Connects to its QMP monitor (see ``QMPClient/connect(socketPath:timeout:isPeerAlive:pipelining:)``).
     /// A QEMU that dies meanwhile fails the connection with its exit status and last words; an
     /// error reply to a pipelined command is thrown as the `QMPError` it is.
-    public func connectQMP(timeout: Duration, pipelining: [QMPCommand] = [], phase: String = "start-up") async throws -> QMPClient {
+    public func connectQMP(timeout: Duration, pipelining: [QMPCommand] = [], passing descriptor: Int32? = nil, phase: String = "start-up") async throws -> QMPClient {
         let process = self.process
         do {
-            return try await QMPClient.connect(socketPath: qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning }, pipelining: pipelining)
+            return try await QMPClient.connect(socketPath: qmpSocket, timeout: timeout, isPeerAlive: { process.isRunning }, pipelining: pipelining, passing: descriptor)
         } catch let error as QMPError {
             throw error
         } catch {

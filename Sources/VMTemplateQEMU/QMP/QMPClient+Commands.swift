@@ -184,6 +184,11 @@ public struct QMPCommand: Sendable {
         return QMPCommand("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: list))
     }
 
+    /// `add-fd` for a descriptor sent with the same write (see `connect(..., passing:)`).
+    public static func addFD(fdset: Int, opaque: String? = nil) -> QMPCommand {
+        QMPCommand("add-fd", arguments: AddFD(fdsetID: fdset, opaque: opaque))
+    }
+
     /// `migrate-incoming` from `uri`, on a QEMU started with `-incoming defer`.
     public static func migrateIncoming(uri: String) -> QMPCommand {
         QMPCommand("migrate-incoming", arguments: MigrationURI(uri: uri))

@@ -54,7 +54,8 @@ public final class QMPClient: Sendable {
         socketPath: String,
         timeout: Duration,
         isPeerAlive: @escaping @Sendable () -> Bool = { true },
-        pipelining commands: [QMPCommand] = []
+        pipelining commands: [QMPCommand] = [],
+        passing descriptor: Int32? = nil
     ) async throws -> QMPClient {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)
@@ -65,7 +66,8 @@ public final class QMPClient: Sendable {
         connection.startReader()
         do {
             // QEMU accepts no other command until the client leaves capabilities negotiation.
-            let sent = try connection.sendAll([QMPCommand("qmp_capabilities")] + commands)
+            // A descriptor goes with the same write: QEMU keeps it for the pipelined `add-fd`.
+            let sent = try connection.sendAll([QMPCommand("qmp_capabilities")] + commands, passing: descriptor)
             let greeting = try await connection.greeting(timeout: deadline - clock.now)
             let client = QMPClient(socketPath: socketPath, greeting: greeting, connection: connection)
             for (id, command) in sent {
