@@ -216,11 +216,42 @@ extension TemplateStore {
 
     /// The record of clone `id` as it is on disk now, if it holds up (see ``listClones()``).
     public func cloneRecord(_ id: String) -> CloneRecord? {
-        guard (try? EntityName(id, kind: "clone ID")) != nil, trustedCloneDirectory(id) == nil,
-              let record = try? StoredJSON.read(CloneRecord.self, at: recordPath(id), owner: ownerUID).get(),
-              record.problem(directoryName: id, storeRoot: root) == nil
-        else { return nil }
+        guard case .record(let record) = examineClone(id) else { return nil }
         return record
+    }
+
+    /// What one entry of `clones/` is, after every check ``listClones()`` makes.
+    private enum CloneEntry {
+        case record(CloneRecord)
+        /// This user may not read it (another user's store).
+        case notYours
+        /// Not believed and not the owner's to clean up: reported only.
+        case ignored(String)
+        /// The owner's directory without a usable record: reported, and `gc` removes it.
+        case broken(String)
+    }
+
+    private func examineClone(_ entry: String) -> CloneEntry {
+        let display = TerminalText.escape(entry)
+        guard (try? EntityName(entry, kind: "clone ID")) != nil else {
+            return .ignored("\(clonesDirectory)/\(display) is not a clone's directory: ignored; remove it by hand if it is not yours.")
+        }
+        if let reason = trustedCloneDirectory(entry) {
+            return .ignored("clone directory \(cloneDirectory(display)): \(reason); ignored, never acted on. Check it and remove it by hand.")
+        }
+        switch StoredJSON.read(CloneRecord.self, at: recordPath(entry), owner: ownerUID) {
+        case .success(let record):
+            if let reason = record.problem(directoryName: entry, storeRoot: root) {
+                return .broken("clone record \(recordPath(display)): \(reason); not believed. 'vmtemplate gc' removes it.")
+            }
+            return .record(record)
+        case .failure(.unreadable(let error)) where error.code == EACCES:
+            return .notYours
+        case .failure(.missing):
+            return .broken("clone directory \(cloneDirectory(display)) has no record; 'vmtemplate gc' removes it.")
+        case .failure(let failure):
+            return .broken("clone record \(recordPath(display)): \(failure); 'vmtemplate gc' removes it.")
+        }
     }
 
     /// What a listing of `clones/` found.
@@ -242,30 +273,15 @@ extension TemplateStore {
     public func listClones() -> CloneListing {
         var listing = CloneListing()
         for entry in StoredJSON.entries(of: clonesDirectory) {
-            let display = TerminalText.escape(entry)
-            guard (try? EntityName(entry, kind: "clone ID")) != nil else {
-                listing.problems.append("\(clonesDirectory)/\(display) is not a clone's directory: ignored; remove it by hand if it is not yours.")
-                continue
-            }
-            if let reason = trustedCloneDirectory(entry) {
-                listing.problems.append("clone directory \(cloneDirectory(display)): \(reason); ignored, never acted on. Check it and remove it by hand.")
-                continue
-            }
-            switch StoredJSON.read(CloneRecord.self, at: recordPath(entry), owner: ownerUID) {
-            case .success(let record):
-                if let reason = record.problem(directoryName: entry, storeRoot: root) {
-                    listing.problems.append("clone record \(recordPath(display)): \(reason); not believed. 'vmtemplate gc' removes it.")
-                    listing.broken.append(entry)
-                } else {
-                    listing.records.append(record)
-                }
-            case .failure(.unreadable(let error)) where error.code == EACCES:
+            switch examineClone(entry) {
+            case .record(let record):
+                listing.records.append(record)
+            case .notYours:
                 listing.notYours.append(entry)
-            case .failure(.missing):
-                listing.problems.append("clone directory \(cloneDirectory(display)) has no record; 'vmtemplate gc' removes it.")
-                listing.broken.append(entry)
-            case .failure(let failure):
-                listing.problems.append("clone record \(recordPath(display)): \(failure); 'vmtemplate gc' removes it.")
+            case .ignored(let problem):
+                listing.problems.append(problem)
+            case .broken(let problem):
+                listing.problems.append(problem)
                 listing.broken.append(entry)
             }
         }
