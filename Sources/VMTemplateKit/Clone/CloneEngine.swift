@@ -148,11 +148,12 @@ public struct CloneEngine: Sendable {
                 // With `file:` the state is passed as a descriptor, so QEMU's user need not reach it.
                 confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
-            let qemu = try QEMUInstance.launch(commandLine, executable: qemuPath, transparentHugePages: false)
+            let arguments = try commandLine.arguments()
+            let qemu = try QEMUInstance.launch(arguments: arguments, name: commandLine.name, paths: paths, qmp: commandLine.qmp, executable: qemuPath, transparentHugePages: false)
             instance = qemu
             record.qemu = qemu.identity
             record.qemuExecutable = qemu.executable ?? qemuPath
-            record.qemuArguments = try commandLine.arguments()
+            record.qemuArguments = arguments
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
             let spawnedRecord = record

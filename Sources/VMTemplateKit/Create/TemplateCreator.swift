@@ -162,7 +162,7 @@ public struct TemplateCreator: Sendable {
             confinement: .forThisProcess(version: qemu.version, userMayRead: false, denySpawn: plan.migration == .file)
         )
         let arguments = try commandLine.arguments()
-        let qemuInstance = try QEMUInstance.launch(commandLine, executable: qemu.path)
+        let qemuInstance = try QEMUInstance.launch(arguments: arguments, name: commandLine.name, paths: paths, qmp: commandLine.qmp, executable: qemu.path)
         onLaunch(qemuInstance)
         try staging.writeOwner(qemu: qemuInstance.identity, executable: qemuInstance.executable ?? qemu.path)
 

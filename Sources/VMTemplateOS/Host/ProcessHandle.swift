@@ -107,10 +107,15 @@ public final class ProcessHandle: Sendable {
         let setsid: Int32 = request.newSession ? 0x80 : 0
         posix_spawnattr_setflags(&attributes, Int16(setsid | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
-        var environment = ProcessInfo.processInfo.environment
-        for (key, value) in request.environment { environment[key] = value }
-        var cEnvironment: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") }
-        cEnvironment.append(nil)
+        // This process's own environment as it is (every clone's QEMU); a copy only when a caller
+        // adds variables (the benchmark's malloc runs).
+        var cEnvironment: [UnsafeMutablePointer<CChar>?] = []
+        if !request.environment.isEmpty {
+            var environment = ProcessInfo.processInfo.environment
+            for (key, value) in request.environment { environment[key] = value }
+            cEnvironment = environment.map { strdup("\($0.key)=\($0.value)") }
+            cEnvironment.append(nil)
+        }
         var cArguments: [UnsafeMutablePointer<CChar>?] = ([request.executable] + request.arguments).map { strdup($0) }
         cArguments.append(nil)
         defer {
@@ -130,7 +135,9 @@ public final class ProcessHandle: Sendable {
         defer { if let previousMask { Glibc.umask(previousMask) } }
 
         var pid: pid_t = 0
-        let result = posix_spawn(&pid, request.executable, &fileActions, &attributes, cArguments, cEnvironment)
+        let result = cEnvironment.isEmpty
+            ? posix_spawn(&pid, request.executable, &fileActions, &attributes, cArguments, environ)
+            : posix_spawn(&pid, request.executable, &fileActions, &attributes, cArguments, cEnvironment)
         guard result == 0 else {
             throw VMTemplateError(.notFound, "could not start '\(request.executable)': \(errnoText(result)). Check the path and its permissions.", cause: SystemCallError("posix_spawn", code: result))
         }

@@ -104,7 +104,7 @@ public struct InstancePaths: Sendable, Equatable, Codable {
 /// Where QEMU's QMP monitor listens.
 public enum QMPEndpoint: Sendable, Equatable {
     /// On a socket vmtemplate bound beforehand and passes as fd 3 (``QMPListener``): the spawner
-    /// must pass the listener to ``QEMUInstance/launch(_:executable:transparentHugePages:)`` (it binds the listener itself).
+    /// must pass the listener to ``QEMUInstance/launch(arguments:name:paths:qmp:executable:transparentHugePages:)`` (it binds the listener itself).
     case inheritedListener
     /// On `InstancePaths.qmpSocket`, bound by QEMU itself (what other tools, e.g. Kata, do).
     case socketPath

@@ -49,18 +49,14 @@ public final class QEMUInstance: Sendable {
 
     // MARK: Starting
 
-    /// Starts QEMU with `commandLine`. A command line whose QMP monitor is an inherited listener
-    /// gets one bound here first (``QMPListener``), so clients can connect the instant QEMU runs.
+    /// Starts QEMU with `arguments` (``QEMUCommandLine/arguments()``, or a benchmark's variant of
+    /// them); `name`, `paths` and `qmp` must be what the arguments say. A monitor on an inherited
+    /// listener gets one bound here first (``QMPListener``), so clients can connect the instant
+    /// QEMU runs.
     ///
     /// `transparentHugePages: false` keeps QEMU from backing its translation cache and small RAM
     /// blocks with 2 MiB pages it barely touches: an idle clone's own memory drops from ~17 to
     /// ~14 MiB with no slowdown (docs/benchmarks.md).
-    public static func launch(_ commandLine: QEMUCommandLine, executable: String, transparentHugePages: Bool = true) throws -> QEMUInstance {
-        try launch(arguments: try commandLine.arguments(), name: commandLine.name, paths: commandLine.paths, qmp: commandLine.qmp, executable: executable, transparentHugePages: transparentHugePages)
-    }
-
-    /// Starts QEMU with arguments rendered elsewhere (a benchmark's variant of a command line).
-    /// `name`, `paths` and `qmp` must be what the arguments say.
     public static func launch(arguments: [String], name: String, paths: InstancePaths, qmp: QMPEndpoint, executable: String, transparentHugePages: Bool = true) throws -> QEMUInstance {
         // The listener's scope ends with the spawn: this process's copy closes, QEMU's stays.
         let listener = qmp == .inheritedListener ? try QMPListener(path: paths.qmpSocket) : nil
