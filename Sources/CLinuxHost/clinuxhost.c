@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 #include "clinuxhost.h"
 
 #include <errno.h>
@@ -57,4 +58,65 @@ long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long
     memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
     long sent = sendmsg(sock, &message, MSG_NOSIGNAL);
     return sent < 0 ? -errno : sent;
+}
+
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+
+struct tap_request {
+    int netns_fd;
+    const char *name;
+    int fd;
+    int created;
+    int error;
+    int stage;
+};
+
+static void *clinuxhost_open_tap_thread(void *argument) {
+    struct tap_request *request = argument;
+    // setns(2) changes the calling thread only; this thread ends right after.
+    if (request->netns_fd >= 0 && setns(request->netns_fd, CLONE_NEWNET) != 0) {
+        request->error = errno; request->stage = 1; return NULL;
+    }
+    int probe = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (probe < 0) { request->error = errno; request->stage = 2; return NULL; }
+    struct ifreq existing;
+    memset(&existing, 0, sizeof(existing));
+    strncpy(existing.ifr_name, request->name, IFNAMSIZ - 1);
+    request->created = ioctl(probe, SIOCGIFINDEX, &existing) != 0 && errno == ENODEV;
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+    if (fd < 0) { request->error = errno; request->stage = 3; close(probe); return NULL; }
+    struct ifreq tap;
+    memset(&tap, 0, sizeof(tap));
+    strncpy(tap.ifr_name, request->name, IFNAMSIZ - 1);
+    tap.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if (ioctl(fd, TUNSETIFF, &tap) != 0) {
+        request->error = errno; request->stage = 4; close(fd); close(probe); return NULL;
+    }
+    if (request->created) {
+        struct ifreq flags;
+        memset(&flags, 0, sizeof(flags));
+        strncpy(flags.ifr_name, request->name, IFNAMSIZ - 1);
+        if (ioctl(probe, SIOCGIFFLAGS, &flags) != 0 || (flags.ifr_flags |= IFF_UP, ioctl(probe, SIOCSIFFLAGS, &flags) != 0)) {
+            request->error = errno; request->stage = 5; close(fd); close(probe); return NULL;
+        }
+    }
+    close(probe);
+    request->fd = fd;
+    return NULL;
+}
+
+int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage) {
+    struct tap_request request = { .netns_fd = netns_fd, .name = name, .fd = -1 };
+    pthread_t thread;
+    int started = pthread_create(&thread, NULL, clinuxhost_open_tap_thread, &request);
+    if (started != 0) { *stage = 6; *created = 0; return -started; }
+    pthread_join(thread, NULL);
+    *created = request.created;
+    *stage = request.stage;
+    return request.fd >= 0 ? request.fd : -request.error;
 }

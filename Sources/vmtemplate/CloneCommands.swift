@@ -42,6 +42,12 @@ struct Clone: AsyncParsableCommand {
     @Option(help: "What the scheduler does over the limit: pause or kill (default: the store's setting).")
     var overLimit: OverLimitAction?
 
+    @Option(help: ArgumentHelp("A NIC, hot-plugged before the guest runs: tap=IFNAME[,netns=PATH][,mac=MAC] or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
+    var nic: [String] = []
+
+    @Option(help: ArgumentHelp("A disk, hot-plugged before the guest runs: path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
+    var disk: [String] = []
+
     @Flag(help: "Print the clone as one JSON object on stdout.")
     var json = false
 
@@ -68,9 +74,10 @@ struct Clone: AsyncParsableCommand {
         var vmgenid: String?
         /// `requested` (clock and hostname sent, not awaited) or `none`.
         var clock: String?
+        var devices: [AttachedDevice]
 
         enum CodingKeys: String, CodingKey {
-            case id, name, template, pid, state, clock
+            case id, name, template, pid, state, clock, devices
             case qmpSocket = "qmp_socket"
             case serialLog = "serial_log"
             case controlSocket = "control_socket"
@@ -90,6 +97,7 @@ struct Clone: AsyncParsableCommand {
             var request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
             // This very binary delivers the guest's clock and hostname, detached (GuestSetup).
             request.guestSetupHelper = FileSystem.resolvedPath("/proc/self/exe")
+            request.devices = DeviceRequest(nics: try nic.map(NICSpec.init(parsing:)), disks: try disk.map(DiskSpec.init(parsing:)))
             let request2 = request
             let json = self.json
             try await interruptible {
@@ -97,7 +105,7 @@ struct Clone: AsyncParsableCommand {
                 if let warning { Terminal.note(warning) }
                 if json {
                     let paths = store.clonePaths(record.id)
-                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock))
+                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock, devices: record.devices ?? []))
                 } else {
                     print(record.id)
                 }

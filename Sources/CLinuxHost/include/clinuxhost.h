@@ -25,4 +25,13 @@ int clinuxhost_pidfd_send_signal(int pidfd, int signal);
 /// `add-fd` expect. Returns the bytes sent (the descriptor goes with the first byte) or -errno.
 long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long length, int descriptor);
 
+/// Opens tap device `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the network namespace
+/// `netns_fd` (-1: this process's), creating it if it does not exist and bringing a created one
+/// up. The namespace is entered by a short-lived thread of its own, so no other thread of this
+/// process ever changes namespace. Returns the tap's descriptor (close-on-exec) or -errno, with
+/// `*stage` saying which step failed (1 setns, 2 socket, 3 open /dev/net/tun, 4 TUNSETIFF,
+/// 5 bringing it up, 6 starting the thread) and `*created` whether the device was made here
+/// (it then disappears with the last descriptor).
+int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage);
+
 #endif

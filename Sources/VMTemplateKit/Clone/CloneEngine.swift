@@ -32,6 +32,8 @@ public struct CloneRequest: Sendable {
     /// An executable whose `_guest-setup` subcommand delivers a ``GuestSetup`` (the vmtemplate
     /// CLI itself); nil: a detached thread of this process delivers it (for long-lived callers).
     public var guestSetupHelper: String?
+    /// NICs and disks hot-plugged before the guest runs.
+    public var devices = DeviceRequest()
 
     public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30), cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil) {
         self.cowLimitBytes = cowLimitBytes
@@ -149,18 +151,35 @@ public struct CloneEngine: Sendable {
                 confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
             let arguments = try commandLine.arguments()
+            // Taps and images are opened before QEMU starts: a wrong --nic or --disk costs no QEMU.
+            let pending = try Self.openDevices(request.devices, cloneID: record.id, cloneDirectory: store.cloneDirectory(record.id), existing: [], slots: manifest.machine.hotplugSlots)
+            defer { for device in pending { device.closeDescriptors() } }
             let qemu = try QEMUInstance.launch(arguments: arguments, name: commandLine.name, paths: paths, qmp: commandLine.qmp, executable: qemuPath, transparentHugePages: false)
             instance = qemu
             record.qemu = qemu.identity
             record.qemuExecutable = qemu.executable ?? qemuPath
             record.qemuArguments = arguments
+            record.hotplugSlots = manifest.machine.hotplugSlots
 
-            // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
+            // QEMU needs ~20 ms to build the machine and answer; the record is written and the
+            // disks' overlays made meanwhile.
             let spawnedRecord = record
-            async let restored: Void = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
+            async let restored = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
+            async let finished = pending.isEmpty ? [] : Self.finishDevices(pending, qemu: qemuPath)
             try store.save(spawnedRecord)
-            try await restored
-            record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, helper: request.guestSetupHelper)
+            let ready = try await finished
+            defer { Self.closeFinished(ready) }
+            let qmp = try await restored
+            defer { qmp.close() }
+            // Devices go in after the device state is loaded (it would overwrite the root ports'
+            // state) and before the guest runs, so it finds them as it resumes.
+            var attached: [AttachedDevice] = []
+            for device in ready {
+                attached.append(try await qmp.attach(device, timeout: request.timeout))
+            }
+            record.devices = attached.isEmpty ? nil : attached
+            try await qmp.cont()
+            record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", helper: request.guestSetupHelper)
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
             try store.save(record)
@@ -179,12 +198,12 @@ public struct CloneEngine: Sendable {
 
     /// Tells a resumed guest the time and its hostname the way its recipe says, without waiting
     /// for it (``GuestSetup``). Returns what the record says of it.
-    func startGuestSetup(_ clock: GuestClock, name: String, controlSocket: String, helper: String?) -> String {
+    func startGuestSetup(_ clock: GuestClock, name: String, controlSocket: String, logPath: String, helper: String?) -> String {
         guard clock == .controlChannel else { return "none" }
         let setup = GuestSetup(controlSocket: controlSocket, epoch: Int(Date().timeIntervalSince1970.rounded()), hostname: name)
         do {
             if let helper {
-                try setup.launchHelper(executable: helper)
+                try setup.launchHelper(executable: helper, logPath: logPath)
             } else {
                 let thread = Thread { _ = try? setup.deliver() }
                 thread.start()
@@ -262,8 +281,9 @@ public struct CloneEngine: Sendable {
         }
     }
 
-    /// Loads the device state into the waiting QEMU and lets the guest run.
-    private func restore(_ template: PublishedTemplate, into qemu: QEMUInstance, cloneID: String, timeout: Duration) async throws {
+    /// Loads the device state into the waiting QEMU; returns the QMP connection with the guest
+    /// still paused (the caller closes it).
+    private func restore(_ template: PublishedTemplate, into qemu: QEMUInstance, cloneID: String, timeout: Duration) async throws -> QMPClient {
         let manifest = template.manifest
         let what = "clone \(cloneID) from template '\(manifest.name)'"
         func failed(_ error: any Error) async -> VMTemplateError {
@@ -296,18 +316,20 @@ public struct CloneEngine: Sendable {
         } catch let error as VMTemplateError where error.code == .timeout {
             throw timedOut(error)
         }
-        defer { qmp.close() }
         let running = qmp.greeting.qemuVersion
         guard running == manifest.qemu.version else {
+            qmp.close()
             throw VMTemplateError(.unsupported, "QEMU reports version \(running) but template '\(manifest.name)' was made with \(manifest.qemu.version): create the template again with this QEMU.")
         }
         do {
-            _ = try await qmp.waitForMigration(timeout: timeout, startedHere: true)
             // The template was paused when saved, so QEMU keeps the guest paused after loading it.
-            try await qmp.cont()
+            _ = try await qmp.waitForMigration(timeout: timeout, startedHere: true)
+            return qmp
         } catch let error as VMTemplateError where error.code == .timeout {
+            qmp.close()
             throw timedOut(error)
         } catch {
+            qmp.close()
             throw await failed(error)
         }
     }

@@ -35,15 +35,20 @@ public struct GuestSetup: Sendable {
     }
 
     /// Sends both requests on one connection and waits for both replies (blocking).
-    public func deliver(timeout: Duration = .seconds(10)) throws -> [String] {
+    ///
+    /// The wait is long on purpose: leaving before the guest has read both lines would leave the
+    /// rest of them in QEMU's buffer, in front of the next client's first request. A guest that
+    /// takes a minute to answer is one no runtime can talk to either.
+    public func deliver(timeout: Duration = .seconds(60)) throws -> [String] {
         let channel = ControlChannel(path: controlSocket)
         return try channel.requests(["settime \(epoch)", "hostname \(hostname)"], timeout: timeout)
     }
 
     /// Starts the helper `executable` (which must run ``deliver(timeout:)`` for `_guest-setup`)
-    /// in a session of its own and returns at once; it outlives this process.
-    public func launchHelper(executable: String) throws {
-        var request = SpawnRequest(executable: executable, arguments: helperArguments, stdoutPath: "/dev/null")
+    /// in a session of its own and returns at once; it outlives this process. What it says on
+    /// failure goes to `logPath`.
+    public func launchHelper(executable: String, logPath: String) throws {
+        var request = SpawnRequest(executable: executable, arguments: helperArguments, stdoutPath: logPath)
         request.newSession = true
         _ = try ProcessHandle.spawn(request)
     }

@@ -18,6 +18,11 @@ public struct MachineSpec: Sendable, Codable, Equatable {
     /// Empty PCIe root ports (`pcie-root-port`) for devices hot-plugged into clones; 0 in
     /// manifests from before they existed. Template and clone must have the same number.
     public var hotplugSlots: Int
+    /// The most root ports a machine gets (bounded so that a manifest cannot ask for thousands).
+    public static let maxHotplugSlots = 32
+
+    /// The root ports devices can be hot-plugged into: `hotplug0`, `hotplug1`, ...
+    public var hotplugBuses: [String] { (0..<max(0, min(hotplugSlots, Self.maxHotplugSlots))).map { "hotplug\($0)" } }
 
     public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool, hotplugSlots: Int = 0) {
         self.hotplugSlots = hotplugSlots
@@ -237,8 +242,8 @@ public struct QEMUCommandLine: Sendable, Equatable {
         }
         // Root ports for hot-plug: chassis numbers from 1, addresses left to QEMU, which assigns
         // them in order, the same in the template and every clone.
-        for slot in 0..<max(0, min(machine.hotplugSlots, 32)) {
-            arguments += ["-device", QEMUOptionString.render(type: "pcie-root-port", [("id", "hotplug\(slot)"), ("chassis", String(slot + 1))])]
+        for (slot, bus) in machine.hotplugBuses.enumerated() {
+            arguments += ["-device", QEMUOptionString.render(type: "pcie-root-port", [("id", bus), ("chassis", String(slot + 1))])]
         }
         if machine.vmgenid {
             arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]

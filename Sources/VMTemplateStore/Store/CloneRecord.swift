@@ -82,6 +82,10 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// What was done about the guest's clock and hostname at start: `requested` (sent by a
     /// detached helper, not awaited), `none`, or `not sent: REASON`.
     public var clock: String?
+    /// The machine's hot-plug root ports (the template's `hotplug_slots`).
+    public var hotplugSlots: Int?
+    /// Devices hot-plugged into the clone, in the order they were attached.
+    public var devices: [AttachedDevice]?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -99,6 +103,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"
         case clock
+        case hotplugSlots = "hotplug_slots"
+        case devices
     }
 
     /// Memory this clone commits against the store's budget.
@@ -136,6 +142,12 @@ public struct CloneRecord: Sendable, Codable, Equatable {
             return "its memory file is not its template's"
         }
         guard qemuArguments.count <= 4096 else { return "it lists \(qemuArguments.count) QEMU arguments" }
+        if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
+        if let devices {
+            guard devices.count <= MachineSpec.maxHotplugSlots else { return "it lists \(devices.count) devices" }
+            if let problem = devices.lazy.compactMap(\.problem).first { return problem }
+            guard Set(devices.map(\.id)).count == devices.count, Set(devices.map(\.bus)).count == devices.count else { return "two of its devices share an ID or a slot" }
+        }
         return nil
     }
 

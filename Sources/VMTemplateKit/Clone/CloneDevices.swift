@@ -1,0 +1,199 @@
+import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The NICs and disks asked for a clone (`clone --nic/--disk`, `device add`).
+public struct DeviceRequest: Sendable, Equatable {
+    public var nics: [NICSpec]
+    public var disks: [DiskSpec]
+
+    public init(nics: [NICSpec] = [], disks: [DiskSpec] = []) {
+        self.nics = nics
+        self.disks = disks
+    }
+
+    public var count: Int { nics.count + disks.count }
+}
+
+/// A device named and opened for a clone; a disk with `overlay=on` still waits for its overlay.
+struct PendingDevice: Sendable {
+    var prepared: PreparedDevice
+    /// The base image an overlay goes on, and the overlay's path.
+    var overlayOn: (base: DiskImage, path: String)?
+
+    func closeDescriptors() {
+        prepared.closeDescriptors()
+        if let overlayOn { close(overlayOn.base.descriptor) }
+    }
+}
+
+extension CloneEngine {
+    /// Names each requested device (`nicN`, `diskN`), gives it a free root port, a MAC or a
+    /// serial that names the clone, and opens what it needs: the tap (in its namespace) or the
+    /// image. Everything a user can get wrong fails here, before QEMU is touched. The caller
+    /// closes the descriptors of what it gets (``PendingDevice/closeDescriptors()``).
+    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int) throws -> [PendingDevice] {
+        let buses = (0..<max(0, min(slots, MachineSpec.maxHotplugSlots))).map { "hotplug\($0)" }
+        var taken = existing
+        var pending: [PendingDevice] = []
+        func next(_ kind: AttachedDevice.Kind) throws -> AttachedDevice {
+            guard let bus = buses.first(where: { bus in !taken.contains { $0.bus == bus } }) else {
+                throw VMTemplateError(.limitExceeded, "clone \(cloneID) has no free hot-plug slot (its template has \(buses.count); \(taken.count) in use): remove a device first (vmtemplate device rm), or give the template more with \"hotplug_slots\" in its recipe.")
+            }
+            let number = (0...).first { number in !taken.contains { $0.id == "\(kind.rawValue)\(number)" } } ?? 0
+            let device = AttachedDevice(id: "\(kind.rawValue)\(number)", kind: kind, bus: bus)
+            taken.append(device)
+            return device
+        }
+        do {
+            for nic in request.nics {
+                var device = try next(.nic)
+                device.mac = nic.mac ?? MACAddress.derived(seed: cloneID, index: Int(device.id.dropFirst(3)) ?? 0)
+                switch nic.backend {
+                case .tap(let name, let namespacePath):
+                    let tap = try TapDevice.open(name: name, namespacePath: namespacePath)
+                    device.backend = "tap"
+                    device.tap = name
+                    device.netns = namespacePath
+                    device.tapCreated = tap.created
+                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [tap.descriptor])))
+                case .user(let forwards):
+                    device.backend = "user"
+                    device.hostForwards = forwards
+                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [])))
+                }
+            }
+            for disk in request.disks {
+                var device = try next(.disk)
+                device.path = disk.path
+                device.format = disk.format
+                device.readOnly = disk.readOnly
+                device.overlay = disk.overlay
+                // At most 20 bytes reach the guest (VIRTIO_BLK_ID_BYTES): 12 for the ID, 1, 7 left.
+                device.serial = String("\(cloneID)-\(device.id)".prefix(20))
+                let image = try DiskImage.open(path: disk.path, format: disk.format, writable: !disk.readOnly && !disk.overlay)
+                if disk.overlay {
+                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: []), overlayOn: (image, "\(cloneDirectory)/\(device.overlayFileName)")))
+                } else {
+                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [image.descriptor])))
+                }
+            }
+        } catch {
+            for device in pending { device.closeDescriptors() }
+            throw error
+        }
+        return pending
+    }
+
+    /// Makes each pending overlay (`qemu-img create`, ~10 ms; run while QEMU starts) and returns
+    /// the devices ready for ``QMPClient/attach(_:timeout:)``, overlay first, then its base.
+    static func finishDevices(_ pending: [PendingDevice], qemu: String) throws -> [PreparedDevice] {
+        var ready: [PreparedDevice] = []
+        do {
+            for device in pending {
+                guard let (base, path) = device.overlayOn else {
+                    ready.append(device.prepared)
+                    continue
+                }
+                try base.createOverlay(at: path, qemuImg: try DiskImage.qemuImg(besides: qemu))
+                let overlay = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+                guard overlay >= 0 else {
+                    throw VMTemplateError(.ioError, "cannot open the overlay '\(TerminalText.escape(path))' just made: \(errnoText()).", cause: SystemCallError("open"))
+                }
+                // A copy of the base's descriptor: the pending device keeps (and closes) its own.
+                let baseCopy = fcntl(base.descriptor, F_DUPFD_CLOEXEC, 0)
+                var prepared = device.prepared
+                prepared.descriptors = [overlay, baseCopy]
+                ready.append(prepared)
+                guard baseCopy >= 0 else { throw VMTemplateError(.ioError, "cannot duplicate a descriptor: \(errnoText()).") }
+            }
+        } catch {
+            closeFinished(ready)
+            throw error
+        }
+        return ready
+    }
+
+    /// Closes what ``finishDevices(_:qemu:)`` opened: the overlays and the copies of their bases
+    /// (the other devices' descriptors are the pending devices' to close).
+    static func closeFinished(_ ready: [PreparedDevice]) {
+        for device in ready where device.device.overlay == true { device.closeDescriptors() }
+    }
+
+    /// Hot-plugs devices into a running clone (`vmtemplate device add`) and records them.
+    /// One device operation at a time per clone (a lock in its directory), so two never pick the
+    /// same slot or name.
+    public func addDevices(_ request: DeviceRequest, to reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> [AttachedDevice] {
+        try await withDeviceLock(of: reference) { record, qemu in
+            let directory = store.cloneDirectory(record.id)
+            let pending = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0)
+            defer { for device in pending { device.closeDescriptors() } }
+            var attached: [AttachedDevice] = []
+            do {
+                let ready = try Self.finishDevices(pending, qemu: qemu.executable ?? record.qemuExecutable ?? "/usr/bin/qemu-system-x86_64")
+                defer { Self.closeFinished(ready) }
+                let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
+                defer { qmp.close() }
+                for device in ready {
+                    attached.append(try await qmp.attach(device, timeout: timeout))
+                    let added = attached
+                    try store.updateClone(record.id) { $0.devices = (record.devices ?? []) + added }
+                }
+                return attached
+            } catch {
+                // Overlays of devices that did not get attached.
+                for device in pending where device.overlayOn != nil && !attached.contains(where: { $0.id == device.prepared.device.id }) {
+                    unlink("\(directory)/\(device.prepared.device.overlayFileName)")
+                }
+                throw error
+            }
+        }
+    }
+
+    /// Unplugs device `id` from a running clone (`vmtemplate device rm`): the guest is asked to
+    /// release it and given `timeout` to do so; then its backend goes, its overlay is deleted and
+    /// the record forgets it.
+    public func removeDevice(_ id: String, from reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
+        try await withDeviceLock(of: reference) { record, qemu in
+            guard let device = record.devices?.first(where: { $0.id == id }) else {
+                let known = (record.devices ?? []).map(\.id)
+                throw VMTemplateError(.notFound, "clone \(record.id) has no device '\(TerminalText.escape(id))'\(known.isEmpty ? " (it has none)" : ": it has \(known.joined(separator: ", "))").")
+            }
+            let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device rm")
+            defer { qmp.close() }
+            try await qmp.detach(device, timeout: timeout)
+            if device.overlay == true {
+                // The name comes from the checked device ID, the directory from the store layout.
+                unlink("\(store.cloneDirectory(record.id))/\(device.overlayFileName)")
+            }
+            try store.updateClone(record.id) { $0.devices?.removeAll { $0.id == id } }
+            return device
+        }
+    }
+
+    /// Runs `body` with the clone's device lock held, on the record as it is under the lock and
+    /// the clone's own QEMU.
+    private func withDeviceLock<T: Sendable>(of reference: CloneRecord, _ body: (CloneRecord, QEMUInstance) async throws -> T) async throws -> T {
+        let lock = try store.openLockFile("\(store.cloneDirectory(reference.id))/devices.lock")
+        return try await lock.withExclusive {
+            guard let record = store.cloneRecord(reference.id) else {
+                throw VMTemplateError(.notFound, "clone \(reference.id) is gone.")
+            }
+            switch qemu(of: record) {
+            case .running(let qemu):
+                return try await body(record, qemu)
+            case .exited:
+                throw VMTemplateError(.invalidState, "clone \(record.id) (\(TerminalText.escape(record.name))) has exited: remove it (vmtemplate rm \(record.id)).")
+            case .notThisQEMU(let reason):
+                throw VMTemplateError(.invalidState, "clone \(record.id) names a process that is not its QEMU (\(reason)): nothing was changed.")
+            }
+        }
+    }
+}

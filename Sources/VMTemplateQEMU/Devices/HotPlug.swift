@@ -1,0 +1,164 @@
+import Foundation
+import VMTemplateOS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A device ready to be hot-plugged: what the record will say, and the descriptors QEMU gets
+/// (a NIC's tap; a disk's image, or its overlay then its base).
+public struct PreparedDevice: Sendable {
+    public var device: AttachedDevice
+    public var descriptors: [Int32]
+
+    public init(device: AttachedDevice, descriptors: [Int32]) {
+        self.device = device
+        self.descriptors = descriptors
+    }
+
+    /// This process's copies; QEMU keeps its own.
+    public func closeDescriptors() {
+        for descriptor in descriptors where descriptor >= 0 { close(descriptor) }
+    }
+}
+
+/// Hot-plug and unplug over QMP, the way Kata does it: the backend first (`getfd` + `netdev_add`,
+/// or `add-fd` + `blockdev-add`), then the guest-visible device (`device_add` into a free root
+/// port); in reverse to remove. A step that fails undoes the ones before it, so a device is either
+/// attached whole or not at all.
+extension QMPClient {
+    /// Attaches `prepared` and returns the record of it (with the fd sets QEMU holds).
+    public func attach(_ prepared: PreparedDevice, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
+        var device = prepared.device
+        var backendAdded = false
+        var passedFD = false
+        var fdsets: [Int] = []
+        do {
+            switch device.kind {
+            case .nic:
+                var netdev: [String: JSONValue] = ["id": .string(device.netdevID)]
+                if device.backend == "tap" {
+                    guard let tap = prepared.descriptors.first else { throw VMTemplateError(.internalError, "NIC \(device.id) has no tap descriptor.") }
+                    try await getFD(tap, name: device.netdevID)
+                    passedFD = true
+                    netdev["type"] = .string("tap")
+                    netdev["fd"] = .string(device.netdevID)
+                } else {
+                    netdev["type"] = .string("user")
+                    if let forwards = device.hostForwards, !forwards.isEmpty {
+                        netdev["hostfwd"] = .array(forwards.map { .object(["str": .string($0)]) })
+                    }
+                }
+                try await execute("netdev_add", arguments: JSONValue.object(netdev), timeout: timeout)
+                backendAdded = true
+                var nic: [String: JSONValue] = ["driver": .string("virtio-net-pci"), "id": .string(device.id), "netdev": .string(device.netdevID), "bus": .string(device.bus)]
+                if let mac = device.mac { nic["mac"] = .string(mac.description) }
+                try await execute("device_add", arguments: JSONValue.object(nic), timeout: timeout)
+            case .disk:
+                for descriptor in prepared.descriptors { fdsets.append(try await addFD(descriptor).fdset) }
+                device.fdsets = fdsets
+                try await execute("blockdev-add", arguments: Self.blockdev(for: device), timeout: timeout)
+                backendAdded = true
+                var disk: [String: JSONValue] = ["driver": .string("virtio-blk-pci"), "id": .string(device.id), "drive": .string(device.nodeName), "bus": .string(device.bus)]
+                if let serial = device.serial { disk["serial"] = .string(serial) }
+                try await execute("device_add", arguments: JSONValue.object(disk), timeout: timeout)
+            }
+            return device
+        } catch {
+            // Undo what was done, newest first; what cannot be undone goes with QEMU.
+            if backendAdded {
+                try? await removeBackend(of: device)
+            } else if passedFD {
+                try? await execute("closefd", arguments: ["fdname": device.netdevID])
+            }
+            for fdset in fdsets { try? await execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
+            throw Self.explain(error, attaching: device)
+        }
+    }
+
+    /// Asks the guest to release `device` (`device_del`), waits until QEMU says it is gone
+    /// (`DEVICE_DELETED`; the guest has to cooperate, so this takes as long as the guest does),
+    /// then removes its backend and fd sets.
+    public func detach(_ device: AttachedDevice, timeout: Duration) async throws {
+        do {
+            try await execute("device_del", arguments: ["id": device.id])
+        } catch let error as QMPError where error.errorClass == "DeviceNotFound" {
+            // Already gone from the guest (an earlier attempt that timed out): remove the rest.
+        }
+        do {
+            _ = try await waitForEvent("DEVICE_DELETED", timeout: timeout) { $0.data?["device"]?.stringValue == device.id }
+        } catch let error as VMTemplateError where error.code == .timeout {
+            if try await deviceStillPresent(device.id) {
+                throw VMTemplateError(.timeout, "the guest did not release \(device.id) within \(timeout.shortText) (its OS must answer the unplug request): it stays attached; try again, or remove the clone.", cause: error)
+            }
+        }
+        try await removeBackend(of: device)
+        for fdset in device.fdsets ?? [] { try? await execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
+    }
+
+    /// `getfd`: hands `descriptor` to QEMU under `name` (for `netdev_add ... fd=NAME`).
+    public func getFD(_ descriptor: Int32, name: String) async throws {
+        let command = QMPCommand("getfd", arguments: ["fdname": name])
+        let sent = try connection.sendAll([command], passing: descriptor)
+        _ = try await connection.reply(to: sent[0].id, command: command.name, timeout: .seconds(10))
+    }
+
+    private func removeBackend(of device: AttachedDevice) async throws {
+        switch device.kind {
+        case .nic: try await execute("netdev_del", arguments: ["id": device.netdevID])
+        case .disk: try await execute("blockdev-del", arguments: ["node-name": device.nodeName])
+        }
+    }
+
+    private func deviceStillPresent(_ id: String) async throws -> Bool {
+        let found = try await execute("qom-get", arguments: ["path": "/machine/peripheral/\(id)", "property": "type"], as: JSONValue.self)
+        return found.stringValue != nil
+    }
+
+    /// The `blockdev-add` of a disk: a format node on a `file` node reading `/dev/fdset/N`; with
+    /// an overlay, a qcow2 node on the overlay whose backing node is the base, read-only. A qcow2
+    /// base gets `backing: null`: its header's backing name is never followed.
+    static func blockdev(for device: AttachedDevice) throws -> JSONValue {
+        guard let format = device.format, let fdsets = device.fdsets, !fdsets.isEmpty else {
+            throw VMTemplateError(.internalError, "disk \(device.id) has no format or descriptors.")
+        }
+        func file(_ fdset: Int) -> JSONValue { .object(["driver": .string("file"), "filename": .string("/dev/fdset/\(fdset)")]) }
+        func formatNode(_ name: String, _ format: DiskFormat, _ fdset: Int, readOnly: Bool) -> [String: JSONValue] {
+            var node: [String: JSONValue] = ["driver": .string(format.rawValue), "node-name": .string(name), "read-only": .bool(readOnly), "file": file(fdset)]
+            if format == .qcow2 { node["backing"] = .null }
+            return node
+        }
+        if device.overlay == true {
+            guard fdsets.count == 2 else { throw VMTemplateError(.internalError, "overlay disk \(device.id) needs two descriptors.") }
+            var overlay = formatNode(device.nodeName, .qcow2, fdsets[0], readOnly: false)
+            overlay["backing"] = .object(formatNode("\(device.nodeName)-base", format, fdsets[1], readOnly: true))
+            return .object(overlay)
+        }
+        return .object(formatNode(device.nodeName, format, fdsets[0], readOnly: device.readOnly == true))
+    }
+
+    /// QEMU's words for the failures a user can do something about, turned into ones that say what.
+    static func explain(_ error: any Error, attaching device: AttachedDevice) -> any Error {
+        guard let qmp = error as? QMPError else { return error }
+        let what = device.kind == .disk ? "disk \(device.path.map { "'\(TerminalText.escape($0))'" } ?? device.id)" : "NIC \(device.id)"
+        if qmp.desc.contains("Failed to get") && qmp.desc.contains("lock") {
+            // QEMU's image locks: "write" when somebody else has it open at all, "shared write"
+            // when somebody else writes it.
+            if qmp.desc.contains("shared") {
+                return VMTemplateError(.busy, "\(what) is being written by another process (another clone attached it read-write?): a read-only disk or an overlay's base must not change under the guest. Detach it there first (vmtemplate device rm).", cause: qmp)
+            }
+            return VMTemplateError(.busy, "\(what) is open in another process (another clone?), so this clone cannot write it: attach it with overlay=on (a copy-on-write overlay of its own) or readonly=on.", cause: qmp)
+        }
+        return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(TerminalText.escape(qmp.desc)).", cause: qmp)
+    }
+}
+
+struct FDSetID: Encodable, Sendable {
+    let fdsetID: Int
+
+    enum CodingKeys: String, CodingKey {
+        case fdsetID = "fdset-id"
+    }
+}
