@@ -154,36 +154,6 @@ extension RealGuests {
             _ = try CLI.run(["rm", "--all", "--store", store])
         }
 
-        @Test("a disk hot-plugged into one of the template's root ports is found by the guest's virtio_blk driver")
-        func hotPluggedDisk() async throws {
-            let store = try await SharedTemplate.shared.store()
-            defer { try? removeAll(store) }
-            let manifest = try TemplateStore(root: store.root).template(named: try EntityName(SharedTemplate.name)).manifest
-            #expect(manifest.machine.hotplugSlots == 4)
-            #expect(manifest.templateArguments.filter { $0.hasPrefix("pcie-root-port,") }.count == 4)
-            let clone = try clone(store)
-            // A raw image with known bytes, readable and writable by the QEMU user clones drop to.
-            let image = "/tmp/vmt-disk-\(UUID().uuidString.prefix(8)).raw"
-            try Data("hello, disk".utf8 + Data(count: 1024 * 1024 - 11)).write(to: URL(fileURLWithPath: image))
-            chmod(image, 0o666)
-            defer { unlink(image) }
-            let qmp = try await QMPClient.connect(socketPath: clone.qmp_socket, timeout: .seconds(10))
-            defer { qmp.close() }
-            try await qmp.execute("blockdev-add", arguments: JSONValue.object([
-                "node-name": .string("disk0"), "driver": .string("raw"),
-                "file": .object(["driver": .string("file"), "filename": .string(image)]),
-            ]))
-            try await qmp.execute("device_add", arguments: JSONValue.object([
-                "driver": .string("virtio-blk-pci"), "drive": .string("disk0"), "id": .string("vdisk0"), "bus": .string("hotplug0"),
-            ]))
-            let channel = ControlChannel(path: clone.control_socket)
-            let seen = await eventually(timeout: .seconds(30)) { (try? channel.request("disks", timeout: .seconds(30))) == "vda=1048576" }
-            #expect(seen, "the guest never saw the disk: \((try? channel.request("disks")) ?? "no answer")")
-            #expect(try channel.request("read vda 0 5") == "68656c6c6f")
-            #expect(try channel.request("write vda 0 4849") == "wrote 2")
-            #expect(try Data(contentsOf: URL(fileURLWithPath: image)).prefix(5) == Data("HIllo".utf8))
-        }
-
         @Test("--no-vmgenid keeps the template's generation ID")
         func noVMGenID() async throws {
             let store = try await SharedTemplate.shared.store()
