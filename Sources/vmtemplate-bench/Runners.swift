@@ -194,10 +194,12 @@ struct CloneSettings: Sendable, Codable {
     var tcgTranslationCacheMiB: Int?
     var environment: [String: String] = [:]
     var disableTransparentHugePages = false
+    /// More `clone` options, e.g. `--nic ... --disk ...`.
+    var arguments: [String] = []
 
     enum CodingKeys: String, CodingKey {
         case tcgTranslationCacheMiB = "tcg_tb_size_mib"
-        case environment
+        case environment, arguments
         case disableTransparentHugePages = "thp_disabled"
     }
 }
@@ -206,7 +208,7 @@ enum CLI {
     private static func cloneArguments(_ workspace: Workspace, _ settings: CloneSettings) -> [String] {
         var arguments = ["clone", workspace.template.value, "--store", workspace.store.root, "--json"]
         if let size = settings.tcgTranslationCacheMiB { arguments += ["--tcg-tb-size", String(size)] }
-        return arguments
+        return arguments + settings.arguments
     }
 
     private static func spawnClone(_ workspace: Workspace, _ settings: CloneSettings, binary: String? = nil) throws -> ChildProcess {
