@@ -84,18 +84,26 @@ static void *clinuxhost_open_tap_thread(void *argument) {
     }
     int probe = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (probe < 0) { request->error = errno; request->stage = 2; return NULL; }
-    struct ifreq existing;
-    memset(&existing, 0, sizeof(existing));
-    strncpy(existing.ifr_name, request->name, IFNAMSIZ - 1);
-    request->created = ioctl(probe, SIOCGIFINDEX, &existing) != 0 && errno == ENODEV;
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
     if (fd < 0) { request->error = errno; request->stage = 3; close(probe); return NULL; }
+    // Make it, exclusively; only if it exists already, attach to it. No check-then-act: `created`
+    // says which of the two calls succeeded.
     struct ifreq tap;
     memset(&tap, 0, sizeof(tap));
     strncpy(tap.ifr_name, request->name, IFNAMSIZ - 1);
-    tap.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    tap.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL;
+    request->created = 1;
     if (ioctl(fd, TUNSETIFF, &tap) != 0) {
-        request->error = errno; request->stage = 4; close(fd); close(probe); return NULL;
+        if (errno != EBUSY) {
+            request->error = errno; request->stage = 4; close(fd); close(probe); return NULL;
+        }
+        request->created = 0;
+        memset(&tap, 0, sizeof(tap));
+        strncpy(tap.ifr_name, request->name, IFNAMSIZ - 1);
+        tap.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if (ioctl(fd, TUNSETIFF, &tap) != 0) {
+            request->error = errno; request->stage = 4; close(fd); close(probe); return NULL;
+        }
     }
     if (request->created) {
         struct ifreq flags;
@@ -120,3 +128,26 @@ int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage
     *stage = request.stage;
     return request.fd >= 0 ? request.fd : -request.error;
 }
+
+#include <linux/openat2.h>
+#include <sys/vfs.h>
+
+int clinuxhost_open_beneath_no_symlinks(const char *path, int flags) {
+#ifdef SYS_openat2
+    struct open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = (unsigned long long)flags;
+    how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    long fd = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
+    return fd < 0 ? -errno : (int)fd;
+#else
+    return -ENOSYS;
+#endif
+}
+
+long clinuxhost_filesystem_type(int fd) {
+    struct statfs info;
+    return fstatfs(fd, &info) == 0 ? (long)info.f_type : -errno;
+}
+
+int clinuxhost_o_path(void) { return O_PATH; }

@@ -134,7 +134,7 @@ extension RealGuests {
             #expect(try channel.request("read \(raw) 0 8") == hex("CLONE-1!"))
             #expect(try channel.request("read \(qcow2) 0 8") == hex("CLONE-1!"))
             let overlays = first.devices.map { "\(store.cloneDirectory(first.id))/\($0.overlayFileName)" }
-            #expect(overlays.allSatisfy { FileManager.default.fileExists(atPath: $0) })
+            #expect(try overlays.map { try FileStatus.read(path: $0).mode } == [0o600, 0o600], "overlays are the store owner's alone")
             #expect(try [images.raw, images.qcow2].map(sha256) == before, "the bases never change")
 
             let second = try clone(store, disks)
@@ -207,6 +207,11 @@ extension RealGuests {
             try refused(["device", "add", other.id, "--disk", "path=\(images.qcow2)"], saying: "pass format=qcow2")
             try refused(["device", "add", other.id, "--disk", "path=\(images.backed),format=qcow2,overlay=on"], saying: "backing file of its own")
             try refused(["device", "rm", other.id, "disk7"], saying: "has no device 'disk7'")
+            symlink(images.raw, "\(images.directory)/link.raw")
+            try refused(["device", "add", other.id, "--disk", "path=\(images.directory)/link.raw,readonly=on"], saying: "symbolic link")
+            mkfifo("\(images.directory)/fifo", 0o600)
+            try refused(["device", "add", other.id, "--disk", "path=\(images.directory)/fifo,readonly=on"], saying: "not a regular file")
+            try refused(["device", "add", other.id, "--nic", "tap=vmt-y,netns=\(images.raw)"], saying: "not a namespace file")
             try refused(["clone", SharedTemplate.name, "--disk", "path=\(images.raw)"], saying: "open in another process")
             try refused(["clone", SharedTemplate.name, "--nic", "tap=vmt-busy,netns=\(namespace.path)"], saying: "is busy")
             // Nothing half-attached: no record of a device, no block node or netdev left in QEMU.

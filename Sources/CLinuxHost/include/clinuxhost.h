@@ -31,7 +31,18 @@ long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long
 /// process ever changes namespace. Returns the tap's descriptor (close-on-exec) or -errno, with
 /// `*stage` saying which step failed (1 setns, 2 socket, 3 open /dev/net/tun, 4 TUNSETIFF,
 /// 5 bringing it up, 6 starting the thread) and `*created` whether the device was made here
-/// (it then disappears with the last descriptor).
+/// (exclusively, IFF_TUN_EXCL; it then disappears with the last descriptor) rather than found.
 int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage);
+
+/// openat2(2) of `path` with RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS (Linux >= 5.6): no
+/// symbolic link is followed anywhere in the path, so nobody who can write a directory on the way
+/// can point the open elsewhere. Returns the descriptor or -errno.
+int clinuxhost_open_beneath_no_symlinks(const char *path, int flags);
+
+/// fstatfs(2)'s f_type of `fd` (e.g. NSFS_MAGIC for a namespace file), or -errno.
+long clinuxhost_filesystem_type(int fd);
+
+/// O_PATH, which Swift does not see (it needs _GNU_SOURCE): a handle that opens nothing.
+int clinuxhost_o_path(void);
 
 #endif

@@ -39,7 +39,7 @@ extension CloneEngine {
     /// serial that names the clone, and opens what it needs: the tap (in its namespace) or the
     /// image. Everything a user can get wrong fails here, before QEMU is touched. The caller
     /// closes the descriptors of what it gets (``PendingDevice/closeDescriptors()``).
-    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int) throws -> [PendingDevice] {
+    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = []) throws -> [PendingDevice] {
         let buses = (0..<max(0, min(slots, MachineSpec.maxHotplugSlots))).map { "hotplug\($0)" }
         var taken = existing
         var pending: [PendingDevice] = []
@@ -47,7 +47,11 @@ extension CloneEngine {
             guard let bus = buses.first(where: { bus in !taken.contains { $0.bus == bus } }) else {
                 throw VMTemplateError(.limitExceeded, "clone \(cloneID) has no free hot-plug slot (its template has \(buses.count); \(taken.count) in use): remove a device first (vmtemplate device rm), or give the template more with \"hotplug_slots\" in its recipe.")
             }
-            let number = (0...).first { number in !taken.contains { $0.id == "\(kind.rawValue)\(number)" } } ?? 0
+            // Not an ID in the record, nor one QEMU has (a device an interrupted command left).
+            let number = (0...).first { number in
+                let id = "\(kind.rawValue)\(number)"
+                return !taken.contains { $0.id == id } && !idsInUse.contains(id)
+            } ?? 0
             let device = AttachedDevice(id: "\(kind.rawValue)\(number)", kind: kind, bus: bus)
             taken.append(device)
             return device
@@ -102,11 +106,7 @@ extension CloneEngine {
                     ready.append(device.prepared)
                     continue
                 }
-                try base.createOverlay(at: path, qemuImg: try DiskImage.qemuImg(besides: qemu))
-                let overlay = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
-                guard overlay >= 0 else {
-                    throw VMTemplateError(.ioError, "cannot open the overlay '\(TerminalText.escape(path))' just made: \(errnoText()).", cause: SystemCallError("open"))
-                }
+                let overlay = try base.createOverlay(at: path, qemuImg: try DiskImage.qemuImg(besides: qemu))
                 // A copy of the base's descriptor: the pending device keeps (and closes) its own.
                 let baseCopy = fcntl(base.descriptor, F_DUPFD_CLOEXEC, 0)
                 var prepared = device.prepared
@@ -133,18 +133,26 @@ extension CloneEngine {
     public func addDevices(_ request: DeviceRequest, to reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> [AttachedDevice] {
         try await withDeviceLock(of: reference) { record, qemu in
             let directory = store.cloneDirectory(record.id)
-            let pending = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0)
+            let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
+            defer { qmp.close() }
+            let pending = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse())
             defer { for device in pending { device.closeDescriptors() } }
             var attached: [AttachedDevice] = []
             do {
-                let ready = try Self.finishDevices(pending, qemu: qemu.executable ?? record.qemuExecutable ?? "/usr/bin/qemu-system-x86_64")
+                let ready = try Self.finishDevices(pending, qemu: qemu.executable ?? "/usr/bin/qemu-system-x86_64")
                 defer { Self.closeFinished(ready) }
-                let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
-                defer { qmp.close() }
                 for device in ready {
-                    attached.append(try await qmp.attach(device, timeout: timeout))
-                    let added = attached
-                    try store.updateClone(record.id) { $0.devices = (record.devices ?? []) + added }
+                    let done = try await qmp.attach(device, timeout: timeout)
+                    attached.append(done)
+                    let recorded = attached
+                    do {
+                        try store.updateClone(record.id) { $0.devices = (record.devices ?? []) + recorded }
+                    } catch {
+                        // Attached but not recorded would be a device nobody can remove.
+                        await uncancellable { try? await qmp.detach(done, timeout: timeout) }
+                        attached.removeLast()
+                        throw error
+                    }
                 }
                 return attached
             } catch {
@@ -185,6 +193,9 @@ extension CloneEngine {
         return try await lock.withExclusive {
             guard let record = store.cloneRecord(reference.id) else {
                 throw VMTemplateError(.notFound, "clone \(reference.id) is gone.")
+            }
+            guard record.state == .running || record.state == .paused else {
+                throw VMTemplateError(.invalidState, "clone \(record.id) is \(record.state.rawValue), not running: wait until 'vmtemplate clone' has returned.")
             }
             switch qemu(of: record) {
             case .running(let qemu):

@@ -166,9 +166,9 @@ public struct CloneEngine: Sendable {
             let spawnedRecord = record
             async let restored = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
             async let finished = pending.isEmpty ? [] : Self.finishDevices(pending, qemu: qemuPath)
-            try store.save(spawnedRecord)
             let ready = try await finished
             defer { Self.closeFinished(ready) }
+            try store.save(spawnedRecord)
             let qmp = try await restored
             defer { qmp.close() }
             // Devices go in after the device state is loaded (it would overwrite the root ports'

@@ -34,13 +34,7 @@ public struct TapDevice: Sendable {
         }
         var namespace: Int32 = -1
         if let namespacePath {
-            namespace = Glibc.open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard namespace >= 0 else {
-                let reason = errno == ENOENT
-                    ? "does not exist: create it (ip netns add NAME) or fix netns="
-                    : "cannot be opened (\(errnoText()))"
-                throw VMTemplateError(errno == ENOENT ? .notFound : .ioError, "network namespace '\(TerminalText.escape(namespacePath))' \(reason).", cause: SystemCallError("open"))
-            }
+            namespace = try openNamespace(namespacePath)
         }
         defer { if namespace >= 0 { close(namespace) } }
         var created: Int32 = 0
@@ -53,6 +47,7 @@ public struct TapDevice: Sendable {
         let cause = SystemCallError(["setns", "socket", "open /dev/net/tun", "TUNSETIFF", "SIOCSIFFLAGS", "pthread_create"][max(0, min(5, Int(stage) - 1))], code: code)
         switch (stage, code) {
         case (1, EINVAL):
+            // A namespace, but not a network namespace.
             throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(namespacePath ?? ""))' is not a network namespace: pass netns=/run/netns/NAME (ip netns list).", cause: cause)
         case (1, EPERM), (4, EPERM), (3, EACCES):
             throw VMTemplateError(.permissionDenied, "opening tap '\(shownName)'\(shownNamespace) needs root (CAP_NET_ADMIN): run as root, or use --nic user for a NIC without privileges.", cause: cause)
@@ -65,5 +60,29 @@ public struct TapDevice: Sendable {
         default:
             throw VMTemplateError(.ioError, "cannot open tap '\(shownName)'\(shownNamespace): \(errnoText(code)).", cause: cause)
         }
+    }
+
+    /// Opens the namespace file at `path` for `setns`, after checking with `O_PATH` (which opens
+    /// nothing) that it is one: a FIFO or a device file given as netns= is never really opened.
+    static func openNamespace(_ path: String) throws -> Int32 {
+        let shown = TerminalText.escape(path)
+        let handle = Glibc.open(path, clinuxhost_o_path() | O_CLOEXEC)
+        guard handle >= 0 else {
+            let code = errno
+            if code == ENOENT {
+                throw VMTemplateError(.notFound, "network namespace '\(shown)' does not exist: create it (ip netns add NAME) or fix netns=.", cause: SystemCallError("open", code: code))
+            }
+            throw VMTemplateError(.ioError, "network namespace '\(shown)' cannot be opened: \(errnoText(code)).", cause: SystemCallError("open", code: code))
+        }
+        defer { close(handle) }
+        let nsfsMagic = 0x6e73_6673
+        guard clinuxhost_filesystem_type(handle) == nsfsMagic else {
+            throw VMTemplateError(.invalidArgument, "'\(shown)' is not a namespace file: pass netns=/run/netns/NAME (ip netns list) or /proc/PID/ns/net.")
+        }
+        let namespace = Glibc.open("/proc/self/fd/\(handle)", O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+        guard namespace >= 0 else {
+            throw VMTemplateError(.ioError, "network namespace '\(shown)' cannot be opened: \(errnoText()).", cause: SystemCallError("open"))
+        }
+        return namespace
     }
 }

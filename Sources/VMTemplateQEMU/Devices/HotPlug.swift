@@ -41,8 +41,9 @@ extension QMPClient {
                 var netdev: [String: JSONValue] = ["id": .string(device.netdevID)]
                 if device.backend == "tap" {
                     guard let tap = prepared.descriptors.first else { throw VMTemplateError(.internalError, "NIC \(device.id) has no tap descriptor.") }
-                    try await getFD(tap, name: device.netdevID)
+                    // Set first: a getfd that timed out may still have been run.
                     passedFD = true
+                    try await getFD(tap, name: device.netdevID)
                     netdev["type"] = .string("tap")
                     netdev["fd"] = .string(device.netdevID)
                 } else {
@@ -67,13 +68,18 @@ extension QMPClient {
             }
             return device
         } catch {
-            // Undo what was done, newest first; what cannot be undone goes with QEMU.
-            if backendAdded {
-                try? await removeBackend(of: device)
-            } else if passedFD {
-                try? await execute("closefd", arguments: ["fdname": device.netdevID])
+            // Undo what was done, newest first, even when the task was cancelled (an interrupted
+            // command): each step waits for QEMU's reply, so closing the connection afterwards
+            // cannot drop it. What cannot be undone goes with QEMU.
+            let (undone, backendAdded, passedFD, fdsets) = (device, backendAdded, passedFD, fdsets)
+            await uncancellable {
+                if backendAdded {
+                    try? await self.removeBackend(of: undone)
+                } else if passedFD {
+                    try? await self.execute("closefd", arguments: ["fdname": undone.netdevID])
+                }
+                for fdset in fdsets { try? await self.execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
             }
-            for fdset in fdsets { try? await execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
             throw Self.explain(error, attaching: device)
         }
     }
@@ -82,19 +88,28 @@ extension QMPClient {
     /// (`DEVICE_DELETED`; the guest has to cooperate, so this takes as long as the guest does),
     /// then removes its backend and fd sets.
     public func detach(_ device: AttachedDevice, timeout: Duration) async throws {
+        var present = true
         do {
             try await execute("device_del", arguments: ["id": device.id])
         } catch let error as QMPError where error.errorClass == "DeviceNotFound" {
-            // Already gone from the guest (an earlier attempt that timed out): remove the rest.
+            // Already gone from the guest (an earlier attempt that timed out; its event went to
+            // that connection): remove the rest.
+            present = false
         }
-        do {
-            _ = try await waitForEvent("DEVICE_DELETED", timeout: timeout) { $0.data?["device"]?.stringValue == device.id }
-        } catch let error as VMTemplateError where error.code == .timeout {
-            if try await deviceStillPresent(device.id) {
-                throw VMTemplateError(.timeout, "the guest did not release \(device.id) within \(timeout.shortText) (its OS must answer the unplug request): it stays attached; try again, or remove the clone.", cause: error)
+        if present {
+            do {
+                _ = try await waitForEvent("DEVICE_DELETED", timeout: timeout) { $0.data?["device"]?.stringValue == device.id }
+            } catch let error as VMTemplateError where error.code == .timeout {
+                if try await deviceStillPresent(device.id) {
+                    throw VMTemplateError(.timeout, "the guest did not release \(device.id) within \(timeout.shortText) (its OS must answer the unplug request): it stays attached; try again, or remove the clone.", cause: error)
+                }
             }
         }
-        try await removeBackend(of: device)
+        do {
+            try await removeBackend(of: device)
+        } catch let error as QMPError where error.errorClass == "DeviceNotFound" || error.desc.contains("not found") {
+            // Removed by an earlier attempt.
+        }
         for fdset in device.fdsets ?? [] { try? await execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
     }
 
@@ -113,8 +128,22 @@ extension QMPClient {
     }
 
     private func deviceStillPresent(_ id: String) async throws -> Bool {
-        let found = try await execute("qom-get", arguments: ["path": "/machine/peripheral/\(id)", "property": "type"], as: JSONValue.self)
-        return found.stringValue != nil
+        do {
+            let found = try await execute("qom-get", arguments: ["path": "/machine/peripheral/\(id)", "property": "type"], as: JSONValue.self)
+            return found.stringValue != nil
+        } catch let error as QMPError where error.errorClass == "DeviceNotFound" {
+            return false
+        }
+    }
+
+    /// The IDs of the devices QEMU has, and of the backends it has for them: whatever a record
+    /// does not know of (an interrupted command's) must not be picked again.
+    public func deviceIDsInUse() async throws -> Set<String> {
+        let peripherals = try await execute("qom-list", arguments: ["path": "/machine/peripheral"], as: [QOMProperty].self)
+        var ids = Set(peripherals.filter { $0.type.hasPrefix("child<") }.map(\.name))
+        let nodes = try await execute("query-named-block-nodes", as: [BlockNode].self)
+        for node in nodes where node.nodeName.hasPrefix("node-") { ids.insert(String(node.nodeName.dropFirst(5))) }
+        return ids
     }
 
     /// The `blockdev-add` of a disk: a format node on a `file` node reading `/dev/fdset/N`; with
@@ -152,6 +181,19 @@ extension QMPClient {
             return VMTemplateError(.busy, "\(what) is open in another process (another clone?), so this clone cannot write it: attach it with overlay=on (a copy-on-write overlay of its own) or readonly=on.", cause: qmp)
         }
         return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(TerminalText.escape(qmp.desc)).", cause: qmp)
+    }
+}
+
+struct QOMProperty: Decodable, Sendable {
+    let name: String
+    let type: String
+}
+
+struct BlockNode: Decodable, Sendable {
+    let nodeName: String
+
+    enum CodingKeys: String, CodingKey {
+        case nodeName = "node-name"
     }
 }
 
