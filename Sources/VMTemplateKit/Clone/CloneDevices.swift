@@ -22,27 +22,17 @@ public struct DeviceRequest: Sendable, Equatable {
     public var count: Int { nics.count + disks.count }
 }
 
-/// A device named and opened for a clone; a disk with `overlay=on` still waits for its overlay.
-struct PendingDevice: Sendable {
-    var prepared: PreparedDevice
-    /// The base image an overlay goes on, and the overlay's path.
-    var overlayOn: (base: DiskImage, path: String)?
-
-    func closeDescriptors() {
-        prepared.closeDescriptors()
-        if let overlayOn { close(overlayOn.base.descriptor) }
-    }
-}
-
 extension CloneEngine {
     /// Names each requested device (`nicN`, `diskN`), gives it a free root port, a MAC or a
-    /// serial that names the clone, and opens what it needs: the tap (in its namespace) or the
-    /// image. Everything a user can get wrong fails here, before QEMU is touched. The caller
-    /// closes the descriptors of what it gets (``PendingDevice/closeDescriptors()``).
-    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = []) throws -> [PendingDevice] {
+    /// serial that names the clone, and opens what it needs: the tap (in its namespace), the
+    /// image, and for `overlay=on` a new overlay in the clone's directory. Everything a user can
+    /// get wrong fails here, before QEMU is asked anything; on failure nothing is left open or
+    /// made. The caller closes the descriptors of what it gets and removes the overlays of
+    /// devices it does not attach.
+    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = []) throws -> [PreparedDevice] {
         let buses = (0..<max(0, min(slots, MachineSpec.maxHotplugSlots))).map { "hotplug\($0)" }
         var taken = existing
-        var pending: [PendingDevice] = []
+        var pending: [PreparedDevice] = []
         func next(_ kind: AttachedDevice.Kind) throws -> AttachedDevice {
             guard let bus = buses.first(where: { bus in !taken.contains { $0.bus == bus } }) else {
                 throw VMTemplateError(.limitExceeded, "clone \(cloneID) has no free hot-plug slot (its template has \(buses.count); \(taken.count) in use): remove a device first (vmtemplate device rm), or give the template more with \"hotplug_slots\" in its recipe.")
@@ -67,11 +57,11 @@ extension CloneEngine {
                     device.tap = name
                     device.netns = namespacePath
                     device.tapCreated = tap.created
-                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [tap.descriptor])))
+                    pending.append(PreparedDevice(device: device, descriptors: [tap.descriptor]))
                 case .user(let forwards):
                     device.backend = "user"
                     device.hostForwards = forwards
-                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [])))
+                    pending.append(PreparedDevice(device: device, descriptors: []))
                 }
             }
             for disk in request.disks {
@@ -84,47 +74,33 @@ extension CloneEngine {
                 device.serial = String("\(cloneID)-\(device.id)".prefix(20))
                 let image = try DiskImage.open(path: disk.path, format: disk.format, writable: !disk.readOnly && !disk.overlay)
                 if disk.overlay {
-                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: []), overlayOn: (image, "\(cloneDirectory)/\(device.overlayFileName)")))
+                    // The overlay first, then its base, as ``QMPClient/attach(_:timeout:)`` expects.
+                    let overlay: Int32
+                    do {
+                        overlay = try image.createOverlay(at: "\(cloneDirectory)/\(device.overlayFileName)")
+                    } catch {
+                        close(image.descriptor)
+                        throw error
+                    }
+                    pending.append(PreparedDevice(device: device, descriptors: [overlay, image.descriptor]))
                 } else {
-                    pending.append(PendingDevice(prepared: PreparedDevice(device: device, descriptors: [image.descriptor])))
+                    pending.append(PreparedDevice(device: device, descriptors: [image.descriptor]))
                 }
             }
         } catch {
             for device in pending { device.closeDescriptors() }
+            removeOverlays(of: pending, in: cloneDirectory)
             throw error
         }
         return pending
     }
 
-    /// Makes each pending overlay (`qemu-img create`, ~10 ms; run while QEMU starts) and returns
-    /// the devices ready for ``QMPClient/attach(_:timeout:)``, overlay first, then its base.
-    static func finishDevices(_ pending: [PendingDevice], qemu: String) throws -> [PreparedDevice] {
-        var ready: [PreparedDevice] = []
-        do {
-            for device in pending {
-                guard let (base, path) = device.overlayOn else {
-                    ready.append(device.prepared)
-                    continue
-                }
-                let overlay = try base.createOverlay(at: path, qemuImg: try DiskImage.qemuImg(besides: qemu))
-                // A copy of the base's descriptor: the pending device keeps (and closes) its own.
-                let baseCopy = fcntl(base.descriptor, F_DUPFD_CLOEXEC, 0)
-                var prepared = device.prepared
-                prepared.descriptors = [overlay, baseCopy]
-                ready.append(prepared)
-                guard baseCopy >= 0 else { throw VMTemplateError(.ioError, "cannot duplicate a descriptor: \(errnoText()).") }
-            }
-        } catch {
-            closeFinished(ready)
-            throw error
+    /// Deletes the overlays made for `devices` (ones that were not attached). The names come from
+    /// checked device IDs, the directory from the store layout.
+    static func removeOverlays(of devices: [PreparedDevice], in cloneDirectory: String) {
+        for device in devices where device.device.overlay == true {
+            unlink("\(cloneDirectory)/\(device.device.overlayFileName)")
         }
-        return ready
-    }
-
-    /// Closes what ``finishDevices(_:qemu:)`` opened: the overlays and the copies of their bases
-    /// (the other devices' descriptors are the pending devices' to close).
-    static func closeFinished(_ ready: [PreparedDevice]) {
-        for device in ready where device.device.overlay == true { device.closeDescriptors() }
     }
 
     /// Hot-plugs devices into a running clone (`vmtemplate device add`) and records them.
@@ -135,13 +111,11 @@ extension CloneEngine {
             let directory = store.cloneDirectory(record.id)
             let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
             defer { qmp.close() }
-            let pending = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse())
-            defer { for device in pending { device.closeDescriptors() } }
+            let prepared = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse())
+            defer { for device in prepared { device.closeDescriptors() } }
             var attached: [AttachedDevice] = []
             do {
-                let ready = try Self.finishDevices(pending, qemu: qemu.executable ?? "/usr/bin/qemu-system-x86_64")
-                defer { Self.closeFinished(ready) }
-                for device in ready {
+                for device in prepared {
                     let done = try await qmp.attach(device, timeout: timeout)
                     attached.append(done)
                     let recorded = attached
@@ -156,10 +130,7 @@ extension CloneEngine {
                 }
                 return attached
             } catch {
-                // Overlays of devices that did not get attached.
-                for device in pending where device.overlayOn != nil && !attached.contains(where: { $0.id == device.prepared.device.id }) {
-                    unlink("\(directory)/\(device.prepared.device.overlayFileName)")
-                }
+                Self.removeOverlays(of: prepared.filter { device in !attached.contains { $0.id == device.device.id } }, in: directory)
                 throw error
             }
         }

@@ -151,9 +151,10 @@ public struct CloneEngine: Sendable {
                 confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
             )
             let arguments = try commandLine.arguments()
-            // Taps and images are opened before QEMU starts: a wrong --nic or --disk costs no QEMU.
-            let pending = try Self.openDevices(request.devices, cloneID: record.id, cloneDirectory: store.cloneDirectory(record.id), existing: [], slots: manifest.machine.hotplugSlots)
-            defer { for device in pending { device.closeDescriptors() } }
+            // Taps, images and overlays are opened and made before QEMU starts: a wrong --nic or
+            // --disk costs no QEMU.
+            let devices = try Self.openDevices(request.devices, cloneID: record.id, cloneDirectory: store.cloneDirectory(record.id), existing: [], slots: manifest.machine.hotplugSlots)
+            defer { for device in devices { device.closeDescriptors() } }
             let qemu = try QEMUInstance.launch(arguments: arguments, name: commandLine.name, paths: paths, qmp: commandLine.qmp, executable: qemuPath, transparentHugePages: false)
             instance = qemu
             record.qemu = qemu.identity
@@ -161,20 +162,16 @@ public struct CloneEngine: Sendable {
             record.qemuArguments = arguments
             record.hotplugSlots = manifest.machine.hotplugSlots
 
-            // QEMU needs ~20 ms to build the machine and answer; the record is written and the
-            // disks' overlays made meanwhile.
+            // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
             let spawnedRecord = record
             async let restored = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
-            async let finished = pending.isEmpty ? [] : Self.finishDevices(pending, qemu: qemuPath)
-            let ready = try await finished
-            defer { Self.closeFinished(ready) }
             try store.save(spawnedRecord)
             let qmp = try await restored
             defer { qmp.close() }
             // Devices go in after the device state is loaded (it would overwrite the root ports'
             // state) and before the guest runs, so it finds them as it resumes.
             var attached: [AttachedDevice] = []
-            for device in ready {
+            for device in devices {
                 attached.append(try await qmp.attach(device, timeout: request.timeout))
             }
             record.devices = attached.isEmpty ? nil : attached
