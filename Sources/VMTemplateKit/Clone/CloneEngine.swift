@@ -164,15 +164,20 @@ public struct CloneEngine: Sendable {
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
             let spawnedRecord = record
-            async let restored = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
+            async let connected = restore(template, into: qemu, cloneID: spawnedRecord.id, timeout: request.timeout)
             try store.save(spawnedRecord)
-            let qmp = try await restored
+            let (qmp, loaded) = try await connected
             defer { qmp.close() }
-            // Devices go in after the device state is loaded (it would overwrite the root ports'
-            // state) and before the guest runs, so it finds them as it resumes.
+            // Backends (taps, disks) are no part of the device state: they go in while it loads.
             var attached: [AttachedDevice] = []
             for device in devices {
-                attached.append(try await qmp.attach(device, timeout: request.timeout))
+                attached.append(try await qmp.addBackend(device, timeout: request.timeout))
+            }
+            try await loaded()
+            // Devices go in after the device state is loaded (it would overwrite the root ports'
+            // state) and before the guest runs, so it finds them as it resumes.
+            for device in attached {
+                try await qmp.addFrontend(device, timeout: request.timeout)
             }
             record.devices = attached.isEmpty ? nil : attached
             try await qmp.cont()
@@ -278,16 +283,17 @@ public struct CloneEngine: Sendable {
         }
     }
 
-    /// Loads the device state into the waiting QEMU; returns the QMP connection with the guest
-    /// still paused (the caller closes it).
-    private func restore(_ template: PublishedTemplate, into qemu: QEMUInstance, cloneID: String, timeout: Duration) async throws -> QMPClient {
+    /// Starts loading the device state into the waiting QEMU; returns the QMP connection (the
+    /// caller closes it) and a function that waits until the state is loaded, the guest still
+    /// paused.
+    private func restore(_ template: PublishedTemplate, into qemu: QEMUInstance, cloneID: String, timeout: Duration) async throws -> (QMPClient, @Sendable () async throws -> Void) {
         let manifest = template.manifest
         let what = "clone \(cloneID) from template '\(manifest.name)'"
-        func failed(_ error: any Error) async -> VMTemplateError {
+        @Sendable func failed(_ error: any Error) async -> VMTemplateError {
             await qemu.exitError(during: "the restore of \(what)")
                 ?? VMTemplateError(.qemuFailed, "restoring \(what) failed: the template may not match this QEMU; create it again.", cause: error)
         }
-        func timedOut(_ error: VMTemplateError) -> VMTemplateError {
+        @Sendable func timedOut(_ error: VMTemplateError) -> VMTemplateError {
             VMTemplateError(.timeout, "restoring \(what) took longer than \(timeout.shortText): the machine may be overloaded; try again or raise --timeout.", cause: error)
         }
         let qmp: QMPClient
@@ -318,16 +324,16 @@ public struct CloneEngine: Sendable {
             qmp.close()
             throw VMTemplateError(.unsupported, "QEMU reports version \(running) but template '\(manifest.name)' was made with \(manifest.qemu.version): create the template again with this QEMU.")
         }
-        do {
-            // The template was paused when saved, so QEMU keeps the guest paused after loading it.
-            _ = try await qmp.waitForMigration(timeout: timeout, startedHere: true)
-            return qmp
-        } catch let error as VMTemplateError where error.code == .timeout {
-            qmp.close()
-            throw timedOut(error)
-        } catch {
-            qmp.close()
-            throw await failed(error)
+        let loaded: @Sendable () async throws -> Void = {
+            do {
+                // The template was paused when saved, so QEMU keeps the guest paused after loading it.
+                _ = try await qmp.waitForMigration(timeout: timeout, startedHere: true)
+            } catch let error as VMTemplateError where error.code == .timeout {
+                throw timedOut(error)
+            } catch {
+                throw await failed(error)
+            }
         }
+        return (qmp, loaded)
     }
 }

@@ -31,8 +31,15 @@ public struct PreparedDevice: Sendable {
 extension QMPClient {
     /// Attaches `prepared` and returns the record of it (with the fd sets QEMU holds).
     public func attach(_ prepared: PreparedDevice, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
+        let device = try await addBackend(prepared, timeout: timeout)
+        try await addFrontend(device, timeout: timeout)
+        return device
+    }
+
+    /// The backend alone (`getfd` + `netdev_add`, `add-fd` + `blockdev-add`): nothing the guest
+    /// sees, and nothing in the migration stream, so a clone adds it while its state still loads.
+    public func addBackend(_ prepared: PreparedDevice, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
         var device = prepared.device
-        var backendAdded = false
         var passedFD = false
         var fdsets: [Int] = []
         do {
@@ -53,32 +60,44 @@ extension QMPClient {
                     }
                 }
                 try await execute("netdev_add", arguments: JSONValue.object(netdev), timeout: timeout)
-                backendAdded = true
-                var nic: [String: JSONValue] = ["driver": .string("virtio-net-pci"), "id": .string(device.id), "netdev": .string(device.netdevID), "bus": .string(device.bus)]
-                if let mac = device.mac { nic["mac"] = .string(mac.description) }
-                try await execute("device_add", arguments: JSONValue.object(nic), timeout: timeout)
             case .disk:
                 for descriptor in prepared.descriptors { fdsets.append(try await addFD(descriptor).fdset) }
                 device.fdsets = fdsets
                 try await execute("blockdev-add", arguments: Self.blockdev(for: device), timeout: timeout)
-                backendAdded = true
-                var disk: [String: JSONValue] = ["driver": .string("virtio-blk-pci"), "id": .string(device.id), "drive": .string(device.nodeName), "bus": .string(device.bus)]
-                if let serial = device.serial { disk["serial"] = .string(serial) }
-                try await execute("device_add", arguments: JSONValue.object(disk), timeout: timeout)
             }
             return device
         } catch {
-            // Undo what was done, newest first, even when the task was cancelled (an interrupted
-            // command): each step waits for QEMU's reply, so closing the connection afterwards
-            // cannot drop it. What cannot be undone goes with QEMU.
-            let (undone, backendAdded, passedFD, fdsets) = (device, backendAdded, passedFD, fdsets)
+            // Undo what was done, even when the task was cancelled (an interrupted command): each
+            // step waits for QEMU's reply, so closing the connection afterwards cannot drop it.
+            let (undone, passedFD, fdsets) = (device, passedFD, fdsets)
             await uncancellable {
-                if backendAdded {
-                    try? await self.removeBackend(of: undone)
-                } else if passedFD {
-                    try? await self.execute("closefd", arguments: ["fdname": undone.netdevID])
-                }
+                if passedFD { try? await self.execute("closefd", arguments: ["fdname": undone.netdevID]) }
                 for fdset in fdsets { try? await self.execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
+            }
+            throw Self.explain(error, attaching: device)
+        }
+    }
+
+    /// The guest-visible device (`device_add` into its root port), on a backend added before;
+    /// if QEMU refuses it, the backend goes too.
+    public func addFrontend(_ device: AttachedDevice, timeout: Duration = .seconds(10)) async throws {
+        var arguments: [String: JSONValue] = ["id": .string(device.id), "bus": .string(device.bus)]
+        switch device.kind {
+        case .nic:
+            arguments["driver"] = .string("virtio-net-pci")
+            arguments["netdev"] = .string(device.netdevID)
+            if let mac = device.mac { arguments["mac"] = .string(mac.description) }
+        case .disk:
+            arguments["driver"] = .string("virtio-blk-pci")
+            arguments["drive"] = .string(device.nodeName)
+            if let serial = device.serial { arguments["serial"] = .string(serial) }
+        }
+        do {
+            try await execute("device_add", arguments: JSONValue.object(arguments), timeout: timeout)
+        } catch {
+            await uncancellable {
+                try? await self.removeBackend(of: device)
+                for fdset in device.fdsets ?? [] { try? await self.execute("remove-fd", arguments: FDSetID(fdsetID: fdset)) }
             }
             throw Self.explain(error, attaching: device)
         }
