@@ -78,6 +78,8 @@ extension RealGuests {
             // 3. A record whose ID escapes the store, and a link out of it.
             try Reliability.plant(Reliability.recordJSON(id: "cccccccccccc", name: "escape", pid: 1, startTime: 0, store: store, overrides: ["id": "\"../../../\(outside)\""]), id: "cccccccccccc", in: store)
             symlink(outside, "\(store.root)/clones/dddddddddddd")
+            // 6. Devices that escape the clone's directory or name QEMU objects of another's.
+            try Reliability.plant(Reliability.recordJSON(id: "acacacacacac", name: "devices", pid: victim.processIdentifier, startTime: victimIdentity.startTime, store: store, overrides: ["devices": #"[{"id":"../../../\#(outside)/precious","kind":"disk","bus":"hotplug0","overlay":true}]"#, "state": "\"running\""]), id: "acacacacacac", in: store)
             // 5. A name with terminal escape sequences.
             try Reliability.plant(Reliability.recordJSON(id: "ffffffffffff", name: "\\u001b]0;owned\\u0007\\u001b[2J", pid: victim.processIdentifier, startTime: victimIdentity.startTime, store: store), id: "ffffffffffff", in: store)
 
@@ -86,7 +88,7 @@ extension RealGuests {
             #expect(real.status == 0, "\(real.stderr)")
             try Reliability.plant(Reliability.recordJSON(id: "abababababab", name: "target", pid: victim.processIdentifier, startTime: victimIdentity.startTime, store: store), id: "abababababab", in: store, uid: 65534)
 
-            for arguments in [["list"], ["list", "--json"], ["gc"], ["scheduler", "--once"], ["rm", "planted"], ["rm", "forged"], ["rm", "escape"], ["rm", "--all"]] {
+            for arguments in [["list"], ["list", "--json"], ["gc"], ["scheduler", "--once"], ["device", "rm", "forged", "disk0"], ["device", "add", "forged", "--nic", "user"], ["device", "rm", "devices", "disk0"], ["device", "list", "devices"], ["rm", "planted"], ["rm", "forged"], ["rm", "escape"], ["rm", "--all"]] {
                 let result = try CLI.run(arguments + store.arguments)
                 let escaped = result.stdout.contains("\u{1b}") || result.stderr.contains("\u{1b}")
                 tally.trial(failed: result.signaled || escaped, lost: !victim.isRunning || !FileManager.default.fileExists(atPath: "\(outside)/precious"),
@@ -107,7 +109,7 @@ extension RealGuests {
             let listing = try CLI.run(["list"] + store.arguments)
             tally.trial(failed: !listing.stderr.contains("not to the store's owner") || !listing.stderr.contains("not a directory"), lost: false, note: "list did not report the planted entries: \(listing.stderr)")
             tally.finish()
-            for id in ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "eeeeeeeeeeee", "ffffffffffff", "abababababab"] {
+            for id in ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "eeeeeeeeeeee", "ffffffffffff", "abababababab", "acacacacacac"] {
                 try? FileManager.default.removeItem(atPath: store.cloneDirectory(id))
             }
         }
