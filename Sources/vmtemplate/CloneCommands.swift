@@ -48,6 +48,9 @@ struct Clone: AsyncParsableCommand {
     @Option(help: ArgumentHelp("A disk, hot-plugged before the guest runs: path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
     var disk: [String] = []
 
+    @Flag(name: .customLong("no-pool"), help: "Restore a fresh clone even when the template's warm pool has a ready member.")
+    var noPool = false
+
     @Flag(help: "Print the clone as one JSON object on stdout.")
     var json = false
 
@@ -75,9 +78,12 @@ struct Clone: AsyncParsableCommand {
         /// `requested` (clock and hostname sent, not awaited) or `none`.
         var clock: String?
         var devices: [AttachedDevice]
+        /// Handed out from the template's warm pool.
+        var fromPool: Bool
 
         enum CodingKeys: String, CodingKey {
             case id, name, template, pid, state, clock, devices
+            case fromPool = "from_pool"
             case qmpSocket = "qmp_socket"
             case serialLog = "serial_log"
             case controlSocket = "control_socket"
@@ -92,11 +98,17 @@ struct Clone: AsyncParsableCommand {
             let store = try store.open()
             let templatesRoot = templateStore ?? ProcessInfo.processInfo.environment[TemplateStore.templateStoreEnvironmentVariable].flatMap { $0.isEmpty ? nil : $0 }
             let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }
-            let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 })
+            let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.explicitPath)
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
             var request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
             // This very binary delivers the guest's clock and hostname, detached (GuestSetup).
-            request.guestSetupHelper = FileSystem.resolvedPath("/proc/self/exe")
+            // "/proc/self/exe" itself, not the path it points to: resolving that path needs search
+            // permission on every directory above the binary, which a user running a binary from
+            // a directory they cannot list lacks; the kernel execs through the link regardless.
+            // (Without a helper the clock would be sent by a thread of this process, which exits
+            // before the guest answers: its replies would go to the next client.)
+            request.guestSetupHelper = "/proc/self/exe"
+            request.usePool = !noPool
             request.devices = DeviceRequest(nics: try nic.map(NICSpec.init(parsing:)), disks: try disk.map(DiskSpec.init(parsing:)))
             let request2 = request
             let json = self.json
@@ -105,7 +117,7 @@ struct Clone: AsyncParsableCommand {
                 if let warning { Terminal.note(warning) }
                 if json {
                     let paths = store.clonePaths(record.id)
-                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock, devices: record.devices ?? []))
+                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock, devices: record.devices ?? [], fromPool: record.fromPool == true))
                 } else {
                     print(record.id)
                 }

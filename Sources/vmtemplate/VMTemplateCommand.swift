@@ -22,7 +22,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
-        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self, GuestSetupCommand.self]
+        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self, GuestSetupCommand.self]
     )
 }
 
@@ -44,6 +44,11 @@ struct QEMUOptions: ParsableArguments {
 
     func probe() throws -> QEMUBinary {
         try QEMUBinary.probe(path: try QEMUBinary.locate(explicit: qemuPath))
+    }
+
+    /// `--qemu`, else `$VMTEMPLATE_QEMU`; nil: the binary that made the template.
+    var explicitPath: String? {
+        qemuPath ?? ProcessInfo.processInfo.environment[QEMUBinary.environmentVariable].flatMap { $0.isEmpty ? nil : $0 }
     }
 }
 

@@ -186,7 +186,8 @@ extension RealGuests {
             try #require(result.status == 0, "clone as nobody failed: \(result.stderr)")
             let clone = try JSONDecoder().decode(Clone.self, from: Data(result.stdout.utf8))
             #expect(clone.control_socket.hasPrefix(own), "the clone lives in nobody's store")
-            #expect(try ControlChannel(path: clone.control_socket).request("ping") == "pong")
+            let reply = Result { try ControlChannel(path: clone.control_socket).request("ping") }
+            #expect((try? reply.get()) == "pong", "the first request's reply: \(reply), the helper's log: \((try? String(contentsOfFile: "\(own)/clones/\(clone.id)/guest-setup.log", encoding: .utf8)) ?? "none")")
             #expect(try FileStatus.read(path: "\(own)/clones/\(clone.id)").ownerUID == 65534)
             // Root's listing of nobody's store is read-only and shows the clone.
             let listing = try CLI.run(["list", "--json", "--store", own])

@@ -34,6 +34,15 @@ public struct CloneRequest: Sendable {
     public var guestSetupHelper: String?
     /// NICs and disks hot-plugged before the guest runs.
     public var devices = DeviceRequest()
+    /// Take a ready member of the template's warm pool when there is one (docs/pools.md).
+    public var usePool = true
+    public enum Purpose: Sendable {
+        /// A clone for a caller.
+        case handOut
+        /// A warm-pool member: restored, warmed, paused and marked ready (``WarmPool``).
+        case poolMember
+    }
+    public var purpose = Purpose.handOut
 
     public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30), cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil) {
         self.cowLimitBytes = cowLimitBytes
@@ -127,6 +136,11 @@ public struct CloneEngine: Sendable {
         }
         let template = try templates.template(named: request.template)
         let manifest = template.manifest
+        // A pool belongs to a store's own templates.
+        if request.purpose == .handOut, request.usePool, templates.root == store.root,
+           let record = try await handOut(request, template: template, started: started) {
+            return (record, nil)
+        }
         try checkFiles(of: template)
         let (qemuPath, capabilities) = try qemuFor(manifest)
         let (memoryOptions, warning) = try Self.memoryOptions(capabilities: capabilities, allowWritableTemplate: request.allowWritableTemplate)
@@ -181,6 +195,14 @@ public struct CloneEngine: Sendable {
             }
             record.devices = attached.isEmpty ? nil : attached
             try await qmp.cont()
+            if request.purpose == .poolMember {
+                try await warm(record, qmp: qmp, manifest: manifest, timeout: request.timeout)
+                record.state = .pooled
+                record.restoreSeconds = started.duration(to: .now).seconds
+                try store.save(record)
+                try store.markReady(record.id, template: request.template)
+                return (record, warning)
+            }
             record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", helper: request.guestSetupHelper)
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
@@ -262,7 +284,7 @@ public struct CloneEngine: Sendable {
             let record = CloneRecord(
                 id: id, name: name, template: manifest.name,
                 qemu: nil, qemuExecutable: executable, creator: ProcessIdentity.current(pid: getpid()),
-                createdAt: Date(), state: .starting,
+                createdAt: Date(), state: request.purpose == .poolMember ? .warming : .starting,
                 templateStore: templates.root == store.root ? nil : templates.root,
                 memoryFile: template.memoryPath,
                 writableTemplate: writable,

@@ -18,14 +18,15 @@ extension CloneEngine {
     /// match), else what QMP says, or `unresponsive` when QMP does not answer within `timeout`.
     public func liveState(of record: CloneRecord, timeout: Duration = .milliseconds(500)) async -> CloneState {
         guard let qemu = record.qemu else {
-            return record.creator?.isAlive == true ? .starting : .exited
+            return record.creator?.isAlive == true ? record.state : .exited
         }
         guard qemu.isAlive else { return .exited }
-        if record.state == .starting { return record.creator?.isAlive == true ? .starting : .unresponsive }
+        if record.isBeingSetUp { return record.creator?.isAlive == true ? record.state : .unresponsive }
         do {
             let qmp = try await QMPClient.connect(socketPath: store.clonePaths(record.id).qmpSocket, timeout: timeout, isPeerAlive: { qemu.isAlive })
             defer { qmp.close() }
             let status = try await qmp.queryStatus()
+            if record.state == .pooled && !status.running { return .pooled }
             return status.running ? .running : .paused
         } catch let error as VMTemplateError where (error.cause as? SystemCallError)?.code == EACCES {
             // Another user's clone: its sockets are its owner's alone.
@@ -84,6 +85,7 @@ extension CloneEngine {
         var report = GarbageReport()
         await store.collectStagingGarbage(into: &report)
         await collectCloneGarbage(into: &report)
+        WarmPool(engine: self).repair()
         return report
     }
 
@@ -94,7 +96,7 @@ extension CloneEngine {
     public func collectCloneGarbage(into report: inout GarbageReport) async {
         for snapshot in store.clones().records {
             var record = snapshot
-            if record.state == .starting {
+            if record.isBeingSetUp {
                 guard record.creator?.isAlive != true else { continue }
                 // The creator is gone, so the record can no longer change; but the snapshot may
                 // predate its last write (a `clone` that finished and exited after the listing).
@@ -102,7 +104,7 @@ extension CloneEngine {
                 guard let fresh = store.cloneRecord(record.id) else { continue }
                 record = fresh
             }
-            let interrupted = record.state == .starting
+            let interrupted = record.isBeingSetUp
             switch qemu(of: record) {
             case .running(let instance):
                 guard interrupted else { continue }
@@ -167,7 +169,10 @@ extension CloneEngine {
         guard store.templateExists(name) else {
             throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list'.")
         }
-        let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive }
+        // Its warm pool goes first: members are no one's clones yet.
+        await WarmPool(engine: self).drain(name)
+        try store.removePool(name)
+        let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive && $0.state != .pooled && $0.state != .warming }
         if !users.isEmpty && !force {
             throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clones (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")
         }

@@ -35,7 +35,7 @@ public struct Scheduler: Sendable {
     }
 
     private func check(_ record: CloneRecord, settings: StoreSettings) async -> Enforcement? {
-        guard let qemu = record.qemu, record.state != .starting, record.state != .exited else { return nil }
+        guard let qemu = record.qemu, !record.isBeingSetUp, record.state != .exited, record.state != .pooled else { return nil }
         guard qemu.isAlive else {
             // Marked here so `list` and `inspect` tell the story even before `gc` runs.
             _ = try? store.updateClone(record.id) { $0.state = .exited }

@@ -5,10 +5,13 @@ import Foundation
 /// A clone's state as `list` reports it.
 ///
 /// `starting` is written before QEMU is spawned, so an interrupted `clone` leaves a record that
-/// `gc` recognizes. A warm pool will add a state for clones restored ahead of demand and left
-/// paused; decoding unknown states as `unknown` keeps older binaries working with newer records.
+/// `gc` recognizes; `warming` is the same for a warm-pool member being restored and warmed, and
+/// `pooled` a member restored, warmed and paused, waiting to be handed out. Decoding unknown
+/// states as `unknown` keeps older binaries working with newer records.
 public enum CloneState: String, Sendable, Codable, CaseIterable {
     case starting
+    case warming
+    case pooled
     case running
     case paused
     case exited
@@ -86,6 +89,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var hotplugSlots: Int?
     /// Devices hot-plugged into the clone, in the order they were attached.
     public var devices: [AttachedDevice]?
+    /// Handed out from a warm pool (restored ahead of demand) rather than restored on demand.
+    public var fromPool: Bool?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -105,6 +110,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case clock
         case hotplugSlots = "hotplug_slots"
         case devices
+        case fromPool = "from_pool"
     }
 
     /// Memory this clone commits against the store's budget.
@@ -115,8 +121,12 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// Whether the clone counts against the store's limits: being set up, or its QEMU alive.
     public var isLive: Bool {
         if let qemu { return qemu.isAlive }
-        return state == .starting && creator?.isAlive == true
+        return isBeingSetUp && creator?.isAlive == true
     }
+
+    /// Written by a command that is still setting the clone up (`clone`, or a pool filler): if
+    /// that command is gone, the clone was interrupted.
+    public var isBeingSetUp: Bool { state == .starting || state == .warming }
 
     /// Bounds on what a record may say; anything beyond is a record nobody should believe.
     public static let maxGuestMemoryBytes: UInt64 = 1 << 42  // 4 TiB

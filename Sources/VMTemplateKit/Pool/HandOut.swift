@@ -1,0 +1,109 @@
+import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+extension CloneEngine {
+    /// Hands out a ready member of `template`'s warm pool, or returns nil when there is none.
+    ///
+    /// The member is claimed by renaming its ready file (one winner among concurrent callers);
+    /// its record must then say `pooled`, this template, and name a QEMU that is this clone's own
+    /// and alive, or the member is removed and the next one tried: a member that died while pooled
+    /// is never handed out. The record is rewritten to `starting` with this process as creator
+    /// before anything else is done, so a caller killed from then on leaves a clone `gc` treats as
+    /// an interrupted one; one killed before that leaves the member pooled (``WarmPool/repair()``).
+    /// Then the clone gets its name, devices, `cont`, and its clock and hostname, as a fresh one.
+    func handOut(_ request: CloneRequest, template: PublishedTemplate, started: ContinuousClock.Instant) async throws -> CloneRecord? {
+        let name = request.template
+        for id in store.readyMembers(of: name) {
+            guard store.claim(id, template: name) else { continue }
+            defer { store.releaseClaim(id, template: name) }
+            guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil,
+                  case .running(let qemu) = qemu(of: member) else {
+                if let member = store.cloneRecord(id) { _ = try? await remove(member, grace: .milliseconds(200)) }
+                continue
+            }
+            var record = try store.withLock {
+                guard var current = store.cloneRecord(id), current.state == .pooled else {
+                    throw VMTemplateError(.busy, "pool member \(id) changed while it was being handed out.")
+                }
+                if let wanted = request.name?.value, wanted != id {
+                    // Names are unique among clones and templates (the store lock keeps it so).
+                    if store.clones().records.contains(where: { $0.name == wanted || $0.id == wanted }) {
+                        throw VMTemplateError(.exists, "a clone named '\(wanted)' already exists: pick another --name, or remove it with 'vmtemplate rm \(wanted)'.")
+                    }
+                    if let asTemplate = try? EntityName(wanted), store.templateExists(asTemplate) {
+                        throw VMTemplateError(.exists, "'\(wanted)' is the name of a template: give the clone another --name.")
+                    }
+                    current.name = wanted
+                }
+                current.state = .starting
+                current.creator = ProcessIdentity.current(pid: getpid())
+                current.createdAt = Date()
+                current.cowLimitBytes = request.cowLimitBytes
+                current.overLimitAction = request.overLimitAction
+                current.fromPool = true
+                try store.save(current)
+                return current
+            }
+            do {
+                let paths = store.clonePaths(id)
+                let devices = try Self.openDevices(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
+                defer { for device in devices { device.closeDescriptors() } }
+                let qmp = try await qemu.connectQMP(timeout: request.timeout, phase: "the hand-out of pool member \(id)")
+                defer { qmp.close() }
+                var attached: [AttachedDevice] = []
+                for device in devices {
+                    attached.append(try await qmp.attach(device, timeout: request.timeout))
+                }
+                record.devices = attached.isEmpty ? nil : attached
+                try await qmp.cont()
+                record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", helper: request.guestSetupHelper)
+                record.state = .running
+                record.restoreSeconds = started.duration(to: .now).seconds
+                try store.save(record)
+                return record
+            } catch {
+                // Half handed out: removed like a fresh clone that failed.
+                let failed = record
+                await uncancellable { _ = try? await self.remove(failed, grace: .milliseconds(200)) }
+                throw error
+            }
+        }
+        return nil
+    }
+
+    /// Warms a pool member that has just been resumed: its guest answers its clock and hostname
+    /// requests and a `ping` (so the code a resumed guest runs for them is translated now, not
+    /// when a runtime asks), then it is paused again. A member whose guest does not answer within
+    /// `timeout` fails, and is removed like any clone that failed to start.
+    func warm(_ record: CloneRecord, qmp: QMPClient, manifest: TemplateManifest, timeout: Duration) async throws {
+        let channel = ControlChannel(path: store.clonePaths(record.id).controlSocket)
+        var requests = ["ping"]
+        if manifest.guestClock == .controlChannel {
+            requests = ["settime \(Int(Date().timeIntervalSince1970.rounded()))", "hostname \(record.id)", "ping"]
+        }
+        let lines = requests
+        let replies = try await onOwnThread { try channel.requests(lines, timeout: timeout) }
+        guard replies.last == "pong" else {
+            throw VMTemplateError(.qemuFailed, "pool member \(record.id) answered '\(TerminalText.escape(replies.last ?? ""))' to ping while warming: its guest does not speak the control protocol; this template cannot be pooled.")
+        }
+        try await qmp.stop()
+    }
+}
+
+/// Runs blocking work on a thread of its own, so no cooperative thread waits for a guest.
+func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            continuation.resume(with: Result { try body() })
+        }
+        thread.start()
+    }
+}

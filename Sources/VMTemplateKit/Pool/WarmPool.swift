@@ -1,0 +1,129 @@
+import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Warm pools: clones restored ahead of demand, warmed, paused, and handed out by `clone` with a
+/// `cont` (docs/pools.md).
+///
+/// A member is an ordinary clone record: `warming` while it is restored and warmed, then `pooled`.
+/// Warming resumes the guest until it has answered its control channel (its clock and hostname
+/// requests and a `ping`): a fresh QEMU under TCG translates every piece of code a resumed guest
+/// runs, so the first answer takes 100–200 ms; a warmed member has done that once, and answers its
+/// runtime's first request in ~15 ms. Then it is paused again and marked ready
+/// (``TemplateStore/markReady(_:template:)``).
+public struct WarmPool: Sendable {
+    public let engine: CloneEngine
+    public var store: TemplateStore { engine.store }
+
+    public init(engine: CloneEngine) {
+        self.engine = engine
+    }
+
+    /// One pool, as `pool ls` shows it.
+    public struct Status: Sendable, Codable, Equatable {
+        public var template: String
+        /// Members asked for.
+        public var size: Int
+        /// Members ready to be handed out.
+        public var ready: Int
+        /// Members being restored and warmed.
+        public var filling: Int
+    }
+
+    /// Every pool with a size, and every template with members left over.
+    public func status() -> [Status] {
+        let sizes = store.poolSizes()
+        let records = store.clones().records
+        var templates = Set(sizes.keys)
+        for record in records where record.state == .pooled || record.state == .warming { templates.insert(record.template) }
+        return templates.sorted().map { template in
+            let members = records.filter { $0.template == template && $0.isLive }
+            return Status(template: template, size: sizes[template] ?? 0,
+                          ready: members.filter { $0.state == .pooled }.count,
+                          filling: members.filter { $0.state == .warming }.count)
+        }
+    }
+
+    /// The members of `template`'s pool that count: ready, or being warmed by a live filler.
+    func members(of template: EntityName) -> [CloneRecord] {
+        store.clones().records.filter { $0.template == template.value && $0.templateStore == nil && ($0.state == .pooled || $0.state == .warming) && $0.isLive }
+    }
+
+    /// Fills `template`'s pool up to its size, one member at a time; returns the members made.
+    /// `limit` bounds how many are made in this call (the server makes one per round, so that
+    /// filling never starves running clones of CPU).
+    @discardableResult
+    public func fill(_ template: EntityName, limit: Int = .max, timeout: Duration = .seconds(60)) async throws -> [CloneRecord] {
+        var made: [CloneRecord] = []
+        while made.count < limit {
+            let size = store.poolSizes()[template.value] ?? 0
+            guard members(of: template).count < size else { break }
+            try Task.checkCancellation()
+            made.append(try await makeMember(template, timeout: timeout))
+        }
+        return made
+    }
+
+    /// Restores one member, warms it, pauses it, marks it ready.
+    func makeMember(_ template: EntityName, timeout: Duration) async throws -> CloneRecord {
+        var request = CloneRequest(template: template, timeout: timeout)
+        request.purpose = .poolMember
+        return try await engine.clone(request).record
+    }
+
+    /// Sets the size of `template`'s pool; a smaller size removes the ready members over it at
+    /// once (0 drains the pool). Returns the members removed.
+    @discardableResult
+    public func setSize(_ template: EntityName, _ size: Int) async throws -> [String] {
+        guard store.templateExists(template) else {
+            throw VMTemplateError(.notFound, "no template named '\(template)' in this store: see 'vmtemplate list'.")
+        }
+        try store.setPoolSize(template, size)
+        return await drain(template, keeping: size)
+    }
+
+    /// Removes ready members of `template`'s pool beyond `keeping`, oldest first.
+    @discardableResult
+    public func drain(_ template: EntityName, keeping: Int = 0) async -> [String] {
+        var removed: [String] = []
+        var count = members(of: template).count
+        for id in store.readyMembers(of: template) where count > keeping {
+            guard store.claim(id, template: template) else { continue }
+            if let record = store.cloneRecord(id) { _ = try? await engine.remove(record, grace: .milliseconds(500)) }
+            store.releaseClaim(id, template: template)
+            removed.append(id)
+            count -= 1
+        }
+        return removed
+    }
+
+    /// What `gc` does for pools: ready entries whose member is gone are dropped, and a member
+    /// whose hand-out was killed before its record said so goes back in its pool (it is still
+    /// restored, warmed and paused: not lost).
+    public func repair() {
+        let records = store.clones().records
+        for template in Set(store.poolSizes().keys).union(records.filter { $0.state == .pooled }.map(\.template)) {
+            guard let name = try? EntityName(template) else { continue }
+            func stillPooled(_ id: String) -> Bool { records.contains { $0.id == id && $0.state == .pooled && $0.isLive } }
+            for id in store.readyMembers(of: name) where !stillPooled(id) {
+                store.claim(id, template: name)
+                store.releaseClaim(id, template: name)
+            }
+            for claim in store.staleClaims(of: name) {
+                store.resolveStaleClaim(claim.file, id: claim.id, template: name, restore: stillPooled(claim.id))
+            }
+            // A filler killed between recording a member pooled and listing it.
+            let listed = Set(store.readyMembers(of: name)).union(store.claimedMembers(of: name))
+            for record in records where record.template == template && record.templateStore == nil && record.state == .pooled && record.isLive && !listed.contains(record.id) {
+                try? store.markReady(record.id, template: name)
+            }
+        }
+    }
+}

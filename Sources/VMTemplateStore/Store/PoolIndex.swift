@@ -1,0 +1,126 @@
+import Foundation
+import VMTemplateOS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The warm pools of a store: how many members each template's pool should hold (`pools.json`),
+/// and which members are ready to be handed out (`pools/TEMPLATE/ID`, one empty file each).
+///
+/// A member is handed out by deleting its file: `unlink` succeeds for exactly one caller, so two
+/// concurrent `clone`s never get the same member, and a hand-out never scans `clones/`. The
+/// record stays the truth about a member; the file only says "take me", and a claimed ID is
+/// checked against its record (state `pooled`, this template, its own QEMU alive) before use.
+extension TemplateStore {
+    public var poolsDirectory: String { "\(root)/pools" }
+    var poolSizesPath: String { "\(root)/pools.json" }
+
+    /// The most members one pool may hold.
+    public static let maxPoolSize = 1024
+
+    /// The size asked for each template's pool; entries that do not hold up are left out.
+    public func poolSizes() -> [String: Int] {
+        guard case .success(let sizes) = StoredJSON.read([String: Int].self, at: poolSizesPath, owner: ownerUID) else { return [:] }
+        return sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
+    }
+
+    /// Sets (0: removes) the size of `template`'s pool.
+    public func setPoolSize(_ template: EntityName, _ size: Int) throws {
+        guard (0...Self.maxPoolSize).contains(size) else {
+            throw VMTemplateError(.invalidArgument, "a pool holds 0 to \(Self.maxPoolSize) members, not \(size).")
+        }
+        try update([String: Int].self, at: poolSizesPath, default: [:]) { sizes in
+            sizes = sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
+            sizes[template.value] = size == 0 ? nil : size
+        }
+    }
+
+    func poolDirectory(_ template: EntityName) -> String { "\(poolsDirectory)/\(template.value)" }
+
+    /// The members of `template`'s pool that are ready, oldest first (they have waited longest).
+    public func readyMembers(of template: EntityName) -> [String] {
+        let directory = poolDirectory(template)
+        return StoredJSON.entries(of: directory)
+            .filter { (try? EntityName($0, kind: "clone ID")) != nil }
+            .compactMap { id -> (String, Int64)? in
+                var info = stat()
+                guard lstat("\(directory)/\(id)", &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { return nil }
+                return (id, Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec))
+            }
+            .sorted { $0.1 < $1.1 }
+            .map(\.0)
+    }
+
+    /// Puts member `id` in `template`'s pool, ready to be handed out.
+    public func markReady(_ id: String, template: EntityName) throws {
+        try requireWritable()
+        for directory in [poolsDirectory, poolDirectory(template)] where mkdir(directory, 0o755) != 0 && errno != EEXIST {
+            throw VMTemplateError(.ioError, "cannot create '\(directory)': \(errnoText()).", cause: SystemCallError("mkdir"))
+        }
+        let fd = open("\(poolDirectory(template))/\(id)", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+        guard fd >= 0 || errno == EEXIST else {
+            throw VMTemplateError(.ioError, "cannot mark clone \(id) ready in the pool of '\(template)': \(errnoText()).", cause: SystemCallError("open"))
+        }
+        if fd >= 0 { close(fd) }
+    }
+
+    /// Takes member `id` out of `template`'s pool: its file is renamed to `.taken-ID-PID`, which
+    /// succeeds for exactly one caller and says who took it. The caller records the hand-out and
+    /// then calls ``releaseClaim(_:template:)``; if it dies before that, ``staleClaims(of:)``
+    /// finds the member again.
+    @discardableResult
+    public func claim(_ id: String, template: EntityName) -> Bool {
+        guard mode == .readWrite, (try? EntityName(id, kind: "clone ID")) != nil else { return false }
+        let directory = poolDirectory(template)
+        return rename("\(directory)/\(id)", "\(directory)/.taken-\(id)-\(getpid())") == 0
+    }
+
+    /// Forgets this process's claim on `id`, once its record says where the member went.
+    public func releaseClaim(_ id: String, template: EntityName) {
+        unlink("\(poolDirectory(template))/.taken-\(id)-\(getpid())")
+    }
+
+    /// Claims whose taker is gone: (member ID, the claim file's name).
+    public func staleClaims(of template: EntityName) -> [(id: String, file: String)] {
+        let directory = poolDirectory(template)
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.compactMap { name in
+            guard name.hasPrefix(".taken-") else { return nil }
+            let parts = name.dropFirst(".taken-".count).split(separator: "-")
+            guard parts.count == 2, let pid = Int32(parts[1]), pid > 0, (try? EntityName(String(parts[0]), kind: "clone ID")) != nil else { return nil }
+            // Alive (or another user's, EPERM): still being handed out.
+            if kill(pid, 0) == 0 || errno == EPERM { return nil }
+            return (String(parts[0]), name)
+        }
+    }
+
+    /// Members somebody has claimed (alive or not).
+    public func claimedMembers(of template: EntityName) -> Set<String> {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: poolDirectory(template))) ?? []
+        return Set(names.compactMap { name in
+            guard name.hasPrefix(".taken-") else { return nil }
+            return name.dropFirst(".taken-".count).split(separator: "-").first.map(String.init)
+        })
+    }
+
+    /// Puts a member whose claim went stale back in the pool (`file` from ``staleClaims(of:)``),
+    /// or drops the claim when `restore` is false.
+    public func resolveStaleClaim(_ file: String, id: String, template: EntityName, restore: Bool) {
+        let directory = poolDirectory(template)
+        if restore {
+            rename("\(directory)/\(file)", "\(directory)/\(id)")
+        } else {
+            unlink("\(directory)/\(file)")
+        }
+    }
+
+    /// Forgets `template`'s pool: its size and its ready list (the members themselves are clones,
+    /// removed as such).
+    public func removePool(_ template: EntityName) throws {
+        try setPoolSize(template, 0)
+        try? FileSystem.removeTree(path: poolDirectory(template))
+    }
+}
