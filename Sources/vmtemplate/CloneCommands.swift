@@ -226,10 +226,9 @@ struct GuestSetupCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "_guest-setup", abstract: "Internal: tell a clone's guest the time and its hostname.", shouldDisplay: false)
 
     @Option var socket: String
-    @Option var epoch: Int
-    @Option var hostname: String
+    @Option var descriptor: Int32
 
     func run() throws {
-        _ = try GuestSetup(controlSocket: socket, epoch: epoch, hostname: hostname).deliver()
+        _ = try GuestSetup.awaitReplies(on: descriptor, controlSocket: socket)
     }
 }

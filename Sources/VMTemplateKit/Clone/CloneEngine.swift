@@ -226,12 +226,7 @@ public struct CloneEngine: Sendable {
         guard clock == .controlChannel else { return "none" }
         let setup = GuestSetup(controlSocket: controlSocket, epoch: Int(Date().timeIntervalSince1970.rounded()), hostname: name)
         do {
-            if let helper {
-                try setup.launchHelper(executable: helper, logPath: logPath)
-            } else {
-                let thread = Thread { _ = try? setup.deliver() }
-                thread.start()
-            }
+            try setup.start(helper: helper, logPath: logPath)
             return "requested"
         } catch {
             return "not sent: \(error)"

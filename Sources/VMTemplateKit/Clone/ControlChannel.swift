@@ -29,29 +29,50 @@ public struct ControlChannel: Sendable {
     /// Sends `lines` in one write on one connection and returns the guest's reply to each, in
     /// order, within one deadline for all of them.
     public func requests(_ lines: [String], timeout: Duration = .seconds(20)) throws -> [String] {
+        let fd = try connect()
+        defer { close(fd) }
+        try send(lines, on: fd)
+        return try replies(lines.count, on: fd, to: lines, timeout: timeout)
+    }
+
+    /// A connection to the channel (close-on-exec). QEMU serves one client at a time: a second
+    /// connection is accepted only when the first has closed, so what it sends is read after.
+    public func connect() throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create a socket: \(errnoText()).") }
-        defer { close(fd) }
         guard let address = UnixSocketAddress(path: path) else {
+            close(fd)
             throw VMTemplateError(.invalidArgument, "control socket path '\(path)' is empty or too long for a Unix socket.")
         }
-        let connected = address.withSockaddr { connect(fd, $0, $1) }
+        let connected = address.withSockaddr { Glibc.connect(fd, $0, $1) }
         guard connected == 0 else {
-            throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?", cause: SystemCallError("connect"))
+            let error = VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?", cause: SystemCallError("connect"))
+            close(fd)
+            throw error
         }
-        let shown = TerminalText.escape(lines.joined(separator: "; "))
-        let deadline = ContinuousClock.now + timeout
+        return fd
+    }
+
+    /// Writes `lines`, each ended by a newline, in one write.
+    public func send(_ lines: [String], on fd: Int32) throws {
         let bytes = Array(lines.map { $0 + "\n" }.joined().utf8)
-        let written = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        let written = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard written == bytes.count else {
             throw VMTemplateError(.ioError, "cannot send to the control channel '\(path)': \(errnoText()).", cause: SystemCallError("send"))
         }
+    }
+
+    /// Reads `count` reply lines from `fd` within one deadline (`requests` only names them in
+    /// errors).
+    public func replies(_ count: Int, on fd: Int32, to requests: [String] = [], timeout: Duration) throws -> [String] {
+        let shown = TerminalText.escape(requests.joined(separator: "; "))
+        let deadline = ContinuousClock.now + timeout
         // One deadline for all replies and a bounded length: a guest that trickles bytes or never
         // ends its line cannot hold this process or fill its memory.
         var replies: [String] = []
         var reply: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
-        while replies.count < lines.count {
+        while replies.count < count {
             let remaining = ContinuousClock.now.duration(to: deadline)
             guard remaining > .zero else {
                 throw VMTemplateError(.timeout, "the guest did not answer '\(shown)' on '\(path)' within \(timeout.shortText).")
@@ -61,12 +82,12 @@ public struct ControlChannel: Sendable {
             let ready = poll(&descriptor, 1, milliseconds)
             if ready < 0 && errno == EINTR { continue }
             guard ready > 0 else { continue }
-            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else {
+            let received = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if received < 0 && errno == EINTR { continue }
+            guard received > 0 else {
                 throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(shown)'.")
             }
-            for byte in chunk[0..<count] where replies.count < lines.count {
+            for byte in chunk[0..<received] where replies.count < count {
                 if byte == 0x0a {
                     replies.append(String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
                     reply = []

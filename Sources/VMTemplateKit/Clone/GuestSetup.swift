@@ -13,11 +13,13 @@ import Musl
 /// channel (`settime EPOCH`, `hostname NAME`).
 ///
 /// Nothing on the clone path may wait for the guest: a resumed TCG guest answers its first request
-/// only after 100–200 ms. Writing and closing at once does not work either: QEMU's socket chardev
-/// takes only what the serial FIFO has room for (16 bytes) and drops the rest when the connection
-/// hangs up. So a detached helper holds the channel until the guest has answered both lines (at
-/// most `timeout`); meanwhile a runtime's first connection waits in the socket's backlog (QEMU
-/// serves one client at a time), so its first request is answered after these, never before.
+/// only after 100–200 ms. So `clone` connects to the channel and writes both lines before it
+/// returns, and a detached helper inherits the connection and holds it until the guest has
+/// answered both (at most `timeout`). QEMU serves one client at a time, so a runtime's first
+/// connection, made after `clone` returned, waits in the socket's backlog and its first request is
+/// answered after these, never before. Closing at once would not do: QEMU's socket chardev takes
+/// only what the serial FIFO has room for (16 bytes), drops the rest when the connection hangs up,
+/// and the guest's replies would go to the next client.
 public struct GuestSetup: Sendable {
     public var controlSocket: String
     public var epoch: Int
@@ -29,27 +31,48 @@ public struct GuestSetup: Sendable {
         self.hostname = hostname
     }
 
-    /// The arguments of the helper subcommand that delivers it (`vmtemplate _guest-setup ...`).
-    public var helperArguments: [String] {
-        ["_guest-setup", "--socket", controlSocket, "--epoch", String(epoch), "--hostname", hostname]
-    }
+    var lines: [String] { ["settime \(epoch)", "hostname \(hostname)"] }
 
-    /// Sends both requests on one connection and waits for both replies (blocking).
-    ///
-    /// The wait is long on purpose: leaving before the guest has read both lines would leave the
-    /// rest of them in QEMU's buffer, in front of the next client's first request. A guest that
-    /// takes a minute to answer is one no runtime can talk to either.
-    public func deliver(timeout: Duration = .seconds(60)) throws -> [String] {
+    /// The descriptor the helper finds the connection at.
+    public static let helperDescriptor: Int32 = 3
+
+    /// How long the guest is given to answer. Generous on purpose: leaving early would leave the
+    /// guest's replies for the next client. A guest that takes a minute is one no runtime can
+    /// talk to either.
+    public static let replyTimeout = Duration.seconds(60)
+
+    /// Connects and writes both requests now; then either starts `helper` (an executable whose
+    /// `_guest-setup --descriptor 3` subcommand runs ``awaitReplies(on:)``: the vmtemplate CLI)
+    /// in a session of its own with the connection, or, without one, a thread of this process
+    /// waits for the replies (for long-lived callers only: the thread dies with the process).
+    /// Returns at once. The helper's complaints go to `logPath`.
+    public func start(helper: String?, logPath: String) throws {
         let channel = ControlChannel(path: controlSocket)
-        return try channel.requests(["settime \(epoch)", "hostname \(hostname)"], timeout: timeout)
+        let fd = try channel.connect()
+        do {
+            try channel.send(lines, on: fd)
+        } catch {
+            close(fd)
+            throw error
+        }
+        guard let helper else {
+            let thread = Thread {
+                _ = try? channel.replies(2, on: fd, timeout: Self.replyTimeout)
+                close(fd)
+            }
+            thread.start()
+            return
+        }
+        defer { close(fd) }
+        var request = SpawnRequest(executable: helper, arguments: ["_guest-setup", "--socket", controlSocket, "--descriptor", String(Self.helperDescriptor)], stdoutPath: logPath)
+        request.newSession = true
+        request.inherited = [(fd, Self.helperDescriptor)]
+        _ = try ProcessHandle.spawn(request)
     }
 
-    /// Starts the helper `executable` (which must run ``deliver(timeout:)`` for `_guest-setup`)
-    /// in a session of its own and returns at once; it outlives this process. What it says on
-    /// failure goes to `logPath`.
-    public func launchHelper(executable: String, logPath: String) throws {
-        var request = SpawnRequest(executable: executable, arguments: helperArguments, stdoutPath: logPath)
-        request.newSession = true
-        _ = try ProcessHandle.spawn(request)
+    /// In the helper: waits for the guest's two replies on the inherited connection.
+    public static func awaitReplies(on fd: Int32, controlSocket: String) throws -> [String] {
+        defer { close(fd) }
+        return try ControlChannel(path: controlSocket).replies(2, on: fd, to: ["settime", "hostname"], timeout: replyTimeout)
     }
 }

@@ -29,7 +29,9 @@ extension CloneEngine {
                 if let member = store.cloneRecord(id) { _ = try? await remove(member, grace: .milliseconds(200)) }
                 continue
             }
-            var record = try store.withLock {
+            var record: CloneRecord
+            do {
+                record = try store.withLock {
                 guard var current = store.cloneRecord(id), current.state == .pooled else {
                     throw VMTemplateError(.busy, "pool member \(id) changed while it was being handed out.")
                 }
@@ -51,6 +53,11 @@ extension CloneEngine {
                 current.fromPool = true
                 try store.save(current)
                 return current
+                }
+            } catch {
+                // Nothing was changed: the member goes back to its pool.
+                try? store.markReady(id, template: name)
+                throw error
             }
             do {
                 let paths = store.clonePaths(id)
