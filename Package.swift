@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.1
 import PackageDescription
 
 // Layers, each a target so that an upward import does not compile:
@@ -15,6 +15,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         // Foundation on Linux has no SHA-256; template files are digested with swift-crypto.
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        // `vmtemplate serve`'s HTTP/JSON API: Hummingbird is a maintained HTTP server on SwiftNIO
+        // that listens on a Unix socket (`.unixDomainSocket`) and gives each request its NIO
+        // channel, from which the caller's peer credentials are read. No default traits: neither
+        // swift-configuration nor full Foundation is needed.
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
     ],
     targets: [
         // The few Linux calls Swift cannot import (variadic prctl(2) and syscall(2)).
@@ -34,10 +39,16 @@ let package = Package(
             name: "VMTemplateKit",
             dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore"]
         ),
+        // The runtime API that `vmtemplate serve` answers on a Unix socket.
+        .target(
+            name: "VMTemplateAPI",
+            dependencies: ["CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", .product(name: "Hummingbird", package: "hummingbird")]
+        ),
         .executableTarget(
             name: "vmtemplate",
             dependencies: [
                 "VMTemplateKit",
+                "VMTemplateAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -51,7 +62,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMTemplateKitTests",
-            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit"]
+            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", "VMTemplateAPI"]
         ),
     ],
     swiftLanguageModes: [.v6]

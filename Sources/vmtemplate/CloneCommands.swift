@@ -65,32 +65,6 @@ struct Clone: AsyncParsableCommand {
         if let tcgTranslationCacheMiB, !(1...65_536).contains(tcgTranslationCacheMiB) { throw ValidationError("--tcg-tb-size must be 1 to 65536 (MiB).") }
     }
 
-    struct Output: Encodable {
-        var id: String
-        var name: String
-        var template: String
-        var pid: Int32?
-        var state: CloneState
-        var qmpSocket: String
-        var serialLog: String
-        var controlSocket: String
-        var vmgenid: String?
-        /// `requested` (clock and hostname sent, not awaited) or `none`.
-        var clock: String?
-        var devices: [AttachedDevice]
-        /// Handed out from the template's warm pool.
-        var fromPool: Bool
-
-        enum CodingKeys: String, CodingKey {
-            case id, name, template, pid, state, clock, devices
-            case fromPool = "from_pool"
-            case qmpSocket = "qmp_socket"
-            case serialLog = "serial_log"
-            case controlSocket = "control_socket"
-            case vmgenid
-        }
-    }
-
     func run() async throws {
         try await reportingErrors {
             let templateName = try EntityName(template)
@@ -116,8 +90,7 @@ struct Clone: AsyncParsableCommand {
                 let (record, warning) = try await engine.clone(request2)
                 if let warning { Terminal.note(warning) }
                 if json {
-                    let paths = store.clonePaths(record.id)
-                    try Terminal.printJSON(Output(id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: record.state, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, controlSocket: paths.controlSocket, vmgenid: record.vmgenid, clock: record.clock, devices: record.devices ?? [], fromPool: record.fromPool == true))
+                    try Terminal.printJSON(CloneSummary(record, paths: store.clonePaths(record.id)))
                 } else {
                     print(record.id)
                 }

@@ -45,4 +45,11 @@ long clinuxhost_filesystem_type(int fd);
 /// O_PATH, which Swift does not see (it needs _GNU_SOURCE): a handle that opens nothing.
 int clinuxhost_o_path(void);
 
+/// struct ucred (SO_PEERCRED), which Swift does not see without _GNU_SOURCE; the same layout.
+struct clinuxhost_ucred {
+    int pid;
+    unsigned int uid;
+    unsigned int gid;
+};
+
 #endif

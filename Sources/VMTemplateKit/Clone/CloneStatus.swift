@@ -71,3 +71,44 @@ extension CloneEngine {
         return status
     }
 }
+
+/// What `clone --json` prints and the API's `POST /v1/clones` answers: where to reach the clone.
+public struct CloneSummary: Sendable, Codable, Equatable {
+    public var id: String
+    public var name: String
+    public var template: String
+    public var pid: Int32?
+    public var state: CloneState
+    public var qmpSocket: String
+    public var serialLog: String
+    public var controlSocket: String
+    public var vmgenid: String?
+    /// `requested` (clock and hostname sent, not awaited) or `none`.
+    public var clock: String?
+    public var devices: [AttachedDevice]
+    /// Handed out from the template's warm pool.
+    public var fromPool: Bool
+
+    public init(_ record: CloneRecord, paths: InstancePaths) {
+        id = record.id
+        name = record.name
+        template = record.template
+        pid = record.qemu?.pid
+        state = record.state
+        qmpSocket = paths.qmpSocket
+        serialLog = paths.serialLog
+        controlSocket = paths.controlSocket
+        vmgenid = record.vmgenid
+        clock = record.clock
+        devices = record.devices ?? []
+        fromPool = record.fromPool == true
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, name, template, pid, state, clock, devices, vmgenid
+        case fromPool = "from_pool"
+        case qmpSocket = "qmp_socket"
+        case serialLog = "serial_log"
+        case controlSocket = "control_socket"
+    }
+}

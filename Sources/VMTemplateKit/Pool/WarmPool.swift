@@ -35,6 +35,13 @@ public struct WarmPool: Sendable {
         public var ready: Int
         /// Members being restored and warmed.
         public var filling: Int
+
+        public init(template: String, size: Int, ready: Int, filling: Int) {
+            self.template = template
+            self.size = size
+            self.ready = ready
+            self.filling = filling
+        }
     }
 
     /// Every pool with a size, and every template with members left over.

@@ -1,0 +1,294 @@
+import CLinuxHost
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The runtime API of `vmtemplate serve`: HTTP/1.1 + JSON on a Unix socket (docs/api.md,
+/// docs/api.openapi.json).
+///
+/// The socket is the store owner's (mode 0600, or 0660 with a group); on top of that, every
+/// request's caller is read from the socket's peer credentials (SO_PEERCRED), logged, and must
+/// be root, the store's owner, or in the socket's group.
+public struct APIServer: Sendable {
+    public let engine: CloneEngine
+    public let socketPath: String
+    /// Members of this group may use the API too (the socket is made 0660 for it).
+    public let socketGroup: gid_t?
+    public let metrics: APIMetrics
+
+    public var store: TemplateStore { engine.store }
+
+    public init(engine: CloneEngine, socketPath: String, socketGroup: gid_t?, metrics: APIMetrics = APIMetrics()) {
+        self.engine = engine
+        self.socketPath = socketPath
+        self.socketGroup = socketGroup
+        self.metrics = metrics
+    }
+
+    /// Every route, as `METHOD PATH` with `{name}` parameters: what the OpenAPI document must
+    /// list (a test compares them).
+    public static let routes = [
+        "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
+        "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
+    ]
+
+    /// The default socket: inside the store, next to its lock.
+    public static func defaultSocketPath(store: TemplateStore) -> String { "\(store.root)/serve.sock" }
+
+    /// Binds the socket and answers until cancelled. A stale socket file (no server behind it) is
+    /// replaced; a live one means another server runs for this store, which is refused.
+    public func run() async throws {
+        var logger = Logger(label: "vmtemplate.serve")
+        logger.logLevel = .info
+        try prepareSocketPath()
+        let router = Router(context: APIContext.self)
+        router.add(middleware: CallerCheck(ownerUID: store.ownerUID, group: socketGroup, metrics: metrics))
+        addRoutes(to: router)
+        let app = Application(
+            router: router,
+            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "vmtemplate"),
+            onServerRunning: { _ in self.secureSocket() },
+            logger: logger
+        )
+        try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
+    }
+
+    private func prepareSocketPath() throws {
+        var info = stat()
+        guard lstat(socketPath, &info) == 0 else { return }
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw VMTemplateError(.exists, "'\(TerminalText.escape(socketPath))' exists and is not a socket: remove it or pass another --socket.")
+        }
+        if (try? UnixHTTPClient(socketPath: socketPath).request("GET", "/v1/pools", timeout: .seconds(1))) != nil {
+            throw VMTemplateError(.busy, "a server already answers on '\(TerminalText.escape(socketPath))': run one 'vmtemplate serve' per store.")
+        }
+        unlink(socketPath)
+    }
+
+    /// The socket is bound with the process umask; tighten it before anybody uses it.
+    private func secureSocket() {
+        chmod(socketPath, socketGroup == nil ? 0o600 : 0o660)
+        if let socketGroup { chown(socketPath, uid_t.max, socketGroup) }
+    }
+
+    private func addRoutes(to router: Router<APIContext>) {
+        let engine = self.engine
+        let store = self.store
+        let metrics = self.metrics
+        router.post("/v1/clones") { request, context -> Response in
+            let body = try await request.decode(as: CreateCloneBody.self, context: context)
+            var cloneRequest = try body.cloneRequest()
+            // This process outlives the clone's start: a thread of it waits for the guest.
+            cloneRequest.guestSetupHelper = nil
+            let started = ContinuousClock.now
+            let (record, _) = try await engine.clone(cloneRequest)
+            metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
+            return try Self.json(CloneSummary(record, paths: store.clonePaths(record.id)), status: .created)
+        }
+        router.get("/v1/clones") { _, _ -> Response in
+            let records = store.clones().records.filter { $0.state != .pooled && $0.state != .warming }
+            return try Self.json(records.map { CloneSummary($0, paths: store.clonePaths($0.id)) })
+        }
+        router.get("/v1/clones/:id") { _, context -> Response in
+            let record = try store.findClone(try context.parameters.require("id"))
+            var summary = CloneSummary(record, paths: store.clonePaths(record.id))
+            summary.state = await engine.liveState(of: record)
+            return try Self.json(summary)
+        }
+        router.delete("/v1/clones/:id") { _, context -> Response in
+            let record = try store.findClone(try context.parameters.require("id"))
+            let how = try await engine.remove(record)
+            return try Self.json(["id": record.id, "stopped": how.rawValue])
+        }
+        router.get("/v1/templates") { _, _ -> Response in
+            try Self.json(store.templates().templates.map { TemplateSummary($0.manifest) })
+        }
+        router.get("/v1/pools") { _, _ -> Response in
+            try Self.json(WarmPool(engine: engine).status())
+        }
+        router.put("/v1/pools/:template") { request, context -> Response in
+            let name = try EntityName(try context.parameters.require("template"))
+            let body = try await request.decode(as: PoolSizeBody.self, context: context)
+            let pool = WarmPool(engine: engine)
+            try await pool.setSize(name, body.size)
+            let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
+            return try Self.json(status)
+        }
+        router.get("/metrics") { _, _ -> Response in
+            let text = metrics.render(store: store, pools: WarmPool(engine: engine).status())
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        }
+    }
+
+    static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
+        let data = try JSONCoding.encode(value)
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// `POST /v1/clones`.
+struct CreateCloneBody: Decodable, Sendable {
+    var template: String
+    var name: String?
+    var nics: [String]?
+    var disks: [String]?
+    var cowLimit: String?
+    var noPool: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case template, name, nics, disks
+        case cowLimit = "cow_limit"
+        case noPool = "no_pool"
+    }
+
+    func cloneRequest() throws -> CloneRequest {
+        guard (nics?.count ?? 0) + (disks?.count ?? 0) <= MachineSpec.maxHotplugSlots else {
+            throw VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) nics and disks together.")
+        }
+        var request = CloneRequest(template: try EntityName(template), name: try name.map { try EntityName($0, kind: "clone") }, cowLimitBytes: try cowLimit.map { try ByteSize(parsing: $0).bytes })
+        request.devices = DeviceRequest(nics: try (nics ?? []).map(NICSpec.init(parsing:)), disks: try (disks ?? []).map(DiskSpec.init(parsing:)))
+        request.usePool = noPool != true
+        return request
+    }
+}
+
+struct PoolSizeBody: Decodable, Sendable {
+    var size: Int
+}
+
+/// `GET /v1/templates`.
+struct TemplateSummary: Encodable, Sendable {
+    var name: String
+    var memoryBytes: UInt64
+    var machineType: String
+    var hotplugSlots: Int
+    var guestClock: String
+    var createdAt: Date
+
+    init(_ manifest: TemplateManifest) {
+        name = manifest.name
+        memoryBytes = manifest.machine.memoryBytes
+        machineType = manifest.machine.machineType
+        hotplugSlots = manifest.machine.hotplugSlots
+        guestClock = (manifest.guestClock ?? .none).rawValue
+        createdAt = manifest.createdAt
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name
+        case memoryBytes = "memory_bytes"
+        case machineType = "machine_type"
+        case hotplugSlots = "hotplug_slots"
+        case guestClock = "guest_clock"
+        case createdAt = "created_at"
+    }
+}
+
+/// The request context: Hummingbird's, plus the connection, whose peer credentials say who
+/// calls.
+public struct APIContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+}
+
+/// Reads the caller's uid and gid from the socket (SO_PEERCRED), logs the request with them, and
+/// refuses callers who are not root, the store's owner or in the socket's group. Library errors
+/// become `{"error": {"code", "message"}}` with their HTTP status.
+struct CallerCheck: RouterMiddleware {
+    typealias Context = APIContext
+    let ownerUID: uid_t
+    let group: gid_t?
+    let metrics: APIMetrics
+
+    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
+        let response: Response
+        do {
+            let caller = try await Self.peerCredentials(of: context.channel)
+            context.logger.info("\(request.method) \(request.uri.path) from uid \(caller.uid) pid \(caller.pid)")
+            guard caller.uid == 0 || caller.uid == ownerUID || (group.map { caller.gid == $0 || Self.user(caller.uid, isIn: $0) } ?? false) else {
+                throw VMTemplateError(.permissionDenied, "uid \(caller.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
+            }
+            response = try await next(request, context)
+        } catch let error as VMTemplateError {
+            response = APIError.response(error)
+        } catch let error as HTTPError {
+            // Hummingbird's own: a body that does not decode, an unknown route.
+            response = APIError.response(VMTemplateError(error.status.code == 404 ? .notFound : .invalidArgument, error.body ?? "\(error.status.reasonPhrase): check the request against docs/api.openapi.json."), status: error.status)
+        } catch let error as DecodingError {
+            response = APIError.response(VMTemplateError(.invalidArgument, "the request body does not match the API: \(JSONErrorText.describe(error)). See docs/api.openapi.json."))
+        } catch {
+            response = APIError.response(VMTemplateError(.internalError, "\(error)"))
+        }
+        metrics.recordRequest(status: response.status.code)
+        return response
+    }
+
+    struct Credentials {
+        var pid: Int32
+        var uid: uid_t
+        var gid: gid_t
+    }
+
+    static func peerCredentials(of channel: any Channel) async throws -> Credentials {
+        guard let provider = channel as? any SocketOptionProvider else {
+            throw VMTemplateError(.permissionDenied, "the caller's credentials cannot be read from this connection.")
+        }
+        let credentials: clinuxhost_ucred = try await provider.unsafeGetSocketOption(level: .init(rawValue: SOL_SOCKET), name: .init(rawValue: SO_PEERCRED)).get()
+        return Credentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
+    }
+
+    static func user(_ uid: uid_t, isIn group: gid_t) -> Bool {
+        guard let entry = getpwuid(uid), let name = entry.pointee.pw_name else { return false }
+        var groups = [gid_t](repeating: 0, count: 256)
+        var count = Int32(groups.count)
+        guard getgrouplist(name, entry.pointee.pw_gid, &groups, &count) >= 0 else { return false }
+        return groups.prefix(Int(count)).contains(group)
+    }
+}
+
+/// `{"error": {"code": "...", "message": "..."}}`, with the status that goes with the code.
+enum APIError {
+    struct Body: Encodable {
+        struct Detail: Encodable {
+            var code: String
+            var message: String
+        }
+        var error: Detail
+    }
+
+    static func status(for code: VMTemplateError.Code) -> HTTPResponse.Status {
+        switch code {
+        case .invalidArgument: .badRequest
+        case .notFound: .notFound
+        case .exists, .busy, .invalidState: .conflict
+        case .permissionDenied: .forbidden
+        case .limitExceeded: .tooManyRequests
+        case .timeout: .gatewayTimeout
+        case .unsupported: .notImplemented
+        case .integrityFailure, .qemuFailed, .ioError, .internalError: .internalServerError
+        }
+    }
+
+    static func response(_ error: VMTemplateError, status: HTTPResponse.Status? = nil) -> Response {
+        let message = error.causeText.map { "\(error.message) (\($0))" } ?? error.message
+        let body = Body(error: .init(code: error.code.rawValue, message: message))
+        let data = (try? JSONCoding.encode(body)) ?? Data(#"{"error":{"code":"internalError","message":"encoding failed"}}"#.utf8)
+        return Response(status: status ?? Self.status(for: error.code), headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}

@@ -1,0 +1,98 @@
+import Foundation
+import VMTemplateOS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A minimal HTTP/1.1 client for the API's Unix socket: one request per connection
+/// (`Connection: close`), blocking, bounded. For tests, benchmarks and scripts that have no
+/// `curl --unix-socket`.
+public struct UnixHTTPClient: Sendable {
+    public let socketPath: String
+    /// The largest response accepted.
+    public static let maxResponseBytes = 16 << 20
+
+    public init(socketPath: String) {
+        self.socketPath = socketPath
+    }
+
+    public struct Reply: Sendable {
+        public var status: Int
+        public var headers: [String: String]
+        public var body: Data
+    }
+
+    public func request(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(60)) throws -> Reply {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create a socket: \(errnoText()).") }
+        defer { close(fd) }
+        guard let address = UnixSocketAddress(path: socketPath) else {
+            throw VMTemplateError(.invalidArgument, "'\(socketPath)' is too long for a Unix socket.")
+        }
+        guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
+            throw VMTemplateError(.ioError, "cannot connect to '\(socketPath)': \(errnoText()). Is 'vmtemplate serve' running?", cause: SystemCallError("connect"))
+        }
+        var head = "\(method) \(path) HTTP/1.1\r\nHost: vmtemplate\r\nConnection: close\r\n"
+        if let body { head += "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n" }
+        let bytes = Array((head + "\r\n").utf8) + Array(body ?? Data())
+        var sent = 0
+        while sent < bytes.count {
+            let count = bytes[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard count > 0 else { throw VMTemplateError(.ioError, "cannot send to '\(socketPath)': \(errnoText()).") }
+            sent += count
+        }
+        let deadline = ContinuousClock.now + timeout
+        var response = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            guard remaining > .zero else { throw VMTemplateError(.timeout, "no complete answer from '\(socketPath)' within \(timeout.shortText).") }
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, Int32(clamping: remaining.components.seconds * 1000 + 1))
+            if ready <= 0 { continue }
+            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { break }
+            response += chunk[0..<count]
+            guard response.count <= Self.maxResponseBytes else { throw VMTemplateError(.invalidState, "the answer from '\(socketPath)' is larger than \(Self.maxResponseBytes) bytes.") }
+        }
+        return try Self.parse(response)
+    }
+
+    static func parse(_ response: [UInt8]) throws -> Reply {
+        let separator: [UInt8] = [13, 10, 13, 10]
+        guard let end = (0...max(0, response.count - 4)).first(where: { Array(response[$0..<min($0 + 4, response.count)]) == separator }) else {
+            throw VMTemplateError(.invalidState, "the server's answer has no end of headers.")
+        }
+        let lines = String(decoding: response[0..<end], as: UTF8.self).components(separatedBy: "\r\n")
+        let statusParts = lines.first?.split(separator: " ") ?? []
+        guard statusParts.count >= 2, let status = Int(statusParts[1]) else {
+            throw VMTemplateError(.invalidState, "the server's answer has no status line.")
+        }
+        var headers: [String: String] = [:]
+        for line in lines.dropFirst() {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        var body = Array(response[(end + 4)...])
+        if headers["transfer-encoding"]?.lowercased() == "chunked" { body = dechunk(body) }
+        return Reply(status: status, headers: headers, body: Data(body))
+    }
+
+    static func dechunk(_ bytes: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = []
+        var index = 0
+        while index < bytes.count {
+            guard let lineEnd = (index..<bytes.count - 1).first(where: { bytes[$0] == 13 && bytes[$0 + 1] == 10 }),
+                  let size = Int(String(decoding: bytes[index..<lineEnd], as: UTF8.self).split(separator: ";")[0], radix: 16), size > 0 else { break }
+            let start = lineEnd + 2
+            guard start + size <= bytes.count else { break }
+            out += bytes[start..<(start + size)]
+            index = start + size + 2
+        }
+        return out
+    }
+}

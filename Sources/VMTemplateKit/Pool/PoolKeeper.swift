@@ -1,0 +1,49 @@
+import Foundation
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+/// What `vmtemplate serve` does besides its API: the scheduler's rounds, and keeping every pool
+/// filled.
+///
+/// Filling is paced so that it never starves running clones of CPU: one member at a time (a
+/// restore takes one core for ~50 ms and warming ~200 ms of the guest's time), then a pause of
+/// `fillPause` before the next, so two cores are never both busy filling.
+public struct PoolKeeper: Sendable {
+    public let pool: WarmPool
+    public var fillPause: Duration
+    public var memberTimeout: Duration
+
+    public init(pool: WarmPool, fillPause: Duration = .milliseconds(100), memberTimeout: Duration = .seconds(60)) {
+        self.pool = pool
+        self.fillPause = fillPause
+        self.memberTimeout = memberTimeout
+    }
+
+    /// Fills pools until cancelled; each failure is logged and tried again a while later.
+    public func run(log: @Sendable (String) -> Void) async {
+        var failures = 0
+        while !Task.isCancelled {
+            var made = 0
+            pool.repair()
+            for (template, size) in pool.store.poolSizes().sorted(by: { $0.key < $1.key }) where size > 0 {
+                guard let name = try? EntityName(template), pool.store.templateExists(name) else { continue }
+                do {
+                    let members = try await pool.fill(name, limit: 1, timeout: memberTimeout)
+                    made += members.count
+                    for member in members { log("pool \(template): member \(member.id) ready") }
+                    failures = 0
+                } catch is CancellationError {
+                    return
+                } catch {
+                    failures += 1
+                    log("pool \(template): filling failed: \(error)")
+                }
+            }
+            // Busy while there is filling to do; otherwise check twice a second. After failures,
+            // back off (up to 30 s) rather than spin on a broken template.
+            let pause = failures > 0 ? Duration.seconds(min(30, 1 << min(failures, 5))) : made > 0 ? fillPause : .milliseconds(500)
+            try? await Task.sleep(for: pause)
+        }
+    }
+}

@@ -1,0 +1,107 @@
+import ArgumentParser
+import Foundation
+import VMTemplateAPI
+import VMTemplateKit
+import VMTemplateOS
+import VMTemplateStore
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the store's server: the runtime API on a Unix socket, the scheduler, and warm pools kept filled.",
+        discussion: """
+            One per store, for systemd or a container. The API is HTTP/1.1 + JSON on --socket \
+            (default STORE/serve.sock, mode 0600; --socket-group opens it to a group): \
+            docs/api.md and docs/api.openapi.json. Every request's caller is read from the \
+            socket's peer credentials and logged. The CLI keeps working on the store directly \
+            whether or not a server runs.
+
+            Example: vmtemplate serve --socket-group docker
+            """
+    )
+
+    @Option(help: ArgumentHelp("The API's Unix socket (default: STORE/serve.sock).", valueName: "path"))
+    var socket: String?
+
+    @Option(help: ArgumentHelp("A group whose members may use the API too (the socket becomes 0660).", valueName: "group"))
+    var socketGroup: String?
+
+    @Option(help: ArgumentHelp("Seconds between the scheduler's rounds (default: the store's setting).", valueName: "seconds"))
+    var interval: Double?
+
+    @Option(help: ArgumentHelp("Milliseconds between two pool members being filled, so that filling leaves running clones CPU.", valueName: "ms"))
+    var fillPause: Int = 100
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var qemu: QEMUOptions
+
+    func validate() throws {
+        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
+        if !(0...60_000).contains(fillPause) { throw ValidationError("--fill-pause must be 0 to 60000 ms.") }
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let store = try store.open()
+            let engine = CloneEngine(store: store, explicitQEMU: qemu.explicitPath)
+            var group: gid_t?
+            if let socketGroup {
+                guard let entry = getgrnam(socketGroup) else { throw VMTemplateError(.notFound, "no group named '\(TerminalText.escape(socketGroup))': pass an existing --socket-group.") }
+                group = entry.pointee.gr_gid
+            }
+            let server = APIServer(engine: engine, socketPath: socket ?? APIServer.defaultSocketPath(store: store), socketGroup: group)
+            let keeper = PoolKeeper(pool: WarmPool(engine: engine), fillPause: .milliseconds(fillPause))
+            let scheduler = Scheduler(store: store)
+            let interval = self.interval
+            let log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8)) }
+            log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
+            // The server ends on SIGTERM or SIGINT; the pool keeper and the scheduler end with it.
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { await keeper.run(log: log) }
+                tasks.addTask { try await scheduler.run(interval: interval, log: log) }
+                try await server.run()
+                tasks.cancelAll()
+            }
+        }
+    }
+}
+
+/// A client for the API, for scripts on hosts without `curl --unix-socket`.
+struct APIRequest: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "api",
+        abstract: "Send one request to 'vmtemplate serve' and print the answer's body.",
+        discussion: "Exits 1 when the answer is an error (status 400 or more), after printing it.\n\nExamples:\n  vmtemplate api GET /v1/pools\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\"}'"
+    )
+
+    @Argument(help: "GET, POST, PUT or DELETE.")
+    var method: String
+
+    @Argument(help: "The path, e.g. /v1/clones.")
+    var path: String
+
+    @Argument(help: "A JSON body.")
+    var body: String?
+
+    @Option(help: ArgumentHelp("The API's socket (default: STORE/serve.sock).", valueName: "path"))
+    var socket: String?
+
+    @OptionGroup var store: StoreOptions
+
+    func validate() throws {
+        guard ["GET", "POST", "PUT", "DELETE"].contains(method) else { throw ValidationError("the method is GET, POST, PUT or DELETE.") }
+        guard path.hasPrefix("/"), !path.contains(where: { $0 == " " || $0 == "\r" || $0 == "\n" }) else { throw ValidationError("the path starts with / and has no spaces.") }
+    }
+
+    func run() throws {
+        let socketPath = socket ?? "\(TemplateStore.defaultRoot(explicit: store.storePath))/serve.sock"
+        let reply: UnixHTTPClient.Reply
+        do {
+            reply = try UnixHTTPClient(socketPath: socketPath).request(method, path, body: body.map { Data($0.utf8) })
+        } catch let error as VMTemplateError {
+            Terminal.error(error.message)
+            throw ExitCode(1)
+        }
+        print(TerminalText.escapeJSON(String(decoding: reply.body, as: UTF8.self)), terminator: reply.body.last == 0x0a ? "" : "\n")
+        if reply.status >= 400 { throw ExitCode(1) }
+    }
+}

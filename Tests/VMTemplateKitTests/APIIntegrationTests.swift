@@ -1,0 +1,144 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateAPI
+@testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateQEMU
+@testable import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `vmtemplate serve` on real guests: every endpoint, every error status, a caller without
+/// access, pools refilled by the server, and the OpenAPI document against the server.
+extension RealGuests {
+    @Suite("the API of vmtemplate serve", .serialized)
+    struct APIIntegrationTests {
+        static let openAPIPath = "\(Checkout.root)/docs/api.openapi.json"
+
+        /// A store with the busybox template and a pool of 2, and its server.
+        final class Server {
+            let store: TemporaryStore
+            let process: CLI.Running
+            let client: UnixHTTPClient
+            /// (method, route, status) of every answer seen, for the OpenAPI check.
+            var seen: [(String, String, Int)] = []
+
+            init() throws {
+                store = try TemporaryStore("api")
+                let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
+                guard created.status == 0 else { throw VMTemplateError(.internalError, "create failed", detail: created.stderr) }
+                _ = try CLI.run(["pool", "set", "busybox", "--size", "2"] + store.arguments)
+                process = try CLI.start(["serve", "--fill-pause", "0"] + store.arguments)
+                client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
+            }
+
+            func request(_ method: String, _ path: String, route: String? = nil, _ body: String? = nil) throws -> UnixHTTPClient.Reply {
+                let reply = try client.request(method, path, body: body.map { Data($0.utf8) })
+                seen.append((method, route ?? path, reply.status))
+                return reply
+            }
+
+            func json(_ reply: UnixHTTPClient.Reply) -> Any? { try? JSONSerialization.jsonObject(with: reply.body) }
+
+            func stop() -> CommandResult {
+                process.process.terminate()
+                process.process.waitUntilExit()
+                _ = try? CLI.run(["pool", "set", "busybox", "--size", "0"] + store.arguments)
+                _ = try? CLI.run(["rm", "--all"] + store.arguments)
+                let result = process.result()
+                store.remove()
+                return result
+            }
+        }
+
+        @Test("every endpoint and error status; pools refilled by the server; a caller without access refused; the OpenAPI document matches the server")
+        func endpoints() async throws {
+            let server = try Server()
+            var stopped: CommandResult?
+            defer { if stopped == nil { _ = server.stop() } }
+            #expect(await eventually(timeout: .seconds(60)) {
+                guard let reply = try? server.client.request("GET", "/v1/pools"), reply.status == 200 else { return false }
+                return String(decoding: reply.body, as: UTF8.self).contains("\"ready\" : 2")
+            }, "the server filled the pool")
+            #expect(try FileStatus.read(path: "\(server.store.root)/serve.sock").mode & 0o777 == 0o600)
+
+            let templates = try server.request("GET", "/v1/templates")
+            #expect(templates.status == 200 && String(decoding: templates.body, as: UTF8.self).contains("\"name\" : \"busybox\""))
+
+            let made = try server.request("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1"}"#)
+            #expect(made.status == 201, "\(String(decoding: made.body, as: UTF8.self))")
+            let clone = try JSONDecoder().decode(CloneSummary.self, from: made.body)
+            #expect(clone.fromPool && clone.name == "api-1")
+            #expect(try ControlChannel(path: clone.controlSocket).request("ping", timeout: .seconds(30)) == "pong")
+            #expect(try ControlChannel(path: clone.controlSocket).request("hostname") == "api-1")
+            let fresh = try server.request("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true, "nics": ["user"]}"#)
+            #expect(fresh.status == 201)
+            let freshClone = try JSONDecoder().decode(CloneSummary.self, from: fresh.body)
+            #expect(!freshClone.fromPool && freshClone.devices.map(\.id) == ["nic0"])
+
+            let listed = try server.request("GET", "/v1/clones")
+            #expect(listed.status == 200)
+            #expect(try JSONDecoder().decode([CloneSummary].self, from: listed.body).map(\.id).sorted() == [clone.id, freshClone.id].sorted(), "pool members are not listed as clones")
+            let one = try server.request("GET", "/v1/clones/api-1", route: "/v1/clones/{id}")
+            #expect(one.status == 200)
+            #expect(try JSONDecoder().decode(CloneSummary.self, from: one.body).state == .running)
+
+            // Errors: each with its status and {"error": {"code", "message"}}.
+            func expectError(_ method: String, _ path: String, route: String? = nil, _ body: String? = nil, status: Int, code: String) throws {
+                let reply = try server.request(method, path, route: route, body)
+                #expect(reply.status == status, "\(method) \(path) \(body ?? ""): \(reply.status) \(String(decoding: reply.body, as: UTF8.self))")
+                let error = (server.json(reply) as? [String: Any])?["error"] as? [String: Any]
+                #expect(error?["code"] as? String == code, "\(method) \(path): \(String(decoding: reply.body, as: UTF8.self))")
+                #expect((error?["message"] as? String)?.isEmpty == false)
+            }
+            try expectError("GET", "/v1/clones/nope", route: "/v1/clones/{id}", status: 404, code: "notFound")
+            try expectError("POST", "/v1/clones", #"{"template": "nope"}"#, status: 404, code: "notFound")
+            try expectError("POST", "/v1/clones", #"{"name": "x"}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["tap="]}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1", "no_pool": true}"#, status: 409, code: "exists")
+            try expectError("PUT", "/v1/pools/nope", route: "/v1/pools/{template}", #"{"size": 1}"#, status: 404, code: "notFound")
+            try expectError("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 5000}"#, status: 400, code: "invalidArgument")
+            _ = try CLI.run(["settings", "--max-clones", "1"] + server.store.arguments)
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true}"#, status: 429, code: "limitExceeded")
+            _ = try CLI.run(["settings", "--max-clones", "64"] + server.store.arguments)
+
+            let removed = try server.request("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}")
+            #expect(removed.status == 200 && String(decoding: removed.body, as: UTF8.self).contains(freshClone.id))
+            try expectError("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}", status: 404, code: "notFound")
+
+            // The pool gave a member away: the server fills it again; a bigger size is filled too.
+            let resized = try server.request("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 3}"#)
+            #expect(resized.status == 200)
+            #expect(await eventually(timeout: .seconds(60)) {
+                (try? server.request("GET", "/v1/pools")).map { String(decoding: $0.body, as: UTF8.self).contains("\"ready\" : 3") } ?? false
+            }, "the server refilled the pool to its new size")
+            let metrics = try server.request("GET", "/metrics")
+            let text = String(decoding: metrics.body, as: UTF8.self)
+            #expect(metrics.status == 200 && metrics.headers["content-type"]?.hasPrefix("text/plain") == true)
+            #expect(text.contains("vmtemplate_pool_ready{template=\"busybox\"} 3") && text.contains("vmtemplate_api_clones_total{source=\"pool\"} 1"), "\(text)")
+
+            // A caller who can reach the socket but is not allowed (the socket's mode loosened by
+            // somebody): refused by its peer credentials.
+            chmod("\(server.store.root)/serve.sock", 0o666)
+            let nobody = try ShortCommand.run("/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", Checkout.binary, "api", "GET", "/v1/pools", "--socket", "\(server.store.root)/serve.sock"])
+            #expect(nobody.status == 1 && nobody.stdout.contains("permissionDenied") && nobody.stdout.contains("may not use this server"), "\(nobody.stdout) \(nobody.stderr)")
+            server.seen.append(("GET", "/v1/pools", 403))
+
+            // The OpenAPI document lists exactly the server's routes, and every status seen here.
+            let document = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.openAPIPath))) as? [String: Any])
+            let paths = try #require(document["paths"] as? [String: [String: Any]])
+            let documented = Set(paths.flatMap { path, operations in operations.keys.filter { $0 != "parameters" }.map { "\($0.uppercased()) \(path)" } })
+            #expect(documented == Set(APIServer.routes))
+            for (method, route, status) in server.seen {
+                let responses = (paths[route]?[method.lowercased()] as? [String: Any])?["responses"] as? [String: Any]
+                #expect(responses?[String(status)] != nil, "\(method) \(route) answered \(status), which docs/api.openapi.json does not list")
+            }
+            stopped = server.stop()
+            #expect(stopped?.stderr.contains("from uid 0") == true, "requests are logged with the caller's uid")
+            #expect(stopped?.stderr.contains("from uid 65534") == true)
+        }
+    }
+}
