@@ -57,6 +57,7 @@ let package = Package(
             name: "vmtemplate-bench",
             dependencies: [
                 "VMTemplateKit",
+                "VMTemplateAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -151,3 +151,49 @@ long clinuxhost_filesystem_type(int fd) {
 }
 
 int clinuxhost_o_path(void) { return O_PATH; }
+
+#include <poll.h>
+#include <time.h>
+
+static long clinuxhost_now_ms(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000L + now.tv_nsec / 1000000L;
+}
+
+int clinuxhost_fork_reply_waiter(int fd, int lines, int timeout_ms, int log_fd) {
+    pid_t pid = fork();
+    if (pid != 0) return pid < 0 ? -errno : pid;
+    // The child of a multi-threaded process: only system calls from here on (no allocation, no
+    // locks), and it must hold nothing of its parent's but these two descriptors (a copy of a
+    // store lock's descriptor would keep the lock for as long as this child lives).
+    setsid();
+    int channel = fcntl(fd, F_DUPFD, 1000);
+    int log = log_fd >= 0 ? fcntl(log_fd, F_DUPFD, 1000) : -1;
+    if (channel < 0) _exit(2);
+    int highest = log > channel ? log : channel;
+    syscall(SYS_close_range, 0U, 999U, 0U);
+    for (int other = 1000; other < highest; other++) if (other != channel && other != log) close(other);
+    syscall(SYS_close_range, (unsigned)highest + 1U, ~0U, 0U);
+    long deadline = clinuxhost_now_ms() + timeout_ms;
+    char buffer[4096];
+    int seen = 0;
+    while (seen < lines) {
+        long left = deadline - clinuxhost_now_ms();
+        if (left <= 0) break;
+        struct pollfd entry = { .fd = channel, .events = POLLIN };
+        int ready = poll(&entry, 1, (int)left);
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready <= 0) continue;
+        long count = recv(channel, buffer, sizeof(buffer), 0);
+        if (count < 0 && errno == EINTR) continue;
+        if (count <= 0) break;
+        for (long i = 0; i < count; i++) if (buffer[i] == '\n') seen++;
+    }
+    if (seen < lines && log >= 0) {
+        static const char message[] = "vmtemplate: the guest did not answer its clock and hostname requests in time (or the channel closed): its clock may be the template's\n";
+        ssize_t ignored = write(log, message, sizeof(message) - 1);
+        (void)ignored;
+    }
+    _exit(seen < lines ? 1 : 0);
+}

@@ -90,7 +90,7 @@ public struct APIServer: Sendable {
             let body = try await request.decode(as: CreateCloneBody.self, context: context)
             var cloneRequest = try body.cloneRequest()
             // This process outlives the clone's start: a thread of it waits for the guest.
-            cloneRequest.guestSetupHelper = nil
+            cloneRequest.guestRepliesInChild = false
             let started = ContinuousClock.now
             let (record, _) = try await engine.clone(cloneRequest)
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)

@@ -239,9 +239,9 @@ enum CLI {
     }
 
     /// `count` CLI clones started at once: from the first spawn until the last one returned.
-    static func concurrentClones(_ workspace: Workspace, count: Int) async throws -> (seconds: Double, clones: [CLIClone]) {
+    static func concurrentClones(_ workspace: Workspace, count: Int, _ settings: CloneSettings = CloneSettings()) async throws -> (seconds: Double, clones: [CLIClone]) {
         var children: [ChildProcess] = []
-        for _ in 0..<count { children.append(try spawnClone(workspace, CloneSettings())) }
+        for _ in 0..<count { children.append(try spawnClone(workspace, settings)) }
         guard let firstStart = children.first?.started else { return (.nan, []) }
         let results = try await withThrowingTaskGroup(of: (Int32, ContinuousClock.Instant, ChildProcess).self) { group in
             for child in children { group.addTask { let (status, ended) = try await child.wait(); return (status, ended, child) } }

@@ -76,12 +76,10 @@ struct Clone: AsyncParsableCommand {
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
             var request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
             // This very binary delivers the guest's clock and hostname, detached (GuestSetup).
-            // "/proc/self/exe" itself, not the path it points to: resolving that path needs search
-            // permission on every directory above the binary, which a user running a binary from
-            // a directory they cannot list lacks; the kernel execs through the link regardless.
-            // (Without a helper the clock would be sent by a thread of this process, which exits
-            // before the guest answers: its replies would go to the next client.)
-            request.guestSetupHelper = "/proc/self/exe"
+            // This process exits as soon as the clone runs: a forked child of it waits for the
+            // guest's answers to its clock and hostname (a thread would die with it, and its
+            // replies would go to the runtime's first request).
+            request.guestRepliesInChild = true
             request.usePool = !noPool
             request.devices = DeviceRequest(nics: try nic.map(NICSpec.init(parsing:)), disks: try disk.map(DiskSpec.init(parsing:)))
             let request2 = request
@@ -190,18 +188,5 @@ struct Send: AsyncParsableCommand {
             let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))
         }
-    }
-}
-
-/// Delivers a clone's clock and hostname to its guest and exits; started detached by `clone`
-/// (``GuestSetup``), not for people.
-struct GuestSetupCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "_guest-setup", abstract: "Internal: tell a clone's guest the time and its hostname.", shouldDisplay: false)
-
-    @Option var socket: String
-    @Option var descriptor: Int32
-
-    func run() throws {
-        _ = try GuestSetup.awaitReplies(on: descriptor, controlSocket: socket)
     }
 }

@@ -22,7 +22,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
-        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self, GuestSetupCommand.self]
+        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 }
 

@@ -45,6 +45,13 @@ long clinuxhost_filesystem_type(int fd);
 /// O_PATH, which Swift does not see (it needs _GNU_SOURCE): a handle that opens nothing.
 int clinuxhost_o_path(void);
 
+/// Forks a child that waits (at most `timeout_ms`) until `lines` newline-ended lines have arrived
+/// on `fd`, then exits; it keeps only `fd` and `log_fd` (where it says so when the lines did not
+/// come) and runs in a session of its own. No exec: it costs a fork, not a program's start-up on
+/// a machine whose cores the just-resumed guest is using. For short-lived processes only: the
+/// child is not reaped here. Returns its PID or -errno.
+int clinuxhost_fork_reply_waiter(int fd, int lines, int timeout_ms, int log_fd);
+
 /// struct ucred (SO_PEERCRED), which Swift does not see without _GNU_SOURCE; the same layout.
 struct clinuxhost_ucred {
     int pid;

@@ -29,9 +29,10 @@ public struct CloneRequest: Sendable {
     public var cowLimitBytes: UInt64?
     /// The scheduler's action over the limit (nil: the store's setting).
     public var overLimitAction: OverLimitAction?
-    /// An executable whose `_guest-setup` subcommand delivers a ``GuestSetup`` (the vmtemplate
-    /// CLI itself); nil: a detached thread of this process delivers it (for long-lived callers).
-    public var guestSetupHelper: String?
+    /// Who waits for the guest's answers to its clock and hostname (``GuestSetup``): a thread of
+    /// this process (the default, for long-lived callers), or a forked child (`clone` of the CLI,
+    /// which exits at once).
+    public var guestRepliesInChild = false
     /// NICs and disks hot-plugged before the guest runs.
     public var devices = DeviceRequest()
     /// Take a ready member of the template's warm pool when there is one (docs/pools.md).
@@ -203,7 +204,7 @@ public struct CloneEngine: Sendable {
                 try store.markReady(record.id, template: request.template)
                 return (record, warning)
             }
-            record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", helper: request.guestSetupHelper)
+            record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", inChild: request.guestRepliesInChild)
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
             try store.save(record)
@@ -222,11 +223,11 @@ public struct CloneEngine: Sendable {
 
     /// Tells a resumed guest the time and its hostname the way its recipe says, without waiting
     /// for it (``GuestSetup``). Returns what the record says of it.
-    func startGuestSetup(_ clock: GuestClock, name: String, controlSocket: String, logPath: String, helper: String?) -> String {
+    func startGuestSetup(_ clock: GuestClock, name: String, controlSocket: String, logPath: String, inChild: Bool) -> String {
         guard clock == .controlChannel else { return "none" }
         let setup = GuestSetup(controlSocket: controlSocket, epoch: Int(Date().timeIntervalSince1970.rounded()), hostname: name)
         do {
-            try setup.start(helper: helper, logPath: logPath)
+            try setup.start(waiter: inChild ? .forkedChild(logPath: logPath) : .thread)
             return "requested"
         } catch {
             return "not sent: \(error)"

@@ -1,3 +1,4 @@
+import CLinuxHost
 import Foundation
 import VMTemplateOS
 import VMTemplateQEMU
@@ -14,8 +15,8 @@ import Musl
 ///
 /// Nothing on the clone path may wait for the guest: a resumed TCG guest answers its first request
 /// only after 100–200 ms. So `clone` connects to the channel and writes both lines before it
-/// returns, and a detached helper inherits the connection and holds it until the guest has
-/// answered both (at most `timeout`). QEMU serves one client at a time, so a runtime's first
+/// returns, and a forked child (or, in a long-lived process, a thread) holds the connection until
+/// the guest has answered both (at most ``replyTimeout``). QEMU serves one client at a time, so a runtime's first
 /// connection, made after `clone` returned, waits in the socket's backlog and its first request is
 /// answered after these, never before. Closing at once would not do: QEMU's socket chardev takes
 /// only what the serial FIFO has room for (16 bytes), drops the rest when the connection hangs up,
@@ -33,20 +34,23 @@ public struct GuestSetup: Sendable {
 
     var lines: [String] { ["settime \(epoch)", "hostname \(hostname)"] }
 
-    /// The descriptor the helper finds the connection at.
-    public static let helperDescriptor: Int32 = 3
-
     /// How long the guest is given to answer. Generous on purpose: leaving early would leave the
     /// guest's replies for the next client. A guest that takes a minute is one no runtime can
     /// talk to either.
     public static let replyTimeout = Duration.seconds(60)
 
-    /// Connects and writes both requests now; then either starts `helper` (an executable whose
-    /// `_guest-setup --descriptor 3` subcommand runs ``awaitReplies(on:)``: the vmtemplate CLI)
-    /// in a session of its own with the connection, or, without one, a thread of this process
-    /// waits for the replies (for long-lived callers only: the thread dies with the process).
-    /// Returns at once. The helper's complaints go to `logPath`.
-    public func start(helper: String?, logPath: String) throws {
+    /// Who waits for the guest's replies once the requests are written.
+    public enum Waiter: Sendable {
+        /// A forked child of this process (for a command that exits right after the clone): no
+        /// program start-up, which on two cores would compete with the guest that just resumed.
+        /// What goes wrong is written to `logPath`.
+        case forkedChild(logPath: String)
+        /// A thread of this process (for a long-lived one, such as `vmtemplate serve`).
+        case thread
+    }
+
+    /// Connects and writes both requests now, and leaves the replies to `waiter`. Returns at once.
+    public func start(waiter: Waiter) throws {
         let channel = ControlChannel(path: controlSocket)
         let fd = try channel.connect()
         do {
@@ -55,24 +59,22 @@ public struct GuestSetup: Sendable {
             close(fd)
             throw error
         }
-        guard let helper else {
+        switch waiter {
+        case .thread:
             let thread = Thread {
                 _ = try? channel.replies(2, on: fd, timeout: Self.replyTimeout)
                 close(fd)
             }
             thread.start()
-            return
+        case .forkedChild(let logPath):
+            defer { close(fd) }
+            let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
+            defer { if log >= 0 { close(log) } }
+            let timeout = Int32(clamping: Self.replyTimeout.components.seconds * 1000)
+            let pid = clinuxhost_fork_reply_waiter(fd, 2, timeout, log)
+            guard pid > 0 else {
+                throw VMTemplateError(.ioError, "cannot fork the process that waits for the guest's replies: \(errnoText(-pid)).", cause: SystemCallError("fork", code: -pid))
+            }
         }
-        defer { close(fd) }
-        var request = SpawnRequest(executable: helper, arguments: ["_guest-setup", "--socket", controlSocket, "--descriptor", String(Self.helperDescriptor)], stdoutPath: logPath)
-        request.newSession = true
-        request.inherited = [(fd, Self.helperDescriptor)]
-        _ = try ProcessHandle.spawn(request)
-    }
-
-    /// In the helper: waits for the guest's two replies on the inherited connection.
-    public static func awaitReplies(on fd: Int32, controlSocket: String) throws -> [String] {
-        defer { close(fd) }
-        return try ControlChannel(path: controlSocket).replies(2, on: fd, to: ["settime", "hostname"], timeout: replyTimeout)
     }
 }

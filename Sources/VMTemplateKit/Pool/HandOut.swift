@@ -71,7 +71,7 @@ extension CloneEngine {
                 }
                 record.devices = attached.isEmpty ? nil : attached
                 try await qmp.cont()
-                record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", helper: request.guestSetupHelper)
+                record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", inChild: request.guestRepliesInChild)
                 record.state = .running
                 record.restoreSeconds = started.duration(to: .now).seconds
                 try store.save(record)
