@@ -29,30 +29,29 @@ extension CloneEngine {
                 if let member = store.cloneRecord(id) { _ = try? await remove(member, grace: .milliseconds(200)) }
                 continue
             }
-            var record: CloneRecord
+            var record = member
+            record.state = .starting
+            record.creator = ProcessIdentity.current(pid: getpid())
+            record.createdAt = Date()
+            record.cowLimitBytes = request.cowLimitBytes
+            record.overLimitAction = request.overLimitAction
+            record.fromPool = true
             do {
-                record = try store.withLock {
-                guard var current = store.cloneRecord(id), current.state == .pooled else {
-                    throw VMTemplateError(.busy, "pool member \(id) changed while it was being handed out.")
-                }
                 if let wanted = request.name?.value, wanted != id {
-                    // Names are unique among clones and templates (the store lock keeps it so).
-                    if store.clones().records.contains(where: { $0.name == wanted || $0.id == wanted }) {
-                        throw VMTemplateError(.exists, "a clone named '\(wanted)' already exists: pick another --name, or remove it with 'vmtemplate rm \(wanted)'.")
+                    // Names are unique among clones and templates: checked and taken under the
+                    // store lock. Without a name (the ID is the name) the claim alone suffices.
+                    try store.withLock {
+                        if store.clones().records.contains(where: { $0.name == wanted || $0.id == wanted }) {
+                            throw VMTemplateError(.exists, "a clone named '\(wanted)' already exists: pick another --name, or remove it with 'vmtemplate rm \(wanted)'.")
+                        }
+                        if let asTemplate = try? EntityName(wanted), store.templateExists(asTemplate) {
+                            throw VMTemplateError(.exists, "'\(wanted)' is the name of a template: give the clone another --name.")
+                        }
+                        record.name = wanted
+                        try store.save(record)
                     }
-                    if let asTemplate = try? EntityName(wanted), store.templateExists(asTemplate) {
-                        throw VMTemplateError(.exists, "'\(wanted)' is the name of a template: give the clone another --name.")
-                    }
-                    current.name = wanted
-                }
-                current.state = .starting
-                current.creator = ProcessIdentity.current(pid: getpid())
-                current.createdAt = Date()
-                current.cowLimitBytes = request.cowLimitBytes
-                current.overLimitAction = request.overLimitAction
-                current.fromPool = true
-                try store.save(current)
-                return current
+                } else {
+                    try store.save(record)
                 }
             } catch {
                 // Nothing was changed: the member goes back to its pool.
@@ -63,14 +62,15 @@ extension CloneEngine {
                 let paths = store.clonePaths(id)
                 let devices = try Self.openDevices(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
                 defer { for device in devices { device.closeDescriptors() } }
-                let qmp = try await qemu.connectQMP(timeout: request.timeout, phase: "the hand-out of pool member \(id)")
+                // Without devices, `cont` goes out with the handshake: no round trip of its own.
+                let qmp = try await qemu.connectQMP(timeout: request.timeout, pipelining: devices.isEmpty ? [QMPCommand("cont")] : [], phase: "the hand-out of pool member \(id)")
                 defer { qmp.close() }
                 var attached: [AttachedDevice] = []
                 for device in devices {
                     attached.append(try await qmp.attach(device, timeout: request.timeout))
                 }
                 record.devices = attached.isEmpty ? nil : attached
-                try await qmp.cont()
+                if !devices.isEmpty { try await qmp.cont() }
                 record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", inChild: request.guestRepliesInChild)
                 record.state = .running
                 record.restoreSeconds = started.duration(to: .now).seconds

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import VMTemplateOS
 import VMTemplateQEMU
 
@@ -184,6 +185,19 @@ public struct TemplateStore: Sendable {
                 throw VMTemplateError(.permissionDenied, "template '\(name)' in '\(root)' is not a directory of the store's owner (uid \(ownerUID)): it is not to be trusted; check it and remove it by hand.")
             }
         }
+        // A published manifest never changes: a long-lived process (`serve`) decodes it once per
+        // file, recognised by inode, size and change time (a replaced or rewritten file is new).
+        var manifestInfo = stat()
+        let key = lstat(files.manifestPath, &manifestInfo) == 0 && (manifestInfo.st_mode & S_IFMT) == S_IFREG && manifestInfo.st_uid == ownerUID
+            ? ManifestCache.Key(path: files.manifestPath, device: UInt64(manifestInfo.st_dev), inode: UInt64(manifestInfo.st_ino), size: Int64(manifestInfo.st_size), changed: Int64(manifestInfo.st_ctim.tv_sec) * 1_000_000_000 + Int64(manifestInfo.st_ctim.tv_nsec))
+            : nil
+        if let key, let cached = ManifestCache.shared.lookup(key) { return cached }
+        let published = try decodeTemplate(name, files: files)
+        if let key { ManifestCache.shared.store(published, for: key) }
+        return published
+    }
+
+    private func decodeTemplate(_ name: EntityName, files: TemplateFiles) throws -> PublishedTemplate {
         let manifest: TemplateManifest
         switch StoredJSON.read(TemplateManifest.self, at: files.manifestPath, owner: ownerUID) {
         case .success(let decoded):
@@ -434,5 +448,30 @@ public struct StagingArea: Sendable {
     /// Removes this staging area (on any failure of `create`, after its QEMU was stopped).
     public func discard() {
         try? FileSystem.removeTree(path: directory)
+    }
+}
+
+/// Manifests decoded in this process, by the identity of their file.
+final class ManifestCache: Sendable {
+    struct Key: Hashable, Sendable {
+        var path: String
+        var device: UInt64
+        var inode: UInt64
+        var size: Int64
+        var changed: Int64
+    }
+
+    static let shared = ManifestCache()
+    /// Bounded: a long-lived server sees templates come and go.
+    private static let capacity = 256
+    private let entries = Mutex<[Key: PublishedTemplate]>([:])
+
+    func lookup(_ key: Key) -> PublishedTemplate? { entries.withLock { $0[key] } }
+
+    func store(_ template: PublishedTemplate, for key: Key) {
+        entries.withLock { entries in
+            if entries.count >= Self.capacity { entries.removeAll() }
+            entries[key] = template
+        }
     }
 }
