@@ -78,21 +78,6 @@ enum Format {
     }
 }
 
-// MARK: - Blocking work off the cooperative pool
-
-/// Runs blocking code (waitpid, poll on a socket) on a thread of its own. The cooperative pool has
-/// one thread per core, two here: sixteen concurrent waits blocking it would serialize the very
-/// start-ups being timed.
-func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        let thread = Thread {
-            continuation.resume(with: Result { try body() })
-        }
-        thread.stackSize = 1 << 20
-        thread.start()
-    }
-}
-
 // MARK: - Child processes (the vmtemplate CLI)
 
 /// A child process (the vmtemplate CLI) with its stdout and stderr in files. The library's

@@ -105,12 +105,15 @@ extension CloneEngine {
     }
 }
 
-/// Runs blocking work on a thread of its own, so no cooperative thread waits for a guest.
-func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+/// Runs blocking work (waiting for a guest, a child process) on a thread of its own: Swift's
+/// cooperative pool has one thread per core, two here, and blocking them would serialize
+/// everything else. A 1 MiB stack: the work is shallow, and many may wait at once.
+public func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         let thread = Thread {
             continuation.resume(with: Result { try body() })
         }
+        thread.stackSize = 1 << 20
         thread.start()
     }
 }
