@@ -308,6 +308,19 @@ extension RealGuests {
             defer { _ = try? CLI.run(["rm", "taken"] + store.arguments) }
             try expectRefused([SharedTemplate.name, "--name", "taken"], store: store, saying: "a clone named 'taken' already exists")
             try expectRefused([SharedTemplate.name, "--name", "../x"], store: store, saying: "clone name")
+            // Names and IDs share one space: a clone may not be named after another's ID.
+            let id = first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            try expectRefused([SharedTemplate.name, "--name", id], store: store, saying: "already exists")
+            // A name whose clone is gone without 'rm' (its QEMU killed, then gc) is free again: the
+            // name index's entry is stale and replaced.
+            let record = try #require(TemplateStore(root: store.root).cloneRecord(id))
+            kill(try #require(record.qemu?.pid), SIGKILL)
+            #expect(await eventually { record.qemu?.isAlive == false })
+            _ = try CLI.run(["gc"] + store.arguments)
+            #expect(FileManager.default.fileExists(atPath: "\(store.root)/names/taken"), "gc leaves the entry; it is stale now")
+            let again = try CLI.run(["clone", SharedTemplate.name, "--name", "taken"] + store.arguments)
+            #expect(again.status == 0, "\(again.stderr)")
+            #expect(try CLI.run(["send", "taken", "ping"] + store.arguments).stdout == "pong\n")
         }
     }
 

@@ -254,19 +254,20 @@ public struct CloneEngine: Sendable {
     private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
         let manifest = template.manifest
         return try store.withLock {
-            let existing = store.clones().records
-            let live = existing.filter(\.isLive)
-            try Admission.check(
-                settings: try store.settings(),
-                live: live.map(\.committedBytes),
-                newCommitted: Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
-            )
-            var id = CloneRecord.newID()
-            while existing.contains(where: { $0.id == id }) { id = CloneRecord.newID() }
-            let name = request.name?.value ?? id
-            if existing.contains(where: { $0.name == name || $0.id == name }) {
-                throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
+            // Only limits need every record (the live ones' commitments); names and IDs do not
+            // (the name index, ``TemplateStore/claimNames(of:)``), so without limits nothing here
+            // grows with the number of clones.
+            let settings = try store.settings()
+            if settings.maxClones != nil || settings.memoryBudgetBytes != nil {
+                try Admission.check(
+                    settings: settings,
+                    live: store.clones().records.filter(\.isLive).map(\.committedBytes),
+                    newCommitted: Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
+                )
             }
+            var id = CloneRecord.newID()
+            while access(store.cloneDirectory(id), F_OK) == 0 { id = CloneRecord.newID() }
+            let name = request.name?.value ?? id
             // Names are unique among clones and templates, so a name always says which one it is.
             if let asTemplate = try? EntityName(name), store.templateExists(asTemplate) || templates.templateExists(asTemplate) {
                 throw VMTemplateError(.exists, "'\(name)' is the name of a template: give the clone another --name.")
@@ -292,8 +293,10 @@ public struct CloneEngine: Sendable {
                 lastEnforcement: nil
             )
             do {
+                try store.claimNames(of: record)
                 try store.save(record)
             } catch {
+                store.releaseNames(of: record)
                 try? FileSystem.removeTree(path: directory)
                 throw error
             }

@@ -53,6 +53,7 @@ extension CloneEngine {
         try store.withLock {
             do {
                 try FileSystem.removeTree(path: store.cloneDirectory(record.id))
+                store.releaseNames(of: record)
             } catch let error as VMTemplateError {
                 throw VMTemplateError(.ioError, "clone \(record.id) stopped but its directory could not be removed: \(error.message)", cause: error.cause)
             }

@@ -41,13 +41,11 @@ extension CloneEngine {
                     // Names are unique among clones and templates: checked and taken under the
                     // store lock. Without a name (the ID is the name) the claim alone suffices.
                     try store.withLock {
-                        if store.clones().records.contains(where: { $0.name == wanted || $0.id == wanted }) {
-                            throw VMTemplateError(.exists, "a clone named '\(wanted)' already exists: pick another --name, or remove it with 'vmtemplate rm \(wanted)'.")
-                        }
                         if let asTemplate = try? EntityName(wanted), store.templateExists(asTemplate) {
                             throw VMTemplateError(.exists, "'\(wanted)' is the name of a template: give the clone another --name.")
                         }
                         record.name = wanted
+                        try store.claimNames(of: record)
                         try store.save(record)
                     }
                 } else {

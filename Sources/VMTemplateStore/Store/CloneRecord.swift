@@ -320,6 +320,8 @@ extension TemplateStore {
 
     /// Finds clones by ID, ID prefix (unambiguous) or name.
     public func findClone(_ reference: String) throws -> CloneRecord {
+        // An ID or a name: found through the name index, without reading every record.
+        if let held = cloneHoldingName(reference) { return held }
         let records = clones().records
         let shown = TerminalText.escape(reference)
         if let exact = records.first(where: { $0.id == reference }) { return exact }
