@@ -91,7 +91,7 @@ static void *clinuxhost_open_tap_thread(void *argument) {
     struct ifreq tap;
     memset(&tap, 0, sizeof(tap));
     strncpy(tap.ifr_name, request->name, IFNAMSIZ - 1);
-    tap.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL;
+    tap.ifr_flags = (short)(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL);  // 0x8000 fits the kernel's unsigned short
     request->created = 1;
     if (ioctl(fd, TUNSETIFF, &tap) != 0) {
         if (errno != EBUSY) {
@@ -153,6 +153,7 @@ long clinuxhost_filesystem_type(int fd) {
 int clinuxhost_o_path(void) { return O_PATH; }
 
 #include <poll.h>
+#include <sys/resource.h>
 #include <time.h>
 
 static long clinuxhost_now_ms(void) {
@@ -168,13 +169,22 @@ int clinuxhost_fork_reply_waiter(int fd, int lines, int timeout_ms, int log_fd) 
     // locks), and it must hold nothing of its parent's but these two descriptors (a copy of a
     // store lock's descriptor would keep the lock for as long as this child lives).
     setsid();
-    int channel = fcntl(fd, F_DUPFD, 1000);
-    int log = log_fd >= 0 ? fcntl(log_fd, F_DUPFD, 1000) : -1;
-    if (channel < 0) _exit(2);
-    int highest = log > channel ? log : channel;
-    syscall(SYS_close_range, 0U, 999U, 0U);
-    for (int other = 1000; other < highest; other++) if (other != channel && other != log) close(other);
-    syscall(SYS_close_range, (unsigned)highest + 1U, ~0U, 0U);
+    // The channel becomes 3 and the log 4 (moved above them first, so that neither overwrites
+    // the other), then everything from 5 up is closed: with close_range(2) where the kernel has
+    // it (5.9), else one close(2) per possible descriptor.
+    int channel = fcntl(fd, F_DUPFD, 5);
+    int log = log_fd >= 0 ? fcntl(log_fd, F_DUPFD, 5) : -1;
+    if (channel < 0 || dup2(channel, 3) != 3) _exit(2);
+    if (log >= 0 && dup2(log, 4) != 4) log = -1;
+    channel = 3;
+    if (log >= 0) log = 4;
+    if (syscall(SYS_close_range, 5U, ~0U, 0U) != 0) {
+        struct rlimit limit;
+        long highest = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY ? (long)limit.rlim_cur : 65536;
+        for (long other = 5; other < highest; other++) close((int)other);
+    }
+    for (int standard = 0; standard < 3; standard++) close(standard);
+    if (log < 0) close(4);
     long deadline = clinuxhost_now_ms() + timeout_ms;
     char buffer[4096];
     int seen = 0;

@@ -51,20 +51,54 @@ public struct APIServer: Sendable {
     public func run() async throws {
         var logger = Logger(label: "vmtemplate.serve")
         logger.logLevel = .info
-        try prepareSocketPath()
+        try checkSocketPath()
+        // Bound inside a directory only this process's user may enter, then renamed into place
+        // once its mode is set: there is no moment in which others could connect, whatever the
+        // umask (a connection made then would stay valid after a chmod).
+        let privateDirectory = "\(FileSystem.split(socketPath).directory)/.serve-\(getpid())"
+        try? FileSystem.removeTree(path: privateDirectory)
+        guard mkdir(privateDirectory, 0o700) == 0 else {
+            throw VMTemplateError(.ioError, "cannot create '\(privateDirectory)': \(errnoText()).", cause: SystemCallError("mkdir"))
+        }
+        defer { try? FileSystem.removeTree(path: privateDirectory) }
+        let boundPath = "\(privateDirectory)/serve.sock"
         let router = Router(context: APIContext.self)
         router.add(middleware: CallerCheck(ownerUID: store.ownerUID, group: socketGroup, metrics: metrics))
         addRoutes(to: router)
+        let publish: @Sendable (any Channel) async -> Void = { _ in
+            do {
+                try self.publishSocket(from: boundPath)
+            } catch {
+                // A socket that cannot be secured must not be served: stop at once.
+                FileHandle.standardError.write(Data("vmtemplate: error: \(error)\n".utf8))
+                exit(1)
+            }
+        }
         let app = Application(
             router: router,
-            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "vmtemplate"),
-            onServerRunning: { _ in self.secureSocket() },
+            // A client that stops talking loses its connection: idle ones cannot pile up until
+            // root runs out of descriptors.
+            server: .http1(configuration: .init(idleTimeout: .seconds(30))),
+            configuration: .init(address: .unixDomainSocket(path: boundPath), serverName: "vmtemplate"),
+            onServerRunning: publish,
             logger: logger
         )
+        defer { unlink(socketPath) }
         try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
     }
 
-    private func prepareSocketPath() throws {
+    /// Refuses a socket path in a directory others may write (they could swap the socket for a
+    /// link between its creation and its chmod), a path that is something else than a socket,
+    /// and one another server answers on; removes a stale socket.
+    private func checkSocketPath() throws {
+        let directory = FileSystem.split(socketPath).directory
+        var parent = stat()
+        guard stat(directory, &parent) == 0 else {
+            throw VMTemplateError(.notFound, "the socket's directory '\(TerminalText.escape(directory))' does not exist.")
+        }
+        guard parent.st_mode & 0o022 == 0 || parent.st_mode & S_ISVTX != 0 && parent.st_uid == geteuid() else {
+            throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(directory))' may be written by others: put the socket in a directory only its owner writes (the default is inside the store).")
+        }
         var info = stat()
         guard lstat(socketPath, &info) == 0 else { return }
         guard (info.st_mode & S_IFMT) == S_IFSOCK else {
@@ -76,10 +110,25 @@ public struct APIServer: Sendable {
         unlink(socketPath)
     }
 
-    /// The socket is bound with the process umask; tighten it before anybody uses it.
-    private func secureSocket() {
-        chmod(socketPath, socketGroup == nil ? 0o600 : 0o660)
-        if let socketGroup { chown(socketPath, uid_t.max, socketGroup) }
+    /// Sets the bound socket's mode and group, checks it is still the socket (never a link), and
+    /// renames it to where clients look for it.
+    private func publishSocket(from boundPath: String) throws {
+        let fd = open(boundPath, clinuxhost_o_path() | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot open the bound socket: \(errnoText()).") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK, info.st_uid == geteuid() else {
+            throw VMTemplateError(.permissionDenied, "the bound socket '\(boundPath)' is not this process's socket.")
+        }
+        guard fchmodat(AT_FDCWD, "/proc/self/fd/\(fd)", socketGroup == nil ? 0o600 : 0o660, 0) == 0 else {
+            throw VMTemplateError(.ioError, "cannot set the socket's mode: \(errnoText()).", cause: SystemCallError("chmod"))
+        }
+        if let socketGroup, fchownat(AT_FDCWD, "/proc/self/fd/\(fd)", uid_t.max, socketGroup, 0) != 0 {
+            throw VMTemplateError(.ioError, "cannot give the socket to group \(socketGroup): \(errnoText()).", cause: SystemCallError("chown"))
+        }
+        guard rename(boundPath, socketPath) == 0 else {
+            throw VMTemplateError(.ioError, "cannot move the socket to '\(TerminalText.escape(socketPath))': \(errnoText()).", cause: SystemCallError("rename"))
+        }
     }
 
     private func addRoutes(to router: Router<APIContext>) {
@@ -88,7 +137,13 @@ public struct APIServer: Sendable {
         let metrics = self.metrics
         router.post("/v1/clones") { request, context -> Response in
             let body = try await request.decode(as: CreateCloneBody.self, context: context)
+            // Devices name files and namespaces that the server opens with the owner's rights:
+            // only the owner (or root) may ask for them, not every member of the socket's group.
+            if !(body.nics ?? []).isEmpty || !(body.disks ?? []).isEmpty, !context.callerIsOwner {
+                throw VMTemplateError(.permissionDenied, "only the store's owner or root may give a clone NICs or disks through the API: they name files and namespaces the server opens with the owner's rights.")
+            }
             var cloneRequest = try body.cloneRequest()
+            cloneRequest.requestedBy = context.callerUID
             // This process outlives the clone's start: a thread of it waits for the guest.
             cloneRequest.guestRepliesInChild = false
             let started = ContinuousClock.now
@@ -108,6 +163,10 @@ public struct APIServer: Sendable {
         }
         router.delete("/v1/clones/:id") { _, context -> Response in
             let record = try store.findClone(try context.parameters.require("id"))
+            // A group member removes only the clones it asked for.
+            guard context.callerIsOwner || (record.requestedBy != nil && record.requestedBy == context.callerUID) else {
+                throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may remove it.")
+            }
             let how = try await engine.remove(record)
             return try Self.json(["id": record.id, "stopped": how.rawValue])
         }
@@ -118,6 +177,9 @@ public struct APIServer: Sendable {
             try Self.json(WarmPool(engine: engine).status())
         }
         router.put("/v1/pools/:template") { request, context -> Response in
+            guard context.callerIsOwner else {
+                throw VMTemplateError(.permissionDenied, "only the store's owner or root may size pools: a pool holds the host's memory.")
+            }
             let name = try EntityName(try context.parameters.require("template"))
             let body = try await request.decode(as: PoolSizeBody.self, context: context)
             let pool = WarmPool(engine: engine)
@@ -200,6 +262,10 @@ struct TemplateSummary: Encodable, Sendable {
 public struct APIContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     let channel: any Channel
+    /// Set by ``CallerCheck`` from the peer credentials.
+    var callerUID: uid_t?
+    /// Root or the store's owner, as opposed to a member of the socket's group.
+    var callerIsOwner = false
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
@@ -220,10 +286,17 @@ struct CallerCheck: RouterMiddleware {
         let response: Response
         do {
             let caller = try await Self.peerCredentials(of: context.channel)
-            context.logger.info("\(request.method) \(request.uri.path) from uid \(caller.uid) pid \(caller.pid)")
-            guard caller.uid == 0 || caller.uid == ownerUID || (group.map { caller.gid == $0 || Self.user(caller.uid, isIn: $0) } ?? false) else {
+            let isOwner = caller.uid == 0 || caller.uid == ownerUID
+            // Paths are the caller's text: bounded and escaped before they reach a log.
+            let path = TerminalText.escape(String(request.uri.path.prefix(256)))
+            guard isOwner || (group.map { caller.gid == $0 || Self.process(caller.pid, isIn: $0) } ?? false) else {
+                context.logger.info("refused \(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
                 throw VMTemplateError(.permissionDenied, "uid \(caller.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
             }
+            context.logger.info("\(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
+            var context = context
+            context.callerUID = caller.uid
+            context.callerIsOwner = isOwner
             response = try await next(request, context)
         } catch let error as VMTemplateError {
             response = APIError.response(error)
@@ -253,12 +326,14 @@ struct CallerCheck: RouterMiddleware {
         return Credentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
     }
 
-    static func user(_ uid: uid_t, isIn group: gid_t) -> Bool {
-        guard let entry = getpwuid(uid), let name = entry.pointee.pw_name else { return false }
-        var groups = [gid_t](repeating: 0, count: 256)
-        var count = Int32(groups.count)
-        guard getgrouplist(name, entry.pointee.pw_gid, &groups, &count) >= 0 else { return false }
-        return groups.prefix(Int(count)).contains(group)
+    /// Whether process `pid` (the caller) has `group` among its groups, from /proc: no NSS
+    /// lookups (which are neither thread-safe nor quick) in the server.
+    static func process(_ pid: Int32, isIn group: gid_t) -> Bool {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return false }
+        for line in status.split(separator: "\n") where line.hasPrefix("Groups:") {
+            return line.dropFirst("Groups:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).contains { gid_t($0) == group }
+        }
+        return false
     }
 }
 

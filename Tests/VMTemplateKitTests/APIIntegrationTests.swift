@@ -31,7 +31,8 @@ extension RealGuests {
                 let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
                 guard created.status == 0 else { throw VMTemplateError(.internalError, "create failed", detail: created.stderr) }
                 _ = try CLI.run(["pool", "set", "busybox", "--size", "2"] + store.arguments)
-                process = try CLI.start(["serve", "--fill-pause", "0"] + store.arguments)
+                // nogroup: nobody's group, so nobody may use the API as a member of it.
+                process = try CLI.start(["serve", "--fill-pause", "0", "--socket-group", "nogroup"] + store.arguments)
                 client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
             }
 
@@ -63,7 +64,8 @@ extension RealGuests {
                 guard let reply = try? server.client.request("GET", "/v1/pools"), reply.status == 200 else { return false }
                 return String(decoding: reply.body, as: UTF8.self).contains("\"ready\" : 2")
             }, "the server filled the pool")
-            #expect(try FileStatus.read(path: "\(server.store.root)/serve.sock").mode & 0o777 == 0o600)
+            let socket = try FileStatus.read(path: "\(server.store.root)/serve.sock")
+            #expect(socket.mode & 0o777 == 0o660)
 
             let templates = try server.request("GET", "/v1/templates")
             #expect(templates.status == 200 && String(decoding: templates.body, as: UTF8.self).contains("\"name\" : \"busybox\""))
@@ -120,11 +122,32 @@ extension RealGuests {
             #expect(metrics.status == 200 && metrics.headers["content-type"]?.hasPrefix("text/plain") == true)
             #expect(text.contains("vmtemplate_pool_ready{template=\"busybox\"} 3") && text.contains("vmtemplate_api_clones_total{source=\"pool\"} 1"), "\(text)")
 
-            // A caller who can reach the socket but is not allowed (the socket's mode loosened by
-            // somebody): refused by its peer credentials.
+            // A member of the socket's group: clones of its own, no devices, no pool sizes, and
+            // only its own clones removed.
+            func asUser(_ user: String, group: String, _ arguments: [String]) throws -> ShortCommand.Output {
+                try ShortCommand.run("/usr/bin/setpriv", ["--reuid=\(user)", "--regid=\(group)", "--clear-groups", "--", Checkout.binary, "api"] + arguments + ["--socket", "\(server.store.root)/serve.sock"])
+            }
+            let member = try asUser("nobody", group: "nogroup", ["POST", "/v1/clones", #"{"template": "busybox"}"#])
+            #expect(member.status == 0, "\(member.stdout) \(member.stderr)")
+            server.seen.append(("POST", "/v1/clones", 201))
+            let memberClone = try JSONDecoder().decode(CloneSummary.self, from: Data(member.stdout.utf8))
+            for (arguments, route) in [
+                (["POST", "/v1/clones", #"{"template": "busybox", "nics": ["user"]}"#], "/v1/clones"),
+                (["PUT", "/v1/pools/busybox", #"{"size": 1}"#], "/v1/pools/{template}"),
+                (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
+            ] {
+                let refused = try asUser("nobody", group: "nogroup", arguments)
+                #expect(refused.status == 1 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")
+                server.seen.append((arguments[0], route, 403))
+            }
+            #expect(try asUser("nobody", group: "nogroup", ["DELETE", "/v1/clones/\(memberClone.id)"]).status == 0, "a member removes its own clone")
+            server.seen.append(("DELETE", "/v1/clones/{id}", 200))
+
+            // A caller who can reach the socket but is neither the owner nor in its group (the
+            // socket's mode loosened by somebody): refused by its peer credentials.
             chmod("\(server.store.root)/serve.sock", 0o666)
-            let nobody = try ShortCommand.run("/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", Checkout.binary, "api", "GET", "/v1/pools", "--socket", "\(server.store.root)/serve.sock"])
-            #expect(nobody.status == 1 && nobody.stdout.contains("permissionDenied") && nobody.stdout.contains("may not use this server"), "\(nobody.stdout) \(nobody.stderr)")
+            let stranger = try asUser("daemon", group: "daemon", ["GET", "/v1/pools"])
+            #expect(stranger.status == 1 && stranger.stdout.contains("permissionDenied") && stranger.stdout.contains("may not use this server"), "\(stranger.stdout) \(stranger.stderr)")
             server.seen.append(("GET", "/v1/pools", 403))
 
             // The OpenAPI document lists exactly the server's routes, and every status seen here.
@@ -139,6 +162,7 @@ extension RealGuests {
             stopped = server.stop()
             #expect(stopped?.stderr.contains("from uid 0") == true, "requests are logged with the caller's uid")
             #expect(stopped?.stderr.contains("from uid 65534") == true)
+            #expect(stopped?.stderr.contains("refused GET /v1/pools from uid 1 ") == true, "a refused caller is logged")
         }
     }
 }

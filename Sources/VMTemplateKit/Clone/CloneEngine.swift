@@ -33,6 +33,8 @@ public struct CloneRequest: Sendable {
     /// this process (the default, for long-lived callers), or a forked child (`clone` of the CLI,
     /// which exits at once).
     public var guestRepliesInChild = false
+    /// The API caller (uid) the clone is made for: it may remove what it made.
+    public var requestedBy: uid_t?
     /// NICs and disks hot-plugged before the guest runs.
     public var devices = DeviceRequest()
     /// Take a ready member of the template's warm pool when there is one (docs/pools.md).
@@ -200,7 +202,14 @@ public struct CloneEngine: Sendable {
                 try await warm(record, qmp: qmp, manifest: manifest, timeout: request.timeout)
                 record.state = .pooled
                 record.restoreSeconds = started.duration(to: .now).seconds
-                try store.save(record)
+                // The pool may have been drained or its template removed while this member warmed:
+                // then it is not listed, but goes like a clone that failed to start.
+                try store.withLock {
+                    guard (store.poolSizes()[request.template.value] ?? 0) > 0, store.templateExists(request.template) else {
+                        throw VMTemplateError(.invalidState, "the pool of '\(request.template)' was drained while member \(record.id) warmed.")
+                    }
+                    try store.save(record)
+                }
                 try store.markReady(record.id, template: request.template)
                 return (record, warning)
             }
@@ -278,7 +287,7 @@ public struct CloneEngine: Sendable {
             guard mkdir(directory, 0o755) == 0 else {
                 throw VMTemplateError(.ioError, "cannot create clone directory '\(directory)': \(errnoText()). Check that this user may write to '\(store.clonesDirectory)'.", cause: SystemCallError("mkdir"))
             }
-            let record = CloneRecord(
+            var record = CloneRecord(
                 id: id, name: name, template: manifest.name,
                 qemu: nil, qemuExecutable: executable, creator: ProcessIdentity.current(pid: getpid()),
                 createdAt: Date(), state: request.purpose == .poolMember ? .warming : .starting,
@@ -292,6 +301,7 @@ public struct CloneEngine: Sendable {
                 overLimitAction: request.overLimitAction,
                 lastEnforcement: nil
             )
+            record.requestedBy = request.requestedBy
             do {
                 try store.claimNames(of: record)
                 try store.save(record)

@@ -24,9 +24,11 @@ extension CloneEngine {
         for id in store.readyMembers(of: name) {
             guard store.claim(id, template: name) else { continue }
             defer { store.releaseClaim(id, template: name) }
-            guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil,
-                  case .running(let qemu) = qemu(of: member) else {
-                if let member = store.cloneRecord(id) { _ = try? await remove(member, grace: .milliseconds(200)) }
+            // A ready file is only a hint: the record says whether this is a member of this pool.
+            guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil else { continue }
+            guard case .running(let qemu) = qemu(of: member) else {
+                // A member whose QEMU died while pooled: removed, never handed out.
+                _ = try? await remove(member, grace: .milliseconds(200))
                 continue
             }
             var record = member
@@ -36,6 +38,7 @@ extension CloneEngine {
             record.cowLimitBytes = request.cowLimitBytes
             record.overLimitAction = request.overLimitAction
             record.fromPool = true
+            record.requestedBy = request.requestedBy
             do {
                 if let wanted = request.name?.value, wanted != id {
                     // Names are unique among clones and templates: checked and taken under the

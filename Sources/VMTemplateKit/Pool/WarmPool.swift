@@ -103,7 +103,10 @@ public struct WarmPool: Sendable {
         var count = members(of: template).count
         for id in store.readyMembers(of: template) where count > keeping {
             guard store.claim(id, template: template) else { continue }
-            if let record = store.cloneRecord(id) { _ = try? await engine.remove(record, grace: .milliseconds(500)) }
+            // Only a member that is still one: a ready file never makes a running clone go.
+            if let record = store.cloneRecord(id), record.state == .pooled, record.template == template.value {
+                _ = try? await engine.remove(record, grace: .milliseconds(500))
+            }
             store.releaseClaim(id, template: template)
             removed.append(id)
             count -= 1
@@ -126,9 +129,12 @@ public struct WarmPool: Sendable {
             for claim in store.staleClaims(of: name) {
                 store.resolveStaleClaim(claim.file, id: claim.id, template: name, restore: stillPooled(claim.id))
             }
-            // A filler killed between recording a member pooled and listing it.
+            // A filler killed between recording a member pooled and listing it. The snapshot above
+            // may predate a hand-out that has since finished (and dropped its claim): only a record
+            // read again now, after the files were listed, says the member is still pooled.
             let listed = Set(store.readyMembers(of: name)).union(store.claimedMembers(of: name))
-            for record in records where record.template == template && record.templateStore == nil && record.state == .pooled && record.isLive && !listed.contains(record.id) {
+            for record in records where record.template == template && record.templateStore == nil && record.state == .pooled && !listed.contains(record.id) {
+                guard let fresh = store.cloneRecord(record.id), fresh.state == .pooled, fresh.isLive else { continue }
                 try? store.markReady(record.id, template: name)
             }
         }

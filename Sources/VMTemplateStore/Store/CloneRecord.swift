@@ -91,6 +91,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var devices: [AttachedDevice]?
     /// Handed out from a warm pool (restored ahead of demand) rather than restored on demand.
     public var fromPool: Bool?
+    /// The uid that asked for the clone through the API (`serve`): it may remove it.
+    public var requestedBy: UInt32?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -111,6 +113,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case hotplugSlots = "hotplug_slots"
         case devices
         case fromPool = "from_pool"
+        case requestedBy = "requested_by"
     }
 
     /// Memory this clone commits against the store's budget.

@@ -62,7 +62,11 @@ extension TemplateStore {
             }
             if let holder = readNameEntry(name) {
                 if holder == id { return }
-                if let record = cloneRecord(holder), record.name == name || record.id == name {
+                let record = cloneRecord(holder)
+                // A clone whose directory is there but whose record cannot be read now keeps its
+                // name: only a clone that is gone, or renamed, gives it up.
+                let taken = record.map { $0.name == name || $0.id == name } ?? (access(cloneDirectory(holder), F_OK) == 0)
+                if taken {
                     throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
                 }
             }

@@ -67,20 +67,27 @@ extension TemplateStore {
         if fd >= 0 { close(fd) }
     }
 
-    /// Takes member `id` out of `template`'s pool: its file is renamed to `.taken-ID-PID`, which
-    /// succeeds for exactly one caller and says who took it. The caller records the hand-out and
+    /// Takes member `id` out of `template`'s pool: its file is renamed to `.taken-ID-PID-START`
+    /// (this process's PID and start time: a reused PID is not mistaken for it), which succeeds
+    /// for exactly one caller and says who took it. The caller records the hand-out and
     /// then calls ``releaseClaim(_:template:)``; if it dies before that, ``staleClaims(of:)``
     /// finds the member again.
     @discardableResult
     public func claim(_ id: String, template: EntityName) -> Bool {
         guard mode == .readWrite, (try? EntityName(id, kind: "clone ID")) != nil else { return false }
         let directory = poolDirectory(template)
-        return rename("\(directory)/\(id)", "\(directory)/.taken-\(id)-\(getpid())") == 0
+        return rename("\(directory)/\(id)", "\(directory)/\(Self.claimFileName(id))") == 0
+    }
+
+    /// This process's claim on `id`.
+    static func claimFileName(_ id: String) -> String {
+        let me = ProcessIdentity.current(pid: getpid())
+        return ".taken-\(id)-\(getpid())-\(me?.startTime ?? 0)"
     }
 
     /// Forgets this process's claim on `id`, once its record says where the member went.
     public func releaseClaim(_ id: String, template: EntityName) {
-        unlink("\(poolDirectory(template))/.taken-\(id)-\(getpid())")
+        unlink("\(poolDirectory(template))/\(Self.claimFileName(id))")
     }
 
     /// Claims whose taker is gone: (member ID, the claim file's name).
@@ -90,9 +97,10 @@ extension TemplateStore {
         return names.compactMap { name in
             guard name.hasPrefix(".taken-") else { return nil }
             let parts = name.dropFirst(".taken-".count).split(separator: "-")
-            guard parts.count == 2, let pid = Int32(parts[1]), pid > 0, (try? EntityName(String(parts[0]), kind: "clone ID")) != nil else { return nil }
-            // Alive (or another user's, EPERM): still being handed out.
-            if kill(pid, 0) == 0 || errno == EPERM { return nil }
+            guard parts.count == 3, let pid = Int32(parts[1]), pid > 0, let start = UInt64(parts[2]),
+                  (try? EntityName(String(parts[0]), kind: "clone ID")) != nil else { return nil }
+            // The same process still alive (PID and start time): still being handed out.
+            if ProcessIdentity(pid: pid, startTime: start).isAlive { return nil }
             return (String(parts[0]), name)
         }
     }
