@@ -82,8 +82,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var overLimitAction: OverLimitAction?
     /// The scheduler's last action on this clone.
     public var lastEnforcement: Enforcement?
-    /// What was done about the guest's clock and hostname at start: `requested` (sent by a
-    /// detached helper, not awaited), `none`, or `not sent: REASON`.
+    /// What was done about the guest's clock and hostname at start: `requested` (sent; a forked
+    /// child or a thread waits for the guest's answers, not `clone`), `none`, or `not sent: REASON`.
     public var clock: String?
     /// The machine's hot-plug root ports (the template's `hotplug_slots`).
     public var hotplugSlots: Int?

@@ -93,7 +93,7 @@ public struct Recipe: Sendable, Codable, Equatable {
 /// stands where the template's stood when it was paused, minutes or days ago.
 public enum GuestClock: String, Sendable, Codable, CaseIterable {
     /// `settime EPOCH` and `hostname NAME` on the control channel right after `cont`, delivered
-    /// by a detached helper so the clone does not wait (the built-in busybox guest).
+    /// without waiting for the guest's answers (``GuestSetup``) (the built-in busybox guest).
     case controlChannel = "control-channel"
     /// Nothing: the guest keeps the template's time until something in it sets the clock.
     case none
