@@ -22,6 +22,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
+        version: "vmtemplate 0.3.0",
         subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 }
@@ -54,7 +55,8 @@ struct QEMUOptions: ParsableArguments {
 
 extension AcceleratorChoice: ExpressibleByArgument {}
 
-/// Runs a command body and turns library errors into one clear line on stderr and exit status 1.
+/// Runs a command body and turns library errors into one clear line on stderr and the exit status
+/// of their kind (``ExitStatus``); with `--json`, also `{"error": {"code", "message"}}` on stdout.
 /// Everything printed is escaped: messages and causes carry text from records, consoles and QEMU.
 func reportingErrors(_ body: () async throws -> Void) async throws {
     do {
@@ -64,9 +66,41 @@ func reportingErrors(_ body: () async throws -> Void) async throws {
         if let cause = error.causeText {
             FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \(TerminalText.escape(String($0)))" }.joined(separator: "\n") + "\n").utf8))
         }
-        throw ExitCode.failure
+        if CommandLine.arguments.contains("--json") {
+            struct Failure: Encodable {
+                struct Detail: Encodable {
+                    var code: String
+                    var message: String
+                }
+                var error: Detail
+            }
+            try? Terminal.printJSON(Failure(error: .init(code: error.code.rawValue, message: error.message)))
+        }
+        throw ExitCode(ExitStatus.code(for: error.code))
     } catch is CancellationError {
         throw ExitCode.failure
+    }
+}
+
+/// The exit statuses runtimes can script against: stable, one per kind of failure, taken from
+/// sysexits(3) where one fits (docs/cli.md). 0 is success, 1 anything not listed, 2 `explain`'s
+/// "QEMU refuses this combination", 128 + N an interruption by signal N.
+enum ExitStatus {
+    static func code(for code: VMTemplateError.Code) -> Int32 {
+        switch code {
+        case .invalidArgument: 64      // EX_USAGE, as the argument parser's own usage errors
+        case .integrityFailure: 65     // EX_DATAERR
+        case .notFound: 66             // EX_NOINPUT
+        case .limitExceeded: 69        // EX_UNAVAILABLE: refused by limits or admission
+        case .internalError: 70        // EX_SOFTWARE
+        case .qemuFailed: 71           // EX_OSERR
+        case .exists: 73               // EX_CANTCREAT
+        case .ioError: 74              // EX_IOERR
+        case .timeout, .busy: 75       // EX_TEMPFAIL: try again later
+        case .invalidState: 76         // the clone or template is not in a state for this
+        case .permissionDenied: 77     // EX_NOPERM
+        case .unsupported: 78          // EX_CONFIG: this host's QEMU or setup cannot do it
+        }
     }
 }
 

@@ -137,7 +137,7 @@ extension RealGuests {
                 (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
             ] {
                 let refused = try asUser("nobody", group: "nogroup", arguments)
-                #expect(refused.status == 1 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")
+                #expect(refused.status != 0 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")
                 server.seen.append((arguments[0], route, 403))
             }
             #expect(try asUser("nobody", group: "nogroup", ["DELETE", "/v1/clones/\(memberClone.id)"]).status == 0, "a member removes its own clone")
@@ -147,7 +147,7 @@ extension RealGuests {
             // socket's mode loosened by somebody): refused by its peer credentials.
             chmod("\(server.store.root)/serve.sock", 0o666)
             let stranger = try asUser("daemon", group: "daemon", ["GET", "/v1/pools"])
-            #expect(stranger.status == 1 && stranger.stdout.contains("permissionDenied") && stranger.stdout.contains("may not use this server"), "\(stranger.stdout) \(stranger.stderr)")
+            #expect(stranger.status != 0 && stranger.stdout.contains("permissionDenied") && stranger.stdout.contains("may not use this server"), "\(stranger.stdout) \(stranger.stderr)")
             server.seen.append(("GET", "/v1/pools", 403))
 
             // The OpenAPI document lists exactly the server's routes, and every status seen here.

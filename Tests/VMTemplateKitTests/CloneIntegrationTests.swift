@@ -178,7 +178,7 @@ extension RealGuests {
             }
             // Root's store is root's alone: nobody can no longer write a clone into it.
             let refused = try asNobody(["clone", SharedTemplate.name, "--store", store.root])
-            #expect(refused.status == 1)
+            #expect(refused.status != 0)
             #expect(refused.stderr.contains("only its owner changes a store"), "\(refused.stderr)")
             #expect(refused.stderr.contains("--template-store \(store.root)"))
 
@@ -219,7 +219,7 @@ extension RealGuests {
             #expect(!FileManager.default.fileExists(atPath: store.cloneDirectory(second.id)))
 
             let unknown = try CLI.run(["rm", "no-such-clone"] + store.arguments)
-            #expect(unknown.status == 1)
+            #expect(unknown.status != 0)
             #expect(unknown.stderr.contains("no clone with ID or name 'no-such-clone'"))
         }
     }
@@ -231,7 +231,7 @@ extension RealGuests {
             let qemuBefore = Set(QEMUProcesses.using(store.root))
             let before = Set((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/clones")) ?? [])
             let result = try CLI.run(["clone"] + arguments + store.arguments)
-            #expect(result.status == 1)
+            #expect(result.status != 0)
             #expect(result.stderr.contains(expected), "stderr: \(result.stderr)")
             let after = Set((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/clones")) ?? [])
             #expect(after == before, "no clone directory may be left behind")

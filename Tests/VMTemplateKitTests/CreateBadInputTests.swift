@@ -15,7 +15,7 @@ struct CreateBadInputTests {
         defer { store.remove() }
         let hasRecipe = arguments.contains("--recipe")
         let result = try CLI.run(["create", name] + (hasRecipe ? [] : ["--recipe", Checkout.busyboxRecipe]) + arguments + store.arguments, environment: environment)
-        #expect(result.status == 1, "exit status for \(arguments)")
+        #expect(result.status != 0, "exit status for \(arguments)")
         #expect(result.stderr.hasPrefix("vmtemplate: error: "), "stderr: \(result.stderr)")
         #expect(result.stderr.contains(expected), "stderr: \(result.stderr)")
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/templates")) ?? []).isEmpty)
@@ -27,7 +27,7 @@ struct CreateBadInputTests {
     func invalidName(name: String) throws {
         let root = "/tmp/vmt-untouched-\(UUID().uuidString.prefix(8))"
         let result = try CLI.run(["create", name, "--recipe", Checkout.busyboxRecipe, "--store", root])
-        #expect(result.status == 1)
+        #expect(result.status != 0)
         #expect(result.stderr.contains("template name"))
         #expect(!FileManager.default.fileExists(atPath: root), "nothing may be created for an invalid name")
     }

@@ -85,7 +85,7 @@ extension RealGuests {
             let recipe = try RecipeFile(changing: ["ready_marker": "NEVER-PRINTED"])
             defer { recipe.remove() }
             let result = try CLI.run(["create", "never", "--recipe", recipe.path, "--timeout", "6"] + store.arguments)
-            #expect(result.status == 1)
+            #expect(result.status != 0)
             #expect(result.stderr.contains("did not print its ready marker 'NEVER-PRINTED'"))
             #expect(result.stderr.contains("VMTEMPLATE-READY"), "the error shows the last console lines")
             #expect(!FileManager.default.fileExists(atPath: store.templateDirectory("never")))
@@ -100,7 +100,7 @@ extension RealGuests {
             let recipe = try RecipeFile(changing: ["machine_options": ["no-such-property=on"]])
             defer { recipe.remove() }
             let result = try CLI.run(["create", "dies", "--recipe", recipe.path] + store.arguments)
-            #expect(result.status == 1)
+            #expect(result.status != 0)
             #expect(result.stderr.contains("QEMU exited"))
             #expect(result.stderr.contains("no-such-property"), "QEMU's own message is shown")
             #expect(store.stagingEntries().isEmpty)
@@ -176,7 +176,7 @@ extension RealGuests {
 
             // Too small from the start: refused before anything boots.
             let tooBig = try CLI.run(["create", "big", "--recipe", Checkout.busyboxRecipe, "--memory", "256M"] + mountPoint.arguments)
-            #expect(tooBig.status == 1)
+            #expect(tooBig.status != 0)
             #expect(tooBig.stderr.contains("not enough disk space"))
 
             // Room for the RAM file, but the disk fills up while the guest boots: the save fails.
@@ -190,7 +190,7 @@ extension RealGuests {
             try FileSystem.allocateFile(path: "\(mountPoint.root)/filler", size: free - 32 * 1024, mode: 0o600)
             running.process.waitUntilExit()
             let result = running.result()
-            #expect(result.status == 1)
+            #expect(result.status != 0)
             #expect(result.stderr.contains("disk full") || result.stderr.contains("No space left"), "got: \(result.stderr)")
             #expect(!FileManager.default.fileExists(atPath: "\(mountPoint.root)/templates/full"))
             #expect(mountPoint.stagingEntries().isEmpty)

@@ -123,7 +123,7 @@ extension RealGuests {
             _ = try run(["pool", "fill", "busybox"], store)
             _ = try run(["clone", "busybox", "--no-pool", "--name", "taken"], store)
             let refused = try CLI.run(["clone", "busybox", "--name", "taken"] + store.arguments)
-            #expect(refused.status == 1 && refused.stderr.contains("already exists"), "\(refused.stderr)")
+            #expect(refused.status != 0 && refused.stderr.contains("already exists"), "\(refused.stderr)")
             #expect(try poolStatus(store).first?.ready == 1, "the member stayed in the pool")
             let clone = try JSONDecoder().decode(Clone.self, from: Data(try run(["clone", "busybox", "--json", "--name", "svc", "--nic", "user", "--disk", "path=\(images.raw),overlay=on"], store).stdout.utf8))
             #expect(clone.from_pool && clone.name == "svc")

@@ -107,7 +107,7 @@ extension RealGuests {
 
             if action == .pause {
                 let refused = try CLI.run(["resume", "greedy"] + store.arguments)
-                #expect(refused.status == 1 && refused.stderr.contains("over its limit"))
+                #expect(refused.status != 0 && refused.stderr.contains("over its limit"))
                 let resumed = try CLI.run(["resume", "greedy", "--cow-limit", "1G"] + store.arguments)
                 #expect(resumed.status == 0, "resume: \(resumed.stderr)")
                 #expect(try list(store).clones.first { $0.name == "greedy" }?.state == "running")
@@ -122,7 +122,7 @@ extension RealGuests {
             #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: "\(store.root)/scheduler.lock") })
             try await Task.sleep(for: .milliseconds(300))
             let second = try CLI.run(["scheduler", "--interval", "0.2"] + store.arguments)
-            #expect(second.status == 1 && second.stderr.contains("another scheduler"))
+            #expect(second.status != 0 && second.stderr.contains("another scheduler"))
             kill(first.process.processIdentifier, SIGKILL)
             first.process.waitUntilExit()
             _ = first.result()
@@ -146,18 +146,18 @@ extension RealGuests {
             #expect(try CLI.run(["settings", "--max-clones", "1"] + store.arguments).status == 0)
             try clone(store, ["--name", "one"])
             let refused = try CLI.run(["clone", SharedTemplate.name] + store.arguments)
-            #expect(refused.status == 1 && refused.stderr.contains("at most 1 live clones"))
+            #expect(refused.status != 0 && refused.stderr.contains("at most 1 live clones"))
 
             #expect(try CLI.run(["settings", "--max-clones", "none", "--memory-budget", "400M"] + store.arguments).status == 0)
             // "one" commits 256 MiB + QEMU's reserve; another full one does not fit, a limited one does.
             let tooBig = try CLI.run(["clone", SharedTemplate.name] + store.arguments)
-            #expect(tooBig.status == 1 && tooBig.stderr.contains("memory budget"))
+            #expect(tooBig.status != 0 && tooBig.stderr.contains("memory budget"))
             try clone(store, ["--name", "small", "--cow-limit", "32M"])
 
             let badSize = try CLI.run(["clone", SharedTemplate.name, "--cow-limit", "12Q"] + store.arguments)
-            #expect(badSize.status == 1 && badSize.stderr.contains("invalid size '12Q'"))
+            #expect(badSize.status != 0 && badSize.stderr.contains("invalid size '12Q'"))
             let badSetting = try CLI.run(["settings", "--max-clones", "lots"] + store.arguments)
-            #expect(badSetting.status == 1)
+            #expect(badSetting.status != 0)
             #expect(try list(store).clones.count == 2)
         }
 
@@ -197,7 +197,7 @@ extension RealGuests {
             let identity = try #require(ProcessIdentity.current(pid: bystander.processIdentifier))
             try templateStore.updateClone(record.id) { $0.qemu = identity }
             let rm = try CLI.run(["rm", "claims"] + store.arguments)
-            #expect(rm.status == 1)
+            #expect(rm.status != 0)
             #expect(rm.stderr.contains("not its QEMU"), "\(rm.stderr)")
             #expect(bystander.isRunning, "rm must not signal a process that is not the clone's QEMU")
             #expect(FileManager.default.fileExists(atPath: store.cloneDirectory(record.id)))

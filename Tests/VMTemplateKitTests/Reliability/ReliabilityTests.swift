@@ -48,7 +48,7 @@ extension RealGuests {
             // The CLI as nobody on root's store: every change refused with a sentence.
             for arguments in [["clone", SharedTemplate.name], ["gc"], ["rm", "--all"], ["settings", "--max-clones", "0"], ["rm-template", SharedTemplate.name]] {
                 let result = try Reliability.asNobody([Checkout.binary] + arguments + store.arguments)
-                tally.trial(failed: result.status != 1 || !result.stderr.contains("only its owner changes a store"), lost: false, note: "\(arguments): \(result.stderr)")
+                tally.trial(failed: result.status == 0 || !result.stderr.contains("only its owner changes a store"), lost: false, note: "\(arguments): \(result.stderr)")
             }
             // Holding the lock needs opening it, which nobody may (0600 root).
             let hold = try Reliability.asNobody(["/usr/bin/flock", "-n", "\(store.root)/lock", "true"])
@@ -128,13 +128,13 @@ extension RealGuests {
             let started = ContinuousClock.now
             let blocked = try CLI.run(["settings", "--max-clones", "5"] + store.arguments, environment: ["VMTEMPLATE_LOCK_TIMEOUT": "1"])
             let waited = started.duration(to: .now)
-            tally.trial(failed: blocked.status != 1 || !blocked.stderr.contains("held by process \(getpid())") || waited > .seconds(20), lost: false, note: "\(blocked.stderr)")
+            tally.trial(failed: blocked.status == 0 || !blocked.stderr.contains("held by process \(getpid())") || waited > .seconds(20), lost: false, note: "\(blocked.stderr)")
             holder.unlock()
             if Environment.isRoot {
                 // A lock file that belongs to another user is refused at once.
                 chown("\(store.root)/lock", 65534, 65534)
                 let planted = try CLI.run(["settings", "--max-clones", "5"] + store.arguments)
-                tally.trial(failed: planted.status != 1 || !planted.stderr.contains("belongs to uid 65534"), lost: false, note: "\(planted.stderr)")
+                tally.trial(failed: planted.status == 0 || !planted.stderr.contains("belongs to uid 65534"), lost: false, note: "\(planted.stderr)")
             }
             tally.finish()
         }
@@ -286,7 +286,7 @@ extension RealGuests {
             try handle.close()
             chmod(state, 0o444)
             let verify = try CLI.run(["verify", "t", "--json"] + own.arguments)
-            tally.trial(failed: verify.status != 1 || !verify.stdout.contains("\"ok\":false") || !verify.stderr.contains("(state)"), lost: false, note: "verify: \(verify.stdout) \(verify.stderr)")
+            tally.trial(failed: verify.status == 0 || !verify.stdout.contains("\"ok\":false") || !verify.stderr.contains("(state)"), lost: false, note: "verify: \(verify.stdout) \(verify.stderr)")
             try restoreState()
             // Truncation and a mode change: clone's quick check refuses.
             for damage in ["truncate", "mode"] {
@@ -294,7 +294,7 @@ extension RealGuests {
                 if damage == "truncate" { truncate(state, 1000) }
                 if damage != "mode" { chmod(state, 0o444) }
                 let result = try CLI.run(["clone", "t"] + own.arguments)
-                tally.trial(failed: result.status != 1 || !result.stderr.contains("does not match its manifest"), lost: !QEMUProcesses.using(own.root).isEmpty, note: "\(damage): \(result.stderr)")
+                tally.trial(failed: result.status == 0 || !result.stderr.contains("does not match its manifest"), lost: !QEMUProcesses.using(own.root).isEmpty, note: "\(damage): \(result.stderr)")
                 try restoreState()
             }
             // A corrupt manifest.
@@ -304,7 +304,7 @@ extension RealGuests {
             try Data("{\"format_version\": 1, \"name\": 7}".utf8).write(to: URL(fileURLWithPath: manifest))
             for arguments in [["clone", "t"], ["verify", "t"], ["inspect", "t"]] {
                 let result = try CLI.run(arguments + own.arguments)
-                tally.trial(failed: result.status != 1 || result.signaled || !result.stderr.contains("not valid"), lost: false, note: "\(arguments): \(result.stderr)")
+                tally.trial(failed: result.status == 0 || result.signaled || !result.stderr.contains("not valid"), lost: false, note: "\(arguments): \(result.stderr)")
             }
             try manifestBytes.write(to: URL(fileURLWithPath: manifest))
             chmod(manifest, 0o444)
@@ -312,7 +312,7 @@ extension RealGuests {
             try Data("{\"max_clones\": -5}".utf8).write(to: URL(fileURLWithPath: "\(own.root)/settings.json"))
             for arguments in [["clone", "t"], ["settings"], ["scheduler", "--once"]] {
                 let result = try CLI.run(arguments + own.arguments)
-                tally.trial(failed: result.status != 1 || !result.stderr.contains("settings file"), lost: false, note: "\(arguments): \(result.stderr)")
+                tally.trial(failed: result.status == 0 || !result.stderr.contains("settings file"), lost: false, note: "\(arguments): \(result.stderr)")
             }
             unlink("\(own.root)/settings.json")
             // A corrupt record of a running clone: gc stops its QEMU by name and removes it.
@@ -390,7 +390,7 @@ extension RealGuests {
                 defer { own.remove() }
                 let started = ContinuousClock.now
                 let kvm = try CLI.run(["create", "k", "--recipe", Checkout.busyboxRecipe, "--accel", "kvm"] + own.arguments)
-                tally.trial(failed: kvm.status != 1 || !kvm.stderr.contains("cannot run ordinary guests") || started.duration(to: .now) > .seconds(10), lost: !QEMUProcesses.using(own.root).isEmpty, note: "create --accel kvm: \(kvm.stderr)")
+                tally.trial(failed: kvm.status == 0 || !kvm.stderr.contains("cannot run ordinary guests") || started.duration(to: .now) > .seconds(10), lost: !QEMUProcesses.using(own.root).isEmpty, note: "create --accel kvm: \(kvm.stderr)")
             }
             let clone = try CLI.run(["clone", SharedTemplate.name, "--name", "frozen", "--json"] + store.arguments)
             try #require(clone.status == 0, "\(clone.stderr)")
@@ -399,10 +399,10 @@ extension RealGuests {
             qmp.close()
             // Names are unique among clones and templates.
             let sameName = try CLI.run(["create", "frozen", "--recipe", Checkout.busyboxRecipe] + store.arguments)
-            tally.trial(failed: sameName.status != 1 || !sameName.stderr.contains("is the name of a clone"), lost: !store.stagingEntries().isEmpty, note: "create with a clone's name: \(sameName.stderr)")
+            tally.trial(failed: sameName.status == 0 || !sameName.stderr.contains("is the name of a clone"), lost: !store.stagingEntries().isEmpty, note: "create with a clone's name: \(sameName.stderr)")
             let started = ContinuousClock.now
             let send = try CLI.run(["send", "frozen", "ping", "--timeout", "30"] + store.arguments)
-            tally.trial(failed: send.status != 1 || !send.stderr.contains("is paused") || started.duration(to: .now) > .seconds(10), lost: false, note: "send to a paused clone: \(send.stderr)")
+            tally.trial(failed: send.status == 0 || !send.stderr.contains("is paused") || started.duration(to: .now) > .seconds(10), lost: false, note: "send to a paused clone: \(send.stderr)")
             if Environment.isRoot {
                 let listing = try Reliability.asNobody([Checkout.binary, "list", "--json"] + store.arguments)
                 tally.trial(failed: listing.status != 0 || !listing.stdout.contains("\"state\":\"not-yours\"") || listing.stdout.contains("\"state\":\"unresponsive\""), lost: false, note: "list as nobody: \(listing.stdout) \(listing.stderr)")
@@ -436,7 +436,7 @@ extension RealGuests {
                 let result = try CLI.run(["clone", SharedTemplate.name, "--template-store", templates.root] + mountPoint.arguments)
                 let left = (try? FileManager.default.contentsOfDirectory(atPath: "\(mountPoint.root)/clones")) ?? []
                 let quiet = await eventually(timeout: .seconds(5)) { QEMUProcesses.using(mountPoint.root).isEmpty }
-                tally.trial(failed: result.status != 1 || result.signaled || !(result.stderr.contains("full") || result.stderr.contains("No space left")),
+                tally.trial(failed: result.status == 0 || result.signaled || !(result.stderr.contains("full") || result.stderr.contains("No space left")),
                             lost: !left.isEmpty || !quiet, note: "status \(result.status): \(result.stderr), left \(left)")
             }
             tally.finish()
