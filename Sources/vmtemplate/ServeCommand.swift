@@ -105,3 +105,34 @@ struct APIRequest: ParsableCommand {
         if reply.status >= 400 { throw ExitCode(1) }
     }
 }
+
+/// Shell completion scripts, generated from the argument parser (what its hidden
+/// `--generate-completion-script` prints), under a name people find.
+struct Completion: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the completion script for a shell.",
+        discussion: """
+            Install it where your shell looks (scripts/install-shell-support does all three and the \
+            man page):
+              vmtemplate completion bash > /etc/bash_completion.d/vmtemplate
+              vmtemplate completion zsh > /usr/local/share/zsh/site-functions/_vmtemplate
+              vmtemplate completion fish > /etc/fish/completions/vmtemplate.fish
+            """
+    )
+
+    enum Shell: String, ExpressibleByArgument, CaseIterable {
+        case bash, zsh, fish
+    }
+
+    @Argument(help: "bash, zsh or fish.")
+    var shell: Shell
+
+    func run() throws {
+        let kind: CompletionShell = switch shell {
+        case .bash: .bash
+        case .zsh: .zsh
+        case .fish: .fish
+        }
+        print(VMTemplateCommand.completionScript(for: kind))
+    }
+}

@@ -118,3 +118,16 @@ struct ModelTests {
         #expect(throws: Never.self) { try InstancePaths(directory: "/var/lib/vmtemplate/staging/x").checkSocketLengths() }
     }
 }
+
+@Suite("process identities in records")
+struct ProcessIdentityCodingTests {
+    @Test("written as snake_case start_time; records from before 0.3 with startTime still read")
+    func snakeCaseAndLegacy() throws {
+        let written = String(decoding: try JSONEncoder().encode(ProcessIdentity(pid: 42, startTime: 1234)), as: UTF8.self)
+        #expect(written.contains("\"start_time\":1234") && !written.contains("startTime"))
+        let legacy = try JSONDecoder().decode(ProcessIdentity.self, from: Data(#"{"pid": 42, "startTime": 1234}"#.utf8))
+        #expect(legacy == ProcessIdentity(pid: 42, startTime: 1234))
+        let current = try JSONDecoder().decode(ProcessIdentity.self, from: Data(#"{"pid": 42, "start_time": 1234}"#.utf8))
+        #expect(current == legacy)
+    }
+}

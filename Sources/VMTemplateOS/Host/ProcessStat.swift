@@ -131,4 +131,24 @@ public struct ProcessIdentity: Sendable, Codable, Hashable {
     public var startDate: Date? {
         ProcessStat.date(ofStartTicks: startTime)
     }
+
+    // snake_case like every other key vmtemplate writes; `startTime`, which records and
+    // owner files had before 0.3, is still read.
+    enum CodingKeys: String, CodingKey {
+        case pid
+        case startTime = "start_time"
+        case legacyStartTime = "startTime"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        pid = try container.decode(Int32.self, forKey: .pid)
+        startTime = try container.decodeIfPresent(UInt64.self, forKey: .startTime) ?? container.decode(UInt64.self, forKey: .legacyStartTime)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(pid, forKey: .pid)
+        try container.encode(startTime, forKey: .startTime)
+    }
 }

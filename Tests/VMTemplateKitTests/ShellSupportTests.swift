@@ -1,0 +1,35 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateOS
+
+/// Completion scripts and the systemd unit, checked by the tools that read them.
+@Suite("shell support and the systemd unit")
+struct ShellSupportTests {
+    @Test("completion scripts for bash, zsh and fish name the commands; bash's parses")
+    func completions() throws {
+        for shell in ["bash", "zsh", "fish"] {
+            let result = try CLI.run(["completion", shell])
+            #expect(result.status == 0, "\(shell): \(result.stderr)")
+            #expect(result.stdout.contains("clone") && result.stdout.contains("serve") && result.stdout.contains("pool"), "\(shell)")
+        }
+        let bash = try CLI.run(["completion", "bash"])
+        let script = NSTemporaryDirectory() + "vmtemplate-completion-\(UUID().uuidString.prefix(8)).bash"
+        try Data(bash.stdout.utf8).write(to: URL(fileURLWithPath: script))
+        defer { unlink(script) }
+        #expect(try ShortCommand.run("/bin/bash", ["-n", script]).status == 0, "bash -n rejects the completion script")
+        #expect(try CLI.run(["completion", "tcsh"]).status == 64)
+    }
+
+    @Test("the systemd unit passes systemd-analyze verify", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
+    func systemdUnit() throws {
+        let unit = try String(contentsOfFile: "\(Checkout.root)/dist/systemd/vmtemplate.service", encoding: .utf8)
+        #expect(unit.contains("ExecStart=/usr/local/bin/vmtemplate serve") && unit.contains("KillMode=process"))
+        // verify checks that ExecStart's binary exists: this checkout's stands in for the installed one.
+        let copy = NSTemporaryDirectory() + "vmtemplate-\(UUID().uuidString.prefix(8)).service"
+        try Data(unit.replacingOccurrences(of: "/usr/local/bin/vmtemplate", with: Checkout.binary).utf8).write(to: URL(fileURLWithPath: copy))
+        defer { unlink(copy) }
+        let verified = try ShortCommand.run("/usr/bin/systemd-analyze", ["verify", copy])
+        #expect(verified.status == 0 && verified.stderr.isEmpty, "\(verified.stderr)")
+    }
+}
