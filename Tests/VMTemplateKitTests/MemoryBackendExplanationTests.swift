@@ -161,11 +161,12 @@ struct MemoryBackendExplanationTests {
     func jsonKeys() throws {
         let refused = MemoryBackendExplanation.explain(MemoryBackendOptions(share: true, readonly: true, rom: .off))
         let object = try jsonObject(refused)
-        #expect(Set(object.keys) == ["share", "readonly", "rom", "resolved_rom", "valid", "error", "open_mode", "mapping", "guest_memory", "typical_use", "hint", "file"])
+        #expect(Set(object.keys) == ["share", "readonly", "rom", "resolved_rom", "valid", "error", "open_mode", "mapping", "guest_sees", "writes_reach_file", "explanation", "typical_use", "hint", "file"])
+        #expect(object["share"] as? String == "on" && object["readonly"] as? String == "on" && object["resolved_rom"] as? String == "off")
         #expect(object["valid"] as? Bool == false)
         #expect(object["error"] as? String == Self.romOffError)
         #expect(object["rom"] as? String == "off")
-        for key in ["open_mode", "mapping", "guest_memory", "typical_use", "file"] {
+        for key in ["open_mode", "mapping", "guest_sees", "writes_reach_file", "explanation", "typical_use", "file"] {
             #expect(object[key] is NSNull, "\(key)")
         }
 
@@ -173,7 +174,10 @@ struct MemoryBackendExplanationTests {
         let cloneObject = try jsonObject(clone)
         #expect(cloneObject["open_mode"] as? String == "read-only")
         #expect(cloneObject["mapping"] as? String == "private")
-        #expect(cloneObject["resolved_rom"] as? Bool == false)
+        #expect(cloneObject["resolved_rom"] as? String == "off")
+        #expect(cloneObject["guest_sees"] as? String == "ram")
+        #expect(cloneObject["writes_reach_file"] as? Bool == false)
+        #expect(cloneObject["share"] as? String == "off")
         #expect(cloneObject["error"] is NSNull)
         let file = try #require(cloneObject["file"] as? [String: Any])
         #expect(Set(file.keys) == ["path", "exists", "readable", "writable", "would_open"])
@@ -184,6 +188,8 @@ struct MemoryBackendExplanationTests {
         #expect(template["open_mode"] as? String == "read-write")
         #expect(template["mapping"] as? String == "shared")
         #expect(template["rom"] as? String == "auto")
+        #expect(template["writes_reach_file"] as? Bool == true)
+        #expect(try jsonObject(MemoryBackendExplanation.explain(MemoryBackendOptions(share: false, readonly: true, rom: .on)))["guest_sees"] as? String == "rom")
     }
 
     @Test("JSON decodes back to the same explanation")

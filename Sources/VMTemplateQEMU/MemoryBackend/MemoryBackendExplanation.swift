@@ -132,8 +132,10 @@ extension MemoryBackendOptions {
 /// What QEMU (>= 8.2) does with one `share`/`readonly`/`rom` combination, and optionally whether the
 /// current user can open a given file the way QEMU would.
 ///
-/// JSON keys: `share`, `readonly`, `rom`, `resolved_rom`, `valid`, `error`, `open_mode`, `mapping`,
-/// `guest_memory`, `typical_use`, `hint`, `file`; absent values are written as `null`.
+/// JSON keys: `share`, `readonly`, `rom`, `resolved_rom` (`"on"`/`"off"`, `rom` also `"auto"`),
+/// `valid`, `error`, `open_mode`, `mapping`, `guest_sees` (`"ram"`/`"rom"`), `writes_reach_file`,
+/// `explanation`, `typical_use`, `hint`, `file`: fixed strings for what a program compares, prose
+/// only in `explanation`, `typical_use`, `hint` and `error`; absent values are written as `null`.
 public struct MemoryBackendExplanation: Sendable, Codable, Equatable {
     /// The result of checking a memory file as the current (effective) user.
     public struct FileCheck: Sendable, Codable, Equatable {
@@ -211,26 +213,60 @@ public struct MemoryBackendExplanation: Sendable, Codable, Equatable {
         case valid, error
         case openMode = "open_mode"
         case mapping
-        case guestMemory = "guest_memory"
+        case guestSees = "guest_sees"
+        case writesReachFile = "writes_reach_file"
+        case guestMemory = "explanation"
         case typicalUse = "typical_use"
         case hint, file
     }
 
+    /// What the guest sees, as a fixed string; nil when QEMU refuses the combination.
+    public var guestSees: String? { valid ? (resolvedROM ? "rom" : "ram") : nil }
+    /// Whether the guest's writes reach the file; nil when QEMU refuses the combination.
+    public var writesReachFile: Bool? { valid ? (share && !resolvedROM) : nil }
+
+    static func onOff(_ value: Bool) -> String { value ? "on" : "off" }
+
     /// Writes every key, `null` for absent values (the synthesized encoder would leave them out).
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
-        try container.encode(share, forKey: .share)
-        try container.encode(readonly, forKey: .readonly)
+        try container.encode(Self.onOff(share), forKey: .share)
+        try container.encode(Self.onOff(readonly), forKey: .readonly)
         try container.encode(rom, forKey: .rom)
-        try container.encode(resolvedROM, forKey: .resolvedROM)
+        try container.encode(Self.onOff(resolvedROM), forKey: .resolvedROM)
         try container.encode(valid, forKey: .valid)
         try container.encode(error, forKey: .error)
         try container.encode(openMode, forKey: .openMode)
         try container.encode(mapping, forKey: .mapping)
+        try container.encode(guestSees, forKey: .guestSees)
+        try container.encode(writesReachFile, forKey: .writesReachFile)
         try container.encode(guestMemory, forKey: .guestMemory)
         try container.encode(typicalUse, forKey: .typicalUse)
         try container.encode(hint, forKey: .hint)
         try container.encode(file, forKey: .file)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        func onOff(_ key: CodingKeys) throws -> Bool {
+            let text = try container.decode(String.self, forKey: key)
+            guard text == "on" || text == "off" else {
+                throw DecodingError.dataCorruptedError(forKey: key, in: container, debugDescription: "expected \"on\" or \"off\"")
+            }
+            return text == "on"
+        }
+        share = try onOff(.share)
+        readonly = try onOff(.readonly)
+        rom = try container.decode(OnOffAuto.self, forKey: .rom)
+        resolvedROM = try onOff(.resolvedROM)
+        valid = try container.decode(Bool.self, forKey: .valid)
+        error = try container.decodeIfPresent(String.self, forKey: .error)
+        openMode = try container.decodeIfPresent(FileOpenMode.self, forKey: .openMode)
+        mapping = try container.decodeIfPresent(FileMapping.self, forKey: .mapping)
+        guestMemory = try container.decodeIfPresent(String.self, forKey: .guestMemory)
+        typicalUse = try container.decodeIfPresent(String.self, forKey: .typicalUse)
+        hint = try container.decodeIfPresent(String.self, forKey: .hint)
+        file = try container.decodeIfPresent(FileCheck.self, forKey: .file)
     }
 
     /// The hint QEMU >= 8.2 gives, in vmtemplate's words, when a private mapping fails only
