@@ -35,13 +35,39 @@ struct Inspect: AsyncParsableCommand {
             if let name = try? EntityName(reference), store.templateExists(name) {
                 let view = TemplateView(template: try store.template(named: name).manifest, clones: records.filter { $0.template == reference }.map(\.id))
                 if json { return try Terminal.printJSON(view) }
-                print(TerminalText.escapeJSON(String(decoding: try JSONCoding.encode(view), as: UTF8.self)), terminator: "")
+                let manifest = view.template
+                var rows: [[String]] = [
+                    ["template", manifest.name], ["guest memory", ByteSize(bytes: manifest.machine.memoryBytes).description],
+                    ["machine", manifest.machine.machineType], ["accelerator", manifest.machine.accelerator.rawValue],
+                    ["hot-plug slots", String(manifest.machine.hotplugSlots)], ["guest clock", (manifest.guestClock ?? .none).rawValue],
+                    ["QEMU", "\(manifest.qemu.version) (\(manifest.qemu.path))"], ["created", ISO8601DateFormatter().string(from: manifest.createdAt)],
+                    ["clones", view.clones.isEmpty ? "none" : view.clones.joined(separator: " ")],
+                ]
+                for file in [manifest.memory, manifest.state] {
+                    rows.append(["file \(file.name)", "\(ByteSize(bytes: file.sizeBytes)) sha256 \(file.sha256)"])
+                }
+                print(TextTable.render(rows))
                 return
             }
             let record = try store.findClone(reference)
             let view = CloneView(clone: await CloneEngine(store: store).status(of: record), record: record)
             if json { return try Terminal.printJSON(view) }
-            print(TerminalText.escapeJSON(String(decoding: try JSONCoding.encode(view), as: UTF8.self)), terminator: "")
+            let status = view.clone
+            var rows: [[String]] = [
+                ["id", record.id], ["name", record.name], ["template", record.template],
+                ["state", status.state.rawValue], ["pid", record.qemu.map { String($0.pid) } ?? "-"],
+                ["created", ISO8601DateFormatter().string(from: record.createdAt)],
+                ["copy-on-write", status.cowBytes.map { ByteSize(bytes: $0).description } ?? "-"],
+                ["QEMU private", status.privateBytes.map { ByteSize(bytes: $0).description } ?? "-"],
+                ["cow limit", record.cowLimitBytes.map { ByteSize(bytes: $0).description } ?? "none"],
+                ["vmgenid", record.vmgenid ?? "-"], ["clock", record.clock ?? "-"], ["from pool", record.fromPool == true ? "yes" : "no"],
+                ["qmp socket", status.qmpSocket], ["control socket", status.controlSocket], ["serial log", status.serialLog],
+            ]
+            if let enforcement = record.lastEnforcement {
+                rows.append(["last enforcement", "\(enforcement.action.rawValue) at \(ISO8601DateFormatter().string(from: enforcement.time)) (\(ByteSize(bytes: enforcement.cowBytes)) over \(ByteSize(bytes: enforcement.limitBytes)))"])
+            }
+            for device in record.devices ?? [] { rows.append(["device", device.summary]) }
+            print(TextTable.render(rows))
         }
     }
 }

@@ -6,10 +6,16 @@ import VMTemplateQEMU
 import VMTemplateStore
 
 struct List: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List templates (and clones).")
+    static let configuration = CommandConfiguration(
+        abstract: "List templates (and clones).",
+        discussion: "Examples:\n  vmtemplate list\n  vmtemplate list --json\n  vmtemplate list -q | xargs vmtemplate rm"
+    )
 
     @Flag(help: "Print one JSON object: {\"templates\": [...], \"clones\": [...]}.")
     var json = false
+
+    @Flag(name: .shortAndLong, help: "Print the clones' IDs only, one per line (pool members left out).")
+    var quiet = false
 
     @OptionGroup var store: StoreOptions
 
@@ -43,6 +49,10 @@ struct List: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let store = try store.open(.readOnly)
+            if quiet {
+                for record in store.clones().records where record.state != .pooled && record.state != .warming { print(record.id) }
+                return
+            }
             let (templates, templateProblems) = store.templates()
             let manifests = templates.map(\.manifest)
             let listing = store.listClones()

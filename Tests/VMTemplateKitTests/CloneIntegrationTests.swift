@@ -154,6 +154,21 @@ extension RealGuests {
             _ = try CLI.run(["rm", "--all", "--store", store])
         }
 
+        @Test("list -q prints IDs only; inspect without --json prints a readable view of a clone and of a template")
+        func humanViews() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let made = try clone(store, ["--nic", "user"])
+            let quiet = try CLI.run(["list", "-q"] + store.arguments)
+            #expect(quiet.stdout == "\(made.id)\n")
+            let inspected = try CLI.run(["inspect", made.id] + store.arguments)
+            #expect(inspected.status == 0 && !inspected.stdout.hasPrefix("{"))
+            #expect(inspected.stdout.contains("state           running") && inspected.stdout.contains("device          nic0"), "\(inspected.stdout)")
+            let template = try CLI.run(["inspect", SharedTemplate.name] + store.arguments)
+            #expect(template.stdout.contains("hot-plug slots  4") && template.stdout.contains("file memory"), "\(template.stdout)")
+            #expect(try CLI.run(["inspect", made.id, "--json"] + store.arguments).stdout.hasPrefix("{"))
+        }
+
         @Test("--no-vmgenid keeps the template's generation ID")
         func noVMGenID() async throws {
             let store = try await SharedTemplate.shared.store()
