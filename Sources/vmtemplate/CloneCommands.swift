@@ -101,7 +101,7 @@ struct Remove: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rm",
         abstract: "Stop clones and remove their records.",
-        discussion: "Each clone is asked to quit over QMP, then sent SIGTERM, then SIGKILL after the grace period."
+        discussion: "Each clone is asked to quit over QMP, then sent SIGTERM, then SIGKILL after the grace period.\n\nExamples:\n  vmtemplate rm web-1\n  vmtemplate rm --all"
     )
 
     @Argument(help: "Clone IDs (or unambiguous prefixes) or names.")

@@ -24,7 +24,7 @@ struct DeviceCommand: AsyncParsableCommand {
     )
 
     struct Add: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Hot-plug NICs and disks into a running clone.")
+        static let configuration = CommandConfiguration(abstract: "Hot-plug NICs and disks into a running clone.", discussion: "Examples:\n  vmtemplate device add web-1 --nic tap=tap1,netns=/run/netns/pod1\n  vmtemplate device add web-1 --disk path=/srv/base.qcow2,format=qcow2,overlay=on --json")
 
         @Argument(help: "Clone ID (or unambiguous prefix) or name.")
         var clone: String
@@ -68,7 +68,7 @@ struct DeviceCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "rm",
             abstract: "Unplug a device from a running clone.",
-            discussion: "The guest is asked to release the device and must do so within --timeout; then its backend is removed and a disk's overlay deleted."
+            discussion: "The guest is asked to release the device and must do so within --timeout; then its backend is removed and a disk's overlay deleted.\n\nExample: vmtemplate device rm web-1 disk0"
         )
 
         @Argument(help: "Clone ID (or unambiguous prefix) or name.")
@@ -101,7 +101,7 @@ struct DeviceCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "list", abstract: "List a clone's hot-plugged devices.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List a clone's hot-plugged devices.", discussion: "Example: vmtemplate device list web-1 --json")
 
         @Argument(help: "Clone ID (or unambiguous prefix) or name.")
         var clone: String

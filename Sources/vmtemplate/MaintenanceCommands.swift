@@ -7,7 +7,8 @@ import VMTemplateStore
 
 struct Doctor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check QEMU and the accelerator: what vmtemplate will use and what it can do."
+        abstract: "Check QEMU and the accelerator: what vmtemplate will use and what it can do.",
+        discussion: "Examples:\n  vmtemplate doctor\n  vmtemplate doctor --json"
     )
 
     @Flag(help: "Print one JSON object.")
@@ -40,7 +41,8 @@ struct Doctor: AsyncParsableCommand {
 struct GC: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "gc",
-        abstract: "Remove leftovers of interrupted commands and kill the QEMU they left running."
+        abstract: "Remove leftovers of interrupted commands and kill the QEMU they left running.",
+        discussion: "Examples:\n  vmtemplate gc\n  vmtemplate gc --json"
     )
 
     @Flag(help: "Print one JSON object.")

@@ -23,7 +23,7 @@ struct PoolCommand: AsyncParsableCommand {
     )
 
     struct SetSize: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "set", abstract: "Set how many members a template's pool holds (0 drains it).")
+        static let configuration = CommandConfiguration(commandName: "set", abstract: "Set how many members a template's pool holds (0 drains it).", discussion: "Examples:\n  vmtemplate pool set busybox --size 8\n  vmtemplate pool set busybox --size 0")
 
         @Argument(help: "Template name.")
         var template: String
@@ -51,7 +51,7 @@ struct PoolCommand: AsyncParsableCommand {
     }
 
     struct Fill: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Fill a template's pool to its size once, then return.")
+        static let configuration = CommandConfiguration(abstract: "Fill a template's pool to its size once, then return.", discussion: "Example: vmtemplate pool fill busybox")
 
         @Argument(help: "Template name.")
         var template: String
@@ -85,7 +85,7 @@ struct PoolCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "ls", abstract: "Each pool: its size, ready members, members being filled.")
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "Each pool: its size, ready members, members being filled.", discussion: "Examples:\n  vmtemplate pool ls\n  vmtemplate pool ls --json")
 
         @Flag(help: "Print JSON.")
         var json = false

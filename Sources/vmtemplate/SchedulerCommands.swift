@@ -16,6 +16,8 @@ struct SchedulerCommand: AsyncParsableCommand {
             clone's copy-on-write pages (/proc/PID/smaps) and pauses or kills those over their \
             --cow-limit, printing each action as one JSON line. It keeps no state of its own: \
             killed and started again, it carries on from the store. One per store.
+            
+            Example: vmtemplate scheduler --interval 1
             """
     )
 
@@ -50,7 +52,7 @@ struct SchedulerCommand: AsyncParsableCommand {
 }
 
 struct Resume: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Continue a paused clone.")
+    static let configuration = CommandConfiguration(abstract: "Continue a paused clone.", discussion: "Example: vmtemplate resume web-1 --cow-limit 128M")
 
     @Argument(help: "Clone ID (or unambiguous prefix) or name.")
     var clone: String

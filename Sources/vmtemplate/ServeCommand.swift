@@ -112,8 +112,8 @@ struct Completion: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print the completion script for a shell.",
         discussion: """
-            Install it where your shell looks (scripts/install-shell-support does all three and the \
-            man page):
+            Install it where your shell looks (scripts/install-shell-support does all three). \
+            Examples:
               vmtemplate completion bash > /etc/bash_completion.d/vmtemplate
               vmtemplate completion zsh > /usr/local/share/zsh/site-functions/_vmtemplate
               vmtemplate completion fish > /etc/fish/completions/vmtemplate.fish

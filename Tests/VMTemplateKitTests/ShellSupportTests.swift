@@ -21,6 +21,25 @@ struct ShellSupportTests {
         #expect(try CLI.run(["completion", "tcsh"]).status == 64)
     }
 
+    @Test("every command's --help has an example")
+    func examplesInHelp() throws {
+        func subcommands(of path: [String]) throws -> [String] {
+            let help = try CLI.run(path + ["--help"]).stdout
+            guard let start = help.range(of: "SUBCOMMANDS:\n") else { return [] }
+            return help[start.upperBound...].split(separator: "\n").compactMap { line in
+                guard line.hasPrefix("  "), !line.hasPrefix("   ") else { return nil }
+                return line.split(separator: " ").first.map(String.init)
+            }.filter { $0 != "help" }
+        }
+        var commands = try subcommands(of: []).map { [$0] }
+        #expect(commands.count >= 20, "\(commands)")
+        for command in commands { commands += try subcommands(of: command).map { command + [$0] } }
+        for command in commands {
+            let help = try CLI.run(command + ["--help"])
+            #expect(help.stdout.contains("Example"), "vmtemplate \(command.joined(separator: " ")) --help has no example")
+        }
+    }
+
     @Test("the systemd unit passes systemd-analyze verify", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
     func systemdUnit() throws {
         let unit = try String(contentsOfFile: "\(Checkout.root)/dist/systemd/vmtemplate.service", encoding: .utf8)
