@@ -35,7 +35,7 @@ public final class APIMetrics: Sendable {
         counters.withLock { $0.requests[status, default: 0] += 1 }
     }
 
-    func render(store: TemplateStore, pools: [WarmPool.Status]) -> String {
+    func render(records: [CloneRecord], pools: [WarmPool.Status]) -> String {
         let snapshot = counters.withLock { $0 }
         var lines: [String] = []
         func metric(_ name: String, _ type: String, _ help: String, _ samples: [(labels: String, value: String)]) {
@@ -43,7 +43,6 @@ public final class APIMetrics: Sendable {
             lines.append("# TYPE \(name) \(type)")
             for sample in samples { lines.append("\(name)\(sample.labels.isEmpty ? "" : "{\(sample.labels)}") \(sample.value)") }
         }
-        let records = store.clones().records
         var byState: [String: Int] = [:]
         for record in records { byState[record.state.rawValue, default: 0] += 1 }
         metric("vmtemplate_clones", "gauge", "Clone records by the state vmtemplate last wrote.", byState.sorted { $0.key < $1.key }.map { ("state=\"\($0.key)\"", String($0.value)) })

@@ -188,7 +188,9 @@ public struct APIServer: Sendable {
             return try Self.json(status)
         }
         router.get("/metrics") { _, _ -> Response in
-            let text = metrics.render(store: store, pools: WarmPool(engine: engine).status())
+            // Every record once, for the clone gauges and the pools alike.
+            let records = store.clones().records
+            let text = metrics.render(records: records, pools: WarmPool(engine: engine).status(records: records))
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
     }
@@ -219,7 +221,7 @@ struct CreateCloneBody: Decodable, Sendable {
             throw VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) nics and disks together.")
         }
         var request = CloneRequest(template: try EntityName(template), name: try name.map { try EntityName($0, kind: "clone") }, cowLimitBytes: try cowLimit.map { try ByteSize(parsing: $0).bytes })
-        request.devices = DeviceRequest(nics: try (nics ?? []).map(NICSpec.init(parsing:)), disks: try (disks ?? []).map(DiskSpec.init(parsing:)))
+        request.devices = try DeviceRequest(parsingNICs: nics ?? [], disks: disks ?? [])
         request.usePool = noPool != true
         return request
     }

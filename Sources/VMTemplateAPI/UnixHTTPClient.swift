@@ -26,15 +26,17 @@ public struct UnixHTTPClient: Sendable {
     }
 
     public func request(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(60)) throws -> Reply {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create a socket: \(errnoText()).") }
-        defer { close(fd) }
         guard let address = UnixSocketAddress(path: socketPath) else {
             throw VMTemplateError(.invalidArgument, "'\(socketPath)' is too long for a Unix socket.")
         }
-        guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
-            throw VMTemplateError(.ioError, "cannot connect to '\(socketPath)': \(errnoText()). Is 'vmtemplate serve' running?", cause: SystemCallError("connect"))
+        let fd: Int32
+        switch address.connectStream() {
+        case .success(let connected):
+            fd = connected
+        case .failure(let error):
+            throw VMTemplateError(.ioError, "cannot connect to '\(socketPath)': \(errnoText(error.code)). Is 'vmtemplate serve' running?", cause: error)
         }
+        defer { close(fd) }
         var head = "\(method) \(path) HTTP/1.1\r\nHost: vmtemplate\r\nConnection: close\r\n"
         if let body { head += "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n" }
         let bytes = Array((head + "\r\n").utf8) + Array(body ?? Data())

@@ -81,7 +81,7 @@ struct Clone: AsyncParsableCommand {
             // replies would go to the runtime's first request).
             request.guestRepliesInChild = true
             request.usePool = !noPool
-            request.devices = DeviceRequest(nics: try nic.map(NICSpec.init(parsing:)), disks: try disk.map(DiskSpec.init(parsing:)))
+            request.devices = try DeviceRequest(parsingNICs: nic, disks: disk)
             let request2 = request
             let json = self.json
             try await interruptible {

@@ -50,7 +50,7 @@ struct DeviceCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingErrors {
-                let request = DeviceRequest(nics: try nic.map(NICSpec.init(parsing:)), disks: try disk.map(DiskSpec.init(parsing:)))
+                let request = try DeviceRequest(parsingNICs: nic, disks: disk)
                 let store = try store.open()
                 let record = try store.findClone(clone)
                 let timeout = Duration.seconds(fractional: timeout)

@@ -20,6 +20,12 @@ public struct DeviceRequest: Sendable, Equatable {
     }
 
     public var count: Int { nics.count + disks.count }
+
+    /// From the specs `--nic`/`--disk` (and the API's `nics`/`disks`) take; the first bad one
+    /// is the error.
+    public init(parsingNICs nics: [String], disks: [String]) throws {
+        self.init(nics: try nics.map(NICSpec.init(parsing:)), disks: try disks.map(DiskSpec.init(parsing:)))
+    }
 }
 
 extension CloneEngine {

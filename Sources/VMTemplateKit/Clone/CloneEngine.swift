@@ -259,6 +259,14 @@ public struct CloneEngine: Sendable {
         return true
     }
 
+    /// Names are unique among clones and templates, so a name always says which one it is: a clone
+    /// may not take the name of a template of this store or of the one it clones from.
+    func refuseTemplateName(_ name: String) throws {
+        if let asTemplate = try? EntityName(name), store.templateExists(asTemplate) || templates.templateExists(asTemplate) {
+            throw VMTemplateError(.exists, "'\(name)' is the name of a template: give the clone another --name.")
+        }
+    }
+
     /// Creates the clone's directory and first record under the store lock, so names stay unique.
     private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
         let manifest = template.manifest
@@ -277,10 +285,7 @@ public struct CloneEngine: Sendable {
             var id = CloneRecord.newID()
             while access(store.cloneDirectory(id), F_OK) == 0 { id = CloneRecord.newID() }
             let name = request.name?.value ?? id
-            // Names are unique among clones and templates, so a name always says which one it is.
-            if let asTemplate = try? EntityName(name), store.templateExists(asTemplate) || templates.templateExists(asTemplate) {
-                throw VMTemplateError(.exists, "'\(name)' is the name of a template: give the clone another --name.")
-            }
+            try refuseTemplateName(name)
             let directory = store.cloneDirectory(id)
             // 0755: others may read the record (as they may see a process); logs and sockets
             // inside are the owner's alone.

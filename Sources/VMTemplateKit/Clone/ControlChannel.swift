@@ -38,19 +38,15 @@ public struct ControlChannel: Sendable {
     /// A connection to the channel (close-on-exec). QEMU serves one client at a time: a second
     /// connection is accepted only when the first has closed, so what it sends is read after.
     public func connect() throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create a socket: \(errnoText()).") }
         guard let address = UnixSocketAddress(path: path) else {
-            close(fd)
             throw VMTemplateError(.invalidArgument, "control socket path '\(path)' is empty or too long for a Unix socket.")
         }
-        let connected = address.withSockaddr { Glibc.connect(fd, $0, $1) }
-        guard connected == 0 else {
-            let error = VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText()). Is the clone running (vmtemplate list)?", cause: SystemCallError("connect"))
-            close(fd)
-            throw error
+        switch address.connectStream() {
+        case .success(let fd):
+            return fd
+        case .failure(let error):
+            throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText(error.code)). Is the clone running (vmtemplate list)?", cause: error)
         }
-        return fd
     }
 
     /// Writes `lines`, each ended by a newline, in one write.

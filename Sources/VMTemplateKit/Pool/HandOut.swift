@@ -44,9 +44,7 @@ extension CloneEngine {
                     // Names are unique among clones and templates: checked and taken under the
                     // store lock. Without a name (the ID is the name) the claim alone suffices.
                     try store.withLock {
-                        if let asTemplate = try? EntityName(wanted), store.templateExists(asTemplate) {
-                            throw VMTemplateError(.exists, "'\(wanted)' is the name of a template: give the clone another --name.")
-                        }
+                        try refuseTemplateName(wanted)
                         record.name = wanted
                         try store.claimNames(of: record)
                         try store.save(record)

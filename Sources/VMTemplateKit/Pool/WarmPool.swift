@@ -44,10 +44,11 @@ public struct WarmPool: Sendable {
         }
     }
 
-    /// Every pool with a size, and every template with members left over.
-    public func status() -> [Status] {
+    /// Every pool with a size, and every template with members left over. `records`: the store's
+    /// clone records when the caller has just read them (a metrics scrape needs them too).
+    public func status(records given: [CloneRecord]? = nil) -> [Status] {
         let sizes = store.poolSizes()
-        let records = store.clones().records
+        let records = given ?? store.clones().records
         var templates = Set(sizes.keys)
         for record in records where record.state == .pooled || record.state == .warming { templates.insert(record.template) }
         return templates.sorted().map { template in

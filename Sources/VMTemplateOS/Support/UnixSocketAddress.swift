@@ -22,6 +22,18 @@ public struct UnixSocketAddress: Sendable {
         }
     }
 
+    /// A blocking, close-on-exec stream socket connected to this address, or the failed call.
+    public func connectStream() -> Result<Int32, SystemCallError> {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return .failure(SystemCallError("socket")) }
+        guard withSockaddr({ connect(fd, $0, $1) }) == 0 else {
+            let code = errno
+            close(fd)
+            return .failure(SystemCallError("connect", code: code))
+        }
+        return .success(fd)
+    }
+
     /// Calls `body` (`bind`, `connect`) with the address as a `sockaddr` and its length.
     public func withSockaddr<Result>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Result) -> Result {
         withUnsafePointer(to: address) {

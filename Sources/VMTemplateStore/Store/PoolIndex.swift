@@ -80,10 +80,13 @@ extension TemplateStore {
     }
 
     /// This process's claim on `id`.
-    static func claimFileName(_ id: String) -> String {
-        let me = ProcessIdentity.current(pid: getpid())
-        return ".taken-\(id)-\(getpid())-\(me?.startTime ?? 0)"
-    }
+    static func claimFileName(_ id: String) -> String { ".taken-\(id)-\(ownClaimSuffix)" }
+
+    /// `PID-START` of this process, read from /proc once: every claim and release uses it.
+    private static let ownClaimSuffix: String = {
+        let pid = getpid()
+        return "\(pid)-\(ProcessIdentity.current(pid: pid)?.startTime ?? 0)"
+    }()
 
     /// Forgets this process's claim on `id`, once its record says where the member went.
     public func releaseClaim(_ id: String, template: EntityName) {
