@@ -161,6 +161,48 @@ extension RealGuests {
             #expect(try list(store).clones.count == 2)
         }
 
+        @Test("admission counts from the live index: a dead clone's entry never holds a place, a lost or garbled index is rebuilt, rm and gc keep it exact")
+        func liveIndex() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            let indexPath = "\(store.root)/live.json"
+            struct Index: Decodable { var clones: [String: UInt64] }
+            func indexed() throws -> Set<String> {
+                Set(try JSONDecoder().decode(Index.self, from: Data(contentsOf: URL(fileURLWithPath: indexPath))).clones.keys)
+            }
+            func id(_ name: String) throws -> String { try #require(try list(store).clones.first { $0.name == name }?.id) }
+
+            #expect(try CLI.run(["settings", "--max-clones", "2"] + store.arguments).status == 0)
+            try clone(store, ["--name", "doomed"])
+            try clone(store, ["--name", "kept"])
+            let doomed = try id("doomed"), kept = try id("kept")
+            #expect(try indexed() == [doomed, kept])
+
+            // A QEMU that dies leaves its clone's entry: admission must not refuse on its account.
+            let pid = try #require(try list(store).clones.first { $0.id == doomed }?.pid)
+            kill(pid, SIGKILL)
+            #expect(await eventually(timeout: .seconds(10)) { (try? list(store))?.clones.first { $0.id == doomed }?.state == "exited" })
+            try clone(store, ["--name", "third"])
+            let third = try id("third")
+            #expect(try indexed() == [kept, third])
+
+            // Lost or garbled: rebuilt from the records, and the limit still holds.
+            for garbled in [false, true] {
+                unlink(indexPath)
+                if garbled { _ = FileManager.default.createFile(atPath: indexPath, contents: Data("{\"clones\": {\"../x\": 1}}".utf8)) }
+                let refused = try CLI.run(["clone", SharedTemplate.name] + store.arguments)
+                #expect(refused.status == 69 && refused.stderr.contains("at most 2 live clones"), "\(refused.stderr)")
+                #expect(try indexed() == [kept, third])
+            }
+
+            // rm drops the entry at once; gc drops the directory of the dead one and rebuilds.
+            #expect(try CLI.run(["rm", "kept"] + store.arguments).status == 0)
+            #expect(try indexed() == [third])
+            #expect(try CLI.run(["gc"] + store.arguments).status == 0)
+            #expect(try indexed() == [third])
+            #expect(try list(store).clones.map(\.id) == [third])
+        }
+
         @Test("a record whose PID now belongs to another process shows as exited and is never killed")
         func reusedPID() async throws {
             let store = try await SharedTemplate.shared.store()

@@ -220,11 +220,11 @@ public struct CloneEngine: Sendable {
             return (record, warning)
         } catch {
             // The same clean-up for a failure and for an interruption (a cancelled task).
-            let directory = store.cloneDirectory(record.id)
             let launched = instance
+            let failed = record
             await uncancellable {
                 if let launched { _ = try? await launched.stop(grace: .milliseconds(500), politely: false) }
-                try? FileSystem.removeTree(path: directory)
+                try? store.withLock { try store.removeCloneDirectory(failed.id, record: failed) }
             }
             throw error
         }
@@ -271,16 +271,15 @@ public struct CloneEngine: Sendable {
     private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
         let manifest = template.manifest
         return try store.withLock {
-            // Only limits need every record (the live ones' commitments); names and IDs do not
-            // (the name index, ``TemplateStore/claimNames(of:)``), so without limits nothing here
-            // grows with the number of clones.
+            // Nothing here reads every record: limits read the live index (``TemplateStore/admissionCommitments(rebuildingIf:)``),
+            // names and IDs the name index (``TemplateStore/claimNames(of:)``).
             let settings = try store.settings()
+            let committed = Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
             if settings.maxClones != nil || settings.memoryBudgetBytes != nil {
-                try Admission.check(
-                    settings: settings,
-                    live: store.clones().records.filter(\.isLive).map(\.committedBytes),
-                    newCommitted: Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
-                )
+                let live = try store.admissionCommitments { live in
+                    (try? Admission.check(settings: settings, live: live, newCommitted: committed)) == nil
+                }
+                try Admission.check(settings: settings, live: live, newCommitted: committed)
             }
             var id = CloneRecord.newID()
             while access(store.cloneDirectory(id), F_OK) == 0 { id = CloneRecord.newID() }
@@ -309,10 +308,10 @@ public struct CloneEngine: Sendable {
             record.requestedBy = request.requestedBy
             do {
                 try store.claimNames(of: record)
+                try store.enterLive(id, committedBytes: committed)
                 try store.save(record)
             } catch {
-                store.releaseNames(of: record)
-                try? FileSystem.removeTree(path: directory)
+                try? store.removeCloneDirectory(id, record: record)
                 throw error
             }
             return record

@@ -52,8 +52,7 @@ extension CloneEngine {
         }
         try store.withLock {
             do {
-                try FileSystem.removeTree(path: store.cloneDirectory(record.id))
-                store.releaseNames(of: record)
+                try store.removeCloneDirectory(record.id, record: record)
             } catch let error as VMTemplateError {
                 throw VMTemplateError(.ioError, "clone \(record.id) stopped but its directory could not be removed: \(error.message)", cause: error.cause)
             }
@@ -87,6 +86,11 @@ extension CloneEngine {
         await store.collectStagingGarbage(into: &report)
         await collectCloneGarbage(into: &report)
         WarmPool(engine: self).repair()
+        do {
+            _ = try store.withLock { try store.rebuildLiveIndex() }
+        } catch {
+            report.problems.append("\(store.root)/live.json: \(error)")
+        }
         return report
     }
 
@@ -155,7 +159,7 @@ extension CloneEngine {
 
     private func removeDirectory(of id: String, into report: inout GarbageReport) {
         do {
-            try store.withLock { try FileSystem.removeTree(path: store.cloneDirectory(id)) }
+            try store.withLock { try store.removeCloneDirectory(id, record: nil) }
             report.removedClones.append(id)
         } catch {
             report.problems.append("\(store.cloneDirectory(id)): \(error)")

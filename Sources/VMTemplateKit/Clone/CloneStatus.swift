@@ -42,13 +42,24 @@ public struct CloneStatus: Sendable, Codable, Equatable {
 extension CloneEngine {
     /// Live status of every clone, gathered concurrently: one slow QMP socket costs at most
     /// `qmpTimeout`, never the whole listing.
-    public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500)) async -> [CloneStatus] {
+    public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500), parallel: Int = 16) async -> [CloneStatus] {
+        // At most `parallel` at once: with hundreds of clones, one connection to each at the same
+        // time would only queue on the two cores and the listen backlogs, and hold as many fds.
         await withTaskGroup(of: (Int, CloneStatus).self) { group in
-            for (index, record) in records.enumerated() {
-                group.addTask { (index, await status(of: record, qmpTimeout: qmpTimeout)) }
-            }
             var result: [(Int, CloneStatus)] = []
-            for await item in group { result.append(item) }
+            var pending = records.enumerated().makeIterator()
+            func startNext() -> Bool {
+                guard let (index, record) = pending.next() else { return false }
+                group.addTask { (index, await status(of: record, qmpTimeout: qmpTimeout)) }
+                return true
+            }
+            for _ in 0..<max(1, parallel) {
+                if !startNext() { break }
+            }
+            for await item in group {
+                result.append(item)
+                _ = startNext()
+            }
             return result.sorted { $0.0 < $1.0 }.map(\.1)
         }
     }

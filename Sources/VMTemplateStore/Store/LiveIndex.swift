@@ -1,0 +1,87 @@
+import Foundation
+import VMTemplateOS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What admission needs to know about the live clones, without reading every record or every
+/// `/proc` entry: `live.json` maps each clone's ID to the memory it commits against the budget.
+///
+/// An entry is made when a clone's directory is made and dropped when the directory goes, both
+/// under the store lock, so the index holds every clone that exists and may hold more (a clone
+/// whose QEMU died and that nobody has removed yet). It errs only on the side of refusing: when
+/// it would refuse a clone, admission rebuilds it from the records and asks again
+/// (``admissionCommitments(rebuildingIf:)``), and `gc` rebuilds it too. A missing or unreadable
+/// index is rebuilt on first use, so a store made before it needs nothing.
+extension TemplateStore {
+    var liveIndexPath: String { "\(root)/live.json" }
+
+    /// The most entries the index is believed with: more than any host runs clones.
+    static let maxLiveEntries = 1 << 16
+
+    private struct LiveIndex: Codable {
+        /// Clone ID to committed bytes.
+        var clones: [String: UInt64]
+    }
+
+    /// The committed bytes of the clones in the index; nil when it is missing or does not hold up.
+    /// Call under the store lock.
+    func readLiveIndex() -> [String: UInt64]? {
+        guard case .success(let index) = StoredJSON.read(LiveIndex.self, at: liveIndexPath, owner: ownerUID),
+              index.clones.count <= Self.maxLiveEntries,
+              index.clones.keys.allSatisfy({ (try? EntityName($0, kind: "clone ID")) != nil }) else { return nil }
+        return index.clones
+    }
+
+    /// Makes the index from the records, counting only the clones that are live now. Call under
+    /// the store lock.
+    @discardableResult
+    public func rebuildLiveIndex() throws -> [String: UInt64] {
+        var live: [String: UInt64] = [:]
+        for record in clones().records where record.isLive { live[record.id] = record.committedBytes }
+        try writeLiveIndex(live)
+        return live
+    }
+
+    private func writeLiveIndex(_ clones: [String: UInt64]) throws {
+        // Not durable: every live clone dies with the machine, and a lost index is rebuilt.
+        try StoredJSON.write(LiveIndex(clones: clones), to: liveIndexPath, mode: 0o644, durable: false)
+    }
+
+    /// Enters a clone being made. Call under the store lock.
+    public func enterLive(_ id: String, committedBytes: UInt64) throws {
+        var clones = try readLiveIndex() ?? rebuildLiveIndex()
+        clones[id] = committedBytes
+        try writeLiveIndex(clones)
+    }
+
+    /// Drops a clone whose directory is gone or going. Call under the store lock. A failure
+    /// leaves an entry that can only make admission stricter, and the next rebuild drops it.
+    public func leaveLive(_ id: String) {
+        guard var clones = readLiveIndex() else { return }
+        guard clones.removeValue(forKey: id) != nil else { return }
+        try? writeLiveIndex(clones)
+    }
+
+    /// The committed bytes of the live clones, from the index; rebuilt from the records first when
+    /// the index is missing, and again when `refuses` says the indexed figures would refuse (an
+    /// entry of a clone that died is then dropped instead of refusing on its account). Call under
+    /// the store lock.
+    public func admissionCommitments(rebuildingIf refuses: ([UInt64]) -> Bool) throws -> [UInt64] {
+        let indexed = try readLiveIndex() ?? rebuildLiveIndex()
+        let values = Array(indexed.values)
+        guard refuses(values) else { return values }
+        return Array(try rebuildLiveIndex().values)
+    }
+
+    /// Removes clone `id`'s directory, its index entry and (given its record) its names. Call
+    /// under the store lock: then no `clone` can be reserving the same names meanwhile.
+    public func removeCloneDirectory(_ id: String, record: CloneRecord?) throws {
+        try FileSystem.removeTree(path: cloneDirectory(id))
+        leaveLive(id)
+        if let record { releaseNames(of: record) }
+    }
+}
