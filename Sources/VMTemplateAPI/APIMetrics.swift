@@ -1,18 +1,40 @@
 import Foundation
 import Synchronization
 import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
 import VMTemplateStore
 
-/// Counters of the server, and `GET /metrics` in Prometheus' text format (0.0.4). Written here
-/// rather than with a client library: a handful of counters and gauges read from the store on
-/// each scrape, which the format makes a few lines of text.
+/// What `vmtemplate serve` counts, rendered in Prometheus' text format (0.0.4) for `GET /metrics`
+/// and for `--metrics-file` (node_exporter's textfile collector).
+///
+/// Written here rather than with a client library: three counters, one histogram and gauges read
+/// from the store at render time make ~150 lines, and a library would add a dependency (and its
+/// own registry and locking) for no gain. Names follow Prometheus' conventions: the `vmtemplate_`
+/// prefix, base units (`_seconds`, `_bytes`), `_total` on counters. docs/api.md lists them.
 public final class APIMetrics: Sendable {
+    /// Upper bounds of the latency buckets, in seconds: a hand-out takes a few ms, a fresh clone
+    /// ~50 ms, a clone under load up to seconds.
+    static let latencyBuckets: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+    struct Histogram {
+        var counts = [Int](repeating: 0, count: APIMetrics.latencyBuckets.count)
+        var sum = 0.0
+        var count = 0
+
+        mutating func observe(_ value: Double) {
+            for (index, bound) in APIMetrics.latencyBuckets.enumerated() where value <= bound { counts[index] += 1 }
+            sum += value
+            count += 1
+        }
+    }
+
     struct Counters {
-        var clonesFromPool = 0
-        var clonesFresh = 0
-        var cloneSecondsFromPool = 0.0
-        var cloneSecondsFresh = 0.0
+        /// By source: `pool` (a hand-out) or `fresh`.
+        var cloneSeconds: [String: Histogram] = ["pool": Histogram(), "fresh": Histogram()]
         var requests: [Int: Int] = [:]
+        var errors: [String: Int] = [:]
+        var enforcements: [String: Int] = [:]
     }
 
     private let counters = Mutex(Counters())
@@ -20,38 +42,114 @@ public final class APIMetrics: Sendable {
     public init() {}
 
     func recordClone(fromPool: Bool, seconds: Double) {
-        counters.withLock { counters in
-            if fromPool {
-                counters.clonesFromPool += 1
-                counters.cloneSecondsFromPool += seconds
-            } else {
-                counters.clonesFresh += 1
-                counters.cloneSecondsFresh += seconds
-            }
-        }
+        counters.withLock { $0.cloneSeconds[fromPool ? "pool" : "fresh", default: Histogram()].observe(seconds) }
     }
 
     func recordRequest(status: Int) {
         counters.withLock { $0.requests[status, default: 0] += 1 }
     }
 
-    func render(records: [CloneRecord], pools: [WarmPool.Status]) -> String {
+    func recordError(_ code: VMTemplateError.Code) {
+        counters.withLock { $0.errors[code.rawValue, default: 0] += 1 }
+    }
+
+    public func recordEnforcement(_ enforcement: Enforcement) {
+        counters.withLock { $0.enforcements["\(enforcement.action.rawValue)|\(enforcement.done ? "done" : "failed")", default: 0] += 1 }
+    }
+
+    /// The text for the store as it is now: clone gauges from the records (and each live clone's
+    /// smaps), pool gauges, and the counters of this process.
+    public func render(engine: CloneEngine) -> String {
+        let records = engine.store.clones().records
+        return render(records: records, pools: WarmPool(engine: engine).status(records: records), measure: { record in
+            guard let pid = record.qemu?.pid, record.qemu?.isAlive == true else { return nil }
+            return try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile)
+        })
+    }
+
+    func render(records: [CloneRecord], pools: [WarmPool.Status], measure: (CloneRecord) -> CloneMemoryUsage?) -> String {
         let snapshot = counters.withLock { $0 }
+        var text = TextFormat()
+
+        var byState: [Labels: Int] = [:]
+        var cow: [(Labels, String)] = []
+        var qemuPrivate: [(Labels, String)] = []
+        for record in records {
+            let live = record.isLive
+            let state = live ? record.state.rawValue : CloneState.exited.rawValue
+            byState[Labels([("template", record.template), ("state", state)]), default: 0] += 1
+            guard live, let usage = measure(record) else { continue }
+            let labels = Labels([("clone", record.id), ("name", record.name), ("template", record.template)])
+            cow.append((labels, String(usage.copyOnWriteBytes)))
+            qemuPrivate.append((labels, String(usage.qemuPrivateBytes)))
+        }
+        text.metric("vmtemplate_clones", "gauge", "Clones by template and state (exited: the QEMU is gone, the record is left).",
+                    byState.sorted { $0.key.text < $1.key.text }.map { ($0.key, String($0.value)) })
+        text.metric("vmtemplate_clone_cow_bytes", "gauge", "Guest RAM a live clone has written: its copy-on-write pages.", cow)
+        text.metric("vmtemplate_clone_qemu_private_bytes", "gauge", "A live clone's QEMU's own anonymous memory, outside guest RAM.", qemuPrivate)
+
+        let byTemplate = { (value: (WarmPool.Status) -> Int) in pools.map { (Labels([("template", $0.template)]), String(value($0))) } }
+        text.metric("vmtemplate_pool_size", "gauge", "Members each warm pool should hold.", byTemplate(\.size))
+        text.metric("vmtemplate_pool_ready", "gauge", "Members ready to be handed out.", byTemplate(\.ready))
+        text.metric("vmtemplate_pool_filling", "gauge", "Members being restored and warmed.", byTemplate(\.filling))
+
+        text.histogram("vmtemplate_clone_duration_seconds", "Time from a clone request through the API to the clone running, by source (pool: a hand-out; fresh: a restore).",
+                       snapshot.cloneSeconds.sorted { $0.key < $1.key }.map { (Labels([("source", $0.key)]), $0.value) })
+        text.metric("vmtemplate_enforcements_total", "counter", "Scheduler actions on clones over their copy-on-write limit, by action and outcome.",
+                    snapshot.enforcements.sorted { $0.key < $1.key }.map { key, value in
+                        let parts = key.split(separator: "|").map(String.init)
+                        return (Labels([("action", parts.first ?? ""), ("outcome", parts.last ?? "")]), String(value))
+                    })
+        text.metric("vmtemplate_api_requests_total", "counter", "API requests by HTTP status code.",
+                    snapshot.requests.sorted { $0.key < $1.key }.map { (Labels([("code", String($0.key))]), String($0.value)) })
+        text.metric("vmtemplate_errors_total", "counter", "Failed API requests by error code (the codes of docs/cli.md).",
+                    snapshot.errors.sorted { $0.key < $1.key }.map { (Labels([("code", $0.key)]), String($0.value)) })
+        return text.lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Label pairs, rendered once with their values escaped as the format wants (`\\`, `\"`, `\n`).
+    struct Labels: Hashable {
+        let text: String
+
+        init(_ pairs: [(String, String)]) {
+            text = pairs.map { name, value in
+                let escaped = value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"").replacingOccurrences(of: "\n", with: "\\n")
+                return "\(name)=\"\(escaped)\""
+            }.joined(separator: ",")
+        }
+    }
+
+    struct TextFormat {
         var lines: [String] = []
-        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(labels: String, value: String)]) {
+
+        mutating func metric(_ name: String, _ type: String, _ help: String, _ samples: [(Labels, String)]) {
             lines.append("# HELP \(name) \(help)")
             lines.append("# TYPE \(name) \(type)")
-            for sample in samples { lines.append("\(name)\(sample.labels.isEmpty ? "" : "{\(sample.labels)}") \(sample.value)") }
+            for (labels, value) in samples { lines.append(sample(name, labels, value)) }
         }
-        var byState: [String: Int] = [:]
-        for record in records { byState[record.state.rawValue, default: 0] += 1 }
-        metric("vmtemplate_clones", "gauge", "Clone records by the state vmtemplate last wrote.", byState.sorted { $0.key < $1.key }.map { ("state=\"\($0.key)\"", String($0.value)) })
-        metric("vmtemplate_pool_size", "gauge", "Members each warm pool should hold.", pools.map { ("template=\"\($0.template)\"", String($0.size)) })
-        metric("vmtemplate_pool_ready", "gauge", "Members ready to be handed out.", pools.map { ("template=\"\($0.template)\"", String($0.ready)) })
-        metric("vmtemplate_pool_filling", "gauge", "Members being restored and warmed.", pools.map { ("template=\"\($0.template)\"", String($0.filling)) })
-        metric("vmtemplate_api_clones_total", "counter", "Clones made through the API, by where they came from.", [("source=\"pool\"", String(snapshot.clonesFromPool)), ("source=\"fresh\"", String(snapshot.clonesFresh))])
-        metric("vmtemplate_api_clone_seconds_total", "counter", "Time spent making them, in seconds.", [("source=\"pool\"", String(snapshot.cloneSecondsFromPool)), ("source=\"fresh\"", String(snapshot.cloneSecondsFresh))])
-        metric("vmtemplate_api_requests_total", "counter", "API requests by HTTP status.", snapshot.requests.sorted { $0.key < $1.key }.map { ("code=\"\($0.key)\"", String($0.value)) })
-        return lines.joined(separator: "\n") + "\n"
+
+        mutating func histogram(_ name: String, _ help: String, _ series: [(Labels, Histogram)]) {
+            lines.append("# HELP \(name) \(help)")
+            lines.append("# TYPE \(name) histogram")
+            for (labels, histogram) in series {
+                for (index, bound) in APIMetrics.latencyBuckets.enumerated() {
+                    lines.append(sample("\(name)_bucket", labels, String(histogram.counts[index]), le: String(bound)))
+                }
+                lines.append(sample("\(name)_bucket", labels, String(histogram.count), le: "+Inf"))
+                lines.append(sample("\(name)_sum", labels, String(histogram.sum)))
+                lines.append(sample("\(name)_count", labels, String(histogram.count)))
+            }
+        }
+
+        private func sample(_ name: String, _ labels: Labels, _ value: String, le: String? = nil) -> String {
+            let all = [labels.text, le.map { "le=\"\($0)\"" }].compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ",")
+            return all.isEmpty ? "\(name) \(value)" : "\(name){\(all)} \(value)"
+        }
+    }
+
+    /// Writes the text to `path` atomically (a reader, such as node_exporter, never sees half a
+    /// file), readable by everyone (the collector usually runs as another user).
+    public func write(to path: String, engine: CloneEngine) throws {
+        try FileSystem.writeFileAtomically(path: path, data: Array(render(engine: engine).utf8), mode: 0o644, durable: false)
     }
 }

@@ -188,9 +188,7 @@ public struct APIServer: Sendable {
             return try Self.json(status)
         }
         router.get("/metrics") { _, _ -> Response in
-            // Every record once, for the clone gauges and the pools alike.
-            let records = store.clones().records
-            let text = metrics.render(records: records, pools: WarmPool(engine: engine).status(records: records))
+            let text = metrics.render(engine: engine)
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
     }
@@ -300,18 +298,29 @@ struct CallerCheck: RouterMiddleware {
             context.callerUID = caller.uid
             context.callerIsOwner = isOwner
             response = try await next(request, context)
-        } catch let error as VMTemplateError {
-            response = APIError.response(error)
-        } catch let error as HTTPError {
-            // Hummingbird's own: a body that does not decode, an unknown route.
-            response = APIError.response(VMTemplateError(error.status.code == 404 ? .notFound : .invalidArgument, error.body ?? "\(error.status.reasonPhrase): check the request against docs/api.openapi.json."), status: error.status)
-        } catch let error as DecodingError {
-            response = APIError.response(VMTemplateError(.invalidArgument, "the request body does not match the API: \(JSONErrorText.describe(error)). See docs/api.openapi.json."))
         } catch {
-            response = APIError.response(VMTemplateError(.internalError, "\(error)"))
+            let (failure, status) = Self.failure(error)
+            metrics.recordError(failure.code)
+            response = APIError.response(failure, status: status)
         }
         metrics.recordRequest(status: response.status.code)
         return response
+    }
+
+    /// Any error as the library error it is answered with, and Hummingbird's own status where it
+    /// has one.
+    static func failure(_ error: any Error) -> (VMTemplateError, HTTPResponse.Status?) {
+        switch error {
+        case let error as VMTemplateError:
+            return (error, nil)
+        case let error as HTTPError:
+            // Hummingbird's own: a body that does not decode, an unknown route.
+            return (VMTemplateError(error.status.code == 404 ? .notFound : .invalidArgument, error.body ?? "\(error.status.reasonPhrase): check the request against docs/api.openapi.json."), error.status)
+        case let error as DecodingError:
+            return (VMTemplateError(.invalidArgument, "the request body does not match the API: \(JSONErrorText.describe(error)). See docs/api.openapi.json."), nil)
+        default:
+            return (VMTemplateError(.internalError, "\(error)"), nil)
+        }
     }
 
     struct Credentials {

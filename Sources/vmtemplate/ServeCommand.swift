@@ -15,7 +15,9 @@ struct Serve: AsyncParsableCommand {
             socket's peer credentials and logged. The CLI keeps working on the store directly \
             whether or not a server runs.
 
-            Example: vmtemplate serve --socket-group docker
+            Examples:
+              vmtemplate serve --socket-group docker
+              vmtemplate serve --metrics-file /var/lib/prometheus/node-exporter/vmtemplate.prom
             """
     )
 
@@ -31,12 +33,20 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Milliseconds between two pool members being filled, so that filling leaves running clones CPU.", valueName: "ms"))
     var fillPause: Int = 100
 
+    @Option(help: ArgumentHelp("Also write the metrics of GET /metrics to this file, atomically, for node_exporter's textfile collector (name it *.prom).", valueName: "path"))
+    var metricsFile: String?
+
+    @Option(help: ArgumentHelp("Seconds between two writes of --metrics-file.", valueName: "seconds"))
+    var metricsInterval: Double = 15
+
     @OptionGroup var store: StoreOptions
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
         if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
         if !(0...60_000).contains(fillPause) { throw ValidationError("--fill-pause must be 0 to 60000 ms.") }
+        if !(metricsInterval >= 1 && metricsInterval <= 3600) { throw ValidationError("--metrics-interval must be 1 to 3600 seconds.") }
+        if let metricsFile, metricsFile.isEmpty || metricsFile.hasSuffix("/") { throw ValidationError("--metrics-file takes a file path, e.g. /var/lib/node_exporter/textfile/vmtemplate.prom.") }
     }
 
     func run() async throws {
@@ -55,9 +65,24 @@ struct Serve: AsyncParsableCommand {
             let log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8)) }
             log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
             // The server ends on SIGTERM or SIGINT; the pool keeper and the scheduler end with it.
+            let metrics = server.metrics
+            if let metricsFile {
+                // Written once before serving, so a bad path fails the start, not the first round.
+                try metrics.write(to: metricsFile, engine: engine)
+            }
+            let metricsFile = self.metricsFile
+            let metricsInterval = self.metricsInterval
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { await keeper.run(log: log) }
-                tasks.addTask { try await scheduler.run(interval: interval, log: log) }
+                tasks.addTask { try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) }) }
+                if let metricsFile {
+                    tasks.addTask {
+                        while !Task.isCancelled {
+                            try? await Task.sleep(for: .seconds(metricsInterval))
+                            do { try metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(error)") }
+                        }
+                    }
+                }
                 try await server.run()
                 tasks.cancelAll()
             }

@@ -32,7 +32,7 @@ extension RealGuests {
                 guard created.status == 0 else { throw VMTemplateError(.internalError, "create failed", detail: created.stderr) }
                 _ = try CLI.run(["pool", "set", "busybox", "--size", "2"] + store.arguments)
                 // nogroup: nobody's group, so nobody may use the API as a member of it.
-                process = try CLI.start(["serve", "--fill-pause", "0", "--socket-group", "nogroup"] + store.arguments)
+                process = try CLI.start(["serve", "--fill-pause", "0", "--socket-group", "nogroup", "--metrics-file", "\(store.root)/metrics.prom", "--metrics-interval", "1"] + store.arguments)
                 client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
             }
 
@@ -120,7 +120,19 @@ extension RealGuests {
             let metrics = try server.request("GET", "/metrics")
             let text = String(decoding: metrics.body, as: UTF8.self)
             #expect(metrics.status == 200 && metrics.headers["content-type"]?.hasPrefix("text/plain") == true)
-            #expect(text.contains("vmtemplate_pool_ready{template=\"busybox\"} 3") && text.contains("vmtemplate_api_clones_total{source=\"pool\"} 1"), "\(text)")
+            // Read by Prometheus' own parser (python3-prometheus-client), not by string matching.
+            let scraped = try PrometheusText.parse(text)
+            #expect(scraped.value("vmtemplate_pool_ready", ["template": "busybox"]) == 3, "\(text)")
+            #expect(scraped.value("vmtemplate_clone_duration_seconds_count", ["source": "pool"]) == 1)
+            #expect(scraped.value("vmtemplate_clone_duration_seconds_bucket", ["source": "pool", "le": "+Inf"]) == 1)
+            #expect(scraped.value("vmtemplate_errors_total", ["code": "limitExceeded"]) == 1)
+            #expect(scraped.value("vmtemplate_api_requests_total", ["code": "429"]) == 1)
+            #expect(scraped.types["vmtemplate_clone_duration_seconds"] == "histogram" && scraped.types["vmtemplate_clone_cow_bytes"] == "gauge")
+            #expect(scraped.samples.contains { $0.name == "vmtemplate_clone_qemu_private_bytes" && $0.labels["template"] == "busybox" && $0.value > 0 })
+            #expect(scraped.samples.filter { $0.name == "vmtemplate_clones" }.reduce(0) { $0 + $1.value } >= 4)
+            // The file for node_exporter's textfile collector: the same families, rewritten whole.
+            let file = try PrometheusText.parse(String(contentsOfFile: "\(server.store.root)/metrics.prom", encoding: .utf8))
+            #expect(Set(file.types.keys) == Set(scraped.types.keys))
 
             // A member of the socket's group: clones of its own, no devices, no pool sizes, and
             // only its own clones removed.

@@ -185,3 +185,66 @@ extension TemporaryStore {
 /// only slow each other down, and checks for leftover QEMU must not see another suite's clones.
 @Suite("real guests", .serialized, .enabled(if: Environment.canRunGuests, "needs QEMU and the busybox guest: run scripts/setup"))
 struct RealGuests {}
+
+/// Prometheus' text format read by Prometheus' Python client's parser (python3-prometheus-client,
+/// installed by `scripts/setup --for-tests`): a malformed line fails the parse.
+struct PrometheusText {
+    struct Sample: Decodable {
+        var name: String
+        var labels: [String: String]
+        var value: Double
+    }
+
+    /// Family name (as written in `# TYPE`, `_total` kept) to type.
+    var types: [String: String]
+    var samples: [Sample]
+
+    func value(_ name: String, _ labels: [String: String]) -> Double? {
+        samples.first { $0.name == name && $0.labels == labels }?.value
+    }
+
+    static let script = """
+        import json, re, sys
+        from prometheus_client.parser import text_string_to_metric_families
+        text = sys.stdin.read()
+        samples = [{"name": s.name, "labels": s.labels, "value": s.value} for f in text_string_to_metric_families(text) for s in f.samples]
+        types = dict(re.findall(r"^# TYPE (\\S+) (\\S+)$", text, re.M))
+        print(json.dumps({"types": types, "samples": samples}))
+        """
+
+    static func parse(_ text: String) throws -> PrometheusText {
+        let output = try Python.run(script, input: Data(text.utf8))
+        guard output.status == 0 else {
+            throw VMTemplateError(.invalidArgument, "Prometheus' parser refused the text: \(output.stderr)")
+        }
+        struct Parsed: Decodable { var types: [String: String]; var samples: [Sample] }
+        let parsed = try JSONDecoder().decode(Parsed.self, from: output.stdout)
+        return PrometheusText(types: parsed.types, samples: parsed.samples)
+    }
+}
+
+/// Debian's python3 (not whatever `python3` is first on PATH): the one `scripts/setup
+/// --for-tests` installs the checkers for.
+enum Python {
+    static func run(_ script: String, arguments: [String] = [], input: Data) throws -> (status: Int32, stdout: Data, stderr: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = ["-c", script] + arguments
+        let stdin = Pipe(), stdout = Pipe(), stderr = Pipe()
+        process.standardInput = stdin
+        process.standardOutput = stdout
+        process.standardError = stderr
+        try process.run()
+        // Written from another thread: a large input and a large output would otherwise block
+        // each other on full pipes.
+        let writer = Thread {
+            stdin.fileHandleForWriting.write(input)
+            try? stdin.fileHandleForWriting.close()
+        }
+        writer.start()
+        let out = stdout.fileHandleForReading.readDataToEndOfFile()
+        let err = stderr.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, out, String(decoding: err, as: UTF8.self))
+    }
+}

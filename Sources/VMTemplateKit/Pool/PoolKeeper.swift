@@ -23,11 +23,27 @@ public struct PoolKeeper: Sendable {
     /// Fills pools until cancelled; each failure is logged and tried again a while later.
     public func run(log: @Sendable (String) -> Void) async {
         var failures = 0
+        var lastRepair: ContinuousClock.Instant?
         while !Task.isCancelled {
             var made = 0
-            pool.repair()
+            // Repair reads every record: not on each round of an idle server with hundreds of
+            // clones, but at the start and every 30 s, and before any filling.
+            var repaired = false
+            if lastRepair.map({ $0.duration(to: .now) > .seconds(30) }) ?? true {
+                pool.repair()
+                lastRepair = .now
+                repaired = true
+            }
             for (template, size) in pool.store.poolSizes().sorted(by: { $0.key < $1.key }) where size > 0 {
                 guard let name = try? EntityName(template), pool.store.templateExists(name) else { continue }
+                // A full pool is seen from its ready files alone, without reading a record. A file
+                // whose member died makes it look fuller than it is until the next repair.
+                if pool.store.readyMembers(of: name).count >= size { continue }
+                if !repaired {
+                    pool.repair()
+                    lastRepair = .now
+                    repaired = true
+                }
                 do {
                     let members = try await pool.fill(name, limit: 1, timeout: memberTimeout)
                     made += members.count

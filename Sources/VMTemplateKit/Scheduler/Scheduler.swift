@@ -77,7 +77,7 @@ public struct Scheduler: Sendable {
 
     /// Runs until cancelled: a pass every `interval` (nil: the store's setting, re-read each pass).
     /// `log` receives each action as one JSON line.
-    public func run(interval: Double? = nil, log: @Sendable (String) -> Void) async throws {
+    public func run(interval: Double? = nil, log: @Sendable (String) -> Void, onEnforcement: @Sendable (Enforcement) -> Void = { _ in }) async throws {
         _ = try store.settings()
         let lock = try store.openLockFile("\(store.root)/scheduler.lock")
         guard lock.tryExclusive() else {
@@ -88,6 +88,7 @@ public struct Scheduler: Sendable {
         while !Task.isCancelled {
             let started = ContinuousClock.now
             for action in try await sampleOnce() {
+                onEnforcement(action)
                 if let line = try? JSONCoding.line(action) { log(line) }
             }
             let seconds = try interval ?? store.settings().intervalSeconds
