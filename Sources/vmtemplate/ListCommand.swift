@@ -27,8 +27,11 @@ struct List: AsyncParsableCommand {
         var qemuVersion: String
         var machineType: String
         var accelerator: String
+        /// Files of the template that are gone (it cannot be cloned until made again).
+        var missingFiles: [String]
 
         enum CodingKeys: String, CodingKey {
+            case missingFiles = "missing_files"
             case name
             case memoryBytes = "memory_bytes"
             case clones
@@ -60,8 +63,9 @@ struct List: AsyncParsableCommand {
             let cloneProblems = listing.problems + (listing.notYours.isEmpty ? [] : ["\(listing.notYours.count) clones here are another user's (not yours): \(listing.notYours.joined(separator: ", "))."])
             let clones = await CloneEngine(store: store).statuses(of: records)
             let problems = templateProblems + cloneProblems
-            let rows = manifests.map { manifest in
-                TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version.description, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue)
+            let rows = templates.map { template in
+                let manifest = template.manifest
+                return TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version.description, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue, missingFiles: store.missingFiles(of: template))
             }
             if json {
                 try Terminal.printJSON(Listing(templates: rows, clones: clones, summary: MemorySummary(templates: manifests, clones: clones), problems: problems))
@@ -69,15 +73,24 @@ struct List: AsyncParsableCommand {
             }
             for problem in problems { Terminal.note("warning: \(problem)") }
             let formatter = ISO8601DateFormatter()
-            var table = [["TEMPLATE", "MEMORY", "CLONES", "MACHINE", "ACCEL", "CREATED"]]
-            table += rows.map { [$0.name, ByteSize(bytes: $0.memoryBytes).description, String($0.clones), $0.machineType, $0.accelerator, formatter.string(from: $0.createdAt)] }
+            var table = [["TEMPLATE", "MEMORY", "CLONES", "MACHINE", "ACCEL", "CREATED", "FILES"]]
+            table += rows.map {
+                [$0.name, ByteSize(bytes: $0.memoryBytes).description, String($0.clones), $0.machineType, $0.accelerator, formatter.string(from: $0.createdAt),
+                 $0.missingFiles.isEmpty ? "ok" : "MISSING \($0.missingFiles.joined(separator: ","))"]
+            }
             print(TextTable.render(table))
+            for row in rows where !row.missingFiles.isEmpty {
+                Terminal.note("warning: template '\(row.name)' is missing \(row.missingFiles.joined(separator: " and ")): it cannot be cloned; remove it (vmtemplate rm-template \(row.name)) and create it again.")
+            }
             if !clones.isEmpty {
                 print("")
-                var cloneTable = [["CLONE", "NAME", "TEMPLATE", "STATE", "UPTIME", "COW", "QEMU PRIVATE"]]
+                var cloneTable = [["CLONE", "NAME", "TEMPLATE", "STATE", "UPTIME", "COW", "LIMIT", "OVER LIMIT", "LAST ACTION", "QEMU PRIVATE"]]
                 cloneTable += clones.map {
                     [$0.id, $0.name, $0.template, $0.state.rawValue, Self.uptime($0.uptimeSeconds),
                      $0.cowBytes.map { ByteSize(bytes: $0).description } ?? "-",
+                     $0.cowLimitBytes.map { ByteSize(bytes: $0).description } ?? "-",
+                     $0.overLimitAction?.rawValue ?? "-",
+                     $0.lastEnforcement.map(Self.describe) ?? "-",
                      $0.privateBytes.map { ByteSize(bytes: $0).description } ?? "-"]
                 }
                 print(TextTable.render(cloneTable))
@@ -91,6 +104,14 @@ struct List: AsyncParsableCommand {
 }
 
 extension List {
+    /// "paused 12:03:04Z" or "kill failed 12:03:04Z".
+    static func describe(_ enforcement: Enforcement) -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withTime, .withColonSeparatorInTime, .withTimeZone]
+        let what = enforcement.action == .pause ? "paused" : "killed"
+        return "\(enforcement.done ? what : "\(enforcement.action.rawValue) failed") \(formatter.string(from: enforcement.time))"
+    }
+
     static func uptime(_ seconds: Double) -> String {
         let whole = Int(seconds)
         if whole < 60 { return "\(whole)s" }

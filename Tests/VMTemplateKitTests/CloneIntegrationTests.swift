@@ -297,6 +297,11 @@ extension RealGuests {
             chmod(other.templateDirectory(SharedTemplate.name), 0o755)
             unlink("\(other.templateDirectory(SharedTemplate.name))/state")
             try expectRefused([SharedTemplate.name], store: other, saying: "missing its state file")
+            // list marks it, in JSON and to people.
+            let listed = try CLI.run(["list", "--json", "--store", other.root])
+            #expect(listed.stdout.contains("\"missing_files\":[\"state\"]"), "\(listed.stdout)")
+            let table = try CLI.run(["list", "--store", other.root])
+            #expect(table.stdout.contains("MISSING state") && table.stderr.contains("rm-template"), "\(table.stdout) \(table.stderr)")
         }
 
         @Test("QEMU dying during start-up shows its error")

@@ -97,6 +97,13 @@ extension RealGuests {
             #expect(try send(store, "sibling", "ping").stdout == "pong\n")
             #expect(try FileDigest.sha256(path: "\(store.templateDirectory(SharedTemplate.name))/memory") == manifest.memory.sha256)
 
+            // list shows the limit, the action and what was done, in JSON and to people.
+            let listed = try CLI.run(["list", "--json"] + store.arguments)
+            #expect(listed.stdout.contains("\"cow_limit_bytes\":33554432") && listed.stdout.contains("\"over_limit_action\":\"\(action.rawValue)\""))
+            let table = try CLI.run(["list"] + store.arguments).stdout
+            let greedyRow = table.split(separator: "\n").first { $0.contains("greedy") }.map(String.init) ?? ""
+            #expect(table.contains("LIMIT") && greedyRow.contains("32 MiB") && greedyRow.contains(action == .pause ? "paused " : "killed "), "\(table)")
+
             let inspect = try CLI.run(["inspect", "greedy", "--json"] + store.arguments)
             #expect(inspect.stdout.contains("\"last_enforcement\""))
             #expect(inspect.stdout.contains("\"action\":\"\(action.rawValue)\""))

@@ -23,6 +23,11 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     public var controlSocket: String
     public var serialLog: String
     public var vmgenid: String?
+    /// The clone's copy-on-write limit (null: none), the action the scheduler takes over it (the
+    /// clone's own, else the store's), and the last action it took.
+    public var cowLimitBytes: UInt64?
+    public var overLimitAction: OverLimitAction?
+    public var lastEnforcement: Enforcement?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, pid, state
@@ -36,6 +41,9 @@ public struct CloneStatus: Sendable, Codable, Equatable {
         case controlSocket = "control_socket"
         case serialLog = "serial_log"
         case vmgenid
+        case cowLimitBytes = "cow_limit_bytes"
+        case overLimitAction = "over_limit_action"
+        case lastEnforcement = "last_enforcement"
     }
 }
 
@@ -45,12 +53,13 @@ extension CloneEngine {
     public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500), parallel: Int = 16) async -> [CloneStatus] {
         // At most `parallel` at once: with hundreds of clones, one connection to each at the same
         // time would only queue on the two cores and the listen backlogs, and hold as many fds.
-        await withTaskGroup(of: (Int, CloneStatus).self) { group in
+        let settings = try? store.settings()
+        return await withTaskGroup(of: (Int, CloneStatus).self) { group in
             var result: [(Int, CloneStatus)] = []
             var pending = records.enumerated().makeIterator()
             func startNext() -> Bool {
                 guard let (index, record) = pending.next() else { return false }
-                group.addTask { (index, await status(of: record, qmpTimeout: qmpTimeout)) }
+                group.addTask { (index, await status(of: record, qmpTimeout: qmpTimeout, settings: settings)) }
                 return true
             }
             for _ in 0..<max(1, parallel) {
@@ -64,7 +73,7 @@ extension CloneEngine {
         }
     }
 
-    public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500)) async -> CloneStatus {
+    public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500), settings: StoreSettings? = nil) async -> CloneStatus {
         let state = await liveState(of: record, timeout: qmpTimeout)
         let paths = store.clonePaths(record.id)
         var status = CloneStatus(
@@ -73,6 +82,9 @@ extension CloneEngine {
             qmpSocket: paths.qmpSocket, controlSocket: paths.controlSocket, serialLog: paths.serialLog,
             vmgenid: record.vmgenid
         )
+        status.cowLimitBytes = record.cowLimitBytes
+        status.overLimitAction = record.cowLimitBytes == nil ? nil : record.overLimitAction ?? (settings ?? (try? store.settings()))?.overLimitAction
+        status.lastEnforcement = record.lastEnforcement
         if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {
             status.cowBytes = usage.copyOnWriteBytes
             status.cowPages = usage.copyOnWriteBytes / UInt64(max(1, sysconf(Int32(_SC_PAGESIZE))))

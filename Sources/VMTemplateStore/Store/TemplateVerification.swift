@@ -61,6 +61,16 @@ extension TemplateStore {
         return TemplateVerification(template: name.value, ok: results.allSatisfy(\.ok), files: results)
     }
 
+    /// The files of `template` that are not there as regular files (a quick look for `list`, no
+    /// hashing): names as in the manifest.
+    public func missingFiles(of template: PublishedTemplate) -> [String] {
+        [template.manifest.memory, template.manifest.state].compactMap { stored in
+            var info = stat()
+            let present = lstat("\(template.directory)/\(stored.name)", &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG
+            return present ? nil : stored.name
+        }
+    }
+
     /// Takes template `name` out of `templates/` under the lock (renamed aside, so no `clone`
     /// starts from it from now on) and removes its files. The caller has dealt with its clones.
     package func removeTemplateFiles(_ name: EntityName) throws {
