@@ -21,6 +21,21 @@ struct ShellSupportTests {
         #expect(try CLI.run(["completion", "tcsh"]).status == 64)
     }
 
+    @Test("the committed man page is the one the argument parser makes now, and groff reads it without a warning")
+    func manPage() throws {
+        let tool = URL(fileURLWithPath: Checkout.binary).deletingLastPathComponent().appendingPathComponent("generate-manual").path
+        try #require(FileManager.default.isExecutableFile(atPath: tool), "no \(tool): run swift build --target generate-manual")
+        let fresh = NSTemporaryDirectory() + "vmtemplate-\(UUID().uuidString.prefix(8)).1"
+        defer { unlink(fresh) }
+        let generated = try ShortCommand.run("/usr/bin/env", ["GENERATE_MANUAL=\(tool)", "\(Checkout.root)/scripts/generate-man", Checkout.binary, fresh])
+        try #require(generated.status == 0, "\(generated.stderr)")
+        let committed = try String(contentsOfFile: "\(Checkout.root)/dist/man/vmtemplate.1", encoding: .utf8)
+        #expect(try String(contentsOfFile: fresh, encoding: .utf8) == committed, "dist/man/vmtemplate.1 is stale: run scripts/generate-man")
+        #expect(committed.contains(".It 69") && committed.contains("Sh \"EXIT STATUS\""))
+        let lint = try ShortCommand.run("/usr/bin/groff", ["-man", "-ww", "-z", "\(Checkout.root)/dist/man/vmtemplate.1"])
+        #expect(lint.status == 0 && lint.stdout.isEmpty && lint.stderr.isEmpty, "groff: \(lint.stderr)")
+    }
+
     @Test("every command's --help has an example")
     func examplesInHelp() throws {
         func subcommands(of path: [String]) throws -> [String] {
