@@ -350,6 +350,22 @@ struct SmapsTests {
         #expect(counters.templateAnonymous == 33000 * 1024)
     }
 
+    @Test("the byte-level counters agree with a full parse on this process's own smaps, for every file it maps, spaces and (deleted) included")
+    func countersAgreeOnRealSmaps() throws {
+        let text = try Smaps.readText(pid: getpid(), name: "smaps")
+        let mappings = Smaps.parse(text)
+        let paths = Set(mappings.compactMap(\.path)).filter { $0.hasPrefix("/") }
+        #expect(!paths.isEmpty)
+        for path in paths.sorted().prefix(20) + ["/no such file", "/a path with spaces (deleted)"] {
+            let counters = Smaps.counters(bytes: Array(text.utf8), templatePaths: [path])
+            let full = CloneMemoryUsage.measure(mappings: mappings, rollup: nil, templatePaths: [path])
+            #expect(counters.templateAnonymous == full.copyOnWriteBytes && counters.templateShared == full.templateResidentBytes, "\(path)")
+        }
+        let spaced = "7f0000000000-7f0000001000 rw-p 00000000 00:05 42                         /dev/shm/a b (deleted)\nRss:                   8 kB\nAnonymous:             4 kB\nSwap:                  0 kB\n"
+        let counters = Smaps.counters(bytes: Array(spaced.utf8), templatePaths: ["/dev/shm/a b"])
+        #expect(counters.templateAnonymous == 4096 && counters.templateShared == 4096 && counters.totalAnonymous == 4096)
+    }
+
     @Test("splits a clone's memory into copy-on-write, shared template, QEMU private and swap")
     func measuresFixture() {
         let usage = CloneMemoryUsage.measure(smaps: Self.qemuSmaps, rollup: Self.qemuRollup, templatePaths: [Self.templatePath])

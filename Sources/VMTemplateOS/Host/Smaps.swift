@@ -93,12 +93,12 @@ public enum Smaps {
 
     /// Reads and parses `/proc/PID/smaps`; throws `.notFound` if the process is gone.
     public static func read(pid: Int32) throws -> [SmapsMapping] {
-        parse(try readProcFile(pid: pid, name: "smaps"))
+        parse(try readText(pid: pid, name: "smaps"))
     }
 
     /// Reads and parses `/proc/PID/smaps_rollup`; throws `.notFound` if the process is gone.
     public static func readRollup(pid: Int32) throws -> [String: UInt64] {
-        parseRollup(try readProcFile(pid: pid, name: "smaps_rollup"))
+        parseRollup(try readText(pid: pid, name: "smaps_rollup"))
     }
 
     /// What clone accounting needs from smaps: `Anonymous` and `Rss - Anonymous` of the mappings
@@ -111,7 +111,13 @@ public enum Smaps {
     }
 
     static func counters(_ smaps: String, templatePaths: [String]) -> Counters {
-        let accepted = Set(templatePaths.flatMap { [$0, $0 + deletedSuffix] })
+        counters(bytes: Array(smaps.utf8), templatePaths: templatePaths)
+    }
+
+    /// The hot path of `list`, the scheduler and metrics, on the bytes of smaps: with a hundred
+    /// clones, splitting the text into Swift strings cost several times the kernel's read.
+    static func counters(bytes smaps: [UInt8], templatePaths: [String]) -> Counters {
+        let accepted = Set(templatePaths.flatMap { [Array($0.utf8), Array(($0 + deletedSuffix).utf8)] })
         var counters = Counters()
         var inTemplate = false
         var rss: UInt64 = 0
@@ -122,40 +128,85 @@ public enum Smaps {
                 counters.templateShared &+= rss >= anonymous ? rss - anonymous : 0
             }
         }
-        for line in smaps.split(separator: "\n", omittingEmptySubsequences: true) {
-            // Field lines start with a capitalized key; mapping headers with a hex address.
-            if let first = line.utf8.first, first >= UInt8(ascii: "A"), first <= UInt8(ascii: "Z") {
-                if line.hasPrefix("Anonymous:"), let (_, bytes) = parseField(line) {
-                    counters.totalAnonymous &+= bytes
-                    anonymous = bytes
-                } else if line.hasPrefix("Swap:"), let (_, bytes) = parseField(line) {
-                    counters.totalSwap &+= bytes
-                } else if inTemplate, line.hasPrefix("Rss:"), let (_, bytes) = parseField(line) {
-                    rss = bytes
+        smaps.withUnsafeBufferPointer { all in
+            var lineStart = 0
+            while lineStart < all.count {
+                var lineEnd = lineStart
+                while lineEnd < all.count && all[lineEnd] != 0x0A { lineEnd += 1 }
+                defer { lineStart = lineEnd + 1 }
+                guard lineEnd > lineStart else { continue }
+                let line = UnsafeBufferPointer(rebasing: all[lineStart..<lineEnd])
+                // Field lines start with a capitalized key; mapping headers with a hex address.
+                let first = line[0]
+                if first >= UInt8(ascii: "A") && first <= UInt8(ascii: "Z") {
+                    if let bytes = fieldValue(line, key: anonymousKey) {
+                        counters.totalAnonymous &+= bytes
+                        anonymous = bytes
+                    } else if let bytes = fieldValue(line, key: swapKey) {
+                        counters.totalSwap &+= bytes
+                    } else if inTemplate, let bytes = fieldValue(line, key: rssKey) {
+                        rss = bytes
+                    }
+                    continue
                 }
-                continue
+                finish()
+                rss = 0
+                anonymous = 0
+                inTemplate = headerPath(line).map { accepted.contains(Array($0)) } ?? false
             }
-            finish()
-            rss = 0
-            anonymous = 0
-            inTemplate = parseHeader(line).flatMap(\.path).map(accepted.contains) ?? false
         }
         finish()
         return counters
     }
 
-    static func readText(pid: Int32, name: String) throws -> String {
-        try readProcFile(pid: pid, name: name)
+    private static let anonymousKey = Array("Anonymous:".utf8)
+    private static let swapKey = Array("Swap:".utf8)
+    private static let rssKey = Array("Rss:".utf8)
+
+    /// "Key:   123 kB" as bytes, when the line has this key; nil otherwise or when malformed.
+    private static func fieldValue(_ line: UnsafeBufferPointer<UInt8>, key: [UInt8]) -> UInt64? {
+        guard line.count > key.count, line.starts(with: key) else { return nil }
+        var index = key.count
+        while index < line.count && line[index] == 0x20 { index += 1 }
+        var kilobytes: UInt64 = 0
+        var digits = 0
+        while index < line.count, line[index] >= 0x30, line[index] <= 0x39 {
+            let (times, overflow1) = kilobytes.multipliedReportingOverflow(by: 10)
+            let (sum, overflow2) = times.addingReportingOverflow(UInt64(line[index] - 0x30))
+            kilobytes = overflow1 || overflow2 ? .max : sum
+            digits += 1
+            index += 1
+        }
+        guard digits > 0, line.count - index == 3, line[index] == 0x20, line[index + 1] == UInt8(ascii: "k"), line[index + 2] == UInt8(ascii: "B") else { return nil }
+        let (bytes, overflow) = kilobytes.multipliedReportingOverflow(by: 1024)
+        return overflow ? .max : bytes
     }
 
-    private static func readProcFile(pid: Int32, name: String) throws -> String {
+    /// The path of a mapping header ("start-end perms offset dev inode   path"): what follows the
+    /// fifth field and its padding; nil when there is none. A path may contain spaces.
+    private static func headerPath(_ line: UnsafeBufferPointer<UInt8>) -> Slice<UnsafeBufferPointer<UInt8>>? {
+        var index = 0
+        for _ in 0..<5 {
+            while index < line.count && line[index] == 0x20 { index += 1 }
+            guard index < line.count else { return nil }
+            while index < line.count && line[index] != 0x20 { index += 1 }
+        }
+        while index < line.count && line[index] == 0x20 { index += 1 }
+        return index < line.count ? line[index...] : nil
+    }
+
+    static func readText(pid: Int32, name: String) throws -> String {
+        String(decoding: try readBytes(pid: pid, name: name), as: UTF8.self)
+    }
+
+    static func readBytes(pid: Int32, name: String) throws -> [UInt8] {
         let path = "/proc/\(pid)/\(name)"
         let gone = VMTemplateError(
             .notFound,
             "process \(pid) is gone, so its memory cannot be measured; check whether the clone is still running"
         )
         guard pid > 0 else { throw gone }
-        switch FileSystem.readText(path: path) {
+        switch FileSystem.readContents(path: path) {
         case .success(let text):
             // A zombie, or a process that exited between open and read, has an empty smaps.
             guard !text.isEmpty else { throw gone }
@@ -246,11 +297,11 @@ public struct CloneMemoryUsage: Sendable, Codable, Equatable {
     ///
     /// Throws `.notFound` if the process is gone.
     public static func measure(pid: Int32, templateFile: String) throws -> CloneMemoryUsage {
-        let smaps = try Smaps.readText(pid: pid, name: "smaps")
+        let smaps = try Smaps.readBytes(pid: pid, name: "smaps")
         // The hot path of `list` and the scheduler: one read of smaps (smaps_rollup would walk the
         // page tables a second time), and only the fields this needs are parsed: parsing every
         // field of every mapping costs several times the read itself.
-        let counters = Smaps.counters(smaps, templatePaths: candidatePaths(for: templateFile))
+        let counters = Smaps.counters(bytes: smaps, templatePaths: candidatePaths(for: templateFile))
         return CloneMemoryUsage(
             copyOnWriteBytes: counters.templateAnonymous,
             templateResidentBytes: counters.templateShared,
