@@ -131,3 +131,36 @@ struct ProcessIdentityCodingTests {
         #expect(current == legacy)
     }
 }
+
+@Suite("JSON output")
+struct JSONOutputTests {
+    struct Inner: Codable, Equatable {
+        var count: UInt64?
+        var list: [String?]
+    }
+
+    struct Outer: Codable, Equatable {
+        var name: String
+        var absent: String?
+        var inner: Inner?
+        var inners: [Inner]
+        var when: Date
+        var ratio: Double
+        var byName: [String: Int?]
+
+        enum CodingKeys: String, CodingKey {
+            case name, absent, inner, inners, when, ratio
+            case byName = "by_name"
+        }
+    }
+
+    @Test("absent values are written as null, never left out; everything else as JSONEncoder writes it; it reads back")
+    func nullsWritten() throws {
+        let value = Outer(name: "a\"b/c", absent: nil, inner: nil, inners: [Inner(count: nil, list: ["x", nil]), Inner(count: 7, list: [])],
+                          when: Date(timeIntervalSince1970: 1_764_000_000), ratio: 0.1, byName: ["k": nil, "j": 2])
+        let text = try JSONCoding.line(value)
+        #expect(text == #"{"absent":null,"by_name":{"j":2,"k":null},"inner":null,"inners":[{"count":null,"list":["x",null]},{"count":7,"list":[]}],"name":"a\"b/c","ratio":0.1,"when":"2025-11-24T16:00:00Z"}"#)
+        #expect(try JSONCoding.decoder().decode(Outer.self, from: Data(text.utf8)) == value)
+        #expect(throws: EncodingError.self) { try JSONCoding.line(Outer(name: "", inners: [], when: Date(), ratio: .nan, byName: [:])) }
+    }
+}

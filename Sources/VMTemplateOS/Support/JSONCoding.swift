@@ -16,15 +16,16 @@ public enum JSONCoding {
         return decoder
     }
 
+    /// `value` as JSON, absent values as `null` (``JSONTree``).
     public static func encode(_ value: some Encodable, pretty: Bool = true) throws -> Data {
-        var data = try encoder(pretty: pretty).encode(value)
+        var data = try encoder(pretty: pretty).encode(JSONTree.of(value))
         data.append(0x0a)
         return data
     }
 
     /// A single-line rendering, for `--json` output and JSON-lines logs.
     public static func line(_ value: some Encodable) throws -> String {
-        String(decoding: try encoder(pretty: false).encode(value), as: UTF8.self)
+        String(decoding: try encoder(pretty: false).encode(JSONTree.of(value)), as: UTF8.self)
     }
 }
 
