@@ -37,7 +37,13 @@ struct Verify: AsyncParsableCommand {
             }
             if !result.ok {
                 let bad = result.files.filter { !$0.ok }.map(\.name).joined(separator: ", ")
-                throw VMTemplateError(.integrityFailure, "template '\(template)' does not match its manifest (\(bad)): it cannot be trusted; remove it (vmtemplate rm-template \(template)) and create it again.")
+                let message = "template '\(template)' does not match its manifest (\(bad)): it cannot be trusted; remove it (vmtemplate rm-template \(template)) and create it again."
+                // With --json the result above is the one document on stdout (its "ok" says it).
+                if json {
+                    Terminal.error(message)
+                    throw ExitCode(ExitStatus.code(for: .integrityFailure))
+                }
+                throw VMTemplateError(.integrityFailure, message)
             }
         }
     }

@@ -25,6 +25,42 @@ struct VMTemplateCommand: AsyncParsableCommand {
         version: "vmtemplate 0.3.0",
         subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Completion.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
+
+    /// The argument parser's own `main`, except that a usage error (a bad option, a failed
+    /// validation: exit 64) also prints the `--json` error object a script reads on stdout, as
+    /// every other failure does (``reportingErrors(_:)``).
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asynchronous = command as? any AsyncParsableCommand {
+                try await asynchronous.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            if exitCode(for: error) == ExitCode(ExitStatus.code(for: .invalidArgument)), CommandLine.arguments.contains("--json") {
+                let line = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "invalid usage"
+                let message = line.hasPrefix("Error: ") ? String(line.dropFirst("Error: ".count)) : line
+                JSONFailure.print(code: .invalidArgument, message: message)
+            }
+            exit(withError: error)
+        }
+    }
+}
+
+/// `{"error": {"code", "message"}}` on stdout: what `--json` prints instead of a result.
+enum JSONFailure {
+    struct Body: Encodable {
+        struct Detail: Encodable {
+            var code: String
+            var message: String
+        }
+        var error: Detail
+    }
+
+    static func print(code: VMTemplateError.Code, message: String) {
+        try? Terminal.printJSON(Body(error: .init(code: code.rawValue, message: message)))
+    }
 }
 
 /// Options every command that touches the store takes.
@@ -67,14 +103,7 @@ func reportingErrors(_ body: () async throws -> Void) async throws {
             FileHandle.standardError.write(Data((cause.split(separator: "\n").map { "  \(TerminalText.escape(String($0)))" }.joined(separator: "\n") + "\n").utf8))
         }
         if CommandLine.arguments.contains("--json") {
-            struct Failure: Encodable {
-                struct Detail: Encodable {
-                    var code: String
-                    var message: String
-                }
-                var error: Detail
-            }
-            try? Terminal.printJSON(Failure(error: .init(code: error.code.rawValue, message: error.message)))
+            JSONFailure.print(code: error.code, message: error.message)
         }
         throw ExitCode(ExitStatus.code(for: error.code))
     } catch is CancellationError {

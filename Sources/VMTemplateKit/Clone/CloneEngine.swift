@@ -239,7 +239,10 @@ public struct CloneEngine: Sendable {
             try setup.start(waiter: inChild ? .forkedChild(logPath: logPath) : .thread)
             return "requested"
         } catch {
-            return "not sent: \(error)"
+            // The record keeps a fixed word (scripts compare it); the reason goes to the log the
+            // reply waiter would have written.
+            try? FileSystem.writeFileAtomically(path: logPath, data: Array("not sent: \(error)\n".utf8), mode: 0o600, durable: false)
+            return "not-sent"
         }
     }
 

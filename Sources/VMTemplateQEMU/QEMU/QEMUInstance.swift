@@ -31,12 +31,13 @@ public final class QEMUInstance: Sendable {
     public var pid: Int32 { process.pid }
 
     /// How ``stop(grace:politely:qmp:)`` ended the process.
+    /// Fixed words, as JSON and the API print them: `quit` (it obeyed QMP `quit`), `terminated`
+    /// (SIGTERM), `killed` (SIGKILL), `already-exited`.
     public enum StopResult: String, Sendable, Codable {
-        /// It obeyed QMP `quit`.
         case quit
-        case terminated = "SIGTERM"
-        case killed = "SIGKILL"
-        case alreadyExited = "already exited"
+        case terminated
+        case killed
+        case alreadyExited = "already-exited"
     }
 
     private init(name: String, qmpSocket: String, logPath: String, process: ProcessHandle) {

@@ -83,7 +83,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// The scheduler's last action on this clone.
     public var lastEnforcement: Enforcement?
     /// What was done about the guest's clock and hostname at start: `requested` (sent; a forked
-    /// child or a thread waits for the guest's answers, not `clone`), `none`, or `not sent: REASON`.
+    /// child or a thread waits for the guest's answers, not `clone`), `none`, or `not-sent` (why:
+    /// in the clone's guest-setup.log).
     public var clock: String?
     /// The machine's hot-plug root ports (the template's `hotplug_slots`).
     public var hotplugSlots: Int?

@@ -143,6 +143,42 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
             case sha256, mode, inode
             case modifiedNanoseconds = "mtime_ns"
         }
+
+        /// The mode as people write it, an octal string ("0444"); manifests from before 0.4 hold
+        /// a number, still read.
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            name = try c.decode(String.self, forKey: .name)
+            sizeBytes = try c.decode(UInt64.self, forKey: .sizeBytes)
+            sha256 = try c.decode(String.self, forKey: .sha256)
+            inode = try c.decode(UInt64.self, forKey: .inode)
+            modifiedNanoseconds = try c.decode(Int64.self, forKey: .modifiedNanoseconds)
+            if let number = try? c.decode(UInt16.self, forKey: .mode) {
+                mode = number
+            } else {
+                let text = try c.decode(String.self, forKey: .mode)
+                guard text.utf8.count <= 6, let parsed = UInt16(text, radix: 8), parsed <= 0o7777 else {
+                    throw DecodingError.dataCorruptedError(forKey: .mode, in: c, debugDescription: "'\(text)' is not an octal file mode such as \"0444\"")
+                }
+                mode = parsed
+            }
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(name, forKey: .name)
+            try c.encode(sizeBytes, forKey: .sizeBytes)
+            try c.encode(sha256, forKey: .sha256)
+            try c.encode(Self.octal(mode), forKey: .mode)
+            try c.encode(inode, forKey: .inode)
+            try c.encode(modifiedNanoseconds, forKey: .modifiedNanoseconds)
+        }
+
+        /// "0444": four octal digits.
+        public static func octal(_ mode: UInt16) -> String {
+            let digits = String(mode & 0o7777, radix: 8)
+            return String(repeating: "0", count: max(0, 4 - digits.count)) + digits
+        }
     }
 
     public struct MigrationInfo: Sendable, Codable, Equatable {

@@ -244,7 +244,7 @@ extension RealGuests {
                 tally.trial(failed: list.status != 0 || !states.contains("\"exited\"") || !states.contains("\"unresponsive\"") || listSeconds > .seconds(10) || scheduler.status != 0,
                             lost: false, note: "list: \(list.stdout) \(list.stderr) scheduler: \(scheduler.stderr)")
                 let removed = try CLI.run(["rm", "killed", "stopped", "--grace", "1"] + store.arguments)
-                tally.trial(failed: removed.status != 0 || !removed.stdout.contains("already exited") || !removed.stdout.contains("SIGKILL"),
+                tally.trial(failed: removed.status != 0 || !removed.stdout.contains("already-exited") || !removed.stdout.contains("killed"),
                             lost: !(await eventually(timeout: .seconds(5)) { QEMUProcesses.using(store.root).isEmpty }), note: "rm: \(removed.stdout) \(removed.stderr)")
             }
             tally.finish()
