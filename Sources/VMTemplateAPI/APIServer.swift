@@ -94,7 +94,7 @@ public struct APIServer: Sendable {
         let directory = FileSystem.split(socketPath).directory
         var parent = stat()
         guard stat(directory, &parent) == 0 else {
-            throw VMTemplateError(.notFound, "the socket's directory '\(TerminalText.escape(directory))' does not exist.")
+            throw VMTemplateError(.notFound, "the socket's directory '\(TerminalText.escape(directory))' does not exist: create it, or pass another --socket.")
         }
         guard parent.st_mode & 0o022 == 0 || parent.st_mode & S_ISVTX != 0 && parent.st_uid == geteuid() else {
             throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(directory))' may be written by others: put the socket in a directory only its owner writes (the default is inside the store).")

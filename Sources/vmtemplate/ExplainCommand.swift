@@ -19,7 +19,7 @@ struct Explain: AsyncParsableCommand {
             it. QEMU started by another user (e.g. libvirt's) may get a different answer.
 
             Exit status: 0 when QEMU accepts the combination, 2 when QEMU refuses it (the \
-            explanation is still printed), 1 when the options cannot be parsed.
+            explanation is still printed), 64 when the options cannot be parsed.
 
             Examples:
               vmtemplate explain share=off,readonly=on,rom=off

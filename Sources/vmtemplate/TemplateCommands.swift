@@ -10,7 +10,7 @@ struct Verify: AsyncParsableCommand {
         abstract: "Hash a template's files again and compare them with its manifest.",
         discussion: """
             'clone' checks a template's files quickly (size, mode, inode, modification time); \
-            'verify' reads every byte (SHA-256) and names each file that differs. Exits 1 when any \
+            'verify' reads every byte (SHA-256) and names each file that differs. Exits 65 when any \
             file differs.
 
             Example: vmtemplate verify busybox --json

@@ -114,7 +114,7 @@ extension RealGuests {
             let running = try CLI.start(["create", "killed", "--recipe", Checkout.busyboxRecipe] + store.arguments)
             let ownerPath = "\(store.root)/staging/killed/owner.json"
             let qemuStarted = await eventually {
-                (try? String(contentsOfFile: ownerPath, encoding: .utf8))?.contains("\"qemu\"") ?? false
+                StagingOwner.namesQEMU(ownerPath)
             }
             #expect(qemuStarted)
             kill(running.process.processIdentifier, SIGKILL)
@@ -183,7 +183,7 @@ extension RealGuests {
             let running = try CLI.start(["create", "full", "--recipe", Checkout.busyboxRecipe, "--memory", "128M"] + mountPoint.arguments)
             let ownerPath = "\(mountPoint.root)/staging/full/owner.json"
             #expect(await eventually {
-                (try? String(contentsOfFile: ownerPath, encoding: .utf8))?.contains("\"qemu\"") ?? false
+                StagingOwner.namesQEMU(ownerPath)
             })
             // Leave 32 KiB: enough for the console log, not for the device state (~300 KB).
             let free = try FileSystem.availableBytes(onFileSystemOf: mountPoint.root)
@@ -214,4 +214,13 @@ struct RecipeFile {
     }
 
     func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// Whether a staging entry's owner.json names its QEMU yet (its `qemu` is an object, not null).
+enum StagingOwner {
+    static func namesQEMU(_ path: String) -> Bool {
+        guard let data = FileManager.default.contents(atPath: path),
+              let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return false }
+        return object["qemu"] is [String: Any]
+    }
 }

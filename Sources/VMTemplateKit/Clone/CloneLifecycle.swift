@@ -179,7 +179,7 @@ extension CloneEngine {
         try store.removePool(name)
         let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive && $0.state != .pooled && $0.state != .warming }
         if !users.isEmpty && !force {
-            throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clones (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")
+            throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clone\(users.count == 1 ? "" : "s") (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")
         }
         for record in users {
             try await remove(record, grace: grace)
