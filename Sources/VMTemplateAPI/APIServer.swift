@@ -136,7 +136,7 @@ public struct APIServer: Sendable {
         let store = self.store
         let metrics = self.metrics
         router.post("/v1/clones") { request, context -> Response in
-            let body = try await request.decode(as: CreateCloneBody.self, context: context)
+            let body = try await Self.decode(CreateCloneBody.self, from: request)
             // Devices name files and namespaces that the server opens with the owner's rights:
             // only the owner (or root) may ask for them, not every member of the socket's group.
             if !(body.nics ?? []).isEmpty || !(body.disks ?? []).isEmpty, !context.callerIsOwner {
@@ -181,7 +181,7 @@ public struct APIServer: Sendable {
                 throw VMTemplateError(.permissionDenied, "only the store's owner or root may size pools: a pool holds the host's memory.")
             }
             let name = try EntityName(try context.parameters.require("template"))
-            let body = try await request.decode(as: PoolSizeBody.self, context: context)
+            let body = try await Self.decode(PoolSizeBody.self, from: request)
             let pool = WarmPool(engine: engine)
             try await pool.setSize(name, body.size)
             let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
@@ -190,6 +190,20 @@ public struct APIServer: Sendable {
         router.get("/metrics") { _, _ -> Response in
             let text = metrics.render(engine: engine)
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        }
+    }
+
+    /// The largest request body the API reads: a clone request is a few hundred bytes.
+    static let maxBodyBytes = 64 * 1024
+
+    /// The body decoded by the library's own decoder, so that a bad body is answered with the
+    /// same one-phrase reasons as a bad file (``JSONErrorText``), not Hummingbird's.
+    static func decode<Body: Decodable>(_ type: Body.Type, from request: Request) async throws -> Body {
+        let buffer = try await request.body.collect(upTo: maxBodyBytes)
+        do {
+            return try JSONCoding.decoder().decode(Body.self, from: Data(buffer.readableBytesView))
+        } catch {
+            throw VMTemplateError(.invalidArgument, "the request body cannot be read: \(JSONErrorText.describe(error)); send what docs/api.openapi.json describes.")
         }
     }
 
@@ -319,7 +333,7 @@ struct CallerCheck: RouterMiddleware {
         case let error as DecodingError:
             return (VMTemplateError(.invalidArgument, "the request body does not match the API: \(JSONErrorText.describe(error)). See docs/api.openapi.json."), nil)
         default:
-            return (VMTemplateError(.internalError, "\(error)"), nil)
+            return (VMTemplateError(.internalError, "\(VMTemplateError.oneLine(error))"), nil)
         }
     }
 
@@ -372,8 +386,8 @@ enum APIError {
     }
 
     static func response(_ error: VMTemplateError, status: HTTPResponse.Status? = nil) -> Response {
-        let message = error.causeText.map { "\(error.message) (\($0))" } ?? error.message
-        let body = Body(error: .init(code: error.code.rawValue, message: message))
+        // The message alone: one sentence that says what to do (a cause is for the server's log).
+        let body = Body(error: .init(code: error.code.rawValue, message: error.message))
         let data = (try? JSONCoding.encode(body)) ?? Data(#"{"error":{"code":"internalError","message":"encoding failed"}}"#.utf8)
         return Response(status: status ?? Self.status(for: error.code), headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }

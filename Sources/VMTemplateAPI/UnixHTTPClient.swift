@@ -34,7 +34,14 @@ public struct UnixHTTPClient: Sendable {
         case .success(let connected):
             fd = connected
         case .failure(let error):
-            throw VMTemplateError(.ioError, "cannot connect to '\(socketPath)': \(errnoText(error.code)). Is 'vmtemplate serve' running?", cause: error)
+            switch error.code {
+            case EACCES, EPERM:
+                throw VMTemplateError(.permissionDenied, "may not connect to '\(socketPath)': ask the store's owner to run 'vmtemplate serve --socket-group GROUP' with a group you are in.", cause: error)
+            case ENOENT, ECONNREFUSED:
+                throw VMTemplateError(.notFound, "no server answers on '\(socketPath)': start 'vmtemplate serve' for this store, or pass --socket.", cause: error)
+            default:
+                throw VMTemplateError(.ioError, "cannot connect to '\(socketPath)': \(errnoText(error.code)); check that 'vmtemplate serve' runs and answers there.", cause: error)
+            }
         }
         defer { close(fd) }
         var head = "\(method) \(path) HTTP/1.1\r\nHost: vmtemplate\r\nConnection: close\r\n"

@@ -126,8 +126,8 @@ struct Remove: AsyncParsableCommand {
             let store = try store.open()
             let engine = CloneEngine(store: store)
             let records = all ? store.clones().records : try clones.map { try store.findClone($0) }
-            var failures: [String] = []
-            await withTaskGroup(of: String?.self) { group in
+            var failures: [any Error] = []
+            await withTaskGroup(of: (any Error)?.self) { group in
                 for record in records {
                     group.addTask {
                         do {
@@ -135,14 +135,16 @@ struct Remove: AsyncParsableCommand {
                             print(TerminalText.escape("removed \(record.id) (\(record.name)): \(how.rawValue)"))
                             return nil
                         } catch {
-                            return "\(record.id): \(error)"
+                            return error
                         }
                     }
                 }
                 for await failure in group { if let failure { failures.append(failure) } }
             }
-            if !failures.isEmpty {
-                throw VMTemplateError(.qemuFailed, "some clones could not be removed:\n" + failures.joined(separator: "\n"))
+            // One line each (every message names its clone), then the kind of the first.
+            for failure in failures.dropLast() { Terminal.error(VMTemplateError.oneLine(failure)) }
+            if let last = failures.last {
+                throw VMTemplateError((failures.first as? VMTemplateError)?.code ?? .qemuFailed, VMTemplateError.oneLine(last))
             }
         }
     }

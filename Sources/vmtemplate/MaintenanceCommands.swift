@@ -61,7 +61,7 @@ struct GC: AsyncParsableCommand {
             for id in report.removedClones { print("removed clone \(id)") }
             for pid in report.stoppedQEMU { print("stopped orphaned QEMU \(pid)") }
             for problem in report.problems { Terminal.note("warning: \(problem)") }
-            if report.isEmpty { print("nothing to clean up") }
+            if report.isEmpty && report.problems.isEmpty { print("nothing to clean up") }
         }
     }
 }

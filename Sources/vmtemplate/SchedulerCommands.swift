@@ -95,6 +95,10 @@ struct Settings: AsyncParsableCommand {
 
     @OptionGroup var store: StoreOptions
 
+    func validate() throws {
+        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
+    }
+
     func run() async throws {
         try await reportingErrors {
             let changing = maxClones != nil || memoryBudget != nil || action != nil || interval != nil

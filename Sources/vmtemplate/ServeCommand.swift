@@ -74,12 +74,20 @@ struct Serve: AsyncParsableCommand {
             let metricsInterval = self.metricsInterval
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { await keeper.run(log: log) }
-                tasks.addTask { try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) }) }
+                tasks.addTask {
+                    // Only its start can fail (another scheduler runs, the settings are broken):
+                    // the server goes on, and says so.
+                    do {
+                        try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) })
+                    } catch {
+                        log("scheduler not running: \(VMTemplateError.oneLine(error))")
+                    }
+                }
                 if let metricsFile {
                     tasks.addTask {
                         while !Task.isCancelled {
                             try? await Task.sleep(for: .seconds(metricsInterval))
-                            do { try metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(error)") }
+                            do { try metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(VMTemplateError.oneLine(error))") }
                         }
                     }
                 }
@@ -95,7 +103,7 @@ struct APIRequest: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "api",
         abstract: "Send one request to 'vmtemplate serve' and print the answer's body.",
-        discussion: "Exits 1 when the answer is an error (status 400 or more), after printing it.\n\nExamples:\n  vmtemplate api GET /v1/pools\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\"}'"
+        discussion: "Exits 1 when the answer is an error (status 400 or more), after printing it; 66 when no server answers on the socket, 77 when this user may not connect to it.\n\nExamples:\n  vmtemplate api GET /v1/pools\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\"}'"
     )
 
     @Argument(help: "GET, POST, PUT or DELETE.")
@@ -124,7 +132,7 @@ struct APIRequest: ParsableCommand {
             reply = try UnixHTTPClient(socketPath: socketPath).request(method, path, body: body.map { Data($0.utf8) })
         } catch let error as VMTemplateError {
             Terminal.error(error.message)
-            throw ExitCode(1)
+            throw ExitCode(ExitStatus.code(for: error.code))
         }
         print(TerminalText.escapeJSON(String(decoding: reply.body, as: UTF8.self)), terminator: reply.body.last == 0x0a ? "" : "\n")
         if reply.status >= 400 { throw ExitCode(1) }

@@ -38,7 +38,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
                 try command.run()
             }
         } catch {
-            if exitCode(for: error) == ExitCode(ExitStatus.code(for: .invalidArgument)), CommandLine.arguments.contains("--json") {
+            if !(error is ExitCode), exitCode(for: error) == ExitCode(ExitStatus.code(for: .invalidArgument)), CommandLine.arguments.contains("--json") {
                 let line = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "invalid usage"
                 let message = line.hasPrefix("Error: ") ? String(line.dropFirst("Error: ".count)) : line
                 JSONFailure.print(code: .invalidArgument, message: message)
@@ -108,6 +108,16 @@ func reportingErrors(_ body: () async throws -> Void) async throws {
         throw ExitCode(ExitStatus.code(for: error.code))
     } catch is CancellationError {
         throw ExitCode.failure
+    } catch let exit as ExitCode {
+        throw exit
+    } catch let usage as ValidationError {
+        throw usage
+    } catch {
+        // Not a library error (a bug: everything the library throws is one): still one line,
+        // and the JSON a script expects.
+        Terminal.error(VMTemplateError.oneLine(error))
+        if CommandLine.arguments.contains("--json") { JSONFailure.print(code: .internalError, message: VMTemplateError.oneLine(error)) }
+        throw ExitCode(ExitStatus.code(for: .internalError))
     }
 }
 

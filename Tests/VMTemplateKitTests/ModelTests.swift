@@ -61,7 +61,7 @@ struct ModelTests {
         #expect {
             try Recipe.load(path: path)
         } throws: { error in
-            (error as? VMTemplateError)?.message.contains("missing key 'kernel'") ?? false
+            (error as? VMTemplateError)?.message.contains("'kernel' is missing") ?? false
         }
         #expect(throws: VMTemplateError.self) { try Recipe.load(path: "/nonexistent/recipe.json") }
     }

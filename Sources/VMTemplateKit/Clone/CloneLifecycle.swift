@@ -89,7 +89,7 @@ extension CloneEngine {
         do {
             _ = try store.withLock { try store.rebuildLiveIndex() }
         } catch {
-            report.problems.append("\(store.root)/live.json: \(error)")
+            report.problems.append("\(store.root)/live.json: \(VMTemplateError.oneLine(error))")
         }
         return report
     }
@@ -117,7 +117,7 @@ extension CloneEngine {
                     try await instance.stop(grace: .milliseconds(500), politely: false)
                     report.stoppedQEMU.append(instance.pid)
                 } catch {
-                    report.problems.append("clone \(record.id): \(error)")
+                    report.problems.append("clone \(record.id): \(VMTemplateError.oneLine(error))")
                     continue
                 }
             case .exited:
@@ -150,7 +150,7 @@ extension CloneEngine {
                 try await instance.stop(grace: .milliseconds(500), politely: false)
                 report.stoppedQEMU.append(instance.pid)
             } catch {
-                report.problems.append("clone \(id): \(error)")
+                report.problems.append("clone \(id): \(VMTemplateError.oneLine(error))")
                 stoppedAll = false
             }
         }
@@ -162,7 +162,7 @@ extension CloneEngine {
             try store.withLock { try store.removeCloneDirectory(id, record: nil) }
             report.removedClones.append(id)
         } catch {
-            report.problems.append("\(store.cloneDirectory(id)): \(error)")
+            report.problems.append("\(store.cloneDirectory(id)): \(VMTemplateError.oneLine(error))")
         }
     }
 }

@@ -53,7 +53,7 @@ public struct PoolKeeper: Sendable {
                     return
                 } catch {
                     failures += 1
-                    log("pool \(template): filling failed: \(error)")
+                    log("pool \(template): filling failed: \(VMTemplateError.oneLine(error))")
                 }
             }
             // Busy while there is filling to do; otherwise check twice a second. After failures,

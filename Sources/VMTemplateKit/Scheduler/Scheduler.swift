@@ -60,7 +60,7 @@ public struct Scheduler: Sendable {
                     try instance.kill()
                 }
             } catch {
-                failure = "\(error)"
+                failure = "\(VMTemplateError.oneLine(error))"
             }
         case .exited:
             return nil
@@ -85,13 +85,24 @@ public struct Scheduler: Sendable {
             throw VMTemplateError(.busy, "another scheduler\(holder) is already running on store '\(store.root)': run only one per store.")
         }
         defer { lock.unlock() }
+        // A round that fails (a settings file broken meanwhile) is logged once and tried again:
+        // a scheduler that stopped quietly would leave every limit unenforced.
+        var lastFailure: String?
         while !Task.isCancelled {
             let started = ContinuousClock.now
-            for action in try await sampleOnce() {
-                onEnforcement(action)
-                if let line = try? JSONCoding.line(action) { log(line) }
+            var seconds = interval ?? StoreSettings().intervalSeconds
+            do {
+                for action in try await sampleOnce() {
+                    onEnforcement(action)
+                    if let line = try? JSONCoding.line(action) { log(line) }
+                }
+                seconds = try interval ?? store.settings().intervalSeconds
+                lastFailure = nil
+            } catch {
+                let failure = VMTemplateError.oneLine(error)
+                if failure != lastFailure { log("scheduler: \(failure) Limits are not enforced until this is fixed.") }
+                lastFailure = failure
             }
-            let seconds = try interval ?? store.settings().intervalSeconds
             let next = started + .seconds(fractional: seconds)
             if next > .now { try? await Task.sleep(until: next, clock: .continuous) }
         }

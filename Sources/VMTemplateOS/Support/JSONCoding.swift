@@ -29,23 +29,48 @@ public enum JSONCoding {
     }
 }
 
-/// Short, human descriptions of `DecodingError`s (the default ones are long debug dumps).
+/// Short, human descriptions of `DecodingError`s (the default ones are long debug dumps naming
+/// Swift types): a phrase without a final period, for the caller's sentence to carry.
 package enum JSONErrorText {
     package static func describe(_ error: any Error) -> String {
-        guard let error = error as? DecodingError else { return "\(error)" }
-        func path(_ context: DecodingError.Context) -> String {
+        guard let error = error as? DecodingError else { return trimmed("\(error)") }
+        func path(_ context: DecodingError.Context) -> String? {
             let keys = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
-            return keys.isEmpty ? "the top level" : "'\(keys.joined(separator: "."))'"
+            return keys.isEmpty ? nil : "'\(keys.joined(separator: "."))'"
         }
         switch error {
         case .keyNotFound(let key, let context):
-            return "missing key '\(key.stringValue)' in \(path(context))"
-        case .typeMismatch(_, let context), .valueNotFound(_, let context):
-            return "wrong type at \(path(context)): \(context.debugDescription)"
+            return path(context).map { "\($0) has no '\(key.stringValue)'" } ?? "'\(key.stringValue)' is missing"
+        case .typeMismatch(let type, let context):
+            return "\(path(context) ?? "the whole file") must be \(kind(of: type))"
+        case .valueNotFound(let type, let context):
+            return "\(path(context) ?? "the whole file") must be \(kind(of: type)), not null"
         case .dataCorrupted(let context):
-            return "malformed JSON at \(path(context)): \(context.underlyingError.map { "\($0)" } ?? context.debugDescription)"
+            guard let where_ = path(context) else { return "it is not JSON" }
+            // "Cannot initialize GuestClock from invalid String value ntp": the value, not the type.
+            if let range = context.debugDescription.range(of: "invalid String value ") {
+                return "\(where_) cannot be '\(context.debugDescription[range.upperBound...])'"
+            }
+            return "\(where_) is not valid (\(trimmed(context.debugDescription)))"
         @unknown default:
-            return "\(error)"
+            return trimmed("\(error)")
         }
+    }
+
+    /// What a JSON value of a Swift type is, in words.
+    static func kind(of type: Any.Type) -> String {
+        let name = String(describing: type)
+        if name == "String" { return "a string" }
+        if name == "Bool" { return "true or false" }
+        if ["Int", "Int32", "Int64", "UInt", "UInt16", "UInt32", "UInt64", "Double", "Float"].contains(name) { return "a number" }
+        if name.hasPrefix("Array") || name.hasPrefix("[") { return "a list" }
+        if name.hasPrefix("Dictionary") || name.hasPrefix("Optional<Dictionary") { return "an object" }
+        return "another kind of value"
+    }
+
+    static func trimmed(_ text: String) -> String {
+        var text = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        while text.hasSuffix(".") { text.removeLast() }
+        return text
     }
 }

@@ -20,10 +20,21 @@ package enum ShortCommand {
         process.standardOutput = stdout
         process.standardError = stderr
         process.standardInput = FileHandle.nullDevice
+        // Checked here, so that the error says which (Process.run's is an NSError dump).
+        var info = stat()
+        guard stat(executable, &info) == 0 else {
+            throw VMTemplateError(.notFound, "could not run '\(executable)': \(errnoText()); check the path.")
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            throw VMTemplateError(.invalidArgument, "'\(executable)' is not a program (it is \((info.st_mode & S_IFMT) == S_IFDIR ? "a directory" : "not a regular file")): give the path of the executable itself.")
+        }
+        guard access(executable, X_OK) == 0 else {
+            throw VMTemplateError(.permissionDenied, "'\(executable)' is not executable by this user: check its mode.")
+        }
         do {
             try process.run()
         } catch {
-            throw VMTemplateError(.notFound, "could not run '\(executable)': check that it exists and is executable.", cause: error)
+            throw VMTemplateError(.notFound, "could not run '\(executable)': check that it exists and is executable.")
         }
         // Read before waiting, so the child cannot block on a full pipe. The probes print at most a
         // few lines on stderr, far below a pipe's 64 KiB, so reading stdout first cannot deadlock.

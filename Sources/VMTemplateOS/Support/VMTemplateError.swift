@@ -50,6 +50,16 @@ public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
     }
 }
 
+extension VMTemplateError {
+    /// What a person is shown of any error in a line of its own (a log line, a problem in a
+    /// list, a record field): a library error's message without its cause block, anything else
+    /// on one line.
+    public static func oneLine(_ error: any Error) -> String {
+        if let error = error as? VMTemplateError { return error.message }
+        return "\(error)".split(whereSeparator: \.isNewline).joined(separator: "; ")
+    }
+}
+
 /// Text that explains an error but is not an error of a known kind (a console's last lines, the
 /// stderr of a probe): the cause of a `VMTemplateError` when nothing more structured exists.
 public struct ErrorDetail: Error, Sendable, CustomStringConvertible {

@@ -77,7 +77,7 @@ public struct Recipe: Sendable, Codable, Equatable {
         do {
             recipe = try JSONDecoder().decode(Recipe.self, from: data)
         } catch {
-            throw VMTemplateError(.invalidArgument, "recipe '\(path)' is not valid: \(JSONErrorText.describe(error)). See templates/busybox/template.json for the format.")
+            throw VMTemplateError(.invalidArgument, "recipe '\(path)' cannot be read: \(JSONErrorText.describe(error)); fix it, using templates/busybox/template.json as the model.")
         }
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent()
         func absolute(_ file: String) -> String {

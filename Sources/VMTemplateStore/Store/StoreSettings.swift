@@ -75,7 +75,7 @@ extension TemplateStore {
         case .failure(.missing):
             return StoreSettings()
         case .failure(let failure):
-            throw VMTemplateError(.invalidState, "settings file '\(settingsPath)' cannot be used because \(failure). Fix it or set the values again with 'vmtemplate settings'.", cause: failure)
+            throw VMTemplateError(.invalidState, "settings file '\(settingsPath)' cannot be used because \(failure): fix it, or remove it (rm \(settingsPath)) and set the limits again with 'vmtemplate settings'.")
         }
     }
 

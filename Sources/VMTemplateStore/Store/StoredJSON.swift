@@ -22,7 +22,7 @@ public enum StoredJSON {
             switch self {
             case .missing: "it does not exist"
             case .unreadable(let error): "it cannot be read (\(error))"
-            case .invalid(let reason): "it is not valid: \(reason)"
+            case .invalid(let reason): reason.hasPrefix("it ") ? reason : "it is not valid: \(reason)"
             case .untrusted(let reason): "it is not to be believed: \(reason)"
             }
         }

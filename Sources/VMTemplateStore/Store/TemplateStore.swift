@@ -80,6 +80,17 @@ public struct TemplateStore: Sendable {
         }
     }
 
+    /// Makes the missing directories above `path` (0755), one by one, so that a failure names the
+    /// directory and the reason (FileManager's errors are NSError dumps).
+    private static func makeParents(of path: String) throws {
+        let parent = FileSystem.split(path).directory
+        guard parent != path, parent != "/", parent != ".", access(parent, F_OK) != 0 else { return }
+        try makeParents(of: parent)
+        guard mkdir(parent, 0o755) == 0 || errno == EEXIST else {
+            throw FileSystem.error("create the store directory", path: parent, code: errno, permissionNeeded: "pass --store a directory you may write, or set VMTEMPLATE_STORE")
+        }
+    }
+
     /// Creates `path` with `mode`, or checks the one there: a directory (not a link) that `owner`
     /// owns. Write permission for anybody else is taken away (stores made before 0.2 had a
     /// world-writable `clones/`).
@@ -87,10 +98,9 @@ public struct TemplateStore: Sendable {
         if mkdir(path, mode) != 0 {
             let code = errno
             if code == ENOENT {
-                do {
-                    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: mode])
-                } catch {
-                    throw VMTemplateError(.ioError, "cannot create store directory '\(path)': check its parent's permissions or pick another --store.", cause: error)
+                try makeParents(of: path)
+                guard mkdir(path, mode) == 0 || errno == EEXIST else {
+                    throw FileSystem.error("create the store directory", path: path, code: errno, permissionNeeded: "pass --store a directory you may write, or set VMTEMPLATE_STORE")
                 }
             } else if code != EEXIST {
                 throw FileSystem.error("create the store directory", path: path, code: code, permissionNeeded: "this user needs write permission on its parent directory")
@@ -205,9 +215,9 @@ public struct TemplateStore: Sendable {
         case .failure(.missing) where !templateExists(name):
             throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list' for the templates there are, or make it with 'vmtemplate create \(name) --recipe ...'.")
         case .failure(.invalid(let reason)):
-            throw VMTemplateError(.ioError, "manifest of template '\(name)' is not valid: \(reason). The template is damaged or was made by a newer vmtemplate.")
+            throw VMTemplateError(.ioError, "the manifest of template '\(name)' cannot be read (\(reason)): the template is damaged or was made by a newer vmtemplate; remove it (vmtemplate rm-template \(name)) and create it again.")
         case .failure(let failure):
-            throw VMTemplateError(.ioError, "template '\(name)' has no readable manifest.json (\(failure)): the template is damaged; remove it and create it again.", cause: failure)
+            throw VMTemplateError(.ioError, "template '\(name)' has no readable manifest.json (\(failure)): the template is damaged; remove it (vmtemplate rm-template \(name)) and create it again.")
         }
         guard manifest.memory.name == "memory", manifest.state.name == "state" else {
             throw VMTemplateError(.invalidState, "template '\(name)' has a manifest whose files are not 'memory' and 'state': it cannot be trusted; create it again.")
@@ -232,7 +242,7 @@ public struct TemplateStore: Sendable {
             } catch let error as VMTemplateError {
                 problems.append(error.message)
             } catch {
-                problems.append("template '\(entry)': \(error)")
+                problems.append("template '\(entry)': \(VMTemplateError.oneLine(error))")
             }
         }
         return (templates, problems)
@@ -328,7 +338,7 @@ public struct TemplateStore: Sendable {
                 do {
                     return (try claimForDiscard(staging), owner)
                 } catch {
-                    problems.append("\(directory): \(error)")
+                    problems.append("\(directory): \(VMTemplateError.oneLine(error))")
                     return nil
                 }
             }
@@ -339,7 +349,7 @@ public struct TemplateStore: Sendable {
                 if let pid = try await staging.discard(owner: owner) { report.stoppedQEMU.append(pid) }
                 report.removedStaging.append(staging.name.value)
             } catch {
-                report.problems.append("\(staging.directory): \(error)")
+                report.problems.append("\(staging.directory): \(VMTemplateError.oneLine(error))")
             }
         }
     }
