@@ -64,6 +64,11 @@ public final class QEMUInstance: Sendable {
         var request = SpawnRequest(executable: executable, arguments: arguments, stdoutPath: paths.qemuLog)
         request.newSession = true
         request.transparentHugePages = transparentHugePages
+        // One malloc arena: QEMU's threads allocate little, and each extra arena is memory an idle
+        // clone keeps (~0.3 MiB measured, docs/scaling.md). A tunable the caller set stays.
+        if ProcessInfo.processInfo.environment["GLIBC_TUNABLES"] == nil {
+            request.environment["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=1"
+        }
         // What QEMU creates (the control socket, the console log) is its owner's alone: guest
         // consoles and control channels carry secrets.
         request.umask = 0o077
