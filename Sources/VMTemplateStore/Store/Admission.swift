@@ -7,7 +7,8 @@ import VMTemplateQEMU
 /// guest memory) plus `qemuReserveBytes` for QEMU's own memory. Template pages are shared page
 /// cache and are not counted per clone.
 public enum Admission {
-    /// What each clone's QEMU is assumed to need for itself (measured: ~17 MiB idle; docs/benchmarks.md).
+    /// What each clone's QEMU is assumed to need for itself (measured: ~22 MiB idle under TCG, more
+    /// while its guest runs new code; docs/scaling.md).
     public static let qemuReserveBytes: UInt64 = 32 * 1024 * 1024
 
     /// Memory a clone commits: `min(limit, guest memory) + QEMU's reserve`.
