@@ -362,16 +362,8 @@ struct CallerCheck: RouterMiddleware {
     }
 }
 
-/// `{"error": {"code": "...", "message": "..."}}`, with the status that goes with the code.
+/// ``ErrorBody``, with the status that goes with the code.
 enum APIError {
-    struct Body: Encodable {
-        struct Detail: Encodable {
-            var code: String
-            var message: String
-        }
-        var error: Detail
-    }
-
     static func status(for code: VMTemplateError.Code) -> HTTPResponse.Status {
         switch code {
         case .invalidArgument: .badRequest
@@ -387,7 +379,7 @@ enum APIError {
 
     static func response(_ error: VMTemplateError, status: HTTPResponse.Status? = nil) -> Response {
         // The message alone: one sentence that says what to do (a cause is for the server's log).
-        let body = Body(error: .init(code: error.code.rawValue, message: error.message))
+        let body = ErrorBody(code: error.code, message: error.message)
         let data = (try? JSONCoding.encode(body)) ?? Data(#"{"error":{"code":"internalError","message":"encoding failed"}}"#.utf8)
         return Response(status: status ?? Self.status(for: error.code), headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }

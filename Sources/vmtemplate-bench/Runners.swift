@@ -262,6 +262,33 @@ enum CLI {
         return (firstStart.duration(to: last).seconds, clones)
     }
 
+    /// How long `executable arguments` takes, from spawn to exit; it must succeed.
+    static func timed(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> Double {
+        let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/t-\(UUID().uuidString.prefix(8))")
+        let (status, ended) = try await child.wait()
+        defer { child.removeOutput() }
+        guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
+        return child.started.duration(to: ended).seconds
+    }
+
+    /// `list --json` against `cat` of the same clones' smaps, `runs` each, interleaved (which goes
+    /// first alternates, so neither always runs on a warmer cache).
+    static func listAgainstCat(_ workspace: Workspace, pids: [Int32], runs: Int) async throws -> (list: Summary, cat: Summary) {
+        var listSamples: [Double] = []
+        var catSamples: [Double] = []
+        let catCommand = "cat " + pids.map { "/proc/\($0)/smaps" }.joined(separator: " ") + " > /dev/null"
+        for run in 0..<runs {
+            for isList in run % 2 == 0 ? [true, false] : [false, true] {
+                if isList {
+                    listSamples.append(try await timed(workspace, workspace.vmtemplate, ["list", "--json", "--store", workspace.store.root]))
+                } else {
+                    catSamples.append(try await timed(workspace, "/bin/sh", ["-c", catCommand]))
+                }
+            }
+        }
+        return (Summary(listSamples), Summary(catSamples))
+    }
+
     /// `vmtemplate rm ID... --grace 1` (not timed).
     static func remove(_ workspace: Workspace, _ clones: [CLIClone]) async throws {
         guard !clones.isEmpty else { return }

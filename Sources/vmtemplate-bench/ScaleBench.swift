@@ -129,20 +129,7 @@ struct ScaleBench: AsyncParsableCommand {
                 var cat: Summary?
                 if !pids.isEmpty {
                     log.note("\(count) live clones: list --json against cat of their smaps")
-                    var listSamples: [Double] = []
-                    var catSamples: [Double] = []
-                    let catCommand = "cat " + pids.map { "/proc/\($0)/smaps" }.joined(separator: " ") + " > /dev/null"
-                    for run in 0..<listRuns {
-                        for isList in run % 2 == 0 ? [true, false] : [false, true] {
-                            if isList {
-                                listSamples.append(try await timed(workspace, workspace.vmtemplate, ["list", "--json", "--store", workspace.store.root]))
-                            } else {
-                                catSamples.append(try await timed(workspace, "/bin/sh", ["-c", catCommand]))
-                            }
-                        }
-                    }
-                    list = Summary(listSamples)
-                    cat = Summary(catSamples)
+                    (list, cat) = try await CLI.listAgainstCat(workspace, pids: pids, runs: listRuns)
                 }
 
                 log.note("\(count) live clones: \(runs) timed clones")
@@ -197,15 +184,7 @@ struct ScaleBench: AsyncParsableCommand {
     }
 
     private func vmtemplate(_ workspace: Workspace, _ arguments: [String]) async throws {
-        _ = try await timed(workspace, workspace.vmtemplate, arguments + ["--store", workspace.store.root])
-    }
-
-    private func timed(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> Double {
-        let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/t-\(UUID().uuidString.prefix(8))")
-        let (status, ended) = try await child.wait()
-        defer { child.removeOutput() }
-        guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
-        return child.started.duration(to: ended).seconds
+        _ = try await CLI.timed(workspace, workspace.vmtemplate, arguments + ["--store", workspace.store.root])
     }
 
     /// utime + stime of a process (all its threads), in seconds; nil once it is gone.

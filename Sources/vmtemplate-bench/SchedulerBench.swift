@@ -56,20 +56,7 @@ struct SchedulerBench: AsyncParsableCommand {
             let pids = started.compactMap(\.pid)
 
             log.note("timing list --json against cat of \(pids.count) smaps files, \(runs) runs each")
-            var listSamples: [Double] = []
-            var catSamples: [Double] = []
-            let catCommand = "cat " + pids.map { "/proc/\($0)/smaps" }.joined(separator: " ") + " > /dev/null"
-            for run in 0..<runs {
-                // Alternate which goes first, so neither always runs on a warmer cache.
-                let order = run % 2 == 0 ? [true, false] : [false, true]
-                for isList in order {
-                    if isList {
-                        listSamples.append(try await timed(workspace, workspace.vmtemplate, ["list", "--json", "--store", workspace.store.root]))
-                    } else {
-                        catSamples.append(try await timed(workspace, "/bin/sh", ["-c", catCommand]))
-                    }
-                }
-            }
+            let (list, cat) = try await CLI.listAgainstCat(workspace, pids: pids, runs: runs)
             try await CLI.remove(workspace, started)
 
             log.note("timing the scheduler's reaction, \(trials) trials at \(interval) s")
@@ -78,8 +65,6 @@ struct SchedulerBench: AsyncParsableCommand {
                 reactions.append(try await reaction(workspace))
             }
 
-            let list = Summary(listSamples)
-            let cat = Summary(catSamples)
             let reaction = Summary(reactions)
             let targets = [
                 Target(name: "list --json with \(pids.count) clones vs cat of their smaps", measured: Format.ratio(list.median / cat.median), limit: "<= 3x", pass: list.median <= 3 * cat.median),
@@ -94,14 +79,6 @@ struct SchedulerBench: AsyncParsableCommand {
             ]))
             for target in targets { print(target.line) }
         }
-    }
-
-    private func timed(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> Double {
-        let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/t-\(UUID().uuidString.prefix(8))")
-        let (status, ended) = try await child.wait()
-        defer { child.removeOutput() }
-        guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
-        return child.started.duration(to: ended).seconds
     }
 
     /// One clone with a 32 MiB limit dirtying 64 MiB under a running scheduler: the time from the

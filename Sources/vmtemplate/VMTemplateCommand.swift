@@ -48,18 +48,10 @@ struct VMTemplateCommand: AsyncParsableCommand {
     }
 }
 
-/// `{"error": {"code", "message"}}` on stdout: what `--json` prints instead of a result.
+/// ``ErrorBody`` on stdout: what `--json` prints instead of a result.
 enum JSONFailure {
-    struct Body: Encodable {
-        struct Detail: Encodable {
-            var code: String
-            var message: String
-        }
-        var error: Detail
-    }
-
     static func print(code: VMTemplateError.Code, message: String) {
-        try? Terminal.printJSON(Body(error: .init(code: code.rawValue, message: message)))
+        try? Terminal.printJSON(ErrorBody(code: code, message: message))
     }
 }
 

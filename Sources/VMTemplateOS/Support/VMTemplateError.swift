@@ -50,6 +50,21 @@ public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
     }
 }
 
+/// `{"error": {"code", "message"}}`: what the CLI prints with `--json` and the API answers when
+/// something fails.
+public struct ErrorBody: Encodable, Sendable {
+    public struct Detail: Encodable, Sendable {
+        public var code: String
+        public var message: String
+    }
+
+    public var error: Detail
+
+    public init(code: VMTemplateError.Code, message: String) {
+        error = Detail(code: code.rawValue, message: message)
+    }
+}
+
 extension VMTemplateError {
     /// What a person is shown of any error in a line of its own (a log line, a problem in a
     /// list, a record field): a library error's message without its cause block, anything else
