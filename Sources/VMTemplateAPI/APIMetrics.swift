@@ -38,6 +38,12 @@ public final class APIMetrics: Sendable {
     }
 
     private let counters = Mutex(Counters())
+    private let cache = RenderCache()
+
+    /// How long a rendering is served again: a scrape reads every record and every live clone's
+    /// smaps (~1 ms a clone), so scrapes closer than this (a scraper every second, a caller in a
+    /// loop) share one, and never delay the scheduler's rounds.
+    static let maxAge: Duration = .seconds(5)
 
     public init() {}
 
@@ -55,6 +61,14 @@ public final class APIMetrics: Sendable {
 
     public func recordEnforcement(_ enforcement: Enforcement) {
         counters.withLock { $0.enforcements["\(enforcement.action.rawValue)|\(enforcement.done ? "done" : "failed")", default: 0] += 1 }
+    }
+
+    /// The text, rendered at most ``maxAge`` ago, on a thread of its own; concurrent callers wait
+    /// for the one rendering under way.
+    public func text(engine: CloneEngine) async -> String {
+        await cache.text(maxAge: Self.maxAge) { [self] in
+            (try? await onOwnThread { self.render(engine: engine) }) ?? ""
+        }
     }
 
     /// The text for the store as it is now: clone gauges from the records (and each live clone's
@@ -147,9 +161,31 @@ public final class APIMetrics: Sendable {
         }
     }
 
+    /// One rendering shared by the callers that ask within its age, and by those that ask while
+    /// it is made.
+    actor RenderCache {
+        private var latest: (text: String, at: ContinuousClock.Instant)?
+        private var running: Task<String, Never>?
+
+        func text(maxAge: Duration, render: @escaping @Sendable () async -> String) async -> String {
+            if let latest, latest.at.duration(to: .now) < maxAge { return latest.text }
+            if let running { return await running.value }
+            let task = Task { await render() }
+            running = task
+            let text = await task.value
+            latest = (text, .now)
+            running = nil
+            return text
+        }
+    }
+
     /// Writes the text to `path` atomically (a reader, such as node_exporter, never sees half a
     /// file), readable by everyone (the collector usually runs as another user).
-    public func write(to path: String, engine: CloneEngine) throws {
-        try FileSystem.writeFileAtomically(path: path, data: Array(render(engine: engine).utf8), mode: 0o644, durable: false)
+    /// The directory must be one only root or this user may change (``FileSystem/requireTrustedDirectory(_:for:)``):
+    /// a server running as root writes there.
+    public func write(to path: String, engine: CloneEngine) async throws {
+        try FileSystem.requireTrustedDirectory(FileSystem.split(path).directory, for: "--metrics-file")
+        let text = await self.text(engine: engine)
+        try FileSystem.writeFileAtomically(path: path, data: Array(text.utf8), mode: 0o644, durable: false)
     }
 }

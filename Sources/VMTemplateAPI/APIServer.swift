@@ -91,14 +91,7 @@ public struct APIServer: Sendable {
     /// link between its creation and its chmod), a path that is something else than a socket,
     /// and one another server answers on; removes a stale socket.
     private func checkSocketPath() throws {
-        let directory = FileSystem.split(socketPath).directory
-        var parent = stat()
-        guard stat(directory, &parent) == 0 else {
-            throw VMTemplateError(.notFound, "the socket's directory '\(TerminalText.escape(directory))' does not exist: create it, or pass another --socket.")
-        }
-        guard parent.st_mode & 0o022 == 0 || parent.st_mode & S_ISVTX != 0 && parent.st_uid == geteuid() else {
-            throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(directory))' may be written by others: put the socket in a directory only its owner writes (the default is inside the store).")
-        }
+        try FileSystem.requireTrustedDirectory(FileSystem.split(socketPath).directory, for: "--socket")
         var info = stat()
         guard lstat(socketPath, &info) == 0 else { return }
         guard (info.st_mode & S_IFMT) == S_IFSOCK else {
@@ -188,7 +181,7 @@ public struct APIServer: Sendable {
             return try Self.json(status)
         }
         router.get("/metrics") { _, _ -> Response in
-            let text = metrics.render(engine: engine)
+            let text = await metrics.text(engine: engine)
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
     }

@@ -68,26 +68,33 @@ struct Serve: AsyncParsableCommand {
             let metrics = server.metrics
             if let metricsFile {
                 // Written once before serving, so a bad path fails the start, not the first round.
-                try metrics.write(to: metricsFile, engine: engine)
+                try await metrics.write(to: metricsFile, engine: engine)
             }
             let metricsFile = self.metricsFile
             let metricsInterval = self.metricsInterval
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { await keeper.run(log: log) }
                 tasks.addTask {
-                    // Only its start can fail (another scheduler runs, the settings are broken):
-                    // the server goes on, and says so.
-                    do {
-                        try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) })
-                    } catch {
-                        log("scheduler not running: \(VMTemplateError.oneLine(error))")
+                    // Only its start can fail (another scheduler holds the store, the settings
+                    // are broken): said once, and tried again every 5 s, so limits are enforced
+                    // again as soon as they can be.
+                    var said: String?
+                    while !Task.isCancelled {
+                        do {
+                            try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) })
+                        } catch {
+                            let failure = VMTemplateError.oneLine(error)
+                            if failure != said { log("scheduler not running: \(failure) Trying again every 5 s.") }
+                            said = failure
+                        }
+                        try? await Task.sleep(for: .seconds(5))
                     }
                 }
                 if let metricsFile {
                     tasks.addTask {
                         while !Task.isCancelled {
                             try? await Task.sleep(for: .seconds(metricsInterval))
-                            do { try metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(VMTemplateError.oneLine(error))") }
+                            do { try await metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(VMTemplateError.oneLine(error))") }
                         }
                     }
                 }

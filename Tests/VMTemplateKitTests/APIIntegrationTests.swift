@@ -117,7 +117,14 @@ extension RealGuests {
             #expect(await eventually(timeout: .seconds(60)) {
                 (try? server.request("GET", "/v1/pools")).map { String(decoding: $0.body, as: UTF8.self).contains("\"ready\" : 3") } ?? false
             }, "the server refilled the pool to its new size")
-            let metrics = try server.request("GET", "/metrics")
+            // A rendering is served again for up to 5 s (APIMetrics.maxAge): scraped until one
+            // made after the requests above comes.
+            var metrics = try server.request("GET", "/metrics")
+            let deadline = ContinuousClock.now + .seconds(20)
+            while ContinuousClock.now < deadline, !String(decoding: metrics.body, as: UTF8.self).contains("vmtemplate_pool_ready{template=\"busybox\"} 3") {
+                try await Task.sleep(for: .milliseconds(500))
+                metrics = try server.request("GET", "/metrics")
+            }
             let text = String(decoding: metrics.body, as: UTF8.self)
             #expect(metrics.status == 200 && metrics.headers["content-type"]?.hasPrefix("text/plain") == true)
             // Read by Prometheus' own parser (python3-prometheus-client), not by string matching.

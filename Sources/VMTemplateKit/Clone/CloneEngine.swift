@@ -276,6 +276,7 @@ public struct CloneEngine: Sendable {
         return try store.withLock {
             // Nothing here reads every record: limits read the live index (``TemplateStore/admissionCommitments(rebuildingIf:)``),
             // names and IDs the name index (``TemplateStore/claimNames(of:)``).
+            try Admission.checkLimit(request.cowLimitBytes)
             let settings = try store.settings()
             let committed = Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
             if settings.maxClones != nil || settings.memoryBudgetBytes != nil {

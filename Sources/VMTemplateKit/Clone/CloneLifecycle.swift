@@ -66,9 +66,16 @@ extension CloneEngine {
         guard case .running(let qemu) = qemu(of: record) else {
             throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be resumed: remove it (vmtemplate rm) and clone again.")
         }
+        try Admission.checkLimit(cowLimitBytes)
         let limit = cowLimitBytes ?? record.cowLimitBytes
         if let limit, let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile), usage.copyOnWriteBytes > limit {
             throw VMTemplateError(.limitExceeded, "clone \(record.id) uses \(ByteSize(bytes: usage.copyOnWriteBytes)) of copy-on-write, over its limit of \(ByteSize(bytes: limit)): the scheduler would pause it again. Resume it with a higher --cow-limit, or remove it.")
+        }
+        if let cowLimitBytes {
+            // A higher limit is a bigger commitment: admitted like a new clone, and entered in
+            // the live index before the guest may use it.
+            let committed = Admission.committedBytes(guestMemory: record.guestMemoryBytes ?? cowLimitBytes, cowLimit: cowLimitBytes)
+            try store.withLock { try store.recommit(record.id, committedBytes: max(committed, record.committedBytes)) }
         }
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "resume")
         defer { qmp.close() }

@@ -41,10 +41,18 @@ public struct Scheduler: Sendable {
             _ = try? store.updateClone(record.id) { $0.state = .exited }
             return nil
         }
-        guard let limit = record.cowLimitBytes, record.state != .paused,
-              let usage = try? CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile),
-              usage.copyOnWriteBytes > limit
-        else { return nil }
+        guard let limit = record.cowLimitBytes, record.state != .paused else { return nil }
+        let cowBytes: UInt64
+        do {
+            cowBytes = try CloneMemoryUsage.measure(pid: qemu.pid, templateFile: record.memoryFile).copyOnWriteBytes
+        } catch let error as VMTemplateError where error.code == .limitExceeded {
+            // Memory too fragmented to be measured is no QEMU's doing: acted on as over the limit,
+            // never skipped (a limit must not fail open).
+            cowBytes = .max
+        } catch {
+            return nil
+        }
+        guard cowBytes > limit else { return nil }
 
         let action = record.overLimitAction ?? settings.overLimitAction
         var failure: String?
@@ -67,7 +75,7 @@ public struct Scheduler: Sendable {
         case .notThisQEMU(let reason):
             failure = "not acted on: \(reason)"
         }
-        let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: usage.copyOnWriteBytes, limitBytes: limit, action: action, done: failure == nil, error: failure)
+        let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure)
         _ = try? store.updateClone(record.id) { updated in
             updated.lastEnforcement = enforcement
             if failure == nil { updated.state = action == .pause ? .paused : .exited }

@@ -217,18 +217,41 @@ public enum FileSystem {
         return String(cString: resolved)
     }
 
+    /// Refuses a directory to put a file in that somebody else could change under this process:
+    /// it must be a directory (not a link to one) owned by root or this user, and not writable by
+    /// group or others, unless it is sticky and this user's (then nobody else may replace or
+    /// remove what this user puts there). `what` names the option, for the error.
+    package static func requireTrustedDirectory(_ directory: String, for what: String) throws {
+        var info = stat()
+        guard lstat(directory, &info) == 0 else {
+            throw VMTemplateError(.notFound, "the directory '\(TerminalText.escape(directory))' of \(what) does not exist: create it, or pass another \(what).")
+        }
+        let me = geteuid()
+        // A link (such as /var/run -> /run) is followed only when root or this user made it.
+        if (info.st_mode & S_IFMT) == S_IFLNK {
+            guard info.st_uid == 0 || info.st_uid == me, stat(directory, &info) == 0 else {
+                throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(directory))' is a link somebody else made: put \(what) in a directory only root or this user may change.")
+            }
+        }
+        guard (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == 0 || info.st_uid == me,
+              info.st_mode & 0o022 == 0 || (info.st_mode & S_ISVTX != 0 && info.st_uid == me) else {
+            throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(directory))' is not a directory only root or this user may change: put \(what) in one that is.")
+        }
+    }
+
     // MARK: - Internals shared by the host readers
 
     /// Reads a whole file with plain read(2) calls, which /proc files need because they report size 0.
-    package static func readContents(path: String) -> Result<[UInt8], CallError> {
+    /// More than `limit` bytes fails with E2BIG.
+    package static func readContents(path: String, limit: Int = .max) -> Result<[UInt8], CallError> {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return .failure(CallError("open", code: errno)) }
         defer { close(fd) }
-        return readAll(descriptor: fd)
+        return readAll(descriptor: fd, limit: limit)
     }
 
-    /// Reads an open file to its end.
-    package static func readAll(descriptor fd: Int32) -> Result<[UInt8], CallError> {
+    /// Reads an open file to its end; more than `limit` bytes fails with E2BIG.
+    package static func readAll(descriptor fd: Int32, limit: Int = .max) -> Result<[UInt8], CallError> {
         var contents: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
@@ -239,6 +262,7 @@ public enum FileSystem {
                 return .failure(CallError("read", code: code))
             }
             if count == 0 { break }
+            guard contents.count + count <= limit else { return .failure(CallError("read", code: E2BIG)) }
             contents.append(contentsOf: chunk[0..<count])
         }
         return .success(contents)

@@ -107,8 +107,7 @@ public final class ProcessHandle: Sendable {
         let setsid: Int32 = request.newSession ? 0x80 : 0
         posix_spawnattr_setflags(&attributes, Int16(setsid | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
-        // This process's own environment as it is (every clone's QEMU); a copy only when a caller
-        // adds variables (the benchmark's malloc runs).
+        // This process's own environment, plus what the caller adds (QEMU's malloc tunable).
         var cEnvironment: [UnsafeMutablePointer<CChar>?] = []
         if !request.environment.isEmpty {
             var environment = ProcessInfo.processInfo.environment

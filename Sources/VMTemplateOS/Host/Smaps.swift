@@ -124,8 +124,8 @@ public enum Smaps {
         var anonymous: UInt64 = 0
         func finish() {
             if inTemplate {
-                counters.templateAnonymous &+= anonymous
-                counters.templateShared &+= rss >= anonymous ? rss - anonymous : 0
+                counters.templateAnonymous = saturating(counters.templateAnonymous, anonymous)
+                counters.templateShared = saturating(counters.templateShared, rss >= anonymous ? rss - anonymous : 0)
             }
         }
         smaps.withUnsafeBufferPointer { all in
@@ -140,10 +140,10 @@ public enum Smaps {
                 let first = line[0]
                 if first >= UInt8(ascii: "A") && first <= UInt8(ascii: "Z") {
                     if let bytes = fieldValue(line, key: anonymousKey) {
-                        counters.totalAnonymous &+= bytes
+                        counters.totalAnonymous = saturating(counters.totalAnonymous, bytes)
                         anonymous = bytes
                     } else if let bytes = fieldValue(line, key: swapKey) {
-                        counters.totalSwap &+= bytes
+                        counters.totalSwap = saturating(counters.totalSwap, bytes)
                     } else if inTemplate, let bytes = fieldValue(line, key: rssKey) {
                         rss = bytes
                     }
@@ -157,6 +157,11 @@ public enum Smaps {
         }
         finish()
         return counters
+    }
+
+    private static func saturating(_ a: UInt64, _ b: UInt64) -> UInt64 {
+        let (sum, overflow) = a.addingReportingOverflow(b)
+        return overflow ? .max : sum
     }
 
     private static let anonymousKey = Array("Anonymous:".utf8)
@@ -199,6 +204,11 @@ public enum Smaps {
         String(decoding: try readBytes(pid: pid, name: name), as: UTF8.self)
     }
 
+    /// The most smaps text believed: a QEMU's is 100–300 KiB; one that split its memory into
+    /// tens of thousands of mappings (a compromised QEMU) would make every measurement cost the
+    /// root process tens of MiB.
+    public static let maxBytes = 16 << 20
+
     static func readBytes(pid: Int32, name: String) throws -> [UInt8] {
         let path = "/proc/\(pid)/\(name)"
         let gone = VMTemplateError(
@@ -206,7 +216,9 @@ public enum Smaps {
             "process \(pid) is gone, so its memory cannot be measured; check whether the clone is still running"
         )
         guard pid > 0 else { throw gone }
-        switch FileSystem.readContents(path: path) {
+        switch FileSystem.readContents(path: path, limit: maxBytes) {
+        case .failure(let failure) where failure.code == E2BIG:
+            throw VMTemplateError(.limitExceeded, "process \(pid)'s \(name) is larger than \(maxBytes >> 20) MiB: it has split its memory into more mappings than a QEMU makes.", cause: failure)
         case .success(let text):
             // A zombie, or a process that exited between open and read, has an empty smaps.
             guard !text.isEmpty else { throw gone }

@@ -96,7 +96,10 @@ private struct TreeEncoder: Encoder {
     let slot: Slot
 
     static func tree(of value: some Encodable, codingPath: [any CodingKey]) throws -> JSONTree {
+        // The types JSONEncoder writes in a form of its own.
         if let date = value as? Date { return .string(date.formatted(.iso8601)) }
+        if let data = value as? Data { return .string(data.base64EncodedString()) }
+        if let url = value as? URL { return .string(url.absoluteString) }
         let slot = Slot()
         try value.encode(to: TreeEncoder(codingPath: codingPath, slot: slot))
         return slot.tree

@@ -28,6 +28,13 @@ public enum Admission {
         return total
     }
 
+    /// Refuses a copy-on-write limit no record may hold (a record over the bounds is not believed,
+    /// so its clone would drop out of every count: limits, list, the scheduler).
+    public static func checkLimit(_ cowLimit: UInt64?) throws {
+        guard let cowLimit, cowLimit > CloneRecord.maxGuestMemoryBytes else { return }
+        throw VMTemplateError(.invalidArgument, "a copy-on-write limit of \(ByteSize(bytes: cowLimit)) is more than any guest has (at most \(ByteSize(bytes: CloneRecord.maxGuestMemoryBytes))): give a smaller --cow-limit.")
+    }
+
     /// Throws `.limitExceeded` when admitting a clone committing `newCommitted` would break a limit.
     /// `live` are the committed bytes of the clones alive now.
     public static func check(settings: StoreSettings, live: [UInt64], newCommitted: UInt64) throws {

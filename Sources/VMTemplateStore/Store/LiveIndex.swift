@@ -40,8 +40,13 @@ extension TemplateStore {
     /// the store lock.
     @discardableResult
     public func rebuildLiveIndex() throws -> [String: UInt64] {
+        let listing = listClones()
+        let old = readLiveIndex() ?? [:]
         var live: [String: UInt64] = [:]
-        for record in clones().records where record.isLive { live[record.id] = record.committedBytes }
+        for record in listing.records where record.isLive { live[record.id] = record.committedBytes }
+        // A directory whose record cannot be believed (damaged, or out of bounds) keeps what it
+        // was entered with: only removing the directory frees its place, never spoiling a record.
+        for id in listing.broken { if let committed = old[id] { live[id] = committed } }
         try writeLiveIndex(live)
         return live
     }
@@ -70,11 +75,23 @@ extension TemplateStore {
     /// the index is missing, and again when `refuses` says the indexed figures would refuse (an
     /// entry of a clone that died is then dropped instead of refusing on its account). Call under
     /// the store lock.
-    public func admissionCommitments(rebuildingIf refuses: ([UInt64]) -> Bool) throws -> [UInt64] {
-        let indexed = try readLiveIndex() ?? rebuildLiveIndex()
-        let values = Array(indexed.values)
-        guard refuses(values) else { return values }
-        return Array(try rebuildLiveIndex().values)
+    public func admissionCommitments(excluding id: String? = nil, rebuildingIf refuses: ([UInt64]) -> Bool) throws -> [UInt64] {
+        func values(_ index: [String: UInt64]) -> [UInt64] { Array(index.filter { $0.key != id }.values) }
+        let indexed = values(try readLiveIndex() ?? rebuildLiveIndex())
+        guard refuses(indexed) else { return indexed }
+        return values(try rebuildLiveIndex())
+    }
+
+    /// Admits a clone's new commitment (a higher copy-on-write limit) against the others' and
+    /// enters it. Call under the store lock.
+    public func recommit(_ id: String, committedBytes: UInt64) throws {
+        let settings = try settings()
+        if settings.maxClones != nil || settings.memoryBudgetBytes != nil {
+            // The clone is live already: its own old entry is left out, and max_clones counts it.
+            let others = try admissionCommitments(excluding: id) { (try? Admission.check(settings: settings, live: $0, newCommitted: committedBytes)) == nil }
+            try Admission.check(settings: settings, live: others, newCommitted: committedBytes)
+        }
+        try enterLive(id, committedBytes: committedBytes)
     }
 
     /// Removes clone `id`'s directory, its index entry and (given its record) its names. Call

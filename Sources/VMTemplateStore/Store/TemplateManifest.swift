@@ -154,6 +154,9 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
             inode = try c.decode(UInt64.self, forKey: .inode)
             modifiedNanoseconds = try c.decode(Int64.self, forKey: .modifiedNanoseconds)
             if let number = try? c.decode(UInt16.self, forKey: .mode) {
+                guard number <= 0o7777 else {
+                    throw DecodingError.dataCorruptedError(forKey: .mode, in: c, debugDescription: "\(number) is not a file mode")
+                }
                 mode = number
             } else {
                 let text = try c.decode(String.self, forKey: .mode)
