@@ -161,6 +161,13 @@ extension RealGuests {
             #expect(tooBig.status != 0 && tooBig.stderr.contains("memory budget"))
             try clone(store, ["--name", "small", "--cow-limit", "32M"])
 
+            // A limit no record may hold would drop its clone out of every count: refused.
+            let huge = try CLI.run(["clone", SharedTemplate.name, "--cow-limit", "5T"] + store.arguments)
+            #expect(huge.status == 64 && huge.stderr.contains("more than any guest has"), "\(huge.stderr)")
+            // Raising a clone's limit is a bigger commitment: admitted like a new clone.
+            let raised = try CLI.run(["resume", "small", "--cow-limit", "256M"] + store.arguments)
+            #expect(raised.status == 69 && raised.stderr.contains("memory budget"), "\(raised.stderr)")
+
             let badSize = try CLI.run(["clone", SharedTemplate.name, "--cow-limit", "12Q"] + store.arguments)
             #expect(badSize.status != 0 && badSize.stderr.contains("invalid size '12Q'"))
             let badSetting = try CLI.run(["settings", "--max-clones", "lots"] + store.arguments)
