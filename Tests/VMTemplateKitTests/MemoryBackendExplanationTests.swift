@@ -335,3 +335,30 @@ struct MemoryBackendExplanationTests {
         ])
     }
 }
+
+@Suite("docs/vm-templating.md's table")
+struct TemplatingTableTests {
+    @Test("each of the twelve rows says what explain --json says: accepted or QEMU's error, open mode, mapping, what the guest sees, whether writes reach the file")
+    func tableMatchesExplain() throws {
+        let text = try String(contentsOfFile: "\(Checkout.root)/docs/vm-templating.md", encoding: .utf8)
+        let rows = text.split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) } }
+            .filter { $0.count >= 10 && ["on", "off"].contains($0[1]) && ["on", "off"].contains($0[2]) && ["on", "off", "auto"].contains($0[3]) }
+        #expect(Set(rows.map { "\($0[1]),\($0[2]),\($0[3])" }).count == 12, "the table has all twelve combinations once")
+        for row in rows {
+            let options = "share=\(row[1]),readonly=\(row[2]),rom=\(row[3])"
+            let result = try CLI.run(["explain", options, "--json"])
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], "\(options): \(result.stdout)")
+            if object["valid"] as? Bool == true {
+                #expect(row[4] == "accepted", "\(options)")
+                #expect(row[5].hasPrefix(object["open_mode"] as? String ?? "?"), "\(options): open mode \(row[5])")
+                #expect(row[6].hasPrefix(object["mapping"] as? String ?? "?"), "\(options): mapping \(row[6])")
+                #expect(row[7].lowercased() == (object["guest_sees"] as? String ?? "?"), "\(options): guest sees \(row[7])")
+                #expect(row[8].hasPrefix((object["writes_reach_file"] as? Bool) == true ? "**yes**" : "no"), "\(options): writes \(row[8])")
+            } else {
+                #expect(result.status == 2)
+                let error = object["error"] as? String ?? ""
+                #expect(row[4].hasPrefix("`") && error.contains(row[4].trimmingCharacters(in: CharacterSet(charactersIn: "`"))), "\(options): the table says \(row[4]), explain says \(error)")
+            }
+        }
+    }
+}
