@@ -29,7 +29,7 @@ extension RealGuests {
             #expect(manifest.formatVersion == 1)
             #expect(manifest.name == SharedTemplate.name)
             #expect(manifest.machine.machineType.hasPrefix("pc-q35-"), "alias must be resolved to a versioned machine")
-            #expect(manifest.machine.machineOptions == ["sata=off", "smbus=off", "usb=off"])
+            #expect(manifest.machine.machineOptions == ["sata=off", "smbus=off", "usb=off", "hpet=off"])
             #expect(manifest.machine.memoryBytes == 256 * 1024 * 1024)
             #expect(manifest.machine.accelerator == .tcg, "this machine's KVM is PVM: auto must pick TCG")
             #expect(manifest.machine.vmgenid)

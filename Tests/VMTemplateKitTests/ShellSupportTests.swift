@@ -24,7 +24,7 @@ struct ShellSupportTests {
     @Test("the committed man page is the one the argument parser makes now, and groff reads it without a warning")
     func manPage() throws {
         let tool = URL(fileURLWithPath: Checkout.binary).deletingLastPathComponent().appendingPathComponent("generate-manual").path
-        try #require(FileManager.default.isExecutableFile(atPath: tool), "no \(tool): run swift build --target generate-manual")
+        try #require(FileManager.default.isExecutableFile(atPath: tool), "no \(tool): run swift build --product generate-manual")
         let fresh = NSTemporaryDirectory() + "vmtemplate-\(UUID().uuidString.prefix(8)).1"
         defer { unlink(fresh) }
         let generated = try ShortCommand.run("/usr/bin/env", ["GENERATE_MANUAL=\(tool)", "\(Checkout.root)/scripts/generate-man", Checkout.binary, fresh])
