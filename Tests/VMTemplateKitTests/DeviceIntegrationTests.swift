@@ -180,6 +180,16 @@ extension RealGuests {
             let again = try CLI.run(["device", "add", made.id, "--disk", "path=\(images.raw),readonly=on", "--json"] + store.arguments)
             #expect(again.status == 0, "\(again.stderr)")
             #expect(again.stdout.contains("\"id\":\"disk0\"") && again.stdout.contains("\"bus\":\"hotplug1\""))
+
+            // A runtime that plugs a device of its own over the clone's QMP socket: device add
+            // takes the next free port, not the one QEMU says is occupied.
+            let qmp = try await QMPClient.connect(socketPath: made.qmp_socket, timeout: .seconds(10))
+            _ = try await qmp.execute("device_add", arguments: ["driver": "virtio-rng-pci", "id": "runtime-rng", "bus": "hotplug2"], as: JSONValue.self)
+            qmp.close()
+            let next = try CLI.run(["device", "add", made.id, "--nic", "user", "--json"] + store.arguments)
+            #expect(next.status == 0 && next.stdout.contains("\"bus\":\"hotplug3\""), "\(next.stdout) \(next.stderr)")
+            let full = try CLI.run(["device", "add", made.id, "--nic", "user"] + store.arguments)
+            #expect(full.status == 69 && full.stderr.contains("4 in use"), "\(full.stderr)")
         }
 
         @Test("device errors: no free slot, a busy tap, a missing namespace, a disk another clone writes, an unknown device; nothing is left half-attached", .enabled(if: Environment.isRoot, "needs root for network namespaces and taps"))

@@ -35,13 +35,14 @@ extension CloneEngine {
     /// get wrong fails here, before QEMU is asked anything; on failure nothing is left open or
     /// made. The caller closes the descriptors of what it gets and removes the overlays of
     /// devices it does not attach.
-    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = []) throws -> [PreparedDevice] {
+    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = [], busesInUse: Set<String> = []) throws -> [PreparedDevice] {
         let buses = (0..<max(0, min(slots, MachineSpec.maxHotplugSlots))).map { "hotplug\($0)" }
         var taken = existing
         var pending: [PreparedDevice] = []
         func next(_ kind: AttachedDevice.Kind) throws -> AttachedDevice {
-            guard let bus = buses.first(where: { bus in !taken.contains { $0.bus == bus } }) else {
-                throw VMTemplateError(.limitExceeded, "clone \(cloneID) has no free hot-plug slot (its template has \(buses.count); \(taken.count) in use): remove a device first (vmtemplate device rm), or give the template more with \"hotplug_slots\" in its recipe.")
+            guard let bus = buses.first(where: { bus in !taken.contains { $0.bus == bus } && !busesInUse.contains(bus) }) else {
+                let used = Set(taken.map(\.bus)).union(busesInUse.intersection(buses)).count
+                throw VMTemplateError(.limitExceeded, "clone \(cloneID) has no free hot-plug slot (its template has \(buses.count); \(used) in use): remove a device first (vmtemplate device rm), or give the template more with \"hotplug_slots\" in its recipe.")
             }
             // Not an ID in the record, nor one QEMU has (a device an interrupted command left).
             let number = (0...).first { number in
@@ -117,7 +118,7 @@ extension CloneEngine {
             let directory = store.cloneDirectory(record.id)
             let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
             defer { qmp.close() }
-            let prepared = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse())
+            let prepared = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse(), busesInUse: try await qmp.occupiedBuses())
             defer { for device in prepared { device.closeDescriptors() } }
             var attached: [AttachedDevice] = []
             do {

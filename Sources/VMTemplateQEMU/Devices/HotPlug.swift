@@ -157,6 +157,23 @@ extension QMPClient {
 
     /// The IDs of the devices QEMU has, and of the backends it has for them: whatever a record
     /// does not know of (an interrupted command's) must not be picked again.
+    /// The root ports (by ID) that hold a device now, whoever plugged it: a runtime may hot-plug
+    /// its own devices over the clone's QMP socket, which the clone's record does not know.
+    public func occupiedBuses() async throws -> Set<String> {
+        let buses = try await execute("query-pci", as: [PCIBus].self)
+        var occupied: Set<String> = []
+        func visit(_ devices: [PCIDevice]) {
+            for device in devices {
+                if let below = device.bridge?.devices {
+                    if !below.isEmpty, let id = device.qdevID, !id.isEmpty { occupied.insert(id) }
+                    visit(below)
+                }
+            }
+        }
+        for bus in buses { visit(bus.devices) }
+        return occupied
+    }
+
     public func deviceIDsInUse() async throws -> Set<String> {
         let peripherals = try await execute("qom-list", arguments: ["path": "/machine/peripheral"], as: [QOMProperty].self)
         var ids = Set(peripherals.filter { $0.type.hasPrefix("child<") }.map(\.name))
@@ -203,6 +220,25 @@ extension QMPClient {
         let reason = TerminalText.escape(qmp.desc).trimmingCharacters(in: .whitespaces)
         return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(reason.hasSuffix(".") ? String(reason.dropLast()) : reason).", cause: qmp)
     }
+}
+
+/// What `query-pci` says, as far as finding the devices below each bridge needs.
+struct PCIBus: Decodable, Sendable {
+    let devices: [PCIDevice]
+}
+
+struct PCIDevice: Decodable, Sendable {
+    let qdevID: String?
+    let bridge: PCIBridge?
+
+    enum CodingKeys: String, CodingKey {
+        case qdevID = "qdev_id"
+        case bridge = "pci_bridge"
+    }
+}
+
+struct PCIBridge: Decodable, Sendable {
+    let devices: [PCIDevice]?
 }
 
 struct QOMProperty: Decodable, Sendable {
