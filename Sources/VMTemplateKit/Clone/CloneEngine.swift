@@ -274,17 +274,11 @@ public struct CloneEngine: Sendable {
     private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
         let manifest = template.manifest
         return try store.withLock {
-            // Nothing here reads every record: limits read the live index (``TemplateStore/admissionCommitments(rebuildingIf:)``),
+            // Nothing here reads every record: limits read the live index (``TemplateStore/admit(_:excluding:)``),
             // names and IDs the name index (``TemplateStore/claimNames(of:)``).
             try Admission.checkLimit(request.cowLimitBytes)
-            let settings = try store.settings()
             let committed = Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
-            if settings.maxClones != nil || settings.memoryBudgetBytes != nil {
-                let live = try store.admissionCommitments { live in
-                    (try? Admission.check(settings: settings, live: live, newCommitted: committed)) == nil
-                }
-                try Admission.check(settings: settings, live: live, newCommitted: committed)
-            }
+            try store.admit(committed)
             var id = CloneRecord.newID()
             while access(store.cloneDirectory(id), F_OK) == 0 { id = CloneRecord.newID() }
             let name = request.name?.value ?? id

@@ -14,7 +14,7 @@ import Musl
 /// under the store lock, so the index holds every clone that exists and may hold more (a clone
 /// whose QEMU died and that nobody has removed yet). It errs only on the side of refusing: when
 /// it would refuse a clone, admission rebuilds it from the records and asks again
-/// (``admissionCommitments(rebuildingIf:)``), and `gc` rebuilds it too. A missing or unreadable
+/// (``admit(_:excluding:)``), and `gc` rebuilds it too. A missing or unreadable
 /// index is rebuilt on first use, so a store made before it needs nothing.
 extension TemplateStore {
     var liveIndexPath: String { "\(root)/live.json" }
@@ -71,26 +71,24 @@ extension TemplateStore {
         try? writeLiveIndex(clones)
     }
 
-    /// The committed bytes of the live clones, from the index; rebuilt from the records first when
-    /// the index is missing, and again when `refuses` says the indexed figures would refuse (an
-    /// entry of a clone that died is then dropped instead of refusing on its account). Call under
-    /// the store lock.
-    public func admissionCommitments(excluding id: String? = nil, rebuildingIf refuses: ([UInt64]) -> Bool) throws -> [UInt64] {
-        func values(_ index: [String: UInt64]) -> [UInt64] { Array(index.filter { $0.key != id }.values) }
-        let indexed = values(try readLiveIndex() ?? rebuildLiveIndex())
-        guard refuses(indexed) else { return indexed }
-        return values(try rebuildLiveIndex())
+    /// Throws `.limitExceeded` when one more commitment of `committedBytes` breaks the store's
+    /// limits (``Admission/check(settings:live:newCommitted:)``), counting the live clones from the
+    /// index: rebuilt from the records first when it is missing, and again before it would refuse
+    /// (an entry of a clone that died is then dropped instead of refusing on its account).
+    /// `excluding`: a live clone whose commitment this replaces. Call under the store lock.
+    public func admit(_ committedBytes: UInt64, excluding id: String? = nil) throws {
+        let settings = try settings()
+        guard settings.maxClones != nil || settings.memoryBudgetBytes != nil else { return }
+        func others(_ index: [String: UInt64]) -> [UInt64] { Array(index.filter { $0.key != id }.values) }
+        let indexed = others(try readLiveIndex() ?? rebuildLiveIndex())
+        if (try? Admission.check(settings: settings, live: indexed, newCommitted: committedBytes)) != nil { return }
+        try Admission.check(settings: settings, live: others(try rebuildLiveIndex()), newCommitted: committedBytes)
     }
 
-    /// Admits a clone's new commitment (a higher copy-on-write limit) against the others' and
-    /// enters it. Call under the store lock.
+    /// Admits a live clone's new commitment (a higher copy-on-write limit) against the others'
+    /// and enters it. Call under the store lock.
     public func recommit(_ id: String, committedBytes: UInt64) throws {
-        let settings = try settings()
-        if settings.maxClones != nil || settings.memoryBudgetBytes != nil {
-            // The clone is live already: its own old entry is left out, and max_clones counts it.
-            let others = try admissionCommitments(excluding: id) { (try? Admission.check(settings: settings, live: $0, newCommitted: committedBytes)) == nil }
-            try Admission.check(settings: settings, live: others, newCommitted: committedBytes)
-        }
+        try admit(committedBytes, excluding: id)
         try enterLive(id, committedBytes: committedBytes)
     }
 
