@@ -26,24 +26,21 @@ public struct PoolKeeper: Sendable {
         var lastRepair: ContinuousClock.Instant?
         while !Task.isCancelled {
             var made = 0
+            let round = ContinuousClock.now
             // Repair reads every record: not on each round of an idle server with hundreds of
-            // clones, but at the start and every 30 s, and before any filling.
-            var repaired = false
-            if lastRepair.map({ $0.duration(to: .now) > .seconds(30) }) ?? true {
+            // clones, but at the start and every 30 s, and once in a round that fills.
+            func repair(unlessSince since: ContinuousClock.Instant) {
+                guard lastRepair.map({ $0 < since }) ?? true else { return }
                 pool.repair()
                 lastRepair = .now
-                repaired = true
             }
+            repair(unlessSince: round - .seconds(30))
             for (template, size) in pool.store.poolSizes().sorted(by: { $0.key < $1.key }) where size > 0 {
                 guard let name = try? EntityName(template), pool.store.templateExists(name) else { continue }
                 // A full pool is seen from its ready files alone, without reading a record. A file
                 // whose member died makes it look fuller than it is until the next repair.
                 if pool.store.readyMembers(of: name).count >= size { continue }
-                if !repaired {
-                    pool.repair()
-                    lastRepair = .now
-                    repaired = true
-                }
+                repair(unlessSince: round)
                 do {
                     let members = try await pool.fill(name, limit: 1, timeout: memberTimeout)
                     made += members.count
