@@ -34,7 +34,14 @@ public final class APIMetrics: Sendable {
         var cloneSeconds: [String: Histogram] = ["pool": Histogram(), "fresh": Histogram()]
         var requests: [Int: Int] = [:]
         var errors: [String: Int] = [:]
-        var enforcements: [String: Int] = [:]
+        var enforcements: [EnforcementKey: Int] = [:]
+    }
+
+    struct EnforcementKey: Hashable, Comparable {
+        var action: String
+        var outcome: String
+
+        static func < (a: Self, b: Self) -> Bool { (a.action, a.outcome) < (b.action, b.outcome) }
     }
 
     private let counters = Mutex(Counters())
@@ -60,7 +67,8 @@ public final class APIMetrics: Sendable {
     }
 
     public func recordEnforcement(_ enforcement: Enforcement) {
-        counters.withLock { $0.enforcements["\(enforcement.action.rawValue)|\(enforcement.done ? "done" : "failed")", default: 0] += 1 }
+        let key = EnforcementKey(action: enforcement.action.rawValue, outcome: enforcement.done ? "done" : "failed")
+        counters.withLock { $0.enforcements[key, default: 0] += 1 }
     }
 
     /// The text, rendered at most ``maxAge`` ago, on a thread of its own; concurrent callers wait
@@ -110,10 +118,7 @@ public final class APIMetrics: Sendable {
         text.histogram("vmtemplate_clone_duration_seconds", "Time from a clone request through the API to the clone running, by source (pool: a hand-out; fresh: a restore).",
                        snapshot.cloneSeconds.sorted { $0.key < $1.key }.map { (Labels([("source", $0.key)]), $0.value) })
         text.metric("vmtemplate_enforcements_total", "counter", "Scheduler actions on clones over their copy-on-write limit, by action and outcome.",
-                    snapshot.enforcements.sorted { $0.key < $1.key }.map { key, value in
-                        let parts = key.split(separator: "|").map(String.init)
-                        return (Labels([("action", parts.first ?? ""), ("outcome", parts.last ?? "")]), String(value))
-                    })
+                    snapshot.enforcements.sorted { $0.key < $1.key }.map { (Labels([("action", $0.key.action), ("outcome", $0.key.outcome)]), String($0.value)) })
         text.metric("vmtemplate_api_requests_total", "counter", "API requests by HTTP status code.",
                     snapshot.requests.sorted { $0.key < $1.key }.map { (Labels([("code", String($0.key))]), String($0.value)) })
         text.metric("vmtemplate_errors_total", "counter", "Failed API requests by error code (the codes of docs/cli.md).",
