@@ -341,7 +341,7 @@ struct SmapsTests {
 
     @Test("the one-pass counters of the hot path agree with a full parse")
     func countersAgreeWithFullParse() {
-        let counters = Smaps.counters(Self.qemuSmaps, templatePaths: [Self.templatePath])
+        let counters = Smaps.counters(bytes: Array(Self.qemuSmaps.utf8), templatePaths: [Self.templatePath])
         let full = CloneMemoryUsage.measure(mappings: Smaps.parse(Self.qemuSmaps), rollup: nil, templatePaths: [Self.templatePath])
         #expect(counters.templateAnonymous == full.copyOnWriteBytes)
         #expect(counters.templateShared == full.templateResidentBytes)

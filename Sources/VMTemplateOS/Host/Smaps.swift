@@ -110,10 +110,6 @@ public enum Smaps {
         var totalSwap: UInt64 = 0
     }
 
-    static func counters(_ smaps: String, templatePaths: [String]) -> Counters {
-        counters(bytes: Array(smaps.utf8), templatePaths: templatePaths)
-    }
-
     /// The hot path of `list`, the scheduler and metrics, on the bytes of smaps: with a hundred
     /// clones, splitting the text into Swift strings cost several times the kernel's read.
     static func counters(bytes smaps: [UInt8], templatePaths: [String]) -> Counters {
