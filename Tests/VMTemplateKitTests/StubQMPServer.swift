@@ -135,7 +135,7 @@ final class StubQMPServer: Sendable {
         }
     }
 
-    /// Waits until `count` requests for `command` have arrived.
+    /// Waits until `count` requests for `command` have arrived (and their answers were decided).
     func waitForRequest(_ command: String, count: Int = 1, timeout: Duration = .seconds(10)) async throws {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         while requests.filter({ $0.command == command }).count < count {
@@ -212,12 +212,12 @@ final class StubQMPServer: Sendable {
             let command = message["execute"]?.stringValue
         else { return }
         let request = Request(command: command, arguments: message["arguments"], id: message["id"])
+        // The script runs before the request is recorded, so a test that waits for a request and
+        // then changes what the script answers cannot change the answer to that request; and it is
+        // recorded before the reply is written, so a caller holding the reply sees it recorded.
+        let actions: [Action] = command == "qmp_capabilities" ? [.reply()] : script(request)
         shared.withLock { $0.requests.append(request) }
-        if command == "qmp_capabilities" {
-            perform([.reply()], for: request)
-        } else {
-            perform(script(request), for: request)
-        }
+        perform(actions, for: request)
     }
 
     // MARK: Writing
