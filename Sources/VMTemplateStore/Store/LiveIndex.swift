@@ -80,8 +80,12 @@ extension TemplateStore {
         let settings = try settings()
         guard settings.maxClones != nil || settings.memoryBudgetBytes != nil else { return }
         func others(_ index: [String: UInt64]) -> [UInt64] { Array(index.filter { $0.key != id }.values) }
-        let indexed = others(try readLiveIndex() ?? rebuildLiveIndex())
-        if (try? Admission.check(settings: settings, live: indexed, newCommitted: committedBytes)) != nil { return }
+        // An index that admits is believed; one that refuses, or none, is made again from the
+        // records, once, and that answer stands.
+        if let indexed = readLiveIndex(),
+           (try? Admission.check(settings: settings, live: others(indexed), newCommitted: committedBytes)) != nil {
+            return
+        }
         try Admission.check(settings: settings, live: others(try rebuildLiveIndex()), newCommitted: committedBytes)
     }
 
