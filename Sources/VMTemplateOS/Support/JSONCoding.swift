@@ -33,7 +33,7 @@ public enum JSONCoding {
 /// Swift types): a phrase without a final period, for the caller's sentence to carry.
 package enum JSONErrorText {
     package static func describe(_ error: any Error) -> String {
-        guard let error = error as? DecodingError else { return trimmed("\(error)") }
+        guard let error = error as? DecodingError else { return VMTemplateError.phrase("\(error)") }
         func path(_ context: DecodingError.Context) -> String? {
             let keys = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
             return keys.isEmpty ? nil : "'\(keys.joined(separator: "."))'"
@@ -51,9 +51,9 @@ package enum JSONErrorText {
             if let range = context.debugDescription.range(of: "invalid String value ") {
                 return "\(where_) cannot be '\(context.debugDescription[range.upperBound...])'"
             }
-            return "\(where_) is not valid (\(trimmed(context.debugDescription)))"
+            return "\(where_) is not valid (\(VMTemplateError.phrase(context.debugDescription)))"
         @unknown default:
-            return trimmed("\(error)")
+            return VMTemplateError.phrase("\(error)")
         }
     }
 
@@ -66,11 +66,5 @@ package enum JSONErrorText {
         if name.hasPrefix("Array") || name.hasPrefix("[") { return "a list" }
         if name.hasPrefix("Dictionary") || name.hasPrefix("Optional<Dictionary") { return "an object" }
         return "another kind of value"
-    }
-
-    static func trimmed(_ text: String) -> String {
-        var text = text.trimmingCharacters(in: .whitespacesAndNewlines)
-        while text.hasSuffix(".") { text.removeLast() }
-        return text
     }
 }

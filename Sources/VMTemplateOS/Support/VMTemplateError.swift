@@ -1,3 +1,5 @@
+import Foundation
+
 /// The one error type the library throws.
 ///
 /// `message` is a sentence for the person at the terminal: what went wrong and what to do about it.
@@ -72,6 +74,15 @@ extension VMTemplateError {
     public static func oneLine(_ error: any Error) -> String {
         if let error = error as? VMTemplateError { return error.message }
         return "\(error)".split(whereSeparator: \.isNewline).joined(separator: "; ")
+    }
+
+    /// Another's message (QEMU's, Foundation's) as a phrase inside a sentence of ours: without
+    /// surrounding white space and final periods, which such messages have or not, so that the
+    /// sentence ends with exactly one.
+    public static func phrase(_ text: String) -> String {
+        var text = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        while text.hasSuffix(".") { text.removeLast() }
+        return text
     }
 }
 

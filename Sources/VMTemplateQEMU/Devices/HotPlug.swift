@@ -216,9 +216,7 @@ extension QMPClient {
             }
             return VMTemplateError(.busy, "\(what) is open in another process (another clone?), so this clone cannot write it: attach it with overlay=on (a copy-on-write overlay of its own) or readonly=on.", cause: qmp)
         }
-        // QEMU's messages end with a period or not; the sentence gets exactly one.
-        let reason = TerminalText.escape(qmp.desc).trimmingCharacters(in: .whitespaces)
-        return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(reason.hasSuffix(".") ? String(reason.dropLast()) : reason).", cause: qmp)
+        return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(VMTemplateError.phrase(TerminalText.escape(qmp.desc))).", cause: qmp)
     }
 }
 
