@@ -61,7 +61,7 @@ struct Clone: AsyncParsableCommand {
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
-        if !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be more than 0 and at most 86400 seconds.") }
+        try SecondsOption.checkTimeout(timeout, atMost: 86_400)
         if let tcgTranslationCacheMiB, !(1...65_536).contains(tcgTranslationCacheMiB) { throw ValidationError("--tcg-tb-size must be 1 to 65536 (MiB).") }
     }
 
@@ -168,7 +168,7 @@ struct Send: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
-        if !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be more than 0 and at most 86400 seconds.") }
+        try SecondsOption.checkTimeout(timeout, atMost: 86_400)
     }
 
     func run() async throws {

@@ -45,7 +45,7 @@ struct Create: AsyncParsableCommand {
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
-        if let timeout, !(timeout > 0 && timeout <= 86_400) { throw ValidationError("--timeout must be more than 0 and at most 86400 seconds.") }
+        try SecondsOption.checkTimeout(timeout, atMost: 86_400)
     }
 
     func run() async throws {

@@ -45,7 +45,7 @@ struct DeviceCommand: AsyncParsableCommand {
 
         func validate() throws {
             if nic.isEmpty && disk.isEmpty { throw ValidationError("give at least one --nic or --disk.") }
-            if !(timeout > 0 && timeout <= 600) { throw ValidationError("--timeout must be a number of seconds from 0 to 600.") }
+            try SecondsOption.checkTimeout(timeout, atMost: 600)
         }
 
         func run() async throws {
@@ -83,7 +83,7 @@ struct DeviceCommand: AsyncParsableCommand {
         @OptionGroup var store: StoreOptions
 
         func validate() throws {
-            if !(timeout > 0 && timeout <= 600) { throw ValidationError("--timeout must be a number of seconds from 0 to 600.") }
+            try SecondsOption.checkTimeout(timeout, atMost: 600)
             if !AttachedDevice.isValidID(device) { throw ValidationError("'\(TerminalText.escape(device))' is not a device ID: they look like nic0 or disk1 (vmtemplate device list CLONE).") }
         }
 

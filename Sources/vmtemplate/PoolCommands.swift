@@ -63,7 +63,7 @@ struct PoolCommand: AsyncParsableCommand {
         @OptionGroup var qemu: QEMUOptions
 
         func validate() throws {
-            if !(timeout > 0 && timeout <= 600) { throw ValidationError("--timeout must be a number of seconds from 0 to 600.") }
+            try SecondsOption.checkTimeout(timeout, atMost: 600)
         }
 
         func run() async throws {

@@ -30,7 +30,7 @@ struct SchedulerCommand: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
-        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
+        try SecondsOption.checkInterval(interval)
     }
 
     func run() async throws {
@@ -96,7 +96,7 @@ struct Settings: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
-        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
+        try SecondsOption.checkInterval(interval)
     }
 
     func run() async throws {

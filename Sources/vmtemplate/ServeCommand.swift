@@ -43,7 +43,7 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup var qemu: QEMUOptions
 
     func validate() throws {
-        if let interval, !(interval >= 0.05 && interval <= 3600) { throw ValidationError("--interval must be 0.05 to 3600 seconds.") }
+        try SecondsOption.checkInterval(interval)
         if !(0...60_000).contains(fillPause) { throw ValidationError("--fill-pause must be 0 to 60000 ms.") }
         if !(metricsInterval >= 1 && metricsInterval <= 3600) { throw ValidationError("--metrics-interval must be 1 to 3600 seconds.") }
         if let metricsFile, metricsFile.isEmpty || metricsFile.hasSuffix("/") { throw ValidationError("--metrics-file takes a file path, e.g. /var/lib/node_exporter/textfile/vmtemplate.prom.") }

@@ -55,6 +55,22 @@ enum JSONFailure {
     }
 }
 
+/// The bounds of the options that take seconds, checked and said the same way by every command.
+enum SecondsOption {
+    /// A wait: more than 0 seconds and at most `most` (NaN is neither).
+    static func checkTimeout(_ value: Double?, atMost most: Int, option: String = "--timeout") throws {
+        guard let value, !(value > 0 && value <= Double(most)) else { return }
+        throw ValidationError("\(option) must be more than 0 and at most \(most) seconds.")
+    }
+
+    /// The scheduler's interval: what the store's settings accept.
+    static func checkInterval(_ value: Double?) throws {
+        let range = StoreSettings.intervalRange
+        guard let value, !range.contains(value) else { return }
+        throw ValidationError(String(format: "--interval must be %g to %g seconds.", range.lowerBound, range.upperBound))
+    }
+}
+
 /// Options every command that touches the store takes.
 struct StoreOptions: ParsableArguments {
     @Option(name: .customLong("store"), help: ArgumentHelp("Store directory (default: $VMTEMPLATE_STORE, else /var/lib/vmtemplate for root, ~/.local/share/vmtemplate otherwise).", valueName: "path"))

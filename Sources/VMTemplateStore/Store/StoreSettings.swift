@@ -20,6 +20,8 @@ public struct StoreSettings: Sendable, Codable, Equatable {
     public var overLimitAction: OverLimitAction
     /// Seconds between two samples of the scheduler.
     public var intervalSeconds: Double
+    /// The intervals believed, from a file or an option.
+    public static let intervalRange: ClosedRange<Double> = 0.05...3600
 
     public init(maxClones: Int? = nil, memoryBudgetBytes: UInt64? = nil, overLimitAction: OverLimitAction = .pause, intervalSeconds: Double = 1) {
         self.maxClones = maxClones
@@ -50,7 +52,7 @@ public struct StoreSettings: Sendable, Codable, Equatable {
     public var problem: String? {
         if let maxClones, !(0...1_000_000).contains(maxClones) { return "max_clones must be 0 to 1000000" }
         if let memoryBudgetBytes, memoryBudgetBytes > 1 << 60 { return "memory_budget_bytes is out of range" }
-        if !(intervalSeconds >= 0.05 && intervalSeconds <= 3600) { return "interval_seconds must be between 0.05 and 3600" }
+        if !Self.intervalRange.contains(intervalSeconds) { return "interval_seconds must be between 0.05 and 3600" }
         return nil
     }
 
