@@ -189,12 +189,7 @@ struct ScaleBench: AsyncParsableCommand {
 
     /// utime + stime of a process (all its threads), in seconds; nil once it is gone.
     static func cpuSeconds(_ pid: Int32) -> Double? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = text.lastIndex(of: ")") else { return nil }
-        // After "pid (comm) ": state is field 3, utime 14 and stime 15.
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
-        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+        ProcessStat.read(pid: pid).map { Double($0.cpuTicks) / Double(ProcessStat.clockTicksPerSecond) }
     }
 
     /// The host's busy and total jiffies from /proc/stat's `cpu` line.
@@ -210,12 +205,7 @@ struct ScaleBench: AsyncParsableCommand {
 
     /// MemTotal - MemAvailable, in bytes.
     static func memoryInUse() -> Double {
-        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return 0 }
-        func value(_ key: String) -> Double {
-            guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key + ":") }),
-                  let kib = line.split(separator: " ").dropFirst().first.flatMap({ Double($0) }) else { return 0 }
-            return kib * 1024
-        }
-        return value("MemTotal") - value("MemAvailable")
+        guard let info = try? MemInfo.read() else { return 0 }
+        return Double(info.totalBytes - info.availableBytes)
     }
 }

@@ -49,6 +49,7 @@ struct ProcessStatTests {
         #expect(stat.comm == "qemu (x) ) S y")
         #expect(stat.state == "Z")
         #expect(stat.startTimeTicks == 987_654_321)
+        #expect(stat.cpuTicks == 31 + 12)
         #expect(stat.isDefunct)
     }
 

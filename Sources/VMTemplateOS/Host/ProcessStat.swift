@@ -5,7 +5,7 @@ import Musl
 #endif
 import Foundation
 
-/// The fields of `/proc/PID/stat` that matter here: state, start time and command name.
+/// The fields of `/proc/PID/stat` that matter here: state, start time, CPU time and command name.
 public struct ProcessStat: Sendable, Equatable {
     /// The process id.
     public var pid: Int32
@@ -15,13 +15,16 @@ public struct ProcessStat: Sendable, Equatable {
     public var startTimeTicks: UInt64
     /// The command name (at most 15 bytes; may contain spaces and parentheses).
     public var comm: String
+    /// CPU time of all its threads, user and system (fields 14 and 15), in clock ticks.
+    public var cpuTicks: UInt64
 
     /// Creates a stat record; normally obtained from `read(pid:)` or `parse(_:)`.
-    public init(pid: Int32, state: Character, startTimeTicks: UInt64, comm: String) {
+    public init(pid: Int32, state: Character, startTimeTicks: UInt64, comm: String, cpuTicks: UInt64 = 0) {
         self.pid = pid
         self.state = state
         self.startTimeTicks = startTimeTicks
         self.comm = comm
+        self.cpuTicks = cpuTicks
     }
 
     /// True for a zombie or dead process, which holds its pid but runs nothing and holds no memory.
@@ -40,11 +43,13 @@ public struct ProcessStat: Sendable, Equatable {
         guard let pid = Int32(text[..<open].trimmingCharacters(in: .whitespaces)) else { return nil }
         let comm = String(text[text.index(after: open)..<close])
         let rest = text[text.index(after: close)...].split(whereSeparator: { $0 == " " || $0 == "\n" })
-        // rest[0] is field 3 (state), so field 22 (starttime) is rest[19].
+        // rest[0] is field 3 (state), so utime and stime (14, 15) are rest[11] and rest[12], and
+        // starttime (22) is rest[19].
         guard rest.count > 19, rest[0].count == 1, let state = rest[0].first,
-              let startTime = UInt64(rest[19])
+              let startTime = UInt64(rest[19]), let user = UInt64(rest[11]), let system = UInt64(rest[12])
         else { return nil }
-        return ProcessStat(pid: pid, state: state, startTimeTicks: startTime, comm: comm)
+        let (cpu, overflow) = user.addingReportingOverflow(system)
+        return ProcessStat(pid: pid, state: state, startTimeTicks: startTime, comm: comm, cpuTicks: overflow ? .max : cpu)
     }
 
     /// Reads `/proc/PID/stat`, or returns nil if the process does not exist (any more).
