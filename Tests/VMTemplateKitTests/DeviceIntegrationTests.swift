@@ -148,6 +148,40 @@ extension RealGuests {
             #expect(try [images.raw, images.qcow2].map(sha256) == before)
         }
 
+        @Test("a block device (a loop device) is a disk: read-only, read-write, and as an overlay's base", .enabled(if: Environment.isRoot, "needs root for loop devices"))
+        func blockDeviceDisks() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { removeAll(store) }
+            let images = try TestImages()
+            defer { images.remove() }
+            let loop = try Shell.run("losetup --find --show \(images.raw)").trimmingCharacters(in: .whitespacesAndNewlines)
+            defer { _ = try? Shell.run("losetup -d \(loop)") }
+            #expect(loop.hasPrefix("/dev/loop"))
+
+            let readOnly = try clone(store, ["--disk", "path=\(loop),readonly=on", "--disk", "path=\(images.qcow2),format=qcow2,overlay=on"])
+            let channel = ControlChannel(path: readOnly.control_socket)
+            let (disk, _) = try await diskNames(channel, readOnly, ["disk0", "disk1"])
+            #expect(try channel.request("read \(disk) 0 8") == hex("raw-base"))
+            #expect(try channel.request("write \(disk) 0 \(hex("CLONE-1!"))").hasPrefix("error"), "the guest cannot write a read-only disk")
+            #expect(try CLI.run(["rm", readOnly.id] + store.arguments).status == 0)
+
+            let overlay = try clone(store, ["--disk", "path=\(loop),overlay=on", "--disk", "path=\(images.qcow2),format=qcow2,overlay=on"])
+            let overlayChannel = ControlChannel(path: overlay.control_socket)
+            let (overlaid, _) = try await diskNames(overlayChannel, overlay, ["disk0", "disk1"])
+            #expect(try overlayChannel.request("write \(overlaid) 0 \(hex("OVERLAY!"))") == "wrote 8")
+            #expect(try overlayChannel.request("read \(overlaid) 0 8") == hex("OVERLAY!"))
+            #expect(try CLI.run(["rm", overlay.id] + store.arguments).status == 0)
+            #expect(try Data(contentsOf: URL(fileURLWithPath: images.raw)).prefix(8) == Data("raw-base".utf8), "an overlay's base never changes")
+
+            let writable = try clone(store, ["--disk", "path=\(loop)", "--disk", "path=\(images.qcow2),format=qcow2,overlay=on"])
+            let writableChannel = ControlChannel(path: writable.control_socket)
+            let (written, _) = try await diskNames(writableChannel, writable, ["disk0", "disk1"])
+            #expect(try writableChannel.request("write \(written) 0 \(hex("CLONE-RW"))") == "wrote 8")
+            #expect(try CLI.run(["rm", writable.id] + store.arguments).status == 0)
+            _ = try Shell.run("blockdev --flushbufs \(loop)")
+            #expect(try Data(contentsOf: URL(fileURLWithPath: images.raw)).prefix(8) == Data("CLONE-RW".utf8), "a read-write block device is written through")
+        }
+
         @Test("device add and device rm on a running clone; the guest sees the devices come and go")
         func addAndRemove() async throws {
             let store = try await SharedTemplate.shared.store()

@@ -63,7 +63,8 @@ extension QMPClient {
             case .disk:
                 for descriptor in prepared.descriptors { fdsets.append(try await addFD(descriptor).fdset) }
                 device.fdsets = fdsets
-                try await execute("blockdev-add", arguments: Self.blockdev(for: device), timeout: timeout)
+                let blockDevices = prepared.descriptors.map(Self.isBlockDevice)
+                try await execute("blockdev-add", arguments: Self.blockdev(for: device, blockDevices: blockDevices), timeout: timeout)
             }
             return device
         } catch {
@@ -182,26 +183,37 @@ extension QMPClient {
         return ids
     }
 
-    /// The `blockdev-add` of a disk: a format node on a `file` node reading `/dev/fdset/N`; with
-    /// an overlay, a qcow2 node on the overlay whose backing node is the base, read-only. A qcow2
-    /// base gets `backing: null`: its header's backing name is never followed.
-    static func blockdev(for device: AttachedDevice) throws -> JSONValue {
+    /// The `blockdev-add` of a disk: a format node on a protocol node reading `/dev/fdset/N`
+    /// (`file` for a regular file, `host_device` for a block device, as QEMU requires); with an
+    /// overlay, a qcow2 node on the overlay whose backing node is the base, read-only. A qcow2
+    /// base gets `backing: null`: its header's backing name is never followed. `blockDevices`
+    /// says, per fd set, whether its descriptor is a block device.
+    static func blockdev(for device: AttachedDevice, blockDevices: [Bool] = []) throws -> JSONValue {
         guard let format = device.format, let fdsets = device.fdsets, !fdsets.isEmpty else {
             throw VMTemplateError(.internalError, "disk \(device.id) has no format or descriptors.")
         }
-        func file(_ fdset: Int) -> JSONValue { .object(["driver": .string("file"), "filename": .string("/dev/fdset/\(fdset)")]) }
-        func formatNode(_ name: String, _ format: DiskFormat, _ fdset: Int, readOnly: Bool) -> [String: JSONValue] {
-            var node: [String: JSONValue] = ["driver": .string(format.rawValue), "node-name": .string(name), "read-only": .bool(readOnly), "file": file(fdset)]
+        func file(_ index: Int) -> JSONValue {
+            let driver = index < blockDevices.count && blockDevices[index] ? "host_device" : "file"
+            return .object(["driver": .string(driver), "filename": .string("/dev/fdset/\(fdsets[index])")])
+        }
+        func formatNode(_ name: String, _ format: DiskFormat, _ index: Int, readOnly: Bool) -> [String: JSONValue] {
+            var node: [String: JSONValue] = ["driver": .string(format.rawValue), "node-name": .string(name), "read-only": .bool(readOnly), "file": file(index)]
             if format == .qcow2 { node["backing"] = .null }
             return node
         }
         if device.overlay == true {
             guard fdsets.count == 2 else { throw VMTemplateError(.internalError, "overlay disk \(device.id) needs two descriptors.") }
-            var overlay = formatNode(device.nodeName, .qcow2, fdsets[0], readOnly: false)
-            overlay["backing"] = .object(formatNode("\(device.nodeName)-base", format, fdsets[1], readOnly: true))
+            var overlay = formatNode(device.nodeName, .qcow2, 0, readOnly: false)
+            overlay["backing"] = .object(formatNode("\(device.nodeName)-base", format, 1, readOnly: true))
             return .object(overlay)
         }
-        return .object(formatNode(device.nodeName, format, fdsets[0], readOnly: device.readOnly == true))
+        return .object(formatNode(device.nodeName, format, 0, readOnly: device.readOnly == true))
+    }
+
+    /// Whether `descriptor` is open on a block device.
+    static func isBlockDevice(_ descriptor: Int32) -> Bool {
+        var info = stat()
+        return fstat(descriptor, &info) == 0 && (info.st_mode & S_IFMT) == S_IFBLK
     }
 
     /// QEMU's words for the failures a user can do something about, turned into ones that say what.
