@@ -52,6 +52,8 @@ public struct APIServer: Sendable {
         var logger = Logger(label: "vmtemplate.serve")
         logger.logLevel = .info
         try checkSocketPath()
+        // Every clone this server starts is its child: reaped as it exits, not kept as a zombie.
+        ChildReaper.enable()
         // Bound inside a directory only this process's user may enter, then renamed into place
         // once its mode is set: there is no moment in which others could connect, whatever the
         // umask (a connection made then would stay valid after a chmod).

@@ -55,6 +55,42 @@ extension RealGuests {
             }
         }
 
+        /// The children of `pid` that are zombies (exited, never reaped).
+        static func zombieChildren(of pid: Int32) -> [Int32] {
+            let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+            return entries.compactMap(Int32.init).filter { child in
+                guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8),
+                      let close = stat.lastIndex(of: ")") else { return false }
+                // After the command's closing parenthesis: state, then the parent's PID.
+                let fields = stat[stat.index(after: close)...].split(separator: " ")
+                return fields.count > 1 && fields[0] == "Z" && Int32(fields[1]) == pid
+            }
+        }
+
+        @Test("serve reaps every QEMU it starts: no zombie after 50 API creates and deletes, fresh and from its pool")
+        func reapsChildren() async throws {
+            let server = try Server()
+            defer { _ = server.stop() }
+            let serverPID = server.process.process.processIdentifier
+            #expect(await eventually(timeout: .seconds(30)) { (try? server.client.request("GET", "/v1/pools"))?.status == 200 }, "the server answers")
+            for index in 0..<50 {
+                let body = index % 2 == 0 ? #"{"template": "busybox", "no_pool": true}"# : #"{"template": "busybox"}"#
+                let made = try server.request("POST", "/v1/clones", body)
+                try #require(made.status == 201, "create \(index): \(String(decoding: made.body, as: UTF8.self))")
+                let clone = try JSONDecoder().decode(CloneSummary.self, from: made.body)
+                let removed = try server.request("DELETE", "/v1/clones/\(clone.id)", route: "/v1/clones/{id}")
+                #expect(removed.status == 200)
+            }
+            // The pool's members are the server's children too: removed by the CLI, reaped by it.
+            #expect(try CLI.run(["pool", "set", "busybox", "--size", "0"] + server.store.arguments).status == 0)
+            var zombies: [Int32] = []
+            let reaped = await eventually(timeout: .seconds(10)) {
+                zombies = Self.zombieChildren(of: serverPID)
+                return zombies.isEmpty
+            }
+            #expect(reaped, "zombies under serve (\(serverPID)): \(zombies)")
+        }
+
         @Test("every endpoint and error status; pools refilled by the server; a caller without access refused; the OpenAPI document matches the server")
         func endpoints() async throws {
             let server = try Server()

@@ -59,6 +59,12 @@ public final class ProcessHandle: Sendable {
     }
 
     deinit {
+        // A child that still runs (or exited unseen) is handed to the reaper where one runs, so
+        // that a long-lived process does not keep it as a zombie (``ChildReaper``).
+        if isChild {
+            reap()
+            if exitStatus.withLock({ $0 == nil }), ChildReaper.adopt(pid: identity.pid, pidfd: pidfd) { return }
+        }
         if pidfd >= 0 { close(pidfd) }
     }
 
