@@ -202,15 +202,18 @@ public struct CloneEngine: Sendable {
                 try await warm(record, qmp: qmp, manifest: manifest, timeout: request.timeout)
                 record.state = .pooled
                 record.restoreSeconds = started.duration(to: .now).seconds
-                // The pool may have been drained or its template removed while this member warmed:
-                // then it is not listed, but goes like a clone that failed to start.
+                // The pool may have been drained, or its template removed (and perhaps made again)
+                // while this member warmed: then it is not listed, but goes like a clone that
+                // failed to start. Checked, recorded and listed under the lock that template
+                // removal takes, so a removal sees either no member or a listed one.
                 try store.withLock {
-                    guard (store.poolSizes()[request.template.value] ?? 0) > 0, store.templateExists(request.template) else {
-                        throw VMTemplateError(.invalidState, "the pool of '\(request.template)' was drained while member \(record.id) warmed.")
+                    guard (store.poolSizes()[request.template.value] ?? 0) > 0,
+                          (try? templates.template(named: request.template))?.manifest.identity == record.templateDigest else {
+                        throw VMTemplateError(.invalidState, "the pool of '\(request.template)' was drained or its template removed while member \(record.id) warmed.")
                     }
                     try store.save(record)
+                    try store.markReady(record.id, template: request.template)
                 }
-                try store.markReady(record.id, template: request.template)
                 return (record, warning)
             }
             record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", inChild: request.guestRepliesInChild)
@@ -304,6 +307,7 @@ public struct CloneEngine: Sendable {
                 lastEnforcement: nil
             )
             record.requestedBy = request.requestedBy
+            record.templateDigest = manifest.identity
             do {
                 try store.claimNames(of: record)
                 try store.enterLive(id, committedBytes: committed)

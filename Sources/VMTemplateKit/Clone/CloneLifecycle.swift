@@ -92,7 +92,9 @@ extension CloneEngine {
         var report = GarbageReport()
         await store.collectStagingGarbage(into: &report)
         await collectCloneGarbage(into: &report)
-        WarmPool(engine: self).repair()
+        let pool = WarmPool(engine: self)
+        report.removedClones += await pool.removeStrays()
+        pool.repair()
         do {
             _ = try store.withLock { try store.rebuildLiveIndex() }
         } catch {
@@ -181,9 +183,13 @@ extension CloneEngine {
         guard store.templateExists(name) else {
             throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list'.")
         }
-        // Its warm pool goes first: members are no one's clones yet.
-        await WarmPool(engine: self).drain(name)
+        // Its warm pool goes first: members are no one's clones yet. Once the pool's size is 0
+        // no filler lists another member (it checks under the store lock); one listed between the
+        // drain and that moment is still recorded pooled, and goes too.
+        let pool = WarmPool(engine: self)
+        await pool.drain(name)
         try store.removePool(name)
+        await pool.removeStrays(of: name)
         let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive && $0.state != .pooled && $0.state != .warming }
         if !users.isEmpty && !force {
             throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clone\(users.count == 1 ? "" : "s") (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")

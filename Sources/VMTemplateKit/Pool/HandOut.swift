@@ -26,7 +26,9 @@ extension CloneEngine {
             defer { store.releaseClaim(id, template: name) }
             // A ready file is only a hint: the record says whether this is a member of this pool.
             guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil else { continue }
-            guard case .running(let qemu) = qemu(of: member) else {
+            // A member of an earlier template of this name (removed, then made again) maps that
+            // template's RAM: never handed out, removed.
+            guard member.templateDigest == template.manifest.identity, case .running(let qemu) = qemu(of: member) else {
                 // A member whose QEMU died while pooled: removed, never handed out.
                 _ = try? await remove(member, grace: .milliseconds(200))
                 continue

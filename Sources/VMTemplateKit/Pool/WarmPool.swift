@@ -115,6 +115,36 @@ public struct WarmPool: Sendable {
         return removed
     }
 
+    /// Members that can never be handed out: pooled, alive, and of a template that is gone or was
+    /// made again since (its identity differs from the one the member's record pins). Left by a
+    /// filler that listed its member while the template was being removed.
+    public func strays() -> [CloneRecord] {
+        var identities: [String: String?] = [:]
+        return store.clones().records.filter { record in
+            guard record.state == .pooled, record.templateStore == nil, record.isLive else { return false }
+            if identities[record.template] == nil {
+                identities[record.template] = (try? EntityName(record.template)).flatMap { try? store.template(named: $0) }?.manifest.identity
+            }
+            return record.templateDigest == nil || identities[record.template] != .some(record.templateDigest)
+        }
+    }
+
+    /// Stops pooled members that no pool may hand out: ``strays()``, or every pooled member of
+    /// `template` (its pool removed with it). A member is re-read first: one handed out meanwhile
+    /// is a running clone, not a member. Returns the IDs removed.
+    @discardableResult
+    public func removeStrays(of template: EntityName? = nil) async -> [String] {
+        let candidates = template.map { name in
+            store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.state == .pooled }
+        } ?? strays()
+        var removed: [String] = []
+        for candidate in candidates {
+            guard let record = store.cloneRecord(candidate.id), record.state == .pooled else { continue }
+            if (try? await engine.remove(record, grace: .milliseconds(500))) != nil { removed.append(record.id) }
+        }
+        return removed
+    }
+
     /// What `gc` does for pools: ready entries whose member is gone are dropped, and a member
     /// whose hand-out was killed before its record said so goes back in its pool (it is still
     /// restored, warmed and paused: not lost).

@@ -94,6 +94,9 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var fromPool: Bool?
     /// The uid that asked for the clone through the API (`serve`): it may remove it.
     public var requestedBy: UInt32?
+    /// The ``TemplateManifest/identity`` of the template it was made from: a template removed and
+    /// made again under the same name is another template, whose pool never hands this one out.
+    public var templateDigest: String?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, qemu, creator
@@ -115,6 +118,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case devices
         case fromPool = "from_pool"
         case requestedBy = "requested_by"
+        case templateDigest = "template_digest"
     }
 
     /// Memory this clone commits against the store's budget.
@@ -156,6 +160,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
             return "its memory file is not its template's"
         }
         guard qemuArguments.count <= 4096 else { return "it lists \(qemuArguments.count) QEMU arguments" }
+        if let templateDigest, !TemplateManifest.isIdentity(templateDigest) { return "template_digest is not a sha256: digest" }
         if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
         if let devices {
             guard devices.count <= MachineSpec.maxHotplugSlots else { return "it lists \(devices.count) devices" }

@@ -1,3 +1,4 @@
+import Crypto
 import VMTemplateOS
 import VMTemplateQEMU
 import Foundation
@@ -38,6 +39,20 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     /// The exact QEMU arguments the template VM ran with, for diagnosis.
     public var templateArguments: [String]
     public var timings: CreateTimings
+
+    /// What tells this template from every other one made under the same name, before or after
+    /// it (`sha256:` and 64 hex digits): a digest of its name, the time it was made, and its two
+    /// files' digests and inodes. A clone record pins it, so that a pool member of a removed
+    /// template is never handed out for its successor.
+    public var identity: String {
+        let text = "\(name)\n\(createdAt.timeIntervalSince1970)\n\(memory.sha256) \(memory.inode)\n\(state.sha256) \(state.inode)\n"
+        return "sha256:" + SHA256.hash(data: Data(text.utf8)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// Whether `text` has the form of an ``identity``.
+    public static func isIdentity(_ text: String) -> Bool {
+        text.utf8.count == 71 && text.hasPrefix("sha256:") && text.utf8.dropFirst(7).allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+    }
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version"
