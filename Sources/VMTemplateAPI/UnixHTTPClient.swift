@@ -1,3 +1,4 @@
+import CLinuxHost
 import Foundation
 import VMTemplateOS
 
@@ -15,8 +16,13 @@ public struct UnixHTTPClient: Sendable {
     /// The largest response accepted.
     public static let maxResponseBytes = 16 << 20
 
-    public init(socketPath: String) {
+    /// Who may serve it: root, this user, and `alsoTrusting` (the store's owner, whose server
+    /// a member of its socket's group talks to).
+    public let trustedServers: Set<uid_t>
+
+    public init(socketPath: String, alsoTrusting: uid_t? = nil) {
         self.socketPath = socketPath
+        trustedServers = Set([0, geteuid()] + (alsoTrusting.map { [$0] } ?? []))
     }
 
     public struct Reply: Sendable {
@@ -44,6 +50,7 @@ public struct UnixHTTPClient: Sendable {
             }
         }
         defer { close(fd) }
+        try checkServer(fd)
         var head = "\(method) \(path) HTTP/1.1\r\nHost: vmtemplate\r\nConnection: close\r\n"
         if let body { head += "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n" }
         let bytes = Array((head + "\r\n").utf8) + Array(body ?? Data())
@@ -69,6 +76,20 @@ public struct UnixHTTPClient: Sendable {
             guard response.count <= Self.maxResponseBytes else { throw VMTemplateError(.invalidState, "the answer from '\(socketPath)' is larger than \(Self.maxResponseBytes) bytes.") }
         }
         return try Self.parse(response)
+    }
+
+    /// The server must be one of ``trustedServers`` (its peer credentials, which the kernel fills in at
+    /// connect): whoever else listens on the path (a socket swapped in a directory they could
+    /// change) gets no request, and its answer is not believed.
+    private func checkServer(_ fd: Int32) throws {
+        var credentials = clinuxhost_ucred()
+        var length = socklen_t(MemoryLayout<clinuxhost_ucred>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {
+            throw VMTemplateError(.ioError, "cannot read who serves '\(TerminalText.escape(socketPath))': \(errnoText()).", cause: SystemCallError("getsockopt"))
+        }
+        guard trustedServers.contains(credentials.uid) else {
+            throw VMTemplateError(.permissionDenied, "'\(TerminalText.escape(socketPath))' is served by uid \(credentials.uid), neither root, this user nor the store's owner: not a vmtemplate server to trust; nothing was sent. Check the path and who can change its directories.")
+        }
     }
 
     static func parse(_ response: [UInt8]) throws -> Reply {

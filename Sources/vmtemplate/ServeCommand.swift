@@ -133,10 +133,14 @@ struct APIRequest: ParsableCommand {
     }
 
     func run() throws {
-        let socketPath = socket ?? "\(TemplateStore.defaultRoot(explicit: store.storePath))/serve.sock"
+        let root = TemplateStore.defaultRoot(explicit: store.storePath)
+        let socketPath = socket ?? "\(root)/serve.sock"
+        // The store's owner serves it; a member of its socket's group is another user.
+        var info = stat()
+        let owner: uid_t? = lstat(root, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? info.st_uid : nil
         let reply: UnixHTTPClient.Reply
         do {
-            reply = try UnixHTTPClient(socketPath: socketPath).request(method, path, body: body.map { Data($0.utf8) })
+            reply = try UnixHTTPClient(socketPath: socketPath, alsoTrusting: owner).request(method, path, body: body.map { Data($0.utf8) })
         } catch let error as VMTemplateError {
             Terminal.error(error.message)
             throw ExitCode(ExitStatus.code(for: error.code))

@@ -67,6 +67,38 @@ extension RealGuests {
             }
         }
 
+        @Test("serve refuses a socket below a directory others may change; the client refuses a server run by another user", .enabled(if: Environment.isRoot, "needs root to switch to another user"))
+        func socketPathTrust() async throws {
+            let store = try TemporaryStore("sock")
+            defer { store.remove() }
+            let open = "/tmp/vmt-open-\(UUID().uuidString.prefix(8))"
+            try FileManager.default.createDirectory(atPath: "\(open)/sub", withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: open) }
+            chmod(open, 0o777)
+            let refused = try CLI.run(["serve", "--socket", "\(open)/sub/s.sock"] + store.arguments)
+            #expect(refused.status == 77 && refused.stderr.contains("'\(open)', on the way to --socket, may be changed by everyone"), "\(refused.status) \(refused.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: "\(open)/sub/s.sock"))
+
+            // Another user's server where root's client looks: nothing is sent to it.
+            chown("\(open)/sub", 65534, 65534)
+            let fake = Process()
+            fake.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            fake.arguments = ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", "/usr/bin/python3", "-c", """
+                import socket, sys
+                s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
+                c, _ = s.accept(); data = c.recv(4096)
+                c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}" if data else b"")
+                """, "\(open)/sub/fake.sock"]
+            fake.standardInput = FileHandle.nullDevice
+            fake.standardOutput = FileHandle.nullDevice
+            fake.standardError = FileHandle.nullDevice
+            try fake.run()
+            defer { fake.terminate() }
+            #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: "\(open)/sub/fake.sock") })
+            let fooled = try CLI.run(["api", "GET", "/v1/pools", "--socket", "\(open)/sub/fake.sock"] + store.arguments)
+            #expect(fooled.status == 77 && fooled.stderr.contains("served by uid 65534"), "\(fooled.status) \(fooled.stdout) \(fooled.stderr)")
+        }
+
         @Test("serve reaps every QEMU it starts: no zombie after 50 API creates and deletes, fresh and from its pool")
         func reapsChildren() async throws {
             let server = try Server()

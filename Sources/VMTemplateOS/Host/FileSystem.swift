@@ -220,8 +220,47 @@ public enum FileSystem {
     /// Refuses a directory to put a file in that somebody else could change under this process:
     /// it must be a directory (not a link to one) owned by root or this user, and not writable by
     /// group or others, unless it is sticky and this user's (then nobody else may replace or
-    /// remove what this user puts there). `what` names the option, for the error.
+    /// remove what this user puts there). Every directory above it must hold too (whoever may
+    /// rename one swaps the whole path), except that a sticky one may be writable by others as
+    /// long as the entry below it is root's or this user's. `what` names the option, for the error.
     package static func requireTrustedDirectory(_ directory: String, for what: String) throws {
+        try requireTrustedLeaf(directory, for: what)
+        try requireTrustedAncestors(of: directory, for: what)
+    }
+
+    /// Every directory above `directory`, on the path as given (a link on the way must be root's
+    /// or this user's) and on the real path (each directory root's or this user's, and writable
+    /// by nobody else unless sticky).
+    private static func requireTrustedAncestors(of directory: String, for what: String) throws {
+        let me = geteuid()
+        func refuse(_ path: String, _ reason: String) -> VMTemplateError {
+            VMTemplateError(.permissionDenied, "'\(TerminalText.escape(path))', on the way to \(what), \(reason): others could swap the path; put \(what) under directories only root or this user may change.")
+        }
+        let absolute = directory.hasPrefix("/") ? directory : "\(FileManager.default.currentDirectoryPath)/\(directory)"
+        var prefix = ""
+        for component in absolute.split(separator: "/") {
+            prefix += "/\(component)"
+            var info = stat()
+            guard lstat(prefix, &info) == 0 else { break }
+            if (info.st_mode & S_IFMT) == S_IFLNK, info.st_uid != 0, info.st_uid != me {
+                throw refuse(prefix, "is a link made by uid \(info.st_uid)")
+            }
+        }
+        guard let real = resolvedPath(directory) else { return }
+        var current = real
+        while current != "/" {
+            let parent = split(current).directory
+            var info = stat()
+            guard lstat(parent, &info) == 0 else { throw refuse(parent, "cannot be inspected (\(errnoText()))") }
+            guard info.st_uid == 0 || info.st_uid == me else { throw refuse(parent, "belongs to uid \(info.st_uid)") }
+            if info.st_mode & 0o022 != 0 && info.st_mode & S_ISVTX == 0 {
+                throw refuse(parent, "may be changed by \(info.st_mode & 0o002 != 0 ? "everyone" : "its group") (mode \(String(info.st_mode & 0o7777, radix: 8)))")
+            }
+            current = parent
+        }
+    }
+
+    private static func requireTrustedLeaf(_ directory: String, for what: String) throws {
         var info = stat()
         guard lstat(directory, &info) == 0 else {
             throw VMTemplateError(.notFound, "the directory '\(TerminalText.escape(directory))' of \(what) does not exist: create it, or pass another \(what).")
