@@ -175,6 +175,8 @@ struct Send: AsyncParsableCommand {
         try await reportingErrors {
             let store = try store.open(.readOnly)
             let record = try store.findClone(clone)
+            // A pool member's guest is paused until it is handed out.
+            if let refusal = CloneEngine.refusalBeforeHandOut(record) { throw refusal }
             // A paused guest never answers: say so instead of waiting out the timeout.
             let state = await CloneEngine(store: store).liveState(of: record)
             switch state {

@@ -154,6 +154,33 @@ extension RealGuests {
             _ = try CLI.run(["rm", "--all", "--store", store])
         }
 
+        @Test("a name that is also the start of another clone's ID is refused as ambiguous; a full ID and a plain prefix still find their clone")
+        func ambiguousNames() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let victim = try clone(store)
+            let prefix = String(victim.id.prefix(4))
+            let squatter = try clone(store, ["--name", prefix])
+            let ambiguous = try CLI.run(["inspect", prefix, "--json"] + store.arguments)
+            #expect(ambiguous.status == 64 && ambiguous.stderr.contains("use a full ID"), "\(ambiguous.status) \(ambiguous.stderr)")
+            #expect(ambiguous.stdout.hasPrefix("{\"error\""), "neither clone is shown: \(ambiguous.stdout)")
+            #expect(try CLI.run(["inspect", victim.id, "--json"] + store.arguments).stdout.contains(victim.id))
+            #expect(try CLI.run(["inspect", squatter.id, "--json"] + store.arguments).stdout.contains(squatter.id))
+            #expect(try CLI.run(["inspect", String(victim.id.prefix(10)), "--json"] + store.arguments).stdout.contains(victim.id))
+        }
+
+        @Test("a user outside a --group template's group is told permission denied (77), not that the template is damaged", .enabled(if: Environment.isRoot, "needs root to switch to another user"))
+        func groupTemplateRefused() async throws {
+            let store = try TemporaryStore("grp")
+            defer { store.remove() }
+            let created = try CLI.run(["create", "g", "--recipe", Checkout.busyboxRecipe, "--group", "root"] + store.arguments)
+            try #require(created.status == 0, "\(created.stderr)")
+            let own = "/tmp/vmt-nobody-\(UUID().uuidString.prefix(8))"
+            defer { TemporaryStore(existing: own).remove() }
+            let refused = try Reliability.asNobody([Checkout.binary, "clone", "g", "--store", own, "--template-store", store.root])
+            #expect(refused.status == 77 && refused.stderr.contains("may be read only by its group"), "\(refused.status) \(refused.stderr)")
+        }
+
         @Test("list -q prints IDs only; inspect without --json prints a readable view of a clone and of a template")
         func humanViews() async throws {
             let store = try await SharedTemplate.shared.store()

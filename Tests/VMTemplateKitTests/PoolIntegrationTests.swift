@@ -113,6 +113,23 @@ extension RealGuests {
             #expect(try poolStatus(store).first?.ready == 2, "refilled")
         }
 
+        @Test("a pool member refuses send and resume at once (exit 76) and stays pooled and paused")
+        func memberRefusesSendAndResume() async throws {
+            let store = try poolStore("poolsend")
+            defer { cleanUp(store) }
+            _ = try run(["pool", "set", "busybox", "--size", "1"], store)
+            _ = try run(["pool", "fill", "busybox"], store)
+            let member = try #require(try TemplateStore(root: store.root).clones().records.first { $0.state == .pooled })
+            for arguments in [["send", member.id, "ping", "--timeout", "60"], ["resume", member.id]] {
+                let refused = try CLI.run(arguments + store.arguments)
+                #expect(refused.status == 76 && refused.stderr.contains("warm pool of 'busybox'"), "\(arguments): \(refused.status) \(refused.stderr)")
+            }
+            let qmp = try await QMPClient.connect(socketPath: TemplateStore(root: store.root).clonePaths(member.id).qmpSocket, timeout: .seconds(5))
+            defer { qmp.close() }
+            #expect(try await qmp.queryStatus().running == false, "the member's guest is still paused")
+            #expect(try poolStatus(store).first?.ready == 1, "and still in its pool")
+        }
+
         @Test("a member handed out with a name and a NIC and a disk gets them; a taken name leaves the member in the pool")
         func handOutWithDevices() async throws {
             let store = try poolStore("pooldev")

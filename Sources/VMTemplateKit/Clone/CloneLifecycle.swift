@@ -37,6 +37,19 @@ extension CloneEngine {
         }
     }
 
+    /// Why a clone is nobody's to talk to or resume yet, or nil: a warm-pool member (paused until
+    /// a `clone` hands it out), or a clone still being started.
+    public static func refusalBeforeHandOut(_ record: CloneRecord) -> VMTemplateError? {
+        switch record.state {
+        case .pooled, .warming:
+            VMTemplateError(.invalidState, "clone \(record.id) is a member of the warm pool of '\(record.template)', not handed out: 'vmtemplate clone \(record.template)' hands it out.")
+        case .starting:
+            VMTemplateError(.invalidState, "clone \(record.id) is still being started: wait until its 'vmtemplate clone' has returned.")
+        default:
+            nil
+        }
+    }
+
     /// Stops a clone's QEMU with the instance's ladder (QMP `quit`, SIGTERM, SIGKILL after `grace`
     /// each) and removes its directory and record. Returns how it was stopped.
     @discardableResult
@@ -63,6 +76,8 @@ extension CloneEngine {
     /// Continues a paused clone (QMP `cont`), optionally with a new copy-on-write limit so the
     /// scheduler does not pause it again at once.
     public func resume(_ record: CloneRecord, cowLimitBytes: UInt64? = nil) async throws -> CloneRecord {
+        // A pool member resumed by hand would run outside its pool, yet still be handed out.
+        if let refusal = Self.refusalBeforeHandOut(record) { throw refusal }
         guard case .running(let qemu) = qemu(of: record) else {
             throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be resumed: remove it (vmtemplate rm) and clone again.")
         }

@@ -327,15 +327,29 @@ extension TemplateStore {
         return (listing.records, listing.problems)
     }
 
-    /// Finds clones by ID, ID prefix (unambiguous) or name.
+    /// Finds a clone by its ID, its name, or an unambiguous prefix of its ID (docs/cli.md).
+    ///
+    /// A full ID always wins (no clone may be named like another's ID). A name that is also the
+    /// start of another clone's ID is refused as ambiguous rather than resolved either way: a
+    /// caller who may name clones (a member of the API socket's group) could otherwise capture
+    /// lookups of another clone by a short prefix.
     public func findClone(_ reference: String) throws -> CloneRecord {
-        // An ID or a name: found through the name index, without reading every record.
-        if let held = cloneHoldingName(reference) { return held }
-        let records = clones().records
         let shown = TerminalText.escape(reference)
+        func refuseIfAlsoPrefix(of named: CloneRecord) throws -> CloneRecord {
+            let others = StoredJSON.entries(of: clonesDirectory).filter { $0 != named.id && $0.hasPrefix(reference) }
+            guard others.isEmpty else {
+                throw VMTemplateError(.invalidArgument, "'\(shown)' is the name of clone \(named.id) and the start of the ID of clone \(others.joined(separator: ", ")): use a full ID.")
+            }
+            return named
+        }
+        // An ID or a name: found through the name index, without reading every record.
+        if let held = cloneHoldingName(reference) {
+            return held.id == reference ? held : try refuseIfAlsoPrefix(of: held)
+        }
+        let records = clones().records
         if let exact = records.first(where: { $0.id == reference }) { return exact }
         let named = records.filter { $0.name == reference }
-        if named.count == 1 { return named[0] }
+        if named.count == 1 { return try refuseIfAlsoPrefix(of: named[0]) }
         if named.count > 1 {
             throw VMTemplateError(.invalidState, "\(named.count) clones are named '\(shown)' (\(named.map(\.id).joined(separator: ", "))): use an ID.")
         }

@@ -214,6 +214,9 @@ public struct TemplateStore: Sendable {
             manifest = decoded
         case .failure(.missing) where !templateExists(name):
             throw VMTemplateError(.notFound, "no template named '\(name)': see 'vmtemplate list' for the templates there are, or make it with 'vmtemplate create \(name) --recipe ...'.")
+        case .failure(.unreadable(let error)) where error.code == EACCES:
+            // A template made with --group: its files are that group's alone.
+            throw VMTemplateError(.permissionDenied, "template '\(name)' may be read only by its group, which this user is not in: ask the store's owner to add you to it (see 'ls -l \(files.directory)').", cause: error)
         case .failure(.invalid(let reason)):
             throw VMTemplateError(.ioError, "the manifest of template '\(name)' cannot be read (\(reason)): the template is damaged or was made by a newer vmtemplate; remove it (vmtemplate rm-template \(name)) and create it again.")
         case .failure(let failure):
