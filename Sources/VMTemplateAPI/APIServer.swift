@@ -52,12 +52,14 @@ public struct APIServer: Sendable {
         var logger = Logger(label: "vmtemplate.serve")
         logger.logLevel = .info
         try checkSocketPath()
+        // What a killed server left beside the socket (identity-checked: a running one keeps it).
+        _ = ServerFiles.removeStale(beside: socketPath)
         // Every clone this server starts is its child: reaped as it exits, not kept as a zombie.
         ChildReaper.enable()
         // Bound inside a directory only this process's user may enter, then renamed into place
         // once its mode is set: there is no moment in which others could connect, whatever the
         // umask (a connection made then would stay valid after a chmod).
-        let privateDirectory = "\(FileSystem.split(socketPath).directory)/.serve-\(getpid())"
+        let privateDirectory = ServerFiles.privateDirectory(beside: socketPath)
         try? FileSystem.removeTree(path: privateDirectory)
         guard mkdir(privateDirectory, 0o700) == 0 else {
             throw VMTemplateError(.ioError, "cannot create '\(privateDirectory)': \(errnoText()).", cause: SystemCallError("mkdir"))
@@ -138,6 +140,8 @@ public struct APIServer: Sendable {
                 throw VMTemplateError(.permissionDenied, "only the store's owner or root may give a clone NICs or disks through the API: they name files and namespaces the server opens with the owner's rights.")
             }
             var cloneRequest = try body.cloneRequest()
+            // The server clones with the owner's rights: only what the caller may read itself.
+            try context.requireReadable(try store.template(named: cloneRequest.template))
             cloneRequest.requestedBy = context.callerUID
             // This process outlives the clone's start: a thread of it waits for the guest.
             cloneRequest.guestRepliesInChild = false
@@ -165,8 +169,9 @@ public struct APIServer: Sendable {
             let how = try await engine.remove(record)
             return try Self.json(["id": record.id, "stopped": how.rawValue])
         }
-        router.get("/v1/templates") { _, _ -> Response in
-            try Self.json(store.templates().templates.map { TemplateSummary($0.manifest) })
+        router.get("/v1/templates") { _, context -> Response in
+            // Templates the caller may not read are not its to know of.
+            try Self.json(store.templates().templates.filter(context.mayRead).map { TemplateSummary($0.manifest) })
         }
         router.get("/v1/pools") { _, _ -> Response in
             try Self.json(WarmPool(engine: engine).status())
@@ -275,6 +280,21 @@ public struct APIContext: RequestContext {
     var callerUID: uid_t?
     /// Root or the store's owner, as opposed to a member of the socket's group.
     var callerIsOwner = false
+    /// Every group the caller is in (primary and supplementary), when the request was made.
+    var callerGroups: Set<gid_t> = []
+
+    /// Whether the caller may read `template` with its own rights.
+    func mayRead(_ template: PublishedTemplate) -> Bool {
+        guard let callerUID else { return false }
+        return template.isReadable(byUID: callerUID, groups: callerGroups)
+    }
+
+    /// Refuses a template the caller may not read.
+    func requireReadable(_ template: PublishedTemplate) throws {
+        guard mayRead(template) else {
+            throw VMTemplateError(.permissionDenied, "template '\(template.name)' may be read only by its group, which uid \(callerUID.map(String.init) ?? "?") is not in: ask the store's owner to add you to it.")
+        }
+    }
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
@@ -305,6 +325,7 @@ struct CallerCheck: RouterMiddleware {
             context.logger.info("\(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
             var context = context
             context.callerUID = caller.uid
+            context.callerGroups = Self.groups(of: caller.pid).union([caller.gid])
             context.callerIsOwner = isOwner
             response = try await next(request, context)
         } catch {
@@ -346,14 +367,19 @@ struct CallerCheck: RouterMiddleware {
         return Credentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
     }
 
-    /// Whether process `pid` (the caller) has `group` among its groups, from /proc: no NSS
-    /// lookups (which are neither thread-safe nor quick) in the server.
+    /// Whether process `pid` (the caller) has `group` among its groups.
     static func process(_ pid: Int32, isIn group: gid_t) -> Bool {
-        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return false }
+        groups(of: pid).contains(group)
+    }
+
+    /// The supplementary groups of process `pid` (the caller), from /proc: no NSS lookups (which
+    /// are neither thread-safe nor quick) in the server. Empty when it cannot be read.
+    static func groups(of pid: Int32) -> Set<gid_t> {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return [] }
         for line in status.split(separator: "\n") where line.hasPrefix("Groups:") {
-            return line.dropFirst("Groups:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).contains { gid_t($0) == group }
+            return Set(line.dropFirst("Groups:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { gid_t($0) })
         }
-        return false
+        return []
     }
 }
 

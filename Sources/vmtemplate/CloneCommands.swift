@@ -189,7 +189,7 @@ struct Send: AsyncParsableCommand {
             default:
                 break
             }
-            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).request(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
+            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).exchange(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))
         }
     }

@@ -60,6 +60,7 @@ struct GC: AsyncParsableCommand {
             for entry in report.removedStaging { print("removed unfinished template \(entry)") }
             for id in report.removedClones { print("removed clone \(id)") }
             for pid in report.stoppedQEMU { print("stopped orphaned QEMU \(pid)") }
+            for path in report.removedFiles { print("removed leftover \(TerminalText.escape(path))") }
             for problem in report.problems { Terminal.note("warning: \(problem)") }
             if report.isEmpty && report.problems.isEmpty { print("nothing to clean up") }
         }

@@ -67,6 +67,38 @@ extension RealGuests {
             }
         }
 
+        @Test("a --group template is listed to and cloned for only the callers in its group, though others may use the socket", .enabled(if: Environment.isRoot, "needs root to make groups and switch to another user"))
+        func groupTemplateThroughAPI() async throws {
+            let suffix = UUID().uuidString.prefix(6).lowercased()
+            let (templateGroup, socketGroup) = ("vmt-t\(suffix)", "vmt-s\(suffix)")
+            for group in [templateGroup, socketGroup] { _ = try Shell.run("groupadd \(group)") }
+            defer { for group in [templateGroup, socketGroup] { _ = try? Shell.run("groupdel \(group)") } }
+            let store = try TemporaryStore("apigrp")
+            defer { store.remove() }
+            let created = try CLI.run(["create", "gtpl", "--recipe", Checkout.busyboxRecipe, "--group", templateGroup] + store.arguments)
+            try #require(created.status == 0, "\(created.stderr)")
+            let server = try CLI.start(["serve", "--socket-group", socketGroup] + store.arguments)
+            defer {
+                server.process.terminate()
+                server.process.waitUntilExit()
+                _ = try? CLI.run(["rm", "--all"] + store.arguments)
+            }
+            let client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
+            #expect(await eventually(timeout: .seconds(30)) { (try? client.request("GET", "/v1/templates"))?.status == 200 })
+            func asNobody(groups: String?, _ arguments: [String]) throws -> ShortCommand.Output {
+                let identity = ["--reuid=nobody", "--regid=\(socketGroup)"] + (groups.map { ["--groups=\($0)"] } ?? ["--clear-groups"])
+                return try ShortCommand.run("/usr/bin/setpriv", identity + ["--", Checkout.binary, "api"] + arguments + ["--socket", "\(store.root)/serve.sock"] + store.arguments)
+            }
+            let outsider = try asNobody(groups: nil, ["GET", "/v1/templates"])
+            #expect(outsider.status == 0 && !outsider.stdout.contains("gtpl"), "\(outsider.stdout) \(outsider.stderr)")
+            let refused = try asNobody(groups: nil, ["POST", "/v1/clones", #"{"template": "gtpl"}"#])
+            #expect(refused.status != 0 && refused.stdout.contains("permissionDenied") && refused.stdout.contains("may be read only by its group"), "\(refused.stdout) \(refused.stderr)")
+            let member = try asNobody(groups: templateGroup, ["GET", "/v1/templates"])
+            #expect(member.stdout.contains("gtpl"), "\(member.stdout) \(member.stderr)")
+            let made = try asNobody(groups: templateGroup, ["POST", "/v1/clones", #"{"template": "gtpl"}"#])
+            #expect(made.status == 0 && made.stdout.contains("\"template\" : \"gtpl\""), "\(made.stdout) \(made.stderr)")
+        }
+
         @Test("serve refuses a socket below a directory others may change; the client refuses a server run by another user", .enabled(if: Environment.isRoot, "needs root to switch to another user"))
         func socketPathTrust() async throws {
             let store = try TemporaryStore("sock")
@@ -75,8 +107,12 @@ extension RealGuests {
             try FileManager.default.createDirectory(atPath: "\(open)/sub", withIntermediateDirectories: true)
             defer { try? FileManager.default.removeItem(atPath: open) }
             chmod(open, 0o777)
-            let refused = try CLI.run(["serve", "--socket", "\(open)/sub/s.sock"] + store.arguments)
-            #expect(refused.status == 77 && refused.stderr.contains("'\(open)', on the way to --socket, may be changed by everyone"), "\(refused.status) \(refused.stderr)")
+            // Started, not run: a server that accepted the path would serve until stopped.
+            let serving = try CLI.start(["serve", "--socket", "\(open)/sub/s.sock"] + store.arguments)
+            let exited = await eventually(timeout: .seconds(20)) { !serving.process.isRunning }
+            if !exited { serving.process.terminate(); serving.process.waitUntilExit() }
+            let refused = serving.result()
+            #expect(exited && refused.status == 77 && refused.stderr.contains("'\(open)', on the way to --socket, may be changed by everyone"), "\(refused.status) \(refused.stderr)")
             #expect(!FileManager.default.fileExists(atPath: "\(open)/sub/s.sock"))
 
             // Another user's server where root's client looks: nothing is sent to it.

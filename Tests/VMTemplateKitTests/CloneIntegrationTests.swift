@@ -154,6 +154,27 @@ extension RealGuests {
             _ = try CLI.run(["rm", "--all", "--store", store])
         }
 
+        @Test("send refuses a line with a newline or over 4096 bytes (exit 64), and skips a late reply meant for an earlier caller")
+        func sendFraming() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let made = try clone(store, ["--name", "framed"])
+            let channel = ControlChannel(path: made.control_socket)
+            #expect(try channel.request("ping", timeout: .seconds(60)) == "pong")
+            for line in ["ping\nhostname evil", "ping\thostname evil", "ping\u{1b}[2J", String(repeating: "x", count: 5000)] {
+                let refused = try CLI.run(["send", made.id, line] + store.arguments)
+                #expect(refused.status == 64, "\(refused.status) \(refused.stderr)")
+            }
+            #expect(try channel.request("hostname") == "framed", "no second request reached the guest")
+            // A caller that gives up before its slow reply comes: the next caller gets its own.
+            let early = try channel.connect()
+            try channel.send(["hash 48"], on: early)
+            close(early)
+            let next = try CLI.run(["send", made.id, "ping"] + store.arguments)
+            #expect(next.status == 0 && next.stdout == "pong\n", "\(next.stdout) \(next.stderr)")
+            #expect(try CLI.run(["send", made.id, "hostname"] + store.arguments).stdout == "framed\n")
+        }
+
         @Test("a name that is also the start of another clone's ID is refused as ambiguous; a full ID and a plain prefix still find their clone")
         func ambiguousNames() async throws {
             let store = try await SharedTemplate.shared.store()

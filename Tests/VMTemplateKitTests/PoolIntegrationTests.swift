@@ -113,6 +113,27 @@ extension RealGuests {
             #expect(try poolStatus(store).first?.ready == 2, "refilled")
         }
 
+        @Test("a member that pins another template's identity (an earlier template of the same name) is never handed out, and gc stops it")
+        func memberOfAnotherTemplate() async throws {
+            let store = try poolStore("poolid")
+            defer { cleanUp(store) }
+            let templates = try TemplateStore(root: store.root)
+            _ = try run(["pool", "set", "busybox", "--size", "2"], store)
+            _ = try run(["pool", "fill", "busybox"], store)
+            let members = templates.clones().records.filter { $0.state == .pooled }
+            try #require(members.count == 2)
+            #expect(members.allSatisfy { $0.templateDigest == (try? templates.template(named: try EntityName("busybox")))?.manifest.identity })
+            // Both members as if an earlier template of this name had made them.
+            let earlier = "sha256:" + String(repeating: "ab", count: 32)
+            for member in members { try templates.updateClone(member.id) { $0.templateDigest = earlier } }
+            let handedOut = try JSONDecoder().decode(Clone.self, from: Data(try run(["clone", "busybox", "--json"], store).stdout.utf8))
+            #expect(!handedOut.from_pool && !members.map(\.id).contains(handedOut.id), "a fresh clone, not a member of another template")
+            #expect(await eventually { members.allSatisfy { $0.qemu?.isAlive == false } || templates.clones().records.filter { $0.state == .pooled }.count < 2 }, "the hand-out removed what it refused")
+            _ = try run(["gc"], store)
+            #expect(templates.clones().records.filter { $0.templateDigest == earlier }.isEmpty, "gc stops members of another template")
+            #expect(await eventually { members.allSatisfy { $0.qemu?.isAlive == false } }, "and their QEMU")
+        }
+
         @Test("a pool member refuses send and resume at once (exit 76) and stays pooled and paused")
         func memberRefusesSendAndResume() async throws {
             let store = try poolStore("poolsend")

@@ -111,10 +111,15 @@ extension CloneEngine {
         report.removedClones += await pool.removeStrays()
         pool.repair()
         do {
-            _ = try store.withLock { try store.rebuildLiveIndex() }
+            report.removedFiles += try store.withLock {
+                _ = try store.rebuildLiveIndex()
+                return store.pruneNameIndex()
+            }
         } catch {
             report.problems.append("\(store.root)/live.json: \(VMTemplateError.oneLine(error))")
         }
+        // A server killed with the default socket: its private directory and socket.
+        report.removedFiles += ServerFiles.removeStale(beside: "\(store.root)/serve.sock")
         return report
     }
 

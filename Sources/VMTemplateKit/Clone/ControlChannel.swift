@@ -21,9 +21,45 @@ public struct ControlChannel: Sendable {
         self.path = path
     }
 
+    /// The longest request line accepted (without its newline).
+    public static let maxRequestBytes = 4096
+
     /// Sends `line` and returns the guest's one-line reply (without the line ending).
     public func request(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
         try requests([line], timeout: timeout)[0]
+    }
+
+    /// Refuses a request line the protocol cannot carry as one request: a control character (a
+    /// newline would smuggle in a second request), or more than ``maxRequestBytes``.
+    public static func check(_ line: String) throws {
+        let shown = TerminalText.escape(String(line.prefix(64)))
+        guard line.utf8.count <= maxRequestBytes else {
+            throw VMTemplateError(.invalidArgument, "the request '\(shown)…' is \(line.utf8.count) bytes; one request line is at most \(maxRequestBytes): send less at a time.")
+        }
+        guard !line.isEmpty, !line.utf8.contains(where: { $0 < 0x20 || $0 == 0x7f }) else {
+            throw VMTemplateError(.invalidArgument, "the request '\(shown)' is empty or holds a control character (a newline, NUL, tab…): send one line of printable text per request.")
+        }
+    }
+
+    /// One request as a caller outside vmtemplate makes it (`vmtemplate send`): checked
+    /// (``check(_:)``), framed by a fresh `sync TOKEN` whose echo marks where this caller's reply
+    /// starts, so a late reply meant for an earlier caller is skipped (templates/busybox/README.md).
+    public func exchange(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
+        try Self.check(line)
+        let token = "sync \((0..<8).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined())"
+        let fd = try connect()
+        defer { close(fd) }
+        try send([token, line], on: fd)
+        // Earlier callers' replies are skipped: bounded, so a guest that never echoes cannot
+        // hold this caller.
+        let lines = try replies(1026, on: fd, to: [line], timeout: timeout) { received in
+            guard let echo = received.firstIndex(of: token) else { return false }
+            return received.count > echo + 1
+        }
+        guard let echo = lines.firstIndex(of: token), lines.count > echo + 1 else {
+            throw VMTemplateError(.invalidState, "the guest on '\(path)' did not echo 'sync' within 1024 lines: it does not speak the control protocol's framing (templates/busybox/README.md).")
+        }
+        return lines[echo + 1]
     }
 
     /// Sends `lines` in one write on one connection and returns the guest's reply to each, in
@@ -59,8 +95,8 @@ public struct ControlChannel: Sendable {
     }
 
     /// Reads `count` reply lines from `fd` within one deadline (`requests` only names them in
-    /// errors).
-    public func replies(_ count: Int, on fd: Int32, to requests: [String] = [], timeout: Duration) throws -> [String] {
+    /// errors), or fewer once `enough` says the lines so far suffice.
+    public func replies(_ count: Int, on fd: Int32, to requests: [String] = [], timeout: Duration, until enough: ([String]) -> Bool = { _ in false }) throws -> [String] {
         let shown = TerminalText.escape(requests.joined(separator: "; "))
         let deadline = ContinuousClock.now + timeout
         // One deadline for all replies and a bounded length: a guest that trickles bytes or never
@@ -68,7 +104,7 @@ public struct ControlChannel: Sendable {
         var replies: [String] = []
         var reply: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
-        while replies.count < count {
+        while replies.count < count && !enough(replies) {
             let remaining = ContinuousClock.now.duration(to: deadline)
             guard remaining > .zero else {
                 throw VMTemplateError(.timeout, "the guest did not answer '\(shown)' on '\(path)' within \(timeout.shortText).")
@@ -83,7 +119,7 @@ public struct ControlChannel: Sendable {
             guard received > 0 else {
                 throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(shown)'.")
             }
-            for byte in chunk[0..<received] where replies.count < count {
+            for byte in chunk[0..<received] where replies.count < count && !enough(replies) {
                 if byte == 0x0a {
                     replies.append(String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
                     reply = []

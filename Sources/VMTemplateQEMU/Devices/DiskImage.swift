@@ -53,6 +53,17 @@ public struct DiskImage: Sendable {
         // The same inode, now opened for real (the handle's /proc link is not a path anyone else
         // can change).
         let descriptor = Glibc.open("/proc/self/fd/\(handle)", (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+        guard descriptor >= 0 else {
+            let code = errno
+            switch code {
+            case EACCES, EPERM, EROFS:
+                throw VMTemplateError(.permissionDenied, "disk image '\(shown)' cannot be opened \(writable ? "for writing" : "for reading") by this user (\(errnoText(code))): check its permissions\(writable ? ", or attach it with readonly=on or overlay=on" : "").", cause: SystemCallError("open", code: code))
+            case EBUSY, ETXTBSY:
+                throw VMTemplateError(.busy, "disk image '\(shown)' is in use (\(errnoText(code))): detach it where it is used, or attach it with overlay=on.", cause: SystemCallError("open", code: code))
+            default:
+                throw VMTemplateError(.ioError, "disk image '\(shown)' cannot be opened: \(errnoText(code)).", cause: SystemCallError("open", code: code))
+            }
+        }
         do {
             var info = stat()
             guard fstat(descriptor, &info) == 0 else { throw VMTemplateError(.ioError, "cannot inspect disk image '\(shown)': \(errnoText()).") }

@@ -76,6 +76,34 @@ extension TemplateStore {
         throw VMTemplateError(.busy, "the name '\(name)' could not be taken: try again.")
     }
 
+    /// Removes entries whose clone is gone (its directory removed by a `gc` that could not read
+    /// its record, or by a command killed between the two) or renamed. Call under the store lock:
+    /// a clone's directory exists before its names are entered, so an entry without one is
+    /// stale. Returns the paths removed.
+    public func pruneNameIndex() -> [String] {
+        var removed: [String] = []
+        for name in StoredJSON.entries(of: namesDirectory) {
+            let path = "\(namesDirectory)/\(name)"
+            var info = stat()
+            guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { continue }
+            let stale: Bool
+            if let holder = readNameEntry(name) {
+                if access(cloneDirectory(holder), F_OK) != 0 {
+                    stale = errno == ENOENT
+                } else if let record = cloneRecord(holder) {
+                    stale = record.name != name && record.id != name
+                } else {
+                    stale = false
+                }
+            } else {
+                // Empty or not an ID: never written whole (a command killed mid-write).
+                stale = true
+            }
+            if stale && unlink(path) == 0 { removed.append(path) }
+        }
+        return removed
+    }
+
     /// The ID an entry holds; nil for no entry or one that is not the owner's or not an ID.
     private func readNameEntry(_ name: String) -> String? {
         let fd = open("\(namesDirectory)/\(name)", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)

@@ -363,6 +363,9 @@ public struct GarbageReport: Sendable, Codable, Equatable {
     public var removedStaging: [String] = []
     public var stoppedQEMU: [Int32] = []
     public var removedClones: [String] = []
+    /// Litter of killed commands: name-index entries of clones that are gone, the private
+    /// directories and sockets of servers that no longer run.
+    public var removedFiles: [String] = []
     public var problems: [String] = []
 
     public init() {}
@@ -371,10 +374,11 @@ public struct GarbageReport: Sendable, Codable, Equatable {
         case removedStaging = "removed_staging"
         case stoppedQEMU = "killed_processes"
         case removedClones = "removed_clones"
+        case removedFiles = "removed_files"
         case problems
     }
 
-    public var isEmpty: Bool { removedStaging.isEmpty && stoppedQEMU.isEmpty && removedClones.isEmpty }
+    public var isEmpty: Bool { removedStaging.isEmpty && stoppedQEMU.isEmpty && removedClones.isEmpty && removedFiles.isEmpty }
 }
 
 /// Where a template's files are, in `templates/NAME` or `staging/NAME` alike.
@@ -401,6 +405,21 @@ public struct PublishedTemplate: Sendable {
     public var directory: String { files.directory }
     public var memoryPath: String { files.memoryPath }
     public var statePath: String { files.statePath }
+
+    /// Whether a caller (uid and every group it is in) may read this template: its manifest, RAM
+    /// and device state, by their modes and owners as the kernel would decide for that caller. A
+    /// server that clones with its own rights asks this first, so that it clones nothing its
+    /// caller could not (a `--group` template is its group's alone).
+    public func isReadable(byUID uid: uid_t, groups: Set<gid_t>) -> Bool {
+        guard uid != 0 else { return true }
+        return [files.manifestPath, memoryPath, statePath].allSatisfy { path in
+            var info = stat()
+            guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { return false }
+            if info.st_uid == uid { return info.st_mode & 0o400 != 0 }
+            if groups.contains(info.st_gid) { return info.st_mode & 0o040 != 0 }
+            return info.st_mode & 0o004 != 0
+        }
+    }
 }
 
 /// A template being made: `staging/NAME`, with `owner.json` naming the creating process and its QEMU.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 
+@testable import VMTemplateAPI
 @testable import VMTemplateKit
 @testable import VMTemplateOS
 @testable import VMTemplateQEMU
@@ -160,8 +161,10 @@ extension RealGuests {
                 let halfMade = states.contains { $0 != "running" }
                 _ = try CLI.run(["rm", "--all", "--grace", "1"] + store.arguments)
                 let leftover = cloneEntries(store)
+                // No name of a clone that is gone stays taken (gc prunes the index).
+                let names = (try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/names")) ?? []
                 let quiet = await eventually(timeout: .seconds(5)) { QEMUProcesses.using(store.root).isEmpty }
-                clones.trial(failed: gc.status != 0 || listed.status != 0, lost: halfMade || !leftover.isEmpty || !quiet, note: "list \(listed.stdout), left \(leftover), QEMU \(QEMUProcesses.using(store.root))")
+                clones.trial(failed: gc.status != 0 || listed.status != 0, lost: halfMade || !leftover.isEmpty || !names.isEmpty || !quiet, note: "list \(listed.stdout), left \(leftover), names \(names), QEMU \(QEMUProcesses.using(store.root))")
             }
             clones.finish()
 
@@ -246,6 +249,43 @@ extension RealGuests {
         struct CloneSummaryFields: Decodable {
             var id: String
             var from_pool: Bool
+        }
+
+        @Test("a SIGKILLed serve leaves its private directory and socket; gc removes them beside the store's socket, and the next serve beside its own")
+        func killedServerLitter() async throws {
+            let own = try TemporaryStore("ksrv")
+            defer { own.remove() }
+            let tally = Reliability.Tally("SIGKILL of serve, then gc or the next serve")
+            let custom = "\(own.root)/run"
+            try FileManager.default.createDirectory(atPath: custom, withIntermediateDirectories: true)
+            for trial in 0..<Reliability.trials(fast: 2, long: 10) {
+                let socket = trial % 2 == 0 ? "\(own.root)/serve.sock" : "\(custom)/api.sock"
+                let server = try CLI.start(["serve", "--socket", socket] + own.arguments)
+                let up = await eventually(timeout: .seconds(30)) { FileManager.default.fileExists(atPath: socket) }
+                kill(server.process.processIdentifier, SIGKILL)
+                server.process.waitUntilExit()
+                _ = server.result()
+                let directory = FileSystem.split(socket).directory
+                func litter() -> [String] {
+                    ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter { $0.hasPrefix(".serve-") || $0 == FileSystem.split(socket).name }
+                }
+                let left = litter()
+                var cleaned: CommandResult
+                if trial % 2 == 0 {
+                    cleaned = try CLI.run(["gc", "--json"] + own.arguments)
+                } else {
+                    // The next server on the same socket cleans up as it starts.
+                    let next = try CLI.start(["serve", "--socket", socket] + own.arguments)
+                    _ = await eventually(timeout: .seconds(30)) { (try? UnixHTTPClient(socketPath: socket).request("GET", "/v1/pools"))?.status == 200 }
+                    next.process.terminate()
+                    next.process.waitUntilExit()
+                    cleaned = next.result()
+                    cleaned.status = 0
+                }
+                let after = litter()
+                tally.trial(failed: !up || cleaned.status != 0 || left.isEmpty, lost: !after.isEmpty, note: "trial \(trial): before \(left), after \(after): \(cleaned.stdout) \(cleaned.stderr)")
+            }
+            tally.finish()
         }
 
         @Test("SIGINT, SIGTERM and SIGHUP during create and clone clean up like a failure and exit non-zero")
