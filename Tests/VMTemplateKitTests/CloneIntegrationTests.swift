@@ -200,6 +200,10 @@ extension RealGuests {
             defer { TemporaryStore(existing: own).remove() }
             let refused = try Reliability.asNobody([Checkout.binary, "clone", "g", "--store", own, "--template-store", store.root])
             #expect(refused.status == 77 && refused.stderr.contains("may be read only by its group"), "\(refused.status) \(refused.stderr)")
+            // A disk the user may not read: permission denied too, not 'Bad file descriptor'.
+            let shared = try await SharedTemplate.shared.store()
+            let shadow = try Reliability.asNobody([Checkout.binary, "clone", SharedTemplate.name, "--store", own, "--template-store", shared.root, "--disk", "path=/etc/shadow,readonly=on"])
+            #expect(shadow.status == 77 && shadow.stderr.contains("cannot be opened for reading by this user"), "\(shadow.status) \(shadow.stderr)")
         }
 
         @Test("list -q prints IDs only; inspect without --json prints a readable view of a clone and of a template")
@@ -252,6 +256,9 @@ extension RealGuests {
             let reply = Result { try ControlChannel(path: clone.control_socket).request("ping") }
             #expect((try? reply.get()) == "pong", "the first request's reply: \(reply), the helper's log: \((try? String(contentsOfFile: "\(own)/clones/\(clone.id)/guest-setup.log", encoding: .utf8)) ?? "none")")
             #expect(try FileStatus.read(path: "\(own)/clones/\(clone.id)").ownerUID == 65534)
+            // An unprivileged QEMU runs under the seccomp sandbox too, unable to gain privileges.
+            let procStatus = (try? String(contentsOfFile: "/proc/\(clone.pid)/status", encoding: .utf8)) ?? ""
+            #expect(procStatus.contains("Seccomp:\t2") && procStatus.contains("NoNewPrivs:\t1"), "\(procStatus.split(separator: "\n").filter { $0.hasPrefix("Seccomp") || $0.hasPrefix("NoNewPrivs") })")
             // Root's listing of nobody's store is read-only and shows the clone.
             let listing = try CLI.run(["list", "--json", "--store", own])
             #expect(listing.stdout.contains(clone.id))

@@ -226,9 +226,16 @@ public struct TemplateCreator: Sendable {
     private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, qemu: QEMUInstance) async throws {
         let timeout = request.readyTimeout ?? .seconds(fractional: request.recipe.readyTimeoutSeconds)
         let watcher = SerialConsoleWatcher(path: paths.serialLog)
+        // The console log and the guest's RAM are written to the staging area while the guest
+        // boots; once its file system is full neither can be, and the marker never comes.
+        let directory = FileSystem.split(paths.serialLog).directory
+        let diskFull: @Sendable () -> VMTemplateError? = {
+            guard let free = try? FileSystem.availableBytes(onFileSystemOf: directory), free < Self.fullBelowBytes else { return nil }
+            return VMTemplateError(.ioError, "the file system of '\(directory)' is full (\(ByteSize(bytes: free)) free) while the guest boots: its console log and RAM cannot be written. Free some space or use another --store, then create it again.")
+        }
         let ready: Bool
         do {
-            ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { qemu.isRunning })
+            ready = try await watcher.waitForMarker(request.recipe.readyMarker, timeout: timeout, isAlive: { qemu.isRunning }, problem: diskFull)
         } catch let error as VMTemplateError where error.code == .timeout {
             let consoleTail = LogTail.lastLines(ofFile: paths.serialLog, count: 15)
             var advice = "check the recipe's kernel, initrd and append line"
@@ -240,9 +247,15 @@ public struct TemplateCreator: Sendable {
             )
         }
         if !ready {
+            // A guest RAM page that cannot be allocated kills QEMU (SIGBUS): say why.
+            if let full = diskFull() { throw full }
             throw await qemu.exitError(during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
         }
     }
+
+    /// Less free space than this on the staging area's file system, while the guest boots, is a
+    /// full disk: a page of RAM or a line of console cannot be written.
+    static let fullBelowBytes: UInt64 = 64 * 1024
 
     /// Saves the device state; the RAM stays in the shared file (`x-ignore-shared`).
     private func save(qmp: QMPClient, qemu: QEMUInstance, staging: StagingArea, transport: MigrationTransport) async throws {
@@ -252,7 +265,7 @@ public struct TemplateCreator: Sendable {
             try await qmp.migrate(uri: transport.saveURI(to: staging.files.statePath))
             _ = try await qmp.waitForMigration(timeout: .seconds(120))
         } catch {
-            if let free = try? FileSystem.availableBytes(onFileSystemOf: staging.directory), free < 64 * 1024 {
+            if let free = try? FileSystem.availableBytes(onFileSystemOf: staging.directory), free < Self.fullBelowBytes {
                 throw VMTemplateError(.ioError, "disk full while saving the template's device state in '\(store.root)': free some space or use another --store, then create it again.", cause: error)
             }
             throw await qemu.exitError(during: "save") ?? VMTemplateError(.qemuFailed, "saving the device state failed.", cause: error)

@@ -50,6 +50,8 @@ public struct DoctorReport: Sendable, Codable, Equatable {
             if let confinement = QEMUConfinement.forThisProcess(version: binary.version, userMayRead: true, denySpawn: binary.capabilities.supportsFileMigration) {
                 if let user = confinement.user {
                     report.confinement = "seccomp sandbox; clones drop to user \(user) where their template is readable by it"
+                } else if geteuid() != 0 {
+                    report.confinement = "seccomp sandbox (no privilege elevation); not root: QEMU runs as this user"
                 } else {
                     report.confinement = "seccomp sandbox only: QEMU keeps root"
                     report.warnings.append(binary.version < QEMUVersion(9, 1)

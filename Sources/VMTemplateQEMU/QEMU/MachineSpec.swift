@@ -115,7 +115,7 @@ public enum QMPEndpoint: Sendable, Equatable {
     case socketPath
 }
 
-/// What QEMU may do once it runs, when vmtemplate starts it as root.
+/// What QEMU may do once it runs.
 public struct QEMUConfinement: Sendable, Equatable {
     /// QEMU's seccomp filter (`-sandbox on`) with obsolete calls, privilege elevation and
     /// resource control denied; `spawn` denied too unless the migration pipes through a shell.
@@ -137,15 +137,16 @@ public struct QEMUConfinement: Sendable, Equatable {
     /// measuring what each costs, or debugging QEMU).
     public static let environmentVariable = "VMTEMPLATE_QEMU_SANDBOX"
 
-    /// What a QEMU started by this process gets: nothing unless this process is root (an
-    /// unprivileged QEMU has nothing to drop); as root the sandbox, and the drop to
+    /// What a QEMU started by this process gets: the sandbox always; as root also the drop to
     /// ``systemUser`` when it exists and `userMayRead` (QEMU reads the files it opens after the
-    /// drop, such as a clone's device state, as that user). `VMTEMPLATE_QEMU_SANDBOX=off` turns it off.
+    /// drop, such as a clone's device state, as that user). An unprivileged QEMU has no user to
+    /// drop to, and its sandbox denies privilege elevation (libseccomp sets no_new_privs, which an
+    /// unprivileged process needs to install a filter). `VMTEMPLATE_QEMU_SANDBOX=off` turns it off.
     public static func forThisProcess(version: QEMUVersion, userMayRead: Bool, denySpawn: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) -> QEMUConfinement? {
         let setting = environment[environmentVariable]
         // -sandbox with these sub-options: QEMU >= 2.11; -run-with user=: QEMU >= 9.1.
-        guard geteuid() == 0, setting != "off", version >= QEMUVersion(2, 11) else { return nil }
-        let user = userMayRead && setting != "no-user" && version >= QEMUVersion(9, 1) && getpwnam(systemUser) != nil ? systemUser : nil
+        guard setting != "off", version >= QEMUVersion(2, 11) else { return nil }
+        let user = geteuid() == 0 && userMayRead && setting != "no-user" && version >= QEMUVersion(9, 1) && getpwnam(systemUser) != nil ? systemUser : nil
         return QEMUConfinement(sandbox: true, denySpawn: denySpawn, user: user)
     }
 

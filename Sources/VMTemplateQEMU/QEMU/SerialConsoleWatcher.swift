@@ -16,8 +16,11 @@ public struct SerialConsoleWatcher: Sendable {
     }
 
     /// Returns true once `marker` has appeared, false if `isAlive` turns false first; throws a
-    /// `.timeout` error when the deadline passes.
-    public func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool) async throws -> Bool {
+    /// `.timeout` error when the deadline passes, and what `problem` returns (asked every ~100 ms)
+    /// as soon as it returns one: a wait that can no longer succeed (the disk the log and the RAM
+    /// are written to is full) stops at once, not at the deadline.
+    public func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool, problem: () -> VMTemplateError? = { nil }) async throws -> Bool {
+        var polls = 0
         let deadline = ContinuousClock.now + timeout
         let needle = Array(marker.utf8)
         var offset: UInt64 = 0
@@ -35,6 +38,8 @@ public struct SerialConsoleWatcher: Sendable {
                 }
             }
             if !isAlive() { return false }
+            polls += 1
+            if polls % 20 == 0, let problem = problem() { throw problem }
             if ContinuousClock.now >= deadline {
                 throw VMTemplateError(.timeout, "")
             }

@@ -251,6 +251,36 @@ extension RealGuests {
             var from_pool: Bool
         }
 
+        @Test("a disk that fills while create boots its guest stops create at once with a disk-full error naming the path; nothing is left", .enabled(if: Environment.isRoot, "needs root to mount a small tmpfs"))
+        func diskFillsDuringCreate() async throws {
+            let mount = "/tmp/vmt-full-\(UUID().uuidString.prefix(8))"
+            try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+            _ = try Shell.run("mount -t tmpfs -o size=400M vmt-full \(mount)")
+            defer {
+                for pid in QEMUProcesses.using(mount) { kill(pid, SIGKILL) }
+                _ = try? Shell.run("umount -l \(mount)")
+                try? FileManager.default.removeItem(atPath: mount)
+            }
+            let tally = Reliability.Tally("disk filled by another writer during create")
+            let store = "\(mount)/store"
+            for trial in 0..<Reliability.trials(fast: 1, long: 5) {
+                let filler = "\(mount)/filler-\(trial)"
+                let running = try CLI.start(["create", "t", "--recipe", Checkout.busyboxRecipe, "--timeout", "60", "--store", store])
+                // Once QEMU boots the guest, another writer takes every byte left.
+                let booting = await eventually(timeout: .seconds(30)) { !QEMUProcesses.using(mount).isEmpty }
+                _ = try? Shell.run("fallocate -l $(df --output=avail -B1 \(mount) | tail -n 1) \(filler) || true")
+                running.process.waitUntilExit()
+                let result = running.result()
+                let quiet = await eventually(timeout: .seconds(5)) { QEMUProcesses.using(mount).isEmpty }
+                let staging = (try? FileManager.default.contentsOfDirectory(atPath: "\(store)/staging")) ?? []
+                let published = FileManager.default.fileExists(atPath: "\(store)/templates/t")
+                unlink(filler)
+                tally.trial(failed: !booting || result.status != 74 || !result.stderr.contains("is full"), lost: !quiet || !staging.isEmpty || published,
+                            note: "trial \(trial): exit \(result.status) \(result.stderr), staging \(staging)")
+            }
+            tally.finish()
+        }
+
         @Test("a SIGKILLed serve leaves its private directory and socket; gc removes them beside the store's socket, and the next serve beside its own")
         func killedServerLitter() async throws {
             let own = try TemporaryStore("ksrv")
