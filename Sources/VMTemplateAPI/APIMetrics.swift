@@ -67,7 +67,9 @@ public final class APIMetrics: Sendable {
     }
 
     public func recordEnforcement(_ enforcement: Enforcement) {
-        let key = EnforcementKey(action: enforcement.action.rawValue, outcome: enforcement.done ? "done" : "failed")
+        // A kill that replaced failed pauses is counted apart: it says a limit nearly failed open.
+        let outcome = !enforcement.done ? "failed" : enforcement.escalated == true ? "escalated" : "done"
+        let key = EnforcementKey(action: enforcement.action.rawValue, outcome: outcome)
         counters.withLock { $0.enforcements[key, default: 0] += 1 }
     }
 

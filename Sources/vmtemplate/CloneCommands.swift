@@ -134,6 +134,9 @@ struct Remove: AsyncParsableCommand {
                             let how = try await engine.remove(record, grace: .seconds(fractional: grace))
                             print(TerminalText.escape("removed \(record.id) (\(record.name)): \(how.rawValue)"))
                             return nil
+                        } catch let error as VMTemplateError where all && error.code == .notFound {
+                            // Removed meanwhile by somebody else: gone, as --all asks.
+                            return nil
                         } catch {
                             return error
                         }

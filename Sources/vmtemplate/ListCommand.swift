@@ -86,7 +86,7 @@ struct List: AsyncParsableCommand {
                 print("")
                 var cloneTable = [["CLONE", "NAME", "TEMPLATE", "STATE", "UPTIME", "COW", "LIMIT", "OVER LIMIT", "LAST ACTION", "QEMU PRIVATE"]]
                 cloneTable += clones.map {
-                    [$0.id, $0.name, $0.template, $0.state.rawValue, Self.uptime($0.uptimeSeconds),
+                    [$0.id, $0.name, $0.template, $0.state.rawValue + ($0.pausedBy.map { " (\($0.rawValue))" } ?? ""), Self.uptime($0.uptimeSeconds),
                      $0.cowBytes.map { ByteSize(bytes: $0).description } ?? "-",
                      $0.cowLimitBytes.map { ByteSize(bytes: $0).description } ?? "-",
                      $0.overLimitAction?.rawValue ?? "-",

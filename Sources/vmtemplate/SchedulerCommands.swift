@@ -42,11 +42,28 @@ struct SchedulerCommand: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data((line + "\n").utf8))
             }
             if once {
-                for action in try await scheduler.sampleOnce() { log(try JSONCoding.line(action)) }
+                for action in try await scheduler.runOnce() { log(try JSONCoding.line(action)) }
                 return
             }
             Terminal.note("scheduler watching \(scheduler.store.root)")
             try await scheduler.run(interval: interval, log: log)
+        }
+    }
+}
+
+struct Pause: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Pause a running clone (its guest freezes, its memory stays) until 'resume'.", discussion: "list and inspect show it as paused by the user; the scheduler never resumes a clone.\n\nExample: vmtemplate pause web-1")
+
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    var clone: String
+
+    @OptionGroup var store: StoreOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            let store = try store.open()
+            let record = try await CloneEngine(store: store).pause(try store.findClone(clone))
+            print("paused \(record.id) (\(TerminalText.escape(record.name)))")
         }
     }
 }
@@ -90,6 +107,9 @@ struct Settings: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds between the scheduler's samples.", valueName: "seconds"))
     var interval: Double?
 
+    @Option(help: ArgumentHelp("Rounds in a row the scheduler may fail to pause a clone over its limit before it stops it (1 to 100).", valueName: "N"))
+    var pauseAttempts: Int?
+
     @Flag(help: "Print the settings as one JSON object.")
     var json = false
 
@@ -97,11 +117,14 @@ struct Settings: AsyncParsableCommand {
 
     func validate() throws {
         try SecondsOption.checkInterval(interval)
+        if let pauseAttempts, !StoreSettings.pauseAttemptsRange.contains(pauseAttempts) {
+            throw ValidationError("--pause-attempts must be 1 to 100.")
+        }
     }
 
     func run() async throws {
         try await reportingErrors {
-            let changing = maxClones != nil || memoryBudget != nil || action != nil || interval != nil
+            let changing = maxClones != nil || memoryBudget != nil || action != nil || interval != nil || pauseAttempts != nil
             let store = try store.open(changing ? .readWrite : .readOnly)
             var settings = try store.settings()
             if changing {
@@ -120,6 +143,7 @@ struct Settings: AsyncParsableCommand {
                     }
                     if let action { settings.overLimitAction = action }
                     if let interval { settings.intervalSeconds = interval }
+                    if let pauseAttempts { settings.pauseAttempts = pauseAttempts }
                 }
             }
             if json {
@@ -130,6 +154,7 @@ struct Settings: AsyncParsableCommand {
                     ["memory budget", settings.memoryBudgetBytes.map { ByteSize(bytes: $0).description } ?? "none"],
                     ["over-limit action", settings.overLimitAction.rawValue],
                     ["scheduler interval", "\(settings.intervalSeconds) s"],
+                    ["pause attempts", "\(settings.pauseAttempts), then stop"],
                 ]))
             }
         }

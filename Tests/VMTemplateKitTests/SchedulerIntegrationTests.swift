@@ -57,6 +57,85 @@ extension RealGuests {
             try CLI.start(["scheduler", "--interval", "0.2"] + store.arguments)
         }
 
+        @Test("a pause that fails pause_attempts rounds in a row (its QEMU stopped, QMP silent) escalates to the stop ladder, recorded as an escalated kill")
+        func failedPauseEscalates() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer {
+                cleanUp(store)
+                _ = try? CLI.run(["settings", "--pause-attempts", "3"] + store.arguments)
+            }
+            #expect(try CLI.run(["settings", "--pause-attempts", "2"] + store.arguments).status == 0)
+            try clone(store, ["--name", "silent", "--cow-limit", "8M"])
+            #expect(try send(store, "silent", "dirty 16").stdout == "dirtied 16\n")
+            let record = try #require(try TemplateStore(root: store.root).findClone("silent"))
+            let pid = try #require(record.qemu?.pid)
+            kill(pid, SIGSTOP)
+            defer { kill(pid, SIGCONT) }
+            var actions: [Enforcement] = []
+            for _ in 0..<3 {
+                let round = try CLI.run(["scheduler", "--once"] + store.arguments)
+                #expect(round.status == 0, "\(round.stderr)")
+                actions += round.stdout.split(separator: "\n").compactMap { try? JSONCoding.decoder().decode(Enforcement.self, from: Data($0.utf8)) }
+            }
+            #expect(actions.map(\.action) == [.pause, .pause, .kill], "\(actions)")
+            #expect(actions.map(\.done) == [false, false, true])
+            #expect(actions.map(\.attempt) == [1, 2, nil])
+            #expect(actions.last?.escalated == true)
+            #expect(await eventually { record.qemu?.isAlive == false }, "the clone was stopped")
+            let after = try TemplateStore(root: store.root).cloneRecord(record.id)
+            #expect(after?.state == .exited && after?.lastEnforcement?.escalated == true)
+        }
+
+        @Test("scheduler --once beside a running scheduler refuses (exit 75, naming it) and acts on nothing")
+        func onceTakesTheLock() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            let running = try CLI.start(["scheduler", "--interval", "60"] + store.arguments)
+            defer {
+                running.process.terminate()
+                running.process.waitUntilExit()
+            }
+            var once = CommandResult(status: 0, stdout: "", stderr: "")
+            let refused = await eventually(timeout: .seconds(20)) {
+                once = (try? CLI.run(["scheduler", "--once"] + store.arguments)) ?? once
+                return once.status == 75
+            }
+            #expect(refused && once.stderr.contains("another scheduler (process \(running.process.processIdentifier)"), "\(once.status) \(once.stderr)")
+            #expect(once.stdout.isEmpty, "no action printed")
+        }
+
+        @Test("8 concurrent rm of one clone: one removal, 7 not found")
+        func concurrentRemoval() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "contested"])
+            let id = try #require(try TemplateStore(root: store.root).findClone("contested").id)
+            let removers = try (0..<8).map { _ in try CLI.start(["rm", id] + store.arguments) }
+            let results = removers.map { running -> CommandResult in
+                running.process.waitUntilExit()
+                return running.result()
+            }
+            #expect(results.filter { $0.status == 0 && $0.stdout.hasPrefix("removed \(id)") }.count == 1, "\(results.map { ($0.status, $0.stdout, $0.stderr) })")
+            #expect(results.filter { $0.status == 66 }.count == 7, "\(results.map { ($0.status, $0.stderr) })")
+        }
+
+        @Test("pause then resume round-trips; list and inspect say the user paused it; the scheduler does not resume it")
+        func pauseAndResume() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { cleanUp(store) }
+            try clone(store, ["--name", "napper", "--cow-limit", "8M"])
+            #expect(try CLI.run(["pause", "napper"] + store.arguments).stdout.hasPrefix("paused "))
+            let listed = try CLI.run(["list"] + store.arguments)
+            #expect(listed.stdout.contains("paused (user)"), "\(listed.stdout)")
+            #expect(try CLI.run(["inspect", "napper", "--json"] + store.arguments).stdout.contains("\"paused_by\":\"user\""))
+            #expect(try send(store, "napper", "ping").status == 76, "a paused guest is refused, not waited for")
+            #expect(try CLI.run(["scheduler", "--once"] + store.arguments).status == 0)
+            #expect(try list(store).clones.first { $0.name == "napper" }?.state == "paused", "the scheduler left it paused")
+            #expect(try CLI.run(["resume", "napper"] + store.arguments).status == 0)
+            #expect(try send(store, "napper", "ping").stdout == "pong\n")
+            #expect(try TemplateStore(root: store.root).findClone("napper").pausedBy == nil)
+        }
+
         @Test("list shows a busy clone's copy-on-write while an idle sibling stays small")
         func accounting() async throws {
             let store = try await SharedTemplate.shared.store()

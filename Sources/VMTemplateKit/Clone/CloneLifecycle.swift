@@ -52,8 +52,23 @@ extension CloneEngine {
 
     /// Stops a clone's QEMU with the instance's ladder (QMP `quit`, SIGTERM, SIGKILL after `grace`
     /// each) and removes its directory and record. Returns how it was stopped.
+    ///
+    /// Removal is decided once: the first caller takes the clone's removal claim under the store
+    /// lock; a concurrent caller (another `rm`, the API) is told the clone is not found, as it
+    /// will be, so exactly one reports the removal.
     @discardableResult
     public func remove(_ record: CloneRecord, grace: Duration = .seconds(3)) async throws -> QEMUInstance.StopResult {
+        try store.withLock { try store.claimRemoval(of: record.id) }
+        do {
+            return try await stopAndRemove(record, grace: grace)
+        } catch {
+            // Not removed: the next caller may try again.
+            store.releaseRemoval(of: record.id)
+            throw error
+        }
+    }
+
+    private func stopAndRemove(_ record: CloneRecord, grace: Duration) async throws -> QEMUInstance.StopResult {
         var how = QEMUInstance.StopResult.alreadyExited
         switch qemu(of: record) {
         case .running(let instance):
@@ -97,7 +112,25 @@ extension CloneEngine {
         try await qmp.cont()
         return try store.updateClone(record.id) { updated in
             updated.state = .running
+            updated.pausedBy = nil
             if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
+        } ?? record
+    }
+
+    /// Pauses a running clone (QMP `stop`) for its user: its guest freezes, its memory stays, and
+    /// the record says who paused it (`paused_by: user`), so `list` and `inspect` tell a user's
+    /// pause from the scheduler's. ``resume(_:cowLimitBytes:)`` continues it.
+    public func pause(_ record: CloneRecord) async throws -> CloneRecord {
+        if let refusal = Self.refusalBeforeHandOut(record) { throw refusal }
+        guard case .running(let qemu) = qemu(of: record) else {
+            throw VMTemplateError(.invalidState, "clone \(record.id) has exited and cannot be paused: remove it (vmtemplate rm \(record.id)).")
+        }
+        let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "pause")
+        defer { qmp.close() }
+        try await qmp.stop()
+        return try store.updateClone(record.id) { updated in
+            updated.state = .paused
+            updated.pausedBy = .user
         } ?? record
     }
 
@@ -215,7 +248,11 @@ extension CloneEngine {
             throw VMTemplateError(.busy, "template '\(name)' is used by \(users.count) running clone\(users.count == 1 ? "" : "s") (\(users.map(\.name).joined(separator: ", "))): remove them first (vmtemplate rm), or pass --force to stop them.")
         }
         for record in users {
-            try await remove(record, grace: grace)
+            do {
+                try await remove(record, grace: grace)
+            } catch let error as VMTemplateError where error.code == .notFound {
+                // Removed meanwhile by somebody else: gone either way.
+            }
         }
         try store.removeTemplateFiles(name)
         return users

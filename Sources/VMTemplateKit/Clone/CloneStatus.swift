@@ -28,6 +28,8 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     public var cowLimitBytes: UInt64?
     public var overLimitAction: OverLimitAction?
     public var lastEnforcement: Enforcement?
+    /// Who paused it (`user` or `scheduler`) while it is paused; null otherwise.
+    public var pausedBy: PausedBy?
 
     enum CodingKeys: String, CodingKey {
         case id, name, template, pid, state
@@ -44,6 +46,7 @@ public struct CloneStatus: Sendable, Codable, Equatable {
         case cowLimitBytes = "cow_limit_bytes"
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"
+        case pausedBy = "paused_by"
     }
 }
 
@@ -85,6 +88,7 @@ extension CloneEngine {
         status.cowLimitBytes = record.cowLimitBytes
         status.overLimitAction = record.cowLimitBytes == nil ? nil : record.overLimitAction ?? (settings ?? (try? store.settings()))?.overLimitAction
         status.lastEnforcement = record.lastEnforcement
+        status.pausedBy = status.state == .paused ? record.pausedBy : nil
         if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {
             status.cowBytes = usage.copyOnWriteBytes
             status.cowPages = usage.copyOnWriteBytes / UInt64(max(1, sysconf(Int32(_SC_PAGESIZE))))

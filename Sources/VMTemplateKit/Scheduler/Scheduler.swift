@@ -54,7 +54,14 @@ public struct Scheduler: Sendable {
         }
         guard cowBytes > limit else { return nil }
 
-        let action = record.overLimitAction ?? settings.overLimitAction
+        var action = record.overLimitAction ?? settings.overLimitAction
+        // A pause that failed (QMP did not answer, `stop` failed) is tried again next round, but
+        // only `pause_attempts` times in a row: then the clone is stopped with the ladder
+        // (SIGTERM, SIGKILL), since a guest that cannot be paused keeps dirtying memory.
+        let previous = record.lastEnforcement
+        let failedPauses = previous?.action == .pause && previous?.done == false ? min(previous?.attempt ?? 1, 1000) : 0
+        let escalated = action == .pause && failedPauses >= settings.pauseAttempts
+        if escalated { action = .kill }
         var failure: String?
         switch engine.qemu(of: record) {
         case .running(let instance):
@@ -64,6 +71,8 @@ public struct Scheduler: Sendable {
                     let qmp = try await instance.connectQMP(timeout: .seconds(2), phase: "pause")
                     defer { qmp.close() }
                     try await qmp.stop()
+                case .kill where escalated:
+                    try await instance.stop(grace: .seconds(1), politely: false)
                 case .kill:
                     try instance.kill()
                 }
@@ -75,23 +84,41 @@ public struct Scheduler: Sendable {
         case .notThisQEMU(let reason):
             failure = "not acted on: \(reason)"
         }
-        let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure)
+        let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure,
+                                      attempt: action == .pause ? failedPauses + 1 : nil, escalated: escalated ? true : nil)
         _ = try? store.updateClone(record.id) { updated in
             updated.lastEnforcement = enforcement
-            if failure == nil { updated.state = action == .pause ? .paused : .exited }
+            if failure == nil {
+                updated.state = action == .pause ? .paused : .exited
+                if action == .pause { updated.pausedBy = .scheduler }
+            }
         }
         return enforcement
+    }
+
+    /// Takes `scheduler.lock`, or refuses naming the scheduler that holds it: two schedulers on
+    /// one store would act on a clone twice and count every action double.
+    private func exclusively() throws -> FileLock {
+        let lock = try store.openLockFile("\(store.root)/scheduler.lock")
+        guard lock.tryExclusive() else {
+            let holder = lock.holders().first.map { " (process \($0.pid), \(TerminalText.escape($0.command)))" } ?? ""
+            throw VMTemplateError(.busy, "another scheduler\(holder) is already running on store '\(store.root)': run only one per store (`scheduler --once` too).")
+        }
+        return lock
+    }
+
+    /// One pass (``sampleOnce()``) holding the scheduler lock: `scheduler --once`.
+    public func runOnce() async throws -> [Enforcement] {
+        let lock = try exclusively()
+        defer { lock.unlock() }
+        return try await sampleOnce()
     }
 
     /// Runs until cancelled: a pass every `interval` (nil: the store's setting, re-read each pass).
     /// `log` receives each action as one JSON line.
     public func run(interval: Double? = nil, log: @Sendable (String) -> Void, onEnforcement: @Sendable (Enforcement) -> Void = { _ in }) async throws {
         _ = try store.settings()
-        let lock = try store.openLockFile("\(store.root)/scheduler.lock")
-        guard lock.tryExclusive() else {
-            let holder = lock.holders().first.map { " (process \($0.pid), \(TerminalText.escape($0.command)))" } ?? ""
-            throw VMTemplateError(.busy, "another scheduler\(holder) is already running on store '\(store.root)': run only one per store.")
-        }
+        let lock = try exclusively()
         defer { lock.unlock() }
         // A round that fails (a settings file broken meanwhile) is logged once and tried again:
         // a scheduler that stopped quietly would leave every limit unenforced.

@@ -94,6 +94,9 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var fromPool: Bool?
     /// The uid that asked for the clone through the API (`serve`): it may remove it.
     public var requestedBy: UInt32?
+    /// Who paused the clone, while it is paused by vmtemplate: `user` (`vmtemplate pause`) or
+    /// `scheduler` (over its copy-on-write limit). The scheduler never resumes a clone.
+    public var pausedBy: PausedBy?
     /// The ``TemplateManifest/identity`` of the template it was made from: a template removed and
     /// made again under the same name is another template, whose pool never hands this one out.
     public var templateDigest: String?
@@ -119,6 +122,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case fromPool = "from_pool"
         case requestedBy = "requested_by"
         case templateDigest = "template_digest"
+        case pausedBy = "paused_by"
     }
 
     /// Memory this clone commits against the store's budget.
@@ -161,6 +165,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         }
         guard qemuArguments.count <= 4096 else { return "it lists \(qemuArguments.count) QEMU arguments" }
         if let templateDigest, !TemplateManifest.isIdentity(templateDigest) { return "template_digest is not a sha256: digest" }
+        if let attempt = lastEnforcement?.attempt, !(1...1000).contains(attempt) { return "last_enforcement.attempt \(attempt) is out of range" }
         if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
         if let devices {
             guard devices.count <= MachineSpec.maxHotplugSlots else { return "it lists \(devices.count) devices" }
@@ -180,6 +185,12 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     }
 }
 
+/// Who paused a clone.
+public enum PausedBy: String, Sendable, Codable {
+    case user
+    case scheduler
+}
+
 /// One action of the scheduler, as logged (one JSON line) and kept in the clone's record.
 public struct Enforcement: Sendable, Codable, Equatable {
     public var time: Date
@@ -191,8 +202,14 @@ public struct Enforcement: Sendable, Codable, Equatable {
     /// Whether the action took effect; `error` says why not.
     public var done: Bool
     public var error: String?
+    /// For a pause: which attempt in a row this was (1 unless the ones before failed).
+    public var attempt: Int?
+    /// A kill that replaced a pause that failed `pause_attempts` rounds in a row.
+    public var escalated: Bool?
 
-    public init(time: Date, clone: String, name: String, cowBytes: UInt64, limitBytes: UInt64, action: OverLimitAction, done: Bool, error: String?) {
+    public init(time: Date, clone: String, name: String, cowBytes: UInt64, limitBytes: UInt64, action: OverLimitAction, done: Bool, error: String?, attempt: Int? = nil, escalated: Bool? = nil) {
+        self.attempt = attempt
+        self.escalated = escalated
         self.time = time
         self.clone = clone
         self.name = name
@@ -207,7 +224,7 @@ public struct Enforcement: Sendable, Codable, Equatable {
         case time, clone, name
         case cowBytes = "cow_bytes"
         case limitBytes = "limit_bytes"
-        case action, done, error
+        case action, done, error, attempt, escalated
     }
 }
 

@@ -98,6 +98,40 @@ extension TemplateStore {
 
     /// Removes clone `id`'s directory, its index entry and (given its record) its names. Call
     /// under the store lock: then no `clone` can be reserving the same names meanwhile.
+    /// Takes the removal of clone `id` for this process: `clones/ID/.removing` made exclusively,
+    /// naming this process (PID and start time). Call under the store lock. Throws `notFound` when
+    /// the clone is gone or another live process is removing it; a claim whose process is gone is
+    /// taken over.
+    public func claimRemoval(of id: String) throws {
+        let path = "\(cloneDirectory(id))/.removing"
+        let me = ProcessIdentity.current(pid: getpid())
+        let text = "\(getpid()) \(me?.startTime ?? 0)"
+        for _ in 0..<2 {
+            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            if fd >= 0 {
+                _ = write(fd, text, text.utf8.count)
+                close(fd)
+                return
+            }
+            guard errno == EEXIST else {
+                if errno == ENOENT { break }
+                throw VMTemplateError(.ioError, "cannot claim the removal of clone \(id): \(errnoText()).", cause: SystemCallError("open"))
+            }
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: " ").compactMap { UInt64($0) } ?? []
+            if holder.count == 2, let pid = Int32(exactly: holder[0]), ProcessIdentity(pid: pid, startTime: holder[1]).isAlive {
+                if pid == getpid() { return }
+                throw VMTemplateError(.notFound, "clone \(id) is being removed by process \(pid): it is gone once that finishes.")
+            }
+            unlink(path)
+        }
+        throw VMTemplateError(.notFound, "no clone with ID \(id): it was removed meanwhile; see 'vmtemplate list'.")
+    }
+
+    /// Gives up this process's claim on removing clone `id` (the removal failed).
+    public func releaseRemoval(of id: String) {
+        unlink("\(cloneDirectory(id))/.removing")
+    }
+
     public func removeCloneDirectory(_ id: String, record: CloneRecord?) throws {
         try FileSystem.removeTree(path: cloneDirectory(id))
         leaveLive(id)

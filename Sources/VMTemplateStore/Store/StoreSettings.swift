@@ -20,10 +20,17 @@ public struct StoreSettings: Sendable, Codable, Equatable {
     public var overLimitAction: OverLimitAction
     /// Seconds between two samples of the scheduler.
     public var intervalSeconds: Double
+    /// Rounds in a row in which the scheduler may fail to pause a clone over its limit (QMP does
+    /// not answer, `stop` fails) before it stops the clone with the stop ladder instead: a limit
+    /// must not fail open.
+    public var pauseAttempts: Int
+    /// The attempts believed.
+    public static let pauseAttemptsRange: ClosedRange<Int> = 1...100
     /// The intervals believed, from a file or an option.
     public static let intervalRange: ClosedRange<Double> = 0.05...3600
 
-    public init(maxClones: Int? = nil, memoryBudgetBytes: UInt64? = nil, overLimitAction: OverLimitAction = .pause, intervalSeconds: Double = 1) {
+    public init(maxClones: Int? = nil, memoryBudgetBytes: UInt64? = nil, overLimitAction: OverLimitAction = .pause, intervalSeconds: Double = 1, pauseAttempts: Int = 3) {
+        self.pauseAttempts = pauseAttempts
         self.maxClones = maxClones
         self.memoryBudgetBytes = memoryBudgetBytes
         self.overLimitAction = overLimitAction
@@ -35,6 +42,7 @@ public struct StoreSettings: Sendable, Codable, Equatable {
         case memoryBudgetBytes = "memory_budget_bytes"
         case overLimitAction = "over_limit_action"
         case intervalSeconds = "interval_seconds"
+        case pauseAttempts = "pause_attempts"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -43,6 +51,7 @@ public struct StoreSettings: Sendable, Codable, Equatable {
         memoryBudgetBytes = try c.decodeIfPresent(UInt64.self, forKey: .memoryBudgetBytes)
         overLimitAction = try c.decodeIfPresent(OverLimitAction.self, forKey: .overLimitAction) ?? .pause
         intervalSeconds = try c.decodeIfPresent(Double.self, forKey: .intervalSeconds) ?? 1
+        pauseAttempts = try c.decodeIfPresent(Int.self, forKey: .pauseAttempts) ?? 3
         if let problem = problem {
             throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: problem))
         }
@@ -53,6 +62,7 @@ public struct StoreSettings: Sendable, Codable, Equatable {
         if let maxClones, !(0...1_000_000).contains(maxClones) { return "max_clones must be 0 to 1000000" }
         if let memoryBudgetBytes, memoryBudgetBytes > 1 << 60 { return "memory_budget_bytes is out of range" }
         if !Self.intervalRange.contains(intervalSeconds) { return "interval_seconds must be between 0.05 and 3600" }
+        if !Self.pauseAttemptsRange.contains(pauseAttempts) { return "pause_attempts must be 1 to 100" }
         return nil
     }
 
@@ -63,6 +73,7 @@ public struct StoreSettings: Sendable, Codable, Equatable {
         try c.encode(memoryBudgetBytes, forKey: .memoryBudgetBytes)
         try c.encode(overLimitAction, forKey: .overLimitAction)
         try c.encode(intervalSeconds, forKey: .intervalSeconds)
+        try c.encode(pauseAttempts, forKey: .pauseAttempts)
     }
 }
 
