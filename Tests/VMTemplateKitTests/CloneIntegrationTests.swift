@@ -392,7 +392,7 @@ extension RealGuests {
             kill(try #require(record.qemu?.pid), SIGKILL)
             #expect(await eventually { record.qemu?.isAlive == false })
             _ = try CLI.run(["gc"] + store.arguments)
-            #expect(FileManager.default.fileExists(atPath: "\(store.root)/names/taken"), "gc leaves the entry; it is stale now")
+            #expect(!FileManager.default.fileExists(atPath: "\(store.root)/names/taken"), "gc removes the entry of a clone that is gone")
             let again = try CLI.run(["clone", SharedTemplate.name, "--name", "taken"] + store.arguments)
             #expect(again.status == 0, "\(again.stderr)")
             #expect(try CLI.run(["send", "taken", "ping"] + store.arguments).stdout == "pong\n")

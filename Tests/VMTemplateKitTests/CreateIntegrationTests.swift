@@ -191,7 +191,7 @@ extension RealGuests {
             running.process.waitUntilExit()
             let result = running.result()
             #expect(result.status != 0)
-            #expect(result.stderr.contains("disk full") || result.stderr.contains("No space left"), "got: \(result.stderr)")
+            #expect(result.stderr.contains("disk full") || result.stderr.contains("No space left") || result.stderr.contains("is full"), "got: \(result.stderr)")
             #expect(!FileManager.default.fileExists(atPath: "\(mountPoint.root)/templates/full"))
             #expect(mountPoint.stagingEntries().isEmpty)
             #expect(QEMUProcesses.using(mountPoint.root).isEmpty)

@@ -230,7 +230,7 @@ public struct TemplateCreator: Sendable {
         // boots; once its file system is full neither can be, and the marker never comes.
         let directory = FileSystem.split(paths.serialLog).directory
         let diskFull: @Sendable () -> VMTemplateError? = {
-            guard let free = try? FileSystem.availableBytes(onFileSystemOf: directory), free < Self.fullBelowBytes else { return nil }
+            guard let free = try? FileSystem.availableBytes(onFileSystemOf: directory), free < Self.fullWhileBootingBelowBytes else { return nil }
             return VMTemplateError(.ioError, "the file system of '\(directory)' is full (\(ByteSize(bytes: free)) free) while the guest boots: its console log and RAM cannot be written. Free some space or use another --store, then create it again.")
         }
         let ready: Bool
@@ -253,8 +253,10 @@ public struct TemplateCreator: Sendable {
         }
     }
 
-    /// Less free space than this on the staging area's file system, while the guest boots, is a
-    /// full disk: a page of RAM or a line of console cannot be written.
+    /// Less free space than this on the staging area's file system while the guest boots is a
+    /// full disk: a few pages of RAM or of console log are all that is left.
+    static let fullWhileBootingBelowBytes: UInt64 = 16 * 1024
+    /// Less free space than this after a failed save: the device state did not fit.
     static let fullBelowBytes: UInt64 = 64 * 1024
 
     /// Saves the device state; the RAM stays in the shared file (`x-ignore-shared`).

@@ -344,6 +344,10 @@ extension TemplateStore {
         return (listing.records, listing.problems)
     }
 
+    /// The shortest ID prefix a lookup accepts (git's shortest abbreviation): a name of one to
+    /// three characters is only ever a name.
+    public static let minimumIDPrefix = 4
+
     /// Finds a clone by its ID, its name, or an unambiguous prefix of its ID (docs/cli.md).
     ///
     /// A full ID always wins (no clone may be named like another's ID). A name that is also the
@@ -353,6 +357,7 @@ extension TemplateStore {
     public func findClone(_ reference: String) throws -> CloneRecord {
         let shown = TerminalText.escape(reference)
         func refuseIfAlsoPrefix(of named: CloneRecord) throws -> CloneRecord {
+            guard reference.utf8.count >= Self.minimumIDPrefix else { return named }
             let others = StoredJSON.entries(of: clonesDirectory).filter { $0 != named.id && $0.hasPrefix(reference) }
             guard others.isEmpty else {
                 throw VMTemplateError(.invalidArgument, "'\(shown)' is the name of clone \(named.id) and the start of the ID of clone \(others.joined(separator: ", ")): use a full ID.")
@@ -370,7 +375,7 @@ extension TemplateStore {
         if named.count > 1 {
             throw VMTemplateError(.invalidState, "\(named.count) clones are named '\(shown)' (\(named.map(\.id).joined(separator: ", "))): use an ID.")
         }
-        let byPrefix = records.filter { $0.id.hasPrefix(reference) }
+        let byPrefix = reference.utf8.count >= Self.minimumIDPrefix ? records.filter { $0.id.hasPrefix(reference) } : []
         if byPrefix.count == 1 { return byPrefix[0] }
         if byPrefix.count > 1 {
             throw VMTemplateError(.invalidArgument, "'\(shown)' matches \(byPrefix.count) clones: give more of the ID.")
