@@ -109,8 +109,12 @@ extension RealGuests {
             let store = try await SharedTemplate.shared.store()
             defer { cleanUp(store) }
             try clone(store, ["--name", "contested"])
-            let id = try #require(try TemplateStore(root: store.root).findClone("contested").id)
-            let removers = try (0..<8).map { _ in try CLI.start(["rm", id] + store.arguments) }
+            let record = try TemplateStore(root: store.root).findClone("contested")
+            let id = record.id
+            // A QEMU that does not answer `quit` keeps the first removal busy for its grace, so
+            // every rm finds the clone still there.
+            kill(try #require(record.qemu?.pid), SIGSTOP)
+            let removers = try (0..<8).map { _ in try CLI.start(["rm", id, "--grace", "1"] + store.arguments) }
             let results = removers.map { running -> CommandResult in
                 running.process.waitUntilExit()
                 return running.result()
