@@ -91,14 +91,24 @@ extension RealGuests {
             let store = try await SharedTemplate.shared.store()
             defer { cleanUp(store) }
             let running = try CLI.start(["scheduler", "--interval", "60"] + store.arguments)
+            var stopped = false
             defer {
+                if !stopped {
+                    running.process.terminate()
+                    running.process.waitUntilExit()
+                }
+            }
+            // Once it holds the lock (a --once run before that would take the lock first, and the
+            // scheduler would refuse to start).
+            let lock = try TemplateStore(root: store.root).openLockFile("\(store.root)/scheduler.lock")
+            let holds = await eventually(timeout: .seconds(20)) { lock.holders().contains { $0.pid == running.process.processIdentifier } }
+            let once = try CLI.run(["scheduler", "--once"] + store.arguments)
+            let refused = holds && once.status == 75
+            if !refused {
                 running.process.terminate()
                 running.process.waitUntilExit()
-            }
-            var once = CommandResult(status: 0, stdout: "", stderr: "")
-            let refused = await eventually(timeout: .seconds(20)) {
-                once = (try? CLI.run(["scheduler", "--once"] + store.arguments)) ?? once
-                return once.status == 75
+                stopped = true
+                Issue.record("the running scheduler: \(running.result().stderr)")
             }
             #expect(refused && once.stderr.contains("another scheduler (process \(running.process.processIdentifier)"), "\(once.status) \(once.stderr)")
             #expect(once.stdout.isEmpty, "no action printed")

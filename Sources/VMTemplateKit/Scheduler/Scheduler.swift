@@ -118,7 +118,18 @@ public struct Scheduler: Sendable {
     /// `log` receives each action as one JSON line.
     public func run(interval: Double? = nil, log: @Sendable (String) -> Void, onEnforcement: @Sendable (Enforcement) -> Void = { _ in }) async throws {
         _ = try store.settings()
-        let lock = try exclusively()
+        // A `scheduler --once` holds the lock for one round: waited for, up to 5 s, rather than
+        // taken for another long-running scheduler.
+        var acquired: FileLock?
+        for attempt in 0..<50 {
+            do {
+                acquired = try exclusively()
+                break
+            } catch let error as VMTemplateError where error.code == .busy && attempt < 49 {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        guard let lock = acquired else { throw VMTemplateError(.internalError, "the scheduler lock was neither taken nor refused.") }
         defer { lock.unlock() }
         // A round that fails (a settings file broken meanwhile) is logged once and tried again:
         // a scheduler that stopped quietly would leave every limit unenforced.
