@@ -3,8 +3,8 @@ import VMTemplateOS
 import VMTemplateQEMU
 import VMTemplateStore
 
-/// What `vmtemplate serve` does besides its API: the scheduler's rounds, and keeping every pool
-/// filled.
+/// Keeps every pool of a store filled, for `vmtemplate serve` (which runs the scheduler beside
+/// it, apart).
 ///
 /// Filling is paced so that it never starves running clones of CPU: one member at a time (a
 /// restore takes one core for ~50 ms and warming ~200 ms of the guest's time), then a pause of

@@ -10,10 +10,11 @@ import Musl
 /// The warm pools of a store: how many members each template's pool should hold (`pools.json`),
 /// and which members are ready to be handed out (`pools/TEMPLATE/ID`, one empty file each).
 ///
-/// A member is handed out by deleting its file: `unlink` succeeds for exactly one caller, so two
-/// concurrent `clone`s never get the same member, and a hand-out never scans `clones/`. The
-/// record stays the truth about a member; the file only says "take me", and a claimed ID is
-/// checked against its record (state `pooled`, this template, its own QEMU alive) before use.
+/// A member is handed out by renaming its file to a claim (``claim(_:template:)``): `rename`
+/// succeeds for exactly one caller, so two concurrent `clone`s never get the same member, and a
+/// hand-out never scans `clones/`. The record stays the truth about a member; the file only says
+/// "take me", and a claimed ID is checked against its record (state `pooled`, this template and
+/// its identity, its own QEMU alive) before use.
 extension TemplateStore {
     public var poolsDirectory: String { "\(root)/pools" }
     var poolSizesPath: String { "\(root)/pools.json" }

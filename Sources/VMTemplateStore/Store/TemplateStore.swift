@@ -17,7 +17,12 @@ import Musl
 /// ROOT/templates/NAME/            published, immutable: memory, state, manifest.json, boot.log (0444)
 /// ROOT/staging/NAME/              a template being made; never listed; `gc` removes dead ones
 /// ROOT/clones/ID/                 one directory per clone: record.json, sockets, logs
+/// ROOT/names/NAME                 the ID of the clone named NAME (NameIndex.swift)
+/// ROOT/live.json                  live clones and what they commit (LiveIndex.swift)
+/// ROOT/pools.json, ROOT/pools/    warm pool sizes and ready members (PoolIndex.swift)
+/// ROOT/serve.sock, scheduler.lock the server's socket, the one scheduler's lock
 /// ```
+/// (docs/architecture.md has the whole layout with modes.)
 ///
 /// A template appears in `templates/` only by the rename of a complete staging directory, so a
 /// reader never sees half a template, and a `create` killed at any point leaves nothing in `list`.
