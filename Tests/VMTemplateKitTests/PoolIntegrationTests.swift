@@ -113,6 +113,29 @@ extension RealGuests {
             #expect(try poolStatus(store).first?.ready == 2, "refilled")
         }
 
+        @Test("clone --json says where the time went: a fresh clone spawned and restored, a hand-out neither; the phases add up to no more than the total")
+        func timings() async throws {
+            let store = try poolStore("pooltime")
+            defer { cleanUp(store) }
+            struct Timed: Decodable {
+                var from_pool: Bool
+                var timings: CloneTimings
+            }
+            _ = try run(["pool", "set", "busybox", "--size", "1"], store)
+            _ = try run(["pool", "fill", "busybox"], store)
+            let handedOut = try JSONDecoder().decode(Timed.self, from: Data(try run(["clone", "busybox", "--json"], store).stdout.utf8))
+            let fresh = try JSONDecoder().decode(Timed.self, from: Data(try run(["clone", "busybox", "--json", "--no-pool", "--nic", "user"], store).stdout.utf8))
+            #expect(handedOut.from_pool && !fresh.from_pool)
+            #expect(handedOut.timings.spawn == 0 && handedOut.timings.restore == 0)
+            #expect(fresh.timings.spawn > 0 && fresh.timings.restore > 0 && fresh.timings.devices > 0 && fresh.timings.admission > 0)
+            for timings in [handedOut.timings, fresh.timings] {
+                let phases = [timings.admission, timings.spawn, timings.restore, timings.devices, timings.resume, timings.records]
+                #expect(phases.allSatisfy { $0 >= 0 } && phases.reduce(0, +) <= timings.total + 1e-6, "\(timings)")
+            }
+            let record = try #require(try TemplateStore(root: store.root).clones().records.first { $0.fromPool != true && $0.state == .running })
+            #expect(record.timings?.spawn == fresh.timings.spawn, "the record keeps them")
+        }
+
         @Test("a member that pins another template's identity (an earlier template of the same name) is never handed out, and gc stops it")
         func memberOfAnotherTemplate() async throws {
             let store = try poolStore("poolid")

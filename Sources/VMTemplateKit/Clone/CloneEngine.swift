@@ -152,6 +152,9 @@ public struct CloneEngine: Sendable {
         }
 
         var record = try reserve(request, template: template, executable: qemuPath, writable: memoryOptions.readonly == false)
+        var lap = Lap(from: started)
+        var timings = CloneTimings()
+        timings.admission = lap.next()
         var instance: QEMUInstance?
         do {
             let paths = store.clonePaths(record.id)
@@ -178,6 +181,7 @@ public struct CloneEngine: Sendable {
             record.qemuExecutable = qemu.executable ?? qemuPath
             record.qemuArguments = arguments
             record.hotplugSlots = manifest.machine.hotplugSlots
+            timings.spawn = lap.next()
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
             let spawnedRecord = record
@@ -187,19 +191,26 @@ public struct CloneEngine: Sendable {
             defer { qmp.close() }
             // Backends (taps, disks) are no part of the device state: they go in while it loads.
             var attached: [AttachedDevice] = []
+            let backendsStarted = ContinuousClock.now
             for device in devices {
                 attached.append(try await qmp.addBackend(device, timeout: request.timeout))
             }
+            let backends = backendsStarted.duration(to: .now).seconds
             try await loaded()
+            timings.restore = max(0, lap.next() - backends)
             // Devices go in after the device state is loaded (it would overwrite the root ports'
             // state) and before the guest runs, so it finds them as it resumes.
             for device in attached {
                 try await qmp.addFrontend(device, timeout: request.timeout)
             }
             record.devices = attached.isEmpty ? nil : attached
+            timings.devices = backends + lap.next()
             try await qmp.cont()
             if request.purpose == .poolMember {
                 try await warm(record, qmp: qmp, manifest: manifest, timeout: request.timeout)
+                timings.resume = lap.next()
+                timings.total = started.duration(to: .now).seconds
+                record.timings = timings
                 record.state = .pooled
                 record.restoreSeconds = started.duration(to: .now).seconds
                 // The pool may have been drained, or its template removed (and perhaps made again)
@@ -217,9 +228,10 @@ public struct CloneEngine: Sendable {
                 return (record, warning)
             }
             record.clock = startGuestSetup(manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(record.id))/guest-setup.log", inChild: request.guestRepliesInChild)
+            timings.resume = lap.next()
             record.state = .running
             record.restoreSeconds = started.duration(to: .now).seconds
-            try store.save(record)
+            try store.saveTimed(&record, timings: timings, lap: &lap, started: started)
             return (record, warning)
         } catch {
             // The same clean-up for a failure and for an interruption (a cancelled task).
@@ -372,5 +384,36 @@ public struct CloneEngine: Sendable {
             }
         }
         return (qmp, loaded)
+    }
+}
+
+/// Seconds since the last lap: how ``CloneTimings`` are taken.
+struct Lap {
+    private var last: ContinuousClock.Instant
+
+    init(from start: ContinuousClock.Instant) {
+        last = start
+    }
+
+    /// Seconds since the last call (or the start), and a new lap from now.
+    mutating func next() -> Double {
+        let now = ContinuousClock.now
+        defer { last = now }
+        return last.duration(to: now).seconds
+    }
+}
+
+extension TemplateStore {
+    /// Saves `record` with `timings` and returns it with the save counted in them (`records`,
+    /// `total`). The record on disk keeps the figures known when it was written (its own write
+    /// not in them): writing it twice to hold them all would cost the clone a second write.
+    func saveTimed(_ record: inout CloneRecord, timings: CloneTimings, lap: inout Lap, started: ContinuousClock.Instant) throws {
+        var timings = timings
+        timings.total = started.duration(to: .now).seconds
+        record.timings = timings
+        try save(record)
+        timings.records = lap.next()
+        timings.total = started.duration(to: .now).seconds
+        record.timings = timings
     }
 }

@@ -115,6 +115,8 @@ public struct CloneSummary: Sendable, Codable, Equatable {
     public var devices: [AttachedDevice]
     /// Handed out from the template's warm pool.
     public var fromPool: Bool
+    /// Where the start took its time.
+    public var timings: CloneTimings?
 
     public init(_ record: CloneRecord, paths: InstancePaths) {
         id = record.id
@@ -129,10 +131,11 @@ public struct CloneSummary: Sendable, Codable, Equatable {
         clock = record.clock
         devices = record.devices ?? []
         fromPool = record.fromPool == true
+        timings = record.timings
     }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, template, pid, state, clock, devices, vmgenid
+        case id, name, template, pid, state, clock, devices, vmgenid, timings
         case fromPool = "from_pool"
         case qmpSocket = "qmp_socket"
         case serialLog = "serial_log"

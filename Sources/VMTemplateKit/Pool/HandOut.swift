@@ -33,6 +33,8 @@ extension CloneEngine {
                 _ = try? await remove(member, grace: .milliseconds(200))
                 continue
             }
+            var lap = Lap(from: started)
+            var timings = CloneTimings()
             var record = member
             record.state = .starting
             record.creator = ProcessIdentity.current(pid: getpid())
@@ -59,23 +61,29 @@ extension CloneEngine {
                 try? store.markReady(id, template: name)
                 throw error
             }
+            timings.admission = lap.next()
             do {
                 let paths = store.clonePaths(id)
                 let devices = try Self.openDevices(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
                 defer { for device in devices { device.closeDescriptors() } }
+                let opened = lap.next()
                 // Without devices, `cont` goes out with the handshake: no round trip of its own.
                 let qmp = try await qemu.connectQMP(timeout: request.timeout, pipelining: devices.isEmpty ? [QMPCommand("cont")] : [], phase: "the hand-out of pool member \(id)")
                 defer { qmp.close() }
                 var attached: [AttachedDevice] = []
+                let connected = lap.next()
                 for device in devices {
                     attached.append(try await qmp.attach(device, timeout: request.timeout))
                 }
                 record.devices = attached.isEmpty ? nil : attached
+                timings.devices = opened + lap.next()
                 if !devices.isEmpty { try await qmp.cont() }
                 record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", inChild: request.guestRepliesInChild)
+                // Without devices, `cont` went out with the QMP handshake.
+                timings.resume = connected + lap.next()
                 record.state = .running
                 record.restoreSeconds = started.duration(to: .now).seconds
-                try store.save(record)
+                try store.saveTimed(&record, timings: timings, lap: &lap, started: started)
                 return record
             } catch {
                 // Half handed out: removed like a fresh clone that failed.

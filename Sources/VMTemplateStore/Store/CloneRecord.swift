@@ -94,6 +94,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     public var fromPool: Bool?
     /// The uid that asked for the clone through the API (`serve`): it may remove it.
     public var requestedBy: UInt32?
+    /// Where its start took its time (``CloneTimings``).
+    public var timings: CloneTimings?
     /// Who paused the clone, while it is paused by vmtemplate: `user` (`vmtemplate pause`) or
     /// `scheduler` (over its copy-on-write limit). The scheduler never resumes a clone.
     public var pausedBy: PausedBy?
@@ -123,6 +125,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case requestedBy = "requested_by"
         case templateDigest = "template_digest"
         case pausedBy = "paused_by"
+        case timings
     }
 
     /// Memory this clone commits against the store's budget.
@@ -165,6 +168,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         }
         guard qemuArguments.count <= 4096 else { return "it lists \(qemuArguments.count) QEMU arguments" }
         if let templateDigest, !TemplateManifest.isIdentity(templateDigest) { return "template_digest is not a sha256: digest" }
+        if let timings, !timings.isPlausible { return "its timings are out of range" }
         if let attempt = lastEnforcement?.attempt, !(1...1000).contains(attempt) { return "last_enforcement.attempt \(attempt) is out of range" }
         if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
         if let devices {
@@ -182,6 +186,34 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// A fresh clone ID: 12 hex digits, unique enough for one host, short enough for socket paths.
     public static func newID() -> String {
         (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+    }
+}
+
+/// Where a clone's start took its time, in seconds, phase by phase: what `clone --json` and the
+/// API report (`timings`), and what a runtime logs. A hand-out from a pool has no spawn and no
+/// restore (they happened when the member was made).
+public struct CloneTimings: Sendable, Codable, Equatable {
+    /// The template checked, the clone admitted, its directory and first record made (for a
+    /// hand-out: the member claimed and its record rewritten).
+    public var admission: Double = 0
+    /// Devices opened and QEMU started.
+    public var spawn: Double = 0
+    /// QMP handshake and the device state loaded, the guest still paused.
+    public var restore: Double = 0
+    /// NICs and disks hot-plugged (backends and frontends).
+    public var devices: Double = 0
+    /// `cont` (for a pool member being made: and warming).
+    public var resume: Double = 0
+    /// The final record written.
+    public var records: Double = 0
+    /// From the start of the call to its end.
+    public var total: Double = 0
+
+    public init() {}
+
+    /// Whether every figure is a duration a clone could take.
+    var isPlausible: Bool {
+        [admission, spawn, restore, devices, resume, records, total].allSatisfy { $0.isFinite && $0 >= 0 && $0 < 86_400 }
     }
 }
 
