@@ -151,7 +151,7 @@ public struct CloneEngine: Sendable {
             throw VMTemplateError(.unsupported, "template '\(manifest.name)' has no vmgenid device, so its clones cannot get fresh generation IDs: pass --no-vmgenid, or create the template with \"vmgenid\": true.")
         }
 
-        var record = try reserve(request, template: template, executable: qemuPath, writable: memoryOptions.readonly == false)
+        var record = try await reserve(request, template: template, executable: qemuPath, writable: memoryOptions.readonly == false)
         var lap = Lap(from: started)
         var timings = CloneTimings()
         timings.admission = lap.next()
@@ -217,7 +217,7 @@ public struct CloneEngine: Sendable {
                 // while this member warmed: then it is not listed, but goes like a clone that
                 // failed to start. Checked, recorded and listed under the lock that template
                 // removal takes, so a removal sees either no member or a listed one.
-                try store.withLock {
+                try await store.withLock {
                     guard (store.poolSizes()[request.template.value] ?? 0) > 0,
                           (try? templates.template(named: request.template))?.manifest.identity == record.templateDigest else {
                         throw VMTemplateError(.invalidState, "the pool of '\(request.template)' was drained or its template removed while member \(record.id) warmed.")
@@ -239,7 +239,7 @@ public struct CloneEngine: Sendable {
             let failed = record
             await uncancellable {
                 if let launched { _ = try? await launched.stop(grace: .milliseconds(500), politely: false) }
-                try? store.withLock { try store.removeCloneDirectory(failed.id, record: failed) }
+                try? await store.withLock { try store.removeCloneDirectory(failed.id, record: failed) }
             }
             throw error
         }
@@ -286,9 +286,9 @@ public struct CloneEngine: Sendable {
     }
 
     /// Creates the clone's directory and first record under the store lock, so names stay unique.
-    private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) throws -> CloneRecord {
+    private func reserve(_ request: CloneRequest, template: PublishedTemplate, executable: String, writable: Bool) async throws -> CloneRecord {
         let manifest = template.manifest
-        return try store.withLock {
+        return try await store.withLock {
             // Nothing here reads every record: limits read the live index (``TemplateStore/admit(_:excluding:)``),
             // names and IDs the name index (``TemplateStore/claimNames(of:)``).
             try Admission.checkLimit(request.cowLimitBytes)

@@ -58,7 +58,7 @@ extension CloneEngine {
     /// will be, so exactly one reports the removal.
     @discardableResult
     public func remove(_ record: CloneRecord, grace: Duration = .seconds(3)) async throws -> QEMUInstance.StopResult {
-        try store.withLock { try store.claimRemoval(of: record.id) }
+        try await store.withLock { try store.claimRemoval(of: record.id) }
         do {
             return try await stopAndRemove(record, grace: grace)
         } catch {
@@ -78,7 +78,7 @@ extension CloneEngine {
         case .notThisQEMU(let reason):
             throw VMTemplateError(.invalidState, "clone \(record.id) names process \(record.qemu?.pid ?? 0), which is not its QEMU (\(reason)): nothing was stopped or removed; check the record by hand.")
         }
-        try store.withLock {
+        try await store.withLock {
             do {
                 try store.removeCloneDirectory(record.id, record: record)
             } catch let error as VMTemplateError {
@@ -105,7 +105,7 @@ extension CloneEngine {
             // A higher limit is a bigger commitment: admitted like a new clone, and entered in
             // the live index before the guest may use it.
             let committed = Admission.committedBytes(guestMemory: record.guestMemoryBytes ?? cowLimitBytes, cowLimit: cowLimitBytes)
-            try store.withLock { try store.recommit(record.id, committedBytes: max(committed, record.committedBytes)) }
+            try await store.withLock { try store.recommit(record.id, committedBytes: max(committed, record.committedBytes)) }
         }
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "resume")
         defer { qmp.close() }
@@ -144,7 +144,7 @@ extension CloneEngine {
         report.removedClones += await pool.removeStrays()
         pool.repair()
         do {
-            report.removedFiles += try store.withLock {
+            report.removedFiles += try await store.withLock {
                 _ = try store.rebuildLiveIndex()
                 return store.pruneNameIndex()
             }
@@ -189,14 +189,14 @@ extension CloneEngine {
                 if record.qemu?.isAlive == true, !interrupted { continue }
                 report.problems.append("clone \(record.id): its record names a process that is not its QEMU (\(reason)); nothing was signalled.")
             }
-            removeDirectory(of: record.id, into: &report)
+            await removeDirectory(of: record.id, into: &report)
         }
         // Listed under the lock: `clone` creates a directory and its first record under it, so a
         // directory seen without a record then is debris, not a clone being set up.
-        let listing = (try? store.withLock { store.listClones() }) ?? TemplateStore.CloneListing()
+        let listing = (try? await store.withLock { store.listClones() }) ?? TemplateStore.CloneListing()
         report.problems += listing.problems
         for id in listing.broken where await stopQEMU(named: id, into: &report) {
-            removeDirectory(of: id, into: &report)
+            await removeDirectory(of: id, into: &report)
         }
     }
 
@@ -219,9 +219,9 @@ extension CloneEngine {
         return stoppedAll
     }
 
-    private func removeDirectory(of id: String, into report: inout GarbageReport) {
+    private func removeDirectory(of id: String, into report: inout GarbageReport) async {
         do {
-            try store.withLock { try store.removeCloneDirectory(id, record: nil) }
+            try await store.withLock { try store.removeCloneDirectory(id, record: nil) }
             report.removedClones.append(id)
         } catch {
             report.problems.append("\(store.cloneDirectory(id)): \(VMTemplateError.oneLine(error))")
@@ -254,7 +254,7 @@ extension CloneEngine {
                 // Removed meanwhile by somebody else: gone either way.
             }
         }
-        try store.removeTemplateFiles(name)
+        try await store.removeTemplateFiles(name)
         return users
     }
 }

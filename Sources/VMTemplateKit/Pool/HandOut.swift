@@ -47,7 +47,7 @@ extension CloneEngine {
                 if let wanted = request.name?.value, wanted != id {
                     // Names are unique among clones and templates: checked and taken under the
                     // store lock. Without a name (the ID is the name) the claim alone suffices.
-                    try store.withLock {
+                    try await store.withLock {
                         try refuseTemplateName(wanted)
                         record.name = wanted
                         try store.claimNames(of: record)

@@ -147,11 +147,21 @@ public struct TemplateStore: Sendable {
     }
 
     /// Runs `body` holding the store's exclusive lock (across processes), waiting at most
-    /// `lockTimeout`. The lock file is the owner's, mode 0600, so nobody else can hold it.
+    /// `lockTimeout`. The lock file is the owner's, mode 0600, so nobody else can hold it. The
+    /// wait sleeps the thread: async code calls the async variant, which sleeps the task.
+    @available(*, noasync, message: "sleeps the thread while it waits for the lock; call it with await")
     public func withLock<T>(_ body: () throws -> T) throws -> T {
         try requireWritable()
         let lock = try openLockFile(lockPath)
         return try lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
+    }
+
+    /// ``withLock(_:)`` for async code: waiting for another process's hold never blocks a
+    /// cooperative thread.
+    public func withLock<T>(isolation: isolated (any Actor)? = #isolation, _ body: () throws -> T) async throws -> T {
+        try requireWritable()
+        let lock = try openLockFile(lockPath)
+        return try await lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
     }
 
     /// Opens one of the store's lock files: the owner's, mode 0600. A lock file of another user is
@@ -264,7 +274,7 @@ public struct TemplateStore: Sendable {
     /// killed and the directory removed. A `create` of the same name that is still running wins.
     public func reserveStaging(_ name: EntityName) async throws -> StagingArea {
         let staging = StagingArea(name: name, directory: "\(stagingDirectory)/\(name)")
-        let leftover: (StagingArea, StagingArea.Owner?)? = try withLock {
+        let leftover: (StagingArea, StagingArea.Owner?)? = try await withLock {
             if templateExists(name) {
                 throw VMTemplateError(.exists, "template '\(name)' already exists: pick another name, or remove it first (vmtemplate rm-template \(name)).")
             }
@@ -282,7 +292,7 @@ public struct TemplateStore: Sendable {
         if let (claimed, owner) = leftover {
             try await claimed.discard(owner: owner)
         }
-        return try withLock {
+        return try await withLock {
             guard mkdir(staging.directory, 0o755) == 0 else {
                 let code = errno
                 if code == EEXIST {
@@ -327,7 +337,7 @@ public struct TemplateStore: Sendable {
     /// anything whose creator still runs is left alone.
     public func collectStagingGarbage(into report: inout GarbageReport) async {
         var problems: [String] = []
-        let claimed: [(StagingArea, StagingArea.Owner?)] = (try? withLock {
+        let claimed: [(StagingArea, StagingArea.Owner?)] = (try? await withLock {
             let names = (try? FileManager.default.contentsOfDirectory(atPath: stagingDirectory)) ?? []
             return names.sorted().compactMap { entry -> (StagingArea, StagingArea.Owner?)? in
                 let directory = "\(stagingDirectory)/\(entry)"
