@@ -37,7 +37,7 @@ let package = Package(
         // What vmtemplate does: create templates, clone them, schedule clones.
         .target(
             name: "VMTemplateKit",
-            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore"]
+            dependencies: ["CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore"]
         ),
         // The runtime API that `vmtemplate serve` answers on a Unix socket.
         .target(
@@ -47,6 +47,9 @@ let package = Package(
         .executableTarget(
             name: "vmtemplate",
             dependencies: [
+                "VMTemplateOS",
+                "VMTemplateQEMU",
+                "VMTemplateStore",
                 "VMTemplateKit",
                 "VMTemplateAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -56,6 +59,9 @@ let package = Package(
         .executableTarget(
             name: "vmtemplate-bench",
             dependencies: [
+                "VMTemplateOS",
+                "VMTemplateQEMU",
+                "VMTemplateStore",
                 "VMTemplateKit",
                 "VMTemplateAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
