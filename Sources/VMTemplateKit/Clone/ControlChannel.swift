@@ -23,6 +23,8 @@ public struct ControlChannel: Sendable {
 
     /// The longest request line accepted (without its newline).
     public static let maxRequestBytes = 4096
+    /// Stale lines `exchange` skips at most before its own reply.
+    static let maxSkippedLines = 64
 
     /// Sends `line` and returns the guest's one-line reply (without the line ending).
     public func request(_ line: String, timeout: Duration = .seconds(20)) throws -> String {
@@ -50,14 +52,14 @@ public struct ControlChannel: Sendable {
         let fd = try connect()
         defer { close(fd) }
         try send([token, line], on: fd)
-        // Earlier callers' replies are skipped: bounded, so a guest that never echoes cannot
-        // hold this caller.
-        let lines = try replies(1026, on: fd, to: [line], timeout: timeout) { received in
+        // Earlier callers' replies are skipped: at most 64 lines (each at most maxReplyBytes), so
+        // a guest that never echoes can neither hold this caller nor fill its memory.
+        let lines = try replies(Self.maxSkippedLines + 2, on: fd, to: [line], timeout: timeout) { received in
             guard let echo = received.firstIndex(of: token) else { return false }
             return received.count > echo + 1
         }
         guard let echo = lines.firstIndex(of: token), lines.count > echo + 1 else {
-            throw VMTemplateError(.invalidState, "the guest on '\(path)' did not echo 'sync' within 1024 lines: it does not speak the control protocol's framing (templates/busybox/README.md).")
+            throw VMTemplateError(.invalidState, "the guest on '\(path)' did not echo 'sync' within \(Self.maxSkippedLines) lines: it does not speak the control protocol's framing (templates/busybox/README.md).")
         }
         return lines[echo + 1]
     }
