@@ -75,17 +75,17 @@ public final class APIMetrics: Sendable {
 
     /// The text, rendered at most ``maxAge`` ago, on a thread of its own; concurrent callers wait
     /// for the one rendering under way.
-    public func text(engine: CloneEngine) async -> String {
+    public func text(store: TemplateStore) async -> String {
         await cache.text(maxAge: Self.maxAge) { [self] in
-            (try? await onOwnThread { self.render(engine: engine) }) ?? ""
+            (try? await onOwnThread { self.render(store: store) }) ?? ""
         }
     }
 
     /// The text for the store as it is now: clone gauges from the records (and each live clone's
     /// smaps), pool gauges, and the counters of this process.
-    public func render(engine: CloneEngine) -> String {
-        let records = engine.store.clones().records
-        return render(records: records, pools: WarmPool(engine: engine).status(records: records), measure: { record in
+    public func render(store: TemplateStore) -> String {
+        let records = store.clones().records
+        return render(records: records, pools: WarmPool(store: store).status(records: records), measure: { record in
             guard let pid = record.qemu?.pid, record.qemu?.isAlive == true else { return nil }
             return try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile)
         })
@@ -190,9 +190,9 @@ public final class APIMetrics: Sendable {
     /// file), readable by everyone (the collector usually runs as another user).
     /// The directory must be one only root or this user may change (``FileSystem/requireTrustedDirectory(_:for:)``):
     /// a server running as root writes there.
-    public func write(to path: String, engine: CloneEngine) async throws {
+    public func write(to path: String, store: TemplateStore) async throws {
         try FileSystem.requireTrustedDirectory(FileSystem.split(path).directory, for: "--metrics-file")
-        let text = await self.text(engine: engine)
+        let text = await self.text(store: store)
         try FileSystem.writeFileAtomically(path: path, data: Array(text.utf8), mode: 0o644, durable: false)
     }
 }

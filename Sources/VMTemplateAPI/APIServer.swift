@@ -131,15 +131,22 @@ public struct APIServer: Sendable {
     private func addRoutes(to router: Router<APIContext>) {
         let engine = self.engine
         let store = self.store
+        let lifecycle = CloneLifecycle(store: store)
+        let pool = engine.pool
         let metrics = self.metrics
         router.post("/v1/clones") { request, context -> Response in
-            let body = try await Self.decode(CreateCloneBody.self, from: request)
-            // Devices name files and namespaces that the server opens with the owner's rights:
-            // only the owner (or root) may ask for them, not every member of the socket's group.
-            if !(body.nics ?? []).isEmpty || !(body.disks ?? []).isEmpty, !context.callerIsOwner {
-                throw VMTemplateError(.permissionDenied, "only the store's owner or root may give a clone NICs or disks through the API: they name files and namespaces the server opens with the owner's rights.")
+            let options = try await Self.decode(CloneOptions.self, from: request)
+            // Devices name files and namespaces that the server opens with the owner's rights, a
+            // writable template and a bigger translation cache are the host's to give: only the
+            // owner (or root) may ask for them, not every member of the socket's group.
+            if !context.callerIsOwner {
+                let ownersOnly = [("nics", !(options.nics ?? []).isEmpty), ("disks", !(options.disks ?? []).isEmpty),
+                                  ("allow_writable_template", options.allowWritableTemplate == true), ("tcg_tb_size", options.tcgTranslationCacheMiB != nil)]
+                if let field = ownersOnly.first(where: \.1)?.0 {
+                    throw VMTemplateError(.permissionDenied, "only the store's owner or root may set '\(field)' through the API: NICs and disks name files and namespaces the server opens with the owner's rights, and the others spend what is the host's to give.")
+                }
             }
-            var cloneRequest = try body.cloneRequest()
+            var cloneRequest = try options.request()
             // The server clones with the owner's rights: only what the caller may read itself.
             try context.requireReadable(try store.template(named: cloneRequest.template))
             cloneRequest.requestedBy = context.callerUID
@@ -148,17 +155,16 @@ public struct APIServer: Sendable {
             let started = ContinuousClock.now
             let (record, _) = try await engine.clone(cloneRequest)
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
-            return try Self.json(CloneSummary(record, paths: store.clonePaths(record.id)), status: .created)
+            return try Self.json(lifecycle.view(of: record), status: .created)
         }
         router.get("/v1/clones") { _, _ -> Response in
+            // Live, as `list` shows them: a clone whose QEMU was killed is `exited`, not `running`.
             let records = store.clones().records.filter { $0.state != .pooled && $0.state != .warming }
-            return try Self.json(records.map { CloneSummary($0, paths: store.clonePaths($0.id)) })
+            return try Self.json(await lifecycle.statuses(of: records))
         }
         router.get("/v1/clones/:id") { _, context -> Response in
             let record = try store.findClone(try context.parameters.require("id"))
-            var summary = CloneSummary(record, paths: store.clonePaths(record.id))
-            summary.state = await engine.liveState(of: record)
-            return try Self.json(summary)
+            return try Self.json(await lifecycle.status(of: record))
         }
         router.delete("/v1/clones/:id") { _, context -> Response in
             let record = try store.findClone(try context.parameters.require("id"))
@@ -166,7 +172,7 @@ public struct APIServer: Sendable {
             guard context.callerIsOwner || (record.requestedBy != nil && record.requestedBy == context.callerUID) else {
                 throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may remove it.")
             }
-            let how = try await engine.remove(record)
+            let how = try await lifecycle.remove(record)
             return try Self.json(["id": record.id, "stopped": how.rawValue])
         }
         router.get("/v1/templates") { _, context -> Response in
@@ -174,7 +180,7 @@ public struct APIServer: Sendable {
             try Self.json(store.templates().templates.filter(context.mayRead).map { TemplateSummary($0.manifest) })
         }
         router.get("/v1/pools") { _, _ -> Response in
-            try Self.json(WarmPool(engine: engine).status())
+            try Self.json(pool.status())
         }
         router.put("/v1/pools/:template") { request, context -> Response in
             guard context.callerIsOwner else {
@@ -182,13 +188,12 @@ public struct APIServer: Sendable {
             }
             let name = try EntityName(try context.parameters.require("template"))
             let body = try await Self.decode(PoolSizeBody.self, from: request)
-            let pool = WarmPool(engine: engine)
             try await pool.setSize(name, body.size)
             let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
             return try Self.json(status)
         }
         router.get("/metrics") { _, _ -> Response in
-            let text = await metrics.text(engine: engine)
+            let text = await metrics.text(store: store)
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
     }
@@ -202,6 +207,9 @@ public struct APIServer: Sendable {
         let buffer = try await request.body.collect(upTo: maxBodyBytes)
         do {
             return try JSONCoding.decoder().decode(Body.self, from: Data(buffer.readableBytesView))
+        } catch let error as VMTemplateError {
+            // The body's own check (an unknown field): already one clear line.
+            throw error
         } catch {
             throw VMTemplateError(.invalidArgument, "the request body cannot be read: \(JSONErrorText.describe(error)); send what docs/api.openapi.json describes.")
         }
@@ -210,32 +218,6 @@ public struct APIServer: Sendable {
     static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
         let data = try JSONCoding.encode(value)
         return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
-    }
-}
-
-/// `POST /v1/clones`.
-struct CreateCloneBody: Decodable, Sendable {
-    var template: String
-    var name: String?
-    var nics: [String]?
-    var disks: [String]?
-    var cowLimit: String?
-    var noPool: Bool?
-
-    enum CodingKeys: String, CodingKey {
-        case template, name, nics, disks
-        case cowLimit = "cow_limit"
-        case noPool = "no_pool"
-    }
-
-    func cloneRequest() throws -> CloneRequest {
-        guard (nics?.count ?? 0) + (disks?.count ?? 0) <= MachineSpec.maxHotplugSlots else {
-            throw VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) nics and disks together.")
-        }
-        var request = CloneRequest(template: try EntityName(template), name: try name.map { try EntityName($0, kind: "clone") }, cowLimitBytes: try cowLimit.map { try ByteSize(parsing: $0).bytes })
-        request.devices = try DeviceRequest(parsingNICs: nics ?? [], disks: disks ?? [])
-        request.usePool = noPool != true
-        return request
     }
 }
 

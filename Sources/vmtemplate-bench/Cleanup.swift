@@ -86,11 +86,11 @@ final class Cleanup: Sendable {
         for child in snapshot.runningChildren.values { _ = child.handle.waitBlocking() }
         for qemu in snapshot.qemus.values { _ = try? qemu.kill() }
         for store in snapshot.stores {
-            let engine = CloneEngine(store: store)
+            let lifecycle = CloneLifecycle(store: store)
             for record in store.clones().records {
                 // Clones made by the CLI children, or by CloneEngine in this very process (profile).
                 guard let creator = record.creator, snapshot.allChildren.contains(creator.pid) || creator.pid == getpid() else { continue }
-                if case .running(let qemu) = engine.qemu(of: record) { _ = try? qemu.kill() }
+                if case .running(let qemu) = lifecycle.qemu(of: record) { _ = try? qemu.kill() }
                 try? FileSystem.removeTree(path: store.cloneDirectory(record.id))
             }
         }

@@ -76,12 +76,12 @@ struct PoolBench: AsyncParsableCommand {
                 _ = try await ControlChannel.request("ping", socket: socket, expecting: "pong")
                 return .now
             }
-            func apiClone(_ body: String) async throws -> (seconds: Double, clone: CloneSummary, started: ContinuousClock.Instant) {
+            func apiClone(_ body: String) async throws -> (seconds: Double, clone: CloneView, started: ContinuousClock.Instant) {
                 let started = ContinuousClock.now
                 let reply = try await call("POST", "/v1/clones", body)
                 let seconds = started.duration(to: .now).seconds
                 guard reply.status == 201 else { throw BenchError("POST /v1/clones: \(reply.status) \(String(decoding: reply.body, as: UTF8.self))") }
-                return (seconds, try JSONDecoder().decode(CloneSummary.self, from: reply.body), started)
+                return (seconds, try JSONCoding.decoder().decode(CloneView.self, from: reply.body), started)
             }
             func removeAPI(_ id: String) async throws { _ = try await call("DELETE", "/v1/clones/\(id)") }
 
@@ -147,7 +147,7 @@ struct PoolBench: AsyncParsableCommand {
                         let started = ContinuousClock.now
                         let record = try await engine.clone(request).record
                         inProcess.append(started.duration(to: .now).seconds)
-                        try await engine.remove(record)
+                        try await CloneLifecycle(store: engine.store).remove(record)
                     }
                 }
             }

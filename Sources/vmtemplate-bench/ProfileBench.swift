@@ -111,7 +111,7 @@ struct ProfileBench: AsyncParsableCommand {
                 let engineStarted = ContinuousClock.now
                 let (record, _) = try await engine.clone(CloneRequest(template: workspace.template))
                 let engineSeconds = engineStarted.duration(to: .now).seconds
-                try await engine.remove(record, grace: .seconds(1))
+                try await CloneLifecycle(store: engine.store).remove(record, grace: .seconds(1))
                 let replay = try await Self.replay(workspace)
                 let connect = try await Self.replayConnect(workspace)
                 guard run > 0 else { continue }
@@ -218,7 +218,7 @@ struct ProfileBench: AsyncParsableCommand {
                     for try await record in group { records.append(record) }
                 }
             })
-            for record in records { try await engine.remove(record, grace: .seconds(1)) }
+            for record in records { try await CloneLifecycle(store: engine.store).remove(record, grace: .seconds(1)) }
             let (seconds, clones) = try await CLI.concurrentClones(workspace, count: count)
             samples[6].append(seconds)
             try await CLI.remove(workspace, clones)

@@ -71,7 +71,7 @@ struct Workspace: Sendable {
             memoryFile: published.memoryPath,
             stateFile: published.statePath,
             qemuPath: qemuPath,
-            memoryOptions: try CloneEngine.memoryOptions(capabilities: capabilities, allowWritableTemplate: false).options,
+            memoryOptions: try CloneLauncher.memoryOptions(capabilities: capabilities, allowWritableTemplate: false).options,
             vmtemplate: vmtemplate,
             host: HostFacts.current(qemuPath: qemuPath)
         )

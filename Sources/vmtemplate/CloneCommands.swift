@@ -60,35 +60,30 @@ struct Clone: AsyncParsableCommand {
     @OptionGroup var store: StoreOptions
     @OptionGroup var qemu: QEMUOptions
 
-    func validate() throws {
-        try SecondsOption.checkTimeout(timeout, atMost: 86_400)
-        if let tcgTranslationCacheMiB, !(1...65_536).contains(tcgTranslationCacheMiB) { throw ValidationError("--tcg-tb-size must be 1 to 65536 (MiB).") }
+    /// The same options the API's `POST /v1/clones` takes, parsed and checked by the library.
+    var options: CloneOptions {
+        CloneOptions(template: template, name: name, vmgenid: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeoutSeconds: timeout, cowLimit: cowLimit, overLimit: overLimit, nics: nic, disks: disk, noPool: noPool)
     }
 
     func run() async throws {
         try await reportingErrors {
-            let templateName = try EntityName(template)
-            let cloneName = try name.map { try EntityName($0, kind: "clone") }
+            var request = try options.request()
             let store = try store.open()
             let templatesRoot = templateStore ?? ProcessInfo.processInfo.environment[TemplateStore.templateStoreEnvironmentVariable].flatMap { $0.isEmpty ? nil : $0 }
             let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }
             let engine = CloneEngine(store: store, templates: templates, explicitQEMU: qemu.explicitPath)
-            let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
-            var request = CloneRequest(template: templateName, name: cloneName, freshGenerationID: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeout: .seconds(fractional: timeout), cowLimitBytes: limit, overLimitAction: overLimit)
             // This very binary delivers the guest's clock and hostname, detached (GuestSetup).
             // This process exits as soon as the clone runs: a forked child of it waits for the
             // guest's answers to its clock and hostname (a thread would die with it, and its
             // replies would go to the runtime's first request).
             request.guestRepliesInChild = true
-            request.usePool = !noPool
-            request.devices = try DeviceRequest(parsingNICs: nic, disks: disk)
             let request2 = request
             let json = self.json
             try await interruptible {
                 let (record, warning) = try await engine.clone(request2)
                 if let warning { Terminal.note(warning) }
                 if json {
-                    try Terminal.printJSON(CloneSummary(record, paths: store.clonePaths(record.id)))
+                    try Terminal.printJSON(CloneLifecycle(store: store).view(of: record))
                 } else {
                     print(record.id)
                 }
@@ -124,14 +119,14 @@ struct Remove: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let store = try store.open()
-            let engine = CloneEngine(store: store)
+            let lifecycle = CloneLifecycle(store: store)
             let records = all ? store.clones().records : try clones.map { try store.findClone($0) }
             var failures: [any Error] = []
             await withTaskGroup(of: (any Error)?.self) { group in
                 for record in records {
                     group.addTask {
                         do {
-                            let how = try await engine.remove(record, grace: .seconds(fractional: grace))
+                            let how = try await lifecycle.remove(record, grace: .seconds(fractional: grace))
                             print(TerminalText.escape("removed \(record.id) (\(record.name)): \(how.rawValue)"))
                             return nil
                         } catch let error as VMTemplateError where all && error.code == .notFound {
@@ -179,9 +174,9 @@ struct Send: AsyncParsableCommand {
             let store = try store.open(.readOnly)
             let record = try store.findClone(clone)
             // A pool member's guest is paused until it is handed out.
-            if let refusal = CloneEngine.refusalBeforeHandOut(record) { throw refusal }
+            if let refusal = CloneLifecycle.refusalBeforeHandOut(record) { throw refusal }
             // A paused guest never answers: say so instead of waiting out the timeout.
-            let state = await CloneEngine(store: store).liveState(of: record)
+            let state = await CloneLifecycle(store: store).liveState(of: record)
             switch state {
             case .paused:
                 throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused\(record.lastEnforcement.map { " by the scheduler (copy-on-write \(ByteSize(bytes: $0.cowBytes)) over its limit)" } ?? ""): resume it first (vmtemplate resume \(record.id)).")

@@ -56,7 +56,7 @@ struct DeviceCommand: AsyncParsableCommand {
                 let timeout = Duration.seconds(fractional: timeout)
                 let json = self.json
                 try await interruptible {
-                    let added = try await CloneEngine(store: store).addDevices(request, to: record, timeout: timeout)
+                    let added = try await CloneDevices(store: store).add(request, to: record, timeout: timeout)
                     if json { return try Terminal.printJSON(added) }
                     for device in added { print(device.summary) }
                 }
@@ -93,7 +93,7 @@ struct DeviceCommand: AsyncParsableCommand {
                 let record = try store.findClone(clone)
                 let (device, timeout) = (self.device, Duration.seconds(fractional: timeout))
                 try await interruptible {
-                    let removed = try await CloneEngine(store: store).removeDevice(device, from: record, timeout: timeout)
+                    let removed = try await CloneDevices(store: store).remove(device, from: record, timeout: timeout)
                     print("removed \(removed.summary)")
                 }
             }

@@ -22,9 +22,9 @@ struct Inspect: AsyncParsableCommand {
         var clones: [String]
     }
 
-    struct CloneView: Encodable {
+    struct CloneInspection: Encodable {
         var kind = "clone"
-        var clone: CloneStatus
+        var clone: CloneView
         var record: CloneRecord
     }
 
@@ -50,7 +50,7 @@ struct Inspect: AsyncParsableCommand {
                 return
             }
             let record = try store.findClone(reference)
-            let view = CloneView(clone: await CloneEngine(store: store).status(of: record), record: record)
+            let view = CloneInspection(clone: await CloneLifecycle(store: store).status(of: record), record: record)
             if json { return try Terminal.printJSON(view) }
             let status = view.clone
             var rows: [[String]] = [

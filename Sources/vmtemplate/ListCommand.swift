@@ -44,7 +44,7 @@ struct List: AsyncParsableCommand {
 
     struct Listing: Encodable {
         var templates: [TemplateRow]
-        var clones: [CloneStatus]
+        var clones: [CloneView]
         var summary: MemorySummary
         var problems: [String]
     }
@@ -61,7 +61,7 @@ struct List: AsyncParsableCommand {
             let listing = store.listClones()
             let records = listing.records
             let cloneProblems = listing.problems + (listing.notYours.isEmpty ? [] : ["\(listing.notYours.count) clones here are another user's (not yours): \(listing.notYours.joined(separator: ", "))."])
-            let clones = await CloneEngine(store: store).statuses(of: records)
+            let clones = await CloneLifecycle(store: store).statuses(of: records)
             let problems = templateProblems + cloneProblems
             let rows = templates.map { template in
                 let manifest = template.manifest

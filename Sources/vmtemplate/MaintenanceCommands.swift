@@ -52,7 +52,7 @@ struct GC: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            let report = await CloneEngine(store: try store.open()).collectGarbage()
+            let report = await GarbageCollector(store: try store.open()).collect()
             if json {
                 try Terminal.printJSON(report)
                 return

@@ -40,7 +40,7 @@ struct PoolCommand: AsyncParsableCommand {
         func run() async throws {
             try await reportingErrors {
                 let name = try EntityName(template)
-                let pool = WarmPool(engine: CloneEngine(store: try store.open()))
+                let pool = WarmPool(store: try store.open())
                 let size = self.size
                 try await interruptible {
                     let removed = try await pool.setSize(name, size)
@@ -70,7 +70,7 @@ struct PoolCommand: AsyncParsableCommand {
             try await reportingErrors {
                 let name = try EntityName(template)
                 let store = try store.open()
-                let pool = WarmPool(engine: CloneEngine(store: store, explicitQEMU: qemu.explicitPath))
+                let pool = WarmPool(store: store, explicitQEMU: qemu.explicitPath)
                 guard (store.poolSizes()[name.value] ?? 0) > 0 else {
                     throw VMTemplateError(.invalidState, "template '\(name)' has no pool: set one with 'vmtemplate pool set \(name) --size N'.")
                 }
@@ -94,7 +94,7 @@ struct PoolCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingErrors {
-                let status = WarmPool(engine: CloneEngine(store: try store.open(.readOnly))).status()
+                let status = WarmPool(store: try store.open(.readOnly)).status()
                 if json { return try Terminal.printJSON(status) }
                 print(TextTable.render([["TEMPLATE", "SIZE", "READY", "FILLING"]] + status.map { [$0.template, String($0.size), String($0.ready), String($0.filling)] }))
             }

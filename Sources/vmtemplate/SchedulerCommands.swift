@@ -62,7 +62,7 @@ struct Pause: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let store = try store.open()
-            let record = try await CloneEngine(store: store).pause(try store.findClone(clone))
+            let record = try await CloneLifecycle(store: store).pause(try store.findClone(clone))
             print("paused \(record.id) (\(TerminalText.escape(record.name)))")
         }
     }
@@ -83,7 +83,7 @@ struct Resume: AsyncParsableCommand {
         try await reportingErrors {
             let store = try store.open()
             let limit = try cowLimit.map { try ByteSize(parsing: $0).bytes }
-            let record = try await CloneEngine(store: store).resume(try store.findClone(clone), cowLimitBytes: limit)
+            let record = try await CloneLifecycle(store: store).resume(try store.findClone(clone), cowLimitBytes: limit)
             print("resumed \(record.id) (\(record.name))")
         }
     }
@@ -128,7 +128,7 @@ struct Settings: AsyncParsableCommand {
             let store = try store.open(changing ? .readWrite : .readOnly)
             var settings = try store.settings()
             if changing {
-                settings = try store.updateSettings { settings in
+                settings = try await store.updateSettings { settings in
                     if let maxClones {
                         if maxClones == "none" {
                             settings.maxClones = nil

@@ -52,54 +52,18 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let store = try store.open()
-            let engine = CloneEngine(store: store, explicitQEMU: qemu.explicitPath)
-            var group: gid_t?
+            var configuration = StoreServer.Configuration(socketPath: socket ?? APIServer.defaultSocketPath(store: store))
             if let socketGroup {
                 guard let entry = getgrnam(socketGroup) else { throw VMTemplateError(.notFound, "no group named '\(TerminalText.escape(socketGroup))': pass an existing --socket-group.") }
-                group = entry.pointee.gr_gid
+                configuration.socketGroup = entry.pointee.gr_gid
             }
-            let server = APIServer(engine: engine, socketPath: socket ?? APIServer.defaultSocketPath(store: store), socketGroup: group)
-            let keeper = PoolKeeper(pool: WarmPool(engine: engine), fillPause: .milliseconds(fillPause))
-            let scheduler = Scheduler(store: store)
-            let interval = self.interval
-            let log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8)) }
-            log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
-            // The server ends on SIGTERM or SIGINT; the pool keeper and the scheduler end with it.
-            let metrics = server.metrics
-            if let metricsFile {
-                // Written once before serving, so a bad path fails the start, not the first round.
-                try await metrics.write(to: metricsFile, engine: engine)
-            }
-            let metricsFile = self.metricsFile
-            let metricsInterval = self.metricsInterval
-            try await withThrowingTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { await keeper.run(log: log) }
-                tasks.addTask {
-                    // Only its start can fail (another scheduler holds the store, the settings
-                    // are broken): said once, and tried again every 5 s, so limits are enforced
-                    // again as soon as they can be.
-                    var said: String?
-                    while !Task.isCancelled {
-                        do {
-                            try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) })
-                        } catch {
-                            let failure = VMTemplateError.oneLine(error)
-                            if failure != said { log("scheduler not running: \(failure) Trying again every 5 s.") }
-                            said = failure
-                        }
-                        try? await Task.sleep(for: .seconds(5))
-                    }
-                }
-                if let metricsFile {
-                    tasks.addTask {
-                        while !Task.isCancelled {
-                            try? await Task.sleep(for: .seconds(metricsInterval))
-                            do { try await metrics.write(to: metricsFile, engine: engine) } catch { log("metrics: \(VMTemplateError.oneLine(error))") }
-                        }
-                    }
-                }
-                try await server.run()
-                tasks.cancelAll()
+            configuration.schedulerInterval = interval
+            configuration.fillPause = .milliseconds(fillPause)
+            configuration.metricsFile = metricsFile
+            configuration.metricsInterval = .seconds(fractional: metricsInterval)
+            configuration.explicitQEMU = qemu.explicitPath
+            try await StoreServer(store: store, configuration: configuration).run { line in
+                FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8))
             }
         }
     }

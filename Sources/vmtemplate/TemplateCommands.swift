@@ -73,7 +73,7 @@ struct RemoveTemplate: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let name = try EntityName(template)
-            let removed = try await CloneEngine(store: try store.open()).removeTemplate(name, force: force)
+            let removed = try await TemplateRemoval(store: try store.open()).remove(name, force: force)
             for record in removed { print(TerminalText.escape("removed clone \(record.id) (\(record.name))")) }
             print("removed template \(name)")
         }

@@ -145,7 +145,7 @@ extension RealGuests {
                 let body = index % 2 == 0 ? #"{"template": "busybox", "no_pool": true}"# : #"{"template": "busybox"}"#
                 let made = try server.request("POST", "/v1/clones", body)
                 try #require(made.status == 201, "create \(index): \(String(decoding: made.body, as: UTF8.self))")
-                let clone = try JSONDecoder().decode(CloneSummary.self, from: made.body)
+                let clone = try JSONCoding.decoder().decode(CloneView.self, from: made.body)
                 let removed = try server.request("DELETE", "/v1/clones/\(clone.id)", route: "/v1/clones/{id}")
                 #expect(removed.status == 200)
             }
@@ -176,21 +176,37 @@ extension RealGuests {
 
             let made = try server.request("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1"}"#)
             #expect(made.status == 201, "\(String(decoding: made.body, as: UTF8.self))")
-            let clone = try JSONDecoder().decode(CloneSummary.self, from: made.body)
+            let clone = try JSONCoding.decoder().decode(CloneView.self, from: made.body)
             #expect(clone.fromPool && clone.name == "api-1")
             #expect(try ControlChannel(path: clone.controlSocket).request("ping", timeout: .seconds(30)) == "pong")
             #expect(try ControlChannel(path: clone.controlSocket).request("hostname") == "api-1")
             let fresh = try server.request("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true, "nics": ["user"]}"#)
             #expect(fresh.status == 201)
-            let freshClone = try JSONDecoder().decode(CloneSummary.self, from: fresh.body)
+            let freshClone = try JSONCoding.decoder().decode(CloneView.self, from: fresh.body)
             #expect(!freshClone.fromPool && freshClone.devices.map(\.id) == ["nic0"])
 
             let listed = try server.request("GET", "/v1/clones")
             #expect(listed.status == 200)
-            #expect(try JSONDecoder().decode([CloneSummary].self, from: listed.body).map(\.id).sorted() == [clone.id, freshClone.id].sorted(), "pool members are not listed as clones")
+            #expect(try JSONCoding.decoder().decode([CloneView].self, from: listed.body).map(\.id).sorted() == [clone.id, freshClone.id].sorted(), "pool members are not listed as clones")
             let one = try server.request("GET", "/v1/clones/api-1", route: "/v1/clones/{id}")
             #expect(one.status == 200)
-            #expect(try JSONDecoder().decode(CloneSummary.self, from: one.body).state == .running)
+            #expect(try JSONCoding.decoder().decode(CloneView.self, from: one.body).state == .running)
+
+            // The API takes what `clone` takes, checked by the same code (CloneOptions).
+            let tuned = try server.request("POST", "/v1/clones", #"{"template": "busybox", "name": "api-tuned", "no_pool": true, "timeout": 20, "cow_limit": "64M", "over_limit": "kill", "vmgenid": false, "tcg_tb_size": 8}"#)
+            #expect(tuned.status == 201, "\(String(decoding: tuned.body, as: UTF8.self))")
+            let tunedClone = try JSONCoding.decoder().decode(CloneView.self, from: tuned.body)
+            #expect(tunedClone.overLimitAction == .kill && tunedClone.cowLimitBytes == 64 << 20 && tunedClone.vmgenid == nil)
+            let tunedRecord = try #require(try TemplateStore(root: server.store.root).findClone("api-tuned"))
+            #expect(tunedRecord.qemuArguments.joined(separator: " ").contains("tb-size=8"), "\(tunedRecord.qemuArguments)")
+            // A clone whose QEMU was killed is listed as exited, not as last recorded.
+            let tunedPID = try #require(tunedClone.pid)
+            kill(tunedPID, SIGKILL)
+            #expect(await eventually(timeout: .seconds(10)) {
+                guard let listed = try? server.request("GET", "/v1/clones"), let clones = try? JSONCoding.decoder().decode([CloneView].self, from: listed.body) else { return false }
+                return clones.first { $0.id == tunedClone.id }?.state == .exited
+            }, "GET /v1/clones shows the killed clone as exited")
+            #expect(try server.request("DELETE", "/v1/clones/api-tuned", route: "/v1/clones/{id}").status == 200)
 
             // Errors: each with its status and {"error": {"code", "message"}}.
             func expectError(_ method: String, _ path: String, route: String? = nil, _ body: String? = nil, status: Int, code: String) throws {
@@ -205,6 +221,14 @@ extension RealGuests {
             try expectError("POST", "/v1/clones", #"{"name": "x"}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["tap="]}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1", "no_pool": true}"#, status: 409, code: "exists")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "cow_limt": "64M"}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 0}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "timeout": 0}"#, status: 400, code: "invalidArgument")
+            // Refused the same way by the CLI: the same sentence.
+            let viaCLI = try CLI.run(["clone", "busybox", "--tcg-tb-size", "0"] + server.store.arguments)
+            let viaAPI = try server.request("POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 0}"#)
+            let apiMessage = ((server.json(viaAPI) as? [String: Any])?["error"] as? [String: Any])?["message"] as? String
+            #expect(viaCLI.status == 64 && apiMessage.map { viaCLI.stderr.contains($0) } == true, "CLI: \(viaCLI.status) \(viaCLI.stderr); API: \(apiMessage ?? "")")
             try expectError("PUT", "/v1/pools/nope", route: "/v1/pools/{template}", #"{"size": 1}"#, status: 404, code: "notFound")
             try expectError("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 5000}"#, status: 400, code: "invalidArgument")
             _ = try CLI.run(["settings", "--max-clones", "1"] + server.store.arguments)
@@ -253,9 +277,10 @@ extension RealGuests {
             let member = try asUser("nobody", group: "nogroup", ["POST", "/v1/clones", #"{"template": "busybox"}"#])
             #expect(member.status == 0, "\(member.stdout) \(member.stderr)")
             server.seen.append(("POST", "/v1/clones", 201))
-            let memberClone = try JSONDecoder().decode(CloneSummary.self, from: Data(member.stdout.utf8))
+            let memberClone = try JSONCoding.decoder().decode(CloneView.self, from: Data(member.stdout.utf8))
             for (arguments, route) in [
                 (["POST", "/v1/clones", #"{"template": "busybox", "nics": ["user"]}"#], "/v1/clones"),
+                (["POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 64}"#], "/v1/clones"),
                 (["PUT", "/v1/pools/busybox", #"{"size": 1}"#], "/v1/pools/{template}"),
                 (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
             ] {

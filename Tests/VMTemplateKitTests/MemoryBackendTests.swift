@@ -63,12 +63,12 @@ struct MemoryBackendTests {
     @Test("without rom= a clone needs --allow-writable-template, and gets a warning")
     func writableTemplateChoice() throws {
         let old = QEMUCapabilities(version: QEMUVersion(7, 2))
-        #expect(throws: VMTemplateError.self) { try CloneEngine.memoryOptions(capabilities: old, allowWritableTemplate: false) }
-        let (options, warning) = try CloneEngine.memoryOptions(capabilities: old, allowWritableTemplate: true)
+        #expect(throws: VMTemplateError.self) { try CloneLauncher.memoryOptions(capabilities: old, allowWritableTemplate: false) }
+        let (options, warning) = try CloneLauncher.memoryOptions(capabilities: old, allowWritableTemplate: true)
         #expect(options == .writableClone && options.openMode == .readWrite && options.mapping == .private)
         #expect(warning?.contains("read-write") == true)
         let current = QEMUCapabilities(version: QEMUVersion(10, 0))
-        let (cloneOptions, noWarning) = try CloneEngine.memoryOptions(capabilities: current, allowWritableTemplate: true)
+        let (cloneOptions, noWarning) = try CloneLauncher.memoryOptions(capabilities: current, allowWritableTemplate: true)
         #expect(cloneOptions == .clone && noWarning == nil, "with rom= the read-only clone is always used")
     }
 }

@@ -148,7 +148,7 @@ extension RealGuests {
             #expect(members.allSatisfy { $0.templateDigest == (try? templates.template(named: try EntityName("busybox")))?.manifest.identity })
             // Both members as if an earlier template of this name had made them.
             let earlier = "sha256:" + String(repeating: "ab", count: 32)
-            for member in members { try templates.updateClone(member.id) { $0.templateDigest = earlier } }
+            for member in members { try await templates.updateClone(member.id) { $0.templateDigest = earlier } }
             let handedOut = try JSONDecoder().decode(Clone.self, from: Data(try run(["clone", "busybox", "--json"], store).stdout.utf8))
             #expect(!handedOut.from_pool && !members.map(\.id).contains(handedOut.id), "a fresh clone, not a member of another template")
             #expect(await eventually { members.allSatisfy { $0.qemu?.isAlive == false } || templates.clones().records.filter { $0.state == .pooled }.count < 2 }, "the hand-out removed what it refused")

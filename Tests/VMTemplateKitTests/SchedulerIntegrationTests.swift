@@ -320,7 +320,7 @@ extension RealGuests {
             let realPID = try #require(record.qemu?.pid)
             // Point the record at this test process, with another start time: a reused PID.
             let impostor = ProcessIdentity(pid: getpid(), startTime: 1)
-            try templateStore.updateClone(record.id) { $0.qemu = impostor }
+            try await templateStore.updateClone(record.id) { $0.qemu = impostor }
             #expect(try list(store).clones.first { $0.name == "victim" }?.state == "exited")
             let gc = try CLI.run(["gc"] + store.arguments)
             #expect(gc.status == 0)
@@ -344,14 +344,14 @@ extension RealGuests {
             try bystander.run()
             defer { bystander.terminate() }
             let identity = try #require(ProcessIdentity.current(pid: bystander.processIdentifier))
-            try templateStore.updateClone(record.id) { $0.qemu = identity }
+            try await templateStore.updateClone(record.id) { $0.qemu = identity }
             let rm = try CLI.run(["rm", "claims"] + store.arguments)
             #expect(rm.status != 0)
             #expect(rm.stderr.contains("not its QEMU"), "\(rm.stderr)")
             #expect(bystander.isRunning, "rm must not signal a process that is not the clone's QEMU")
             #expect(FileManager.default.fileExists(atPath: store.cloneDirectory(record.id)))
             // Put the real QEMU back, so the clean-up removes the clone.
-            try templateStore.updateClone(record.id) { $0.qemu = real }
+            try await templateStore.updateClone(record.id) { $0.qemu = real }
         }
 
         @Test("a clone whose record cannot be read: gc finds its QEMU by -name, stops it, removes it")

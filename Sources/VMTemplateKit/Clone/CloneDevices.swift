@@ -28,14 +28,23 @@ public struct DeviceRequest: Sendable, Equatable {
     }
 }
 
-extension CloneEngine {
+/// A clone's NICs and disks: opened before its QEMU is asked anything, hot-plugged, recorded,
+/// unplugged (`clone --nic/--disk`, `device add/rm`).
+public struct CloneDevices: Sendable {
+    /// The store the clones are in.
+    public let store: TemplateStore
+
+    public init(store: TemplateStore) {
+        self.store = store
+    }
+
     /// Names each requested device (`nicN`, `diskN`), gives it a free root port, a MAC or a
     /// serial that names the clone, and opens what it needs: the tap (in its namespace), the
     /// image, and for `overlay=on` a new overlay in the clone's directory. Everything a user can
     /// get wrong fails here, before QEMU is asked anything; on failure nothing is left open or
     /// made. The caller closes the descriptors of what it gets and removes the overlays of
     /// devices it does not attach.
-    static func openDevices(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = [], busesInUse: Set<String> = []) throws -> [PreparedDevice] {
+    static func open(_ request: DeviceRequest, cloneID: String, cloneDirectory: String, existing: [AttachedDevice], slots: Int, idsInUse: Set<String> = [], busesInUse: Set<String> = []) throws -> [PreparedDevice] {
         let buses = (0..<max(0, min(slots, MachineSpec.maxHotplugSlots))).map { "hotplug\($0)" }
         var taken = existing
         var pending: [PreparedDevice] = []
@@ -84,7 +93,7 @@ extension CloneEngine {
                     // The overlay first, then its base, as ``QMPClient/attach(_:timeout:)`` expects.
                     let overlay: Int32
                     do {
-                        overlay = try image.createOverlay(at: "\(cloneDirectory)/\(device.overlayFileName)")
+                        overlay = try image.createOverlay(at: CloneLayout(directory: cloneDirectory).overlay(of: device))
                     } catch {
                         close(image.descriptor)
                         throw error
@@ -106,19 +115,19 @@ extension CloneEngine {
     /// checked device IDs, the directory from the store layout.
     static func removeOverlays(of devices: [PreparedDevice], in cloneDirectory: String) {
         for device in devices where device.device.overlay == true {
-            unlink("\(cloneDirectory)/\(device.device.overlayFileName)")
+            unlink(CloneLayout(directory: cloneDirectory).overlay(of: device.device))
         }
     }
 
     /// Hot-plugs devices into a running clone (`vmtemplate device add`) and records them.
     /// One device operation at a time per clone (a lock in its directory), so two never pick the
     /// same slot or name.
-    public func addDevices(_ request: DeviceRequest, to reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> [AttachedDevice] {
+    public func add(_ request: DeviceRequest, to reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> [AttachedDevice] {
         try await withDeviceLock(of: reference) { record, qemu in
             let directory = store.cloneDirectory(record.id)
             let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device add")
             defer { qmp.close() }
-            let prepared = try Self.openDevices(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse(), busesInUse: try await qmp.occupiedBuses())
+            let prepared = try Self.open(request, cloneID: record.id, cloneDirectory: directory, existing: record.devices ?? [], slots: record.hotplugSlots ?? 0, idsInUse: try await qmp.deviceIDsInUse(), busesInUse: try await qmp.occupiedBuses())
             defer { for device in prepared { device.closeDescriptors() } }
             var attached: [AttachedDevice] = []
             do {
@@ -127,7 +136,7 @@ extension CloneEngine {
                     attached.append(done)
                     let recorded = attached
                     do {
-                        try store.updateClone(record.id) { $0.devices = (record.devices ?? []) + recorded }
+                        try await store.updateClone(record.id) { $0.devices = (record.devices ?? []) + recorded }
                     } catch {
                         // Attached but not recorded would be a device nobody can remove.
                         await uncancellable { try? await qmp.detach(done, timeout: timeout) }
@@ -146,7 +155,7 @@ extension CloneEngine {
     /// Unplugs device `id` from a running clone (`vmtemplate device rm`): the guest is asked to
     /// release it and given `timeout` to do so; then its backend goes, its overlay is deleted and
     /// the record forgets it.
-    public func removeDevice(_ id: String, from reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
+    public func remove(_ id: String, from reference: CloneRecord, timeout: Duration = .seconds(10)) async throws -> AttachedDevice {
         try await withDeviceLock(of: reference) { record, qemu in
             guard let device = record.devices?.first(where: { $0.id == id }) else {
                 let known = (record.devices ?? []).map(\.id)
@@ -157,9 +166,9 @@ extension CloneEngine {
             try await qmp.detach(device, timeout: timeout)
             if device.overlay == true {
                 // The name comes from the checked device ID, the directory from the store layout.
-                unlink("\(store.cloneDirectory(record.id))/\(device.overlayFileName)")
+                unlink(store.cloneLayout(record.id).overlay(of: device))
             }
-            try store.updateClone(record.id) { $0.devices?.removeAll { $0.id == id } }
+            try await store.updateClone(record.id) { $0.devices?.removeAll { $0.id == id } }
             return device
         }
     }
@@ -167,7 +176,7 @@ extension CloneEngine {
     /// Runs `body` with the clone's device lock held, on the record as it is under the lock and
     /// the clone's own QEMU.
     private func withDeviceLock<T: Sendable>(of reference: CloneRecord, _ body: (CloneRecord, QEMUInstance) async throws -> T) async throws -> T {
-        let lock = try store.openLockFile("\(store.cloneDirectory(reference.id))/devices.lock")
+        let lock = try store.openLockFile(store.cloneLayout(reference.id).deviceLock)
         return try await lock.withExclusive {
             guard let record = store.cloneRecord(reference.id) else {
                 throw VMTemplateError(.notFound, "clone \(reference.id) is gone.")
@@ -175,7 +184,7 @@ extension CloneEngine {
             guard record.state == .running || record.state == .paused else {
                 throw VMTemplateError(.invalidState, "clone \(record.id) is \(record.state.rawValue), not running: wait until 'vmtemplate clone' has returned.")
             }
-            switch qemu(of: record) {
+            switch CloneLifecycle(store: store).qemu(of: record) {
             case .running(let qemu):
                 return try await body(record, qemu)
             case .exited:

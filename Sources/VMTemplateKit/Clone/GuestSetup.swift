@@ -78,3 +78,21 @@ public struct GuestSetup: Sendable {
         }
     }
 }
+
+extension GuestSetup {
+    /// Tells a resumed guest the time and its hostname the way its recipe says (`clock`), without
+    /// waiting for it. Returns what the clone's record says of it: `none`, `requested` or
+    /// `not-sent` (the reason then goes to `logPath`, where the reply waiter would have written).
+    static func start(_ clock: GuestClock, name: String, controlSocket: String, logPath: String, inChild: Bool) -> String {
+        guard clock == .controlChannel else { return "none" }
+        let setup = GuestSetup(controlSocket: controlSocket, epoch: Int(Date().timeIntervalSince1970.rounded()), hostname: name)
+        do {
+            try setup.start(waiter: inChild ? .forkedChild(logPath: logPath) : .thread)
+            return "requested"
+        } catch {
+            // The record keeps a fixed word (scripts compare it).
+            try? FileSystem.writeFileAtomically(path: logPath, data: Array("not sent: \(error)\n".utf8), mode: 0o600, durable: false)
+            return "not-sent"
+        }
+    }
+}

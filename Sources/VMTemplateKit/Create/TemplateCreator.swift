@@ -218,7 +218,7 @@ public struct TemplateCreator: Sendable {
         manifest.timings.total = started.duration(to: .now).seconds
         try StoredJSON.write(manifest, to: files.manifestPath, mode: access.fileMode)
         try access.apply(to: files.manifestPath)
-        try store.publish(staging, directoryMode: access.directoryMode)
+        try await store.publish(staging, directoryMode: access.directoryMode)
         if let gid = access.groupID { chown(store.templateFiles(request.name).directory, uid_t.max, gid) }
         return manifest
     }

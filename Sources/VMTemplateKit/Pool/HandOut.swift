@@ -9,7 +9,7 @@ import Glibc
 import Musl
 #endif
 
-extension CloneEngine {
+extension WarmPool {
     /// Hands out a ready member of `template`'s warm pool, or returns nil when there is none.
     ///
     /// The member is claimed by renaming its ready file (one winner among concurrent callers);
@@ -28,9 +28,9 @@ extension CloneEngine {
             guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil else { continue }
             // A member of an earlier template of this name (removed, then made again) maps that
             // template's RAM: never handed out, removed.
-            guard member.templateDigest == template.manifest.identity, case .running(let qemu) = qemu(of: member) else {
+            guard member.templateDigest == template.manifest.identity, case .running(let qemu) = lifecycle.qemu(of: member) else {
                 // A member whose QEMU died while pooled: removed, never handed out.
-                _ = try? await remove(member, grace: .milliseconds(200))
+                _ = try? await lifecycle.remove(member, grace: .milliseconds(200))
                 continue
             }
             var lap = Lap(from: started)
@@ -47,12 +47,15 @@ extension CloneEngine {
                 if let wanted = request.name?.value, wanted != id {
                     // Names are unique among clones and templates: checked and taken under the
                     // store lock. Without a name (the ID is the name) the claim alone suffices.
-                    try await store.withLock {
-                        try refuseTemplateName(wanted)
-                        record.name = wanted
-                        try store.claimNames(of: record)
-                        try store.save(record)
+                    let named = try await store.withLock { locked in
+                        try launcher.refuseTemplateName(wanted)
+                        var named = record
+                        named.name = wanted
+                        try locked.claimNames(of: named)
+                        try store.save(named)
+                        return named
                     }
+                    record = named
                 } else {
                     try store.save(record)
                 }
@@ -64,7 +67,7 @@ extension CloneEngine {
             timings.admission = lap.next()
             do {
                 let paths = store.clonePaths(id)
-                let devices = try Self.openDevices(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
+                let devices = try CloneDevices.open(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
                 defer { for device in devices { device.closeDescriptors() } }
                 let opened = lap.next()
                 // Without devices, `cont` goes out with the handshake: no round trip of its own.
@@ -78,7 +81,7 @@ extension CloneEngine {
                 record.devices = attached.isEmpty ? nil : attached
                 timings.devices = opened + lap.next()
                 if !devices.isEmpty { try await qmp.cont() }
-                record.clock = startGuestSetup(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: "\(store.cloneDirectory(id))/guest-setup.log", inChild: request.guestRepliesInChild)
+                record.clock = GuestSetup.start(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: store.cloneLayout(id).guestSetupLog, inChild: request.guestRepliesInChild)
                 // Without devices, `cont` went out with the QMP handshake.
                 timings.resume = connected + lap.next()
                 record.state = .running
@@ -88,7 +91,7 @@ extension CloneEngine {
             } catch {
                 // Half handed out: removed like a fresh clone that failed.
                 let failed = record
-                await uncancellable { _ = try? await self.remove(failed, grace: .milliseconds(200)) }
+                await uncancellable { _ = try? await lifecycle.remove(failed, grace: .milliseconds(200)) }
                 throw error
             }
         }

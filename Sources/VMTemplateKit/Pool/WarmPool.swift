@@ -19,11 +19,19 @@ import Musl
 /// runtime's first request in ~15 ms. Then it is paused again and marked ready
 /// (``TemplateStore/markReady(_:template:)``).
 public struct WarmPool: Sendable {
-    public let engine: CloneEngine
-    public var store: TemplateStore { engine.store }
+    /// What restores members; its store is the pool's (a pool holds its own store's templates).
+    public let launcher: CloneLauncher
+    public var store: TemplateStore { launcher.store }
+    var lifecycle: CloneLifecycle { CloneLifecycle(store: store) }
 
-    public init(engine: CloneEngine) {
-        self.engine = engine
+    public init(launcher: CloneLauncher) {
+        self.launcher = launcher
+    }
+
+    /// The pools of `store`'s templates, members made with `explicitQEMU` (else the binary that
+    /// made each template).
+    public init(store: TemplateStore, explicitQEMU: String? = nil) {
+        self.init(launcher: CloneLauncher(store: store, explicitQEMU: explicitQEMU))
     }
 
     /// One pool, as `pool ls` shows it.
@@ -81,9 +89,37 @@ public struct WarmPool: Sendable {
 
     /// Restores one member, warms it, pauses it, marks it ready.
     func makeMember(_ template: EntityName, timeout: Duration) async throws -> CloneRecord {
-        var request = CloneRequest(template: template, timeout: timeout)
-        request.purpose = .poolMember
-        return try await engine.clone(request).record
+        let started = ContinuousClock.now
+        let published = try launcher.template(template)
+        var launched = try await launcher.launch(CloneRequest(template: template, timeout: timeout), from: published, state: .warming, started: started)
+        do {
+            defer { launched.qmp.close() }
+            try await launched.qmp.cont()
+            try await warm(launched.record, qmp: launched.qmp, manifest: published.manifest, timeout: timeout)
+            launched.timings.resume = launched.lap.next()
+            launched.timings.total = started.duration(to: .now).seconds
+            var record = launched.record
+            record.timings = launched.timings
+            record.state = .pooled
+            record.restoreSeconds = started.duration(to: .now).seconds
+            // The pool may have been drained, or its template removed (and perhaps made again)
+            // while this member warmed: then it is not listed, but goes like a clone that failed
+            // to start. Checked, recorded and listed under the lock that template removal takes,
+            // so a removal sees either no member or a listed one.
+            let member = record
+            try await store.withLock { _ in
+                guard (store.poolSizes()[template.value] ?? 0) > 0,
+                      (try? store.template(named: template))?.manifest.identity == member.templateDigest else {
+                    throw VMTemplateError(.invalidState, "the pool of '\(template)' was drained or its template removed while member \(member.id) warmed.")
+                }
+                try store.save(member)
+                try store.markReady(member.id, template: template)
+            }
+            return record
+        } catch {
+            await launcher.discard(launched)
+            throw error
+        }
     }
 
     /// Sets the size of `template`'s pool; a smaller size removes the ready members over it at
@@ -93,7 +129,7 @@ public struct WarmPool: Sendable {
         guard store.templateExists(template) else {
             throw VMTemplateError(.notFound, "no template named '\(template)' in this store: see 'vmtemplate list'.")
         }
-        try store.setPoolSize(template, size)
+        try await store.setPoolSize(template, size)
         return await drain(template, keeping: size)
     }
 
@@ -106,7 +142,7 @@ public struct WarmPool: Sendable {
             guard store.claim(id, template: template) else { continue }
             // Only a member that is still one: a ready file never makes a running clone go.
             if let record = store.cloneRecord(id), record.state == .pooled, record.template == template.value {
-                _ = try? await engine.remove(record, grace: .milliseconds(500))
+                _ = try? await lifecycle.remove(record, grace: .milliseconds(500))
             }
             store.releaseClaim(id, template: template)
             removed.append(id)
@@ -140,7 +176,7 @@ public struct WarmPool: Sendable {
         var removed: [String] = []
         for candidate in candidates {
             guard let record = store.cloneRecord(candidate.id), record.state == .pooled else { continue }
-            if (try? await engine.remove(record, grace: .milliseconds(500))) != nil { removed.append(record.id) }
+            if (try? await lifecycle.remove(record, grace: .milliseconds(500))) != nil { removed.append(record.id) }
         }
         return removed
     }

@@ -27,7 +27,7 @@ public struct MemorySummary: Sendable, Codable, Equatable {
         case fullCopyBytes = "full_copy_bytes"
     }
 
-    public init(templates: [TemplateManifest], clones: [CloneStatus]) {
+    public init(templates: [TemplateManifest], clones: [CloneView]) {
         self.templates = templates.count
         self.clones = clones.count
         running = clones.filter { $0.state == .running }.count

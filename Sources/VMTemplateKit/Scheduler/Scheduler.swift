@@ -12,11 +12,11 @@ import Foundation
 public struct Scheduler: Sendable {
     public let store: TemplateStore
     /// How the scheduler reaches a clone's QEMU (verified before it is paused or killed).
-    private let engine: CloneEngine
+    private let lifecycle: CloneLifecycle
 
     public init(store: TemplateStore) {
         self.store = store
-        self.engine = CloneEngine(store: store)
+        self.lifecycle = CloneLifecycle(store: store)
     }
 
     /// One pass over all clones. Returns the actions taken (each also saved in its record).
@@ -38,7 +38,7 @@ public struct Scheduler: Sendable {
         guard let qemu = record.qemu, !record.isBeingSetUp, record.state != .exited, record.state != .pooled else { return nil }
         guard qemu.isAlive else {
             // Marked here so `list` and `inspect` tell the story even before `gc` runs.
-            _ = try? store.updateClone(record.id) { $0.state = .exited }
+            _ = try? await store.updateClone(record.id) { $0.state = .exited }
             return nil
         }
         guard let limit = record.cowLimitBytes, record.state != .paused else { return nil }
@@ -63,7 +63,7 @@ public struct Scheduler: Sendable {
         let escalated = action == .pause && failedPauses >= settings.pauseAttempts
         if escalated { action = .kill }
         var failure: String?
-        switch engine.qemu(of: record) {
+        switch lifecycle.qemu(of: record) {
         case .running(let instance):
             do {
                 switch action {
@@ -86,7 +86,7 @@ public struct Scheduler: Sendable {
         }
         let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure,
                                       attempt: action == .pause ? failedPauses + 1 : nil, escalated: escalated ? true : nil)
-        _ = try? store.updateClone(record.id) { updated in
+        _ = try? await store.updateClone(record.id) { updated in
             updated.lastEnforcement = enforcement
             if failure == nil {
                 updated.state = action == .pause ? .paused : .exited

@@ -267,7 +267,10 @@ extension TemplateStore {
     /// The files of clone `id`: derived from the store layout, never read from its record.
     public func clonePaths(_ id: String) -> InstancePaths { InstancePaths(directory: cloneDirectory(id)) }
 
-    func recordPath(_ id: String) -> String { "\(cloneDirectory(id))/record.json" }
+    /// Every file of clone `id`'s directory (``CloneLayout``).
+    public func cloneLayout(_ id: String) -> CloneLayout { CloneLayout(directory: cloneDirectory(id)) }
+
+    func recordPath(_ id: String) -> String { cloneLayout(id).record }
 
     /// Writes a record atomically. Not synced: a clone does not survive the machine going down,
     /// and the rename keeps readers from ever seeing half a record.
@@ -276,13 +279,6 @@ extension TemplateStore {
         try StoredJSON.write(record, to: recordPath(record.id), durable: false)
     }
 
-    /// Changes one clone's record under the store lock (read, change, write), so concurrent
-    /// writers never lose each other's changes. Returns nil when the clone is gone.
-    @discardableResult
-    public func updateClone(_ id: String, _ change: (inout CloneRecord) throws -> Void) throws -> CloneRecord? {
-        guard trustedCloneDirectory(id) == nil else { return nil }
-        return try update(CloneRecord.self, at: recordPath(id), durable: false, change)
-    }
 
     /// Why the directory of clone `id` is not to be believed, or nil: it must be a directory (not a
     /// link) that the store's owner owns.
@@ -414,4 +410,38 @@ extension TemplateStore {
         }
         throw VMTemplateError(.notFound, "no clone with ID or name '\(shown)': see 'vmtemplate list'.")
     }
+}
+
+extension LockedStore {
+    /// Changes one clone's record (read, change, write), so concurrent writers never lose each
+    /// other's changes. Returns nil when the clone is gone.
+    @discardableResult
+    public func updateClone(_ id: String, _ change: (inout CloneRecord) throws -> Void) throws -> CloneRecord? {
+        guard store.trustedCloneDirectory(id) == nil else { return nil }
+        return try update(CloneRecord.self, at: store.recordPath(id), durable: false, change)
+    }
+}
+
+/// The files of one clone's directory, `clones/ID/`: the one place that names them. Every path is
+/// derived from the store layout and a checked ID, never read from a record.
+public struct CloneLayout: Sendable, Equatable {
+    public let directory: String
+
+    public init(directory: String) {
+        self.directory = directory
+    }
+
+    /// QEMU's sockets and logs (named by the QEMU layer, which starts QEMU with them).
+    public var instance: InstancePaths { InstancePaths(directory: directory) }
+    /// The record (``CloneRecord``).
+    public var record: String { "\(directory)/record.json" }
+    /// Made exclusively by the one process that removes the clone (``LockedStore/claimRemoval(of:)``).
+    public var removalClaim: String { "\(directory)/.removing" }
+    /// Held by `device add/rm`, one device operation at a time.
+    public var deviceLock: String { "\(directory)/devices.lock" }
+    /// What the guest answered to its clock and hostname, or why they were not sent.
+    public var guestSetupLog: String { "\(directory)/guest-setup.log" }
+
+    /// The private overlay of an `overlay=on` disk.
+    public func overlay(of device: AttachedDevice) -> String { "\(directory)/\(device.overlayFileName)" }
 }

@@ -21,26 +21,28 @@ extension TemplateStore {
 
     /// The most entries the index is believed with: more than any host runs clones.
     static let maxLiveEntries = 1 << 16
+}
 
-    private struct LiveIndex: Codable {
-        /// Clone ID to committed bytes.
-        var clones: [String: UInt64]
-    }
+/// `live.json`.
+private struct LiveIndex: Codable {
+    /// Clone ID to committed bytes.
+    var clones: [String: UInt64]
+}
 
+/// The live index under the store lock: entries, admission, removal claims.
+extension LockedStore {
     /// The committed bytes of the clones in the index; nil when it is missing or does not hold up.
-    /// Call under the store lock.
     func readLiveIndex() -> [String: UInt64]? {
-        guard case .success(let index) = StoredJSON.read(LiveIndex.self, at: liveIndexPath, owner: ownerUID),
-              index.clones.count <= Self.maxLiveEntries,
+        guard case .success(let index) = StoredJSON.read(LiveIndex.self, at: store.liveIndexPath, owner: store.ownerUID),
+              index.clones.count <= TemplateStore.maxLiveEntries,
               index.clones.keys.allSatisfy({ (try? EntityName($0, kind: "clone ID")) != nil }) else { return nil }
         return index.clones
     }
 
-    /// Makes the index from the records, counting only the clones that are live now. Call under
-    /// the store lock.
+    /// Makes the index from the records, counting only the clones that are live now. 
     @discardableResult
     public func rebuildLiveIndex() throws -> [String: UInt64] {
-        let listing = listClones()
+        let listing = store.listClones()
         let old = readLiveIndex() ?? [:]
         var live: [String: UInt64] = [:]
         for record in listing.records where record.isLive { live[record.id] = record.committedBytes }
@@ -53,17 +55,17 @@ extension TemplateStore {
 
     private func writeLiveIndex(_ clones: [String: UInt64]) throws {
         // Not durable: every live clone dies with the machine, and a lost index is rebuilt.
-        try StoredJSON.write(LiveIndex(clones: clones), to: liveIndexPath, mode: 0o644, durable: false)
+        try StoredJSON.write(LiveIndex(clones: clones), to: store.liveIndexPath, mode: 0o644, durable: false)
     }
 
-    /// Enters a clone being made. Call under the store lock.
+    /// Enters a clone being made.
     public func enterLive(_ id: String, committedBytes: UInt64) throws {
         var clones = try readLiveIndex() ?? rebuildLiveIndex()
         clones[id] = committedBytes
         try writeLiveIndex(clones)
     }
 
-    /// Drops a clone whose directory is gone or going. Call under the store lock. A failure
+    /// Drops a clone whose directory is gone or going. A failure
     /// leaves an entry that can only make admission stricter, and the next rebuild drops it.
     public func leaveLive(_ id: String) {
         guard var clones = readLiveIndex() else { return }
@@ -75,9 +77,9 @@ extension TemplateStore {
     /// limits (``Admission/check(settings:live:newCommitted:)``), counting the live clones from the
     /// index: rebuilt from the records first when it is missing, and again before it would refuse
     /// (an entry of a clone that died is then dropped instead of refusing on its account).
-    /// `excluding`: a live clone whose commitment this replaces. Call under the store lock.
+    /// `excluding`: a live clone whose commitment this replaces.
     public func admit(_ committedBytes: UInt64, excluding id: String? = nil) throws {
-        let settings = try settings()
+        let settings = try store.settings()
         guard settings.maxClones != nil || settings.memoryBudgetBytes != nil else { return }
         func others(_ index: [String: UInt64]) -> [UInt64] { Array(index.filter { $0.key != id }.values) }
         // An index that admits is believed; one that refuses, or none, is made again from the
@@ -90,20 +92,18 @@ extension TemplateStore {
     }
 
     /// Admits a live clone's new commitment (a higher copy-on-write limit) against the others'
-    /// and enters it. Call under the store lock.
+    /// and enters it.
     public func recommit(_ id: String, committedBytes: UInt64) throws {
         try admit(committedBytes, excluding: id)
         try enterLive(id, committedBytes: committedBytes)
     }
 
-    /// Removes clone `id`'s directory, its index entry and (given its record) its names. Call
-    /// under the store lock: then no `clone` can be reserving the same names meanwhile.
     /// Takes the removal of clone `id` for this process: `clones/ID/.removing` made exclusively,
-    /// naming this process (PID and start time). Call under the store lock. Throws `notFound` when
+    /// naming this process (PID and start time). Throws `notFound` when
     /// the clone is gone or another live process is removing it; a claim whose process is gone is
     /// taken over.
     public func claimRemoval(of id: String) throws {
-        let path = "\(cloneDirectory(id))/.removing"
+        let path = store.cloneLayout(id).removalClaim
         let me = ProcessIdentity.current(pid: getpid())
         let text = "\(getpid()) \(me?.startTime ?? 0)"
         for _ in 0..<2 {
@@ -127,14 +127,19 @@ extension TemplateStore {
         throw VMTemplateError(.notFound, "no clone with ID \(id): it was removed meanwhile; see 'vmtemplate list'.")
     }
 
-    /// Gives up this process's claim on removing clone `id` (the removal failed).
-    public func releaseRemoval(of id: String) {
-        unlink("\(cloneDirectory(id))/.removing")
-    }
-
+    /// Removes clone `id`'s directory, its index entry and (given its record) its names: under the
+    /// store lock, so no `clone` can be reserving the same names meanwhile.
     public func removeCloneDirectory(_ id: String, record: CloneRecord?) throws {
-        try FileSystem.removeTree(path: cloneDirectory(id))
+        try FileSystem.removeTree(path: store.cloneDirectory(id))
         leaveLive(id)
         if let record { releaseNames(of: record) }
     }
+}
+
+extension TemplateStore {
+    /// Gives up this process's claim on removing clone `id` (the removal failed).
+    public func releaseRemoval(of id: String) {
+        unlink(cloneLayout(id).removalClaim)
+    }
+
 }

@@ -25,7 +25,25 @@ extension TemplateStore {
         return record
     }
 
-    /// Enters `record`'s name and ID. Call under the store lock. Throws `.exists` when another
+    /// The ID an entry holds; nil for no entry or one that is not the owner's or not an ID.
+    func readNameEntry(_ name: String) -> String? {
+        let fd = open("\(namesDirectory)/\(name)", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { return nil }
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let count = read(fd, &buffer, buffer.count)
+        guard count > 0 else { return nil }
+        let id = String(decoding: buffer[0..<count], as: UTF8.self)
+        return (try? EntityName(id, kind: "clone ID")) != nil ? id : nil
+    }
+
+}
+
+/// The name index under the store lock: names are taken and given up only there.
+extension LockedStore {
+    /// Enters `record`'s name and ID. Throws `.exists` when another
     /// live entry holds either.
     public func claimNames(of record: CloneRecord) throws {
         try ensureNameIndex()
@@ -36,8 +54,8 @@ extension TemplateStore {
 
     /// Removes `record`'s entries (those that still point at it).
     public func releaseNames(of record: CloneRecord) {
-        for name in Set([record.name, record.id]) where readNameEntry(name) == record.id {
-            unlink("\(namesDirectory)/\(name)")
+        for name in Set([record.name, record.id]) where store.readNameEntry(name) == record.id {
+            unlink("\(store.namesDirectory)/\(name)")
         }
     }
 
@@ -45,7 +63,7 @@ extension TemplateStore {
         guard (try? EntityName(name, kind: "clone")) != nil else {
             throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(name))' is not a valid clone name.")
         }
-        let path = "\(namesDirectory)/\(name)"
+        let path = "\(store.namesDirectory)/\(name)"
         for _ in 0..<2 {
             let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
             if fd >= 0 {
@@ -58,14 +76,14 @@ extension TemplateStore {
                 return
             }
             guard errno == EEXIST else {
-                throw VMTemplateError(.ioError, "cannot create '\(path)': \(errnoText()). Check that this user may write to '\(namesDirectory)'.", cause: SystemCallError("open"))
+                throw VMTemplateError(.ioError, "cannot create '\(path)': \(errnoText()). Check that this user may write to '\(store.namesDirectory)'.", cause: SystemCallError("open"))
             }
-            if let holder = readNameEntry(name) {
+            if let holder = store.readNameEntry(name) {
                 if holder == id { return }
-                let record = cloneRecord(holder)
+                let record = store.cloneRecord(holder)
                 // A clone whose directory is there but whose record cannot be read now keeps its
                 // name: only a clone that is gone, or renamed, gives it up.
-                let taken = record.map { $0.name == name || $0.id == name } ?? (access(cloneDirectory(holder), F_OK) == 0)
+                let taken = record.map { $0.name == name || $0.id == name } ?? (access(store.cloneDirectory(holder), F_OK) == 0)
                 if taken {
                     throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
                 }
@@ -77,20 +95,20 @@ extension TemplateStore {
     }
 
     /// Removes entries whose clone is gone (its directory removed by a `gc` that could not read
-    /// its record, or by a command killed between the two) or renamed. Call under the store lock:
+    /// its record, or by a command killed between the two) or renamed.:
     /// a clone's directory exists before its names are entered, so an entry without one is
     /// stale. Returns the paths removed.
     public func pruneNameIndex() -> [String] {
         var removed: [String] = []
-        for name in StoredJSON.entries(of: namesDirectory) {
-            let path = "\(namesDirectory)/\(name)"
+        for name in StoredJSON.entries(of: store.namesDirectory) {
+            let path = "\(store.namesDirectory)/\(name)"
             var info = stat()
-            guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { continue }
+            guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == store.ownerUID else { continue }
             let stale: Bool
-            if let holder = readNameEntry(name) {
-                if access(cloneDirectory(holder), F_OK) != 0 {
+            if let holder = store.readNameEntry(name) {
+                if access(store.cloneDirectory(holder), F_OK) != 0 {
                     stale = errno == ENOENT
-                } else if let record = cloneRecord(holder) {
+                } else if let record = store.cloneRecord(holder) {
                     stale = record.name != name && record.id != name
                 } else {
                     stale = false
@@ -104,35 +122,21 @@ extension TemplateStore {
         return removed
     }
 
-    /// The ID an entry holds; nil for no entry or one that is not the owner's or not an ID.
-    private func readNameEntry(_ name: String) -> String? {
-        let fd = open("\(namesDirectory)/\(name)", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { return nil }
-        var buffer = [UInt8](repeating: 0, count: 64)
-        let count = read(fd, &buffer, buffer.count)
-        guard count > 0 else { return nil }
-        let id = String(decoding: buffer[0..<count], as: UTF8.self)
-        return (try? EntityName(id, kind: "clone ID")) != nil ? id : nil
-    }
-
-    /// Makes `names/` and enters every clone's name and ID, once per store. Under the store lock.
+    /// Makes `names/` and enters every clone's name and ID, once per store.
     private func ensureNameIndex() throws {
         var info = stat()
-        if lstat(namesDirectory, &info) == 0 {
-            guard (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == ownerUID else {
-                throw VMTemplateError(.invalidState, "'\(namesDirectory)' is not a directory of the store's owner: remove it (a fresh one is made from the records).")
+        if lstat(store.namesDirectory, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == store.ownerUID else {
+                throw VMTemplateError(.invalidState, "'\(store.namesDirectory)' is not a directory of the store's owner: remove it (a fresh one is made from the records).")
             }
             return
         }
-        let building = "\(namesDirectory).new-\(getpid())"
+        let building = "\(store.namesDirectory).new-\(getpid())"
         try? FileSystem.removeTree(path: building)
         guard mkdir(building, 0o755) == 0 else {
             throw VMTemplateError(.ioError, "cannot create '\(building)': \(errnoText()).", cause: SystemCallError("mkdir"))
         }
-        for record in clones().records {
+        for record in store.clones().records {
             for name in Set([record.name, record.id]) {
                 let fd = open("\(building)/\(name)", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
                 guard fd >= 0 else { continue }
@@ -140,9 +144,9 @@ extension TemplateStore {
                 close(fd)
             }
         }
-        guard rename(building, namesDirectory) == 0 else {
+        guard rename(building, store.namesDirectory) == 0 else {
             try? FileSystem.removeTree(path: building)
-            throw VMTemplateError(.ioError, "cannot create '\(namesDirectory)': \(errnoText()).", cause: SystemCallError("rename"))
+            throw VMTemplateError(.ioError, "cannot create '\(store.namesDirectory)': \(errnoText()).", cause: SystemCallError("rename"))
         }
     }
 }

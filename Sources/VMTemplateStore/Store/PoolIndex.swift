@@ -29,13 +29,16 @@ extension TemplateStore {
     }
 
     /// Sets (0: removes) the size of `template`'s pool.
-    public func setPoolSize(_ template: EntityName, _ size: Int) throws {
+    public func setPoolSize(_ template: EntityName, _ size: Int) async throws {
         guard (0...Self.maxPoolSize).contains(size) else {
             throw VMTemplateError(.invalidArgument, "a pool holds 0 to \(Self.maxPoolSize) members, not \(size).")
         }
-        try update([String: Int].self, at: poolSizesPath, default: [:]) { sizes in
-            sizes = sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
-            sizes[template.value] = size == 0 ? nil : size
+        let path = poolSizesPath
+        try await withLock { locked in
+            try locked.update([String: Int].self, at: path, default: [:]) { sizes in
+                sizes = sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
+                sizes[template.value] = size == 0 ? nil : size
+            }
         }
     }
 
@@ -131,8 +134,8 @@ extension TemplateStore {
 
     /// Forgets `template`'s pool: its size and its ready list (the members themselves are clones,
     /// removed as such).
-    public func removePool(_ template: EntityName) throws {
-        try setPoolSize(template, 0)
+    public func removePool(_ template: EntityName) async throws {
+        try await setPoolSize(template, 0)
         try? FileSystem.removeTree(path: poolDirectory(template))
     }
 }

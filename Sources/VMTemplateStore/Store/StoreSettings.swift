@@ -93,13 +93,14 @@ extension TemplateStore {
     }
 
     /// Changes the settings under the store lock, so concurrent changes are not lost.
-    public func updateSettings(_ change: (inout StoreSettings) throws -> Void) throws -> StoreSettings {
-        let updated = try update(StoreSettings.self, at: settingsPath, default: StoreSettings()) { settings in
+    public func updateSettings(isolation: isolated (any Actor)? = #isolation, _ change: (inout StoreSettings) throws -> Void) async throws -> StoreSettings {
+        let path = settingsPath
+        let updated = try await withLock { try $0.update(StoreSettings.self, at: path, default: StoreSettings()) { settings in
             try change(&settings)
             if let problem = settings.problem {
                 throw VMTemplateError(.invalidArgument, "\(problem): give a value in range.")
             }
-        }
+        } }
         return updated ?? StoreSettings()
     }
 }

@@ -96,26 +96,24 @@ public enum StoredJSON {
     }
 }
 
-extension TemplateStore {
-    /// Changes the JSON file at `path` under the store lock: read (or start from `initial` when
+extension LockedStore {
+    /// Changes the JSON file at `path`: read (or start from `initial` when
     /// the file does not exist; nil: return nil), change, write atomically. Concurrent writers
     /// never lose each other's changes.
     @discardableResult
     public func update<Value: Codable>(_ type: Value.Type, at path: String, default initial: Value? = nil, durable: Bool = true, _ change: (inout Value) throws -> Void) throws -> Value? {
-        try withLock {
-            var value: Value
-            switch StoredJSON.read(type, at: path, owner: ownerUID) {
-            case .success(let current):
-                value = current
-            case .failure(.missing):
-                guard let initial else { return nil }
-                value = initial
-            case .failure(let failure):
-                throw VMTemplateError(.invalidState, "'\(path)' cannot be changed because \(failure): fix or remove it.", cause: failure)
-            }
-            try change(&value)
-            try StoredJSON.write(value, to: path, durable: durable)
-            return value
+        var value: Value
+        switch StoredJSON.read(type, at: path, owner: store.ownerUID) {
+        case .success(let current):
+            value = current
+        case .failure(.missing):
+            guard let initial else { return nil }
+            value = initial
+        case .failure(let failure):
+            throw VMTemplateError(.invalidState, "'\(path)' cannot be changed because \(failure): fix or remove it.", cause: failure)
         }
+        try change(&value)
+        try StoredJSON.write(value, to: path, durable: durable)
+        return value
     }
 }

@@ -146,24 +146,6 @@ public struct TemplateStore: Sendable {
         return "\(environment["HOME"] ?? NSHomeDirectory())/.local/share/vmtemplate"
     }
 
-    /// Runs `body` holding the store's exclusive lock (across processes), waiting at most
-    /// `lockTimeout`. The lock file is the owner's, mode 0600, so nobody else can hold it. The
-    /// wait sleeps the thread: async code calls the async variant, which sleeps the task.
-    @available(*, noasync, message: "sleeps the thread while it waits for the lock; call it with await")
-    public func withLock<T>(_ body: () throws -> T) throws -> T {
-        try requireWritable()
-        let lock = try openLockFile(lockPath)
-        return try lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
-    }
-
-    /// ``withLock(_:)`` for async code: waiting for another process's hold never blocks a
-    /// cooperative thread.
-    public func withLock<T>(isolation: isolated (any Actor)? = #isolation, _ body: () throws -> T) async throws -> T {
-        try requireWritable()
-        let lock = try openLockFile(lockPath)
-        return try await lock.withExclusive(waitingAtMost: Self.lockTimeout, body)
-    }
-
     /// Opens one of the store's lock files: the owner's, mode 0600. A lock file of another user is
     /// refused; one whose mode lets others open it (stores made before 0.2) is replaced by a fresh
     /// file, since a descriptor somebody opened earlier would keep working on the old one.
@@ -274,7 +256,7 @@ public struct TemplateStore: Sendable {
     /// killed and the directory removed. A `create` of the same name that is still running wins.
     public func reserveStaging(_ name: EntityName) async throws -> StagingArea {
         let staging = StagingArea(name: name, directory: "\(stagingDirectory)/\(name)")
-        let leftover: (StagingArea, StagingArea.Owner?)? = try await withLock {
+        let leftover: (StagingArea, StagingArea.Owner?)? = try await withLock { locked in
             if templateExists(name) {
                 throw VMTemplateError(.exists, "template '\(name)' already exists: pick another name, or remove it first (vmtemplate rm-template \(name)).")
             }
@@ -287,12 +269,12 @@ public struct TemplateStore: Sendable {
             if let owner, owner.creator.isAlive {
                 throw VMTemplateError(.busy, "template '\(name)' is being created right now by process \(owner.creator.pid): wait for it to finish, or pick another name.")
             }
-            return (try claimForDiscard(staging), owner)
+            return (try locked.claimForDiscard(staging), owner)
         }
         if let (claimed, owner) = leftover {
             try await claimed.discard(owner: owner)
         }
-        return try await withLock {
+        return try await withLock { _ in
             guard mkdir(staging.directory, 0o755) == 0 else {
                 let code = errno
                 if code == EEXIST {
@@ -305,39 +287,16 @@ public struct TemplateStore: Sendable {
         }
     }
 
-    /// Moves a dead staging area aside (under the lock) so that stopping its QEMU and removing it
-    /// can happen without the lock, and a new `create` of the same name cannot be caught by it.
-    private func claimForDiscard(_ staging: StagingArea) throws -> StagingArea {
-        let aside = "\(stagingDirectory)/\(StagingArea.discardPrefix)\(String(UInt32.random(in: 0...UInt32.max), radix: 16))-\(staging.name)"
-        guard rename(staging.directory, aside) == 0 else {
-            throw VMTemplateError(.ioError, "cannot move the leftover staging area '\(staging.directory)' aside: \(errnoText()).", cause: SystemCallError("rename"))
-        }
-        return StagingArea(name: staging.name, directory: aside)
-    }
-
     /// Publishes a complete staging directory as `templates/NAME` with one rename.
-    package func publish(_ staging: StagingArea, directoryMode: mode_t = 0o555) throws {
-        try withLock {
-            let target = templateFiles(staging.name).directory
-            if templateExists(staging.name) {
-                throw VMTemplateError(.exists, "template '\(staging.name)' was created by another process meanwhile: pick another name.")
-            }
-            try FileSystem.fsyncDirectory(path: staging.directory)
-            guard rename(staging.directory, target) == 0 else {
-                throw VMTemplateError(.ioError, "cannot publish template '\(staging.name)': rename to '\(target)' failed: \(errnoText()).", cause: SystemCallError("rename"))
-            }
-            // Read-only directory too: nobody but root can add or remove files in a template.
-            chmod(target, directoryMode)
-            try FileSystem.fsyncDirectory(path: templatesDirectory)
-            try FileSystem.fsyncDirectory(path: stagingDirectory)
-        }
+    package func publish(_ staging: StagingArea, directoryMode: mode_t = 0o555) async throws {
+        try await withLock { try $0.publish(staging, directoryMode: directoryMode) }
     }
 
     /// Removes what interrupted `create`s left in `staging/` (and stops the QEMU they left);
     /// anything whose creator still runs is left alone.
     public func collectStagingGarbage(into report: inout GarbageReport) async {
         var problems: [String] = []
-        let claimed: [(StagingArea, StagingArea.Owner?)] = (try? await withLock {
+        let claimed: [(StagingArea, StagingArea.Owner?)] = (try? await withLock { locked in
             let names = (try? FileManager.default.contentsOfDirectory(atPath: stagingDirectory)) ?? []
             return names.sorted().compactMap { entry -> (StagingArea, StagingArea.Owner?)? in
                 let directory = "\(stagingDirectory)/\(entry)"
@@ -354,7 +313,7 @@ public struct TemplateStore: Sendable {
                 let owner = staging.owner
                 if let owner, owner.creator.isAlive { return nil }
                 do {
-                    return (try claimForDiscard(staging), owner)
+                    return (try locked.claimForDiscard(staging), owner)
                 } catch {
                     problems.append("\(directory): \(VMTemplateError.oneLine(error))")
                     return nil
@@ -520,5 +479,34 @@ final class ManifestCache: Sendable {
             if entries.count >= Self.capacity { entries.removeAll() }
             entries[key] = template
         }
+    }
+}
+
+/// Staging and publication, under the store lock.
+extension LockedStore {
+    /// Moves a dead staging area aside so that stopping its QEMU and removing it can happen
+    /// without the lock, and a new `create` of the same name cannot be caught by it.
+    func claimForDiscard(_ staging: StagingArea) throws -> StagingArea {
+        let aside = "\(store.stagingDirectory)/\(StagingArea.discardPrefix)\(String(UInt32.random(in: 0...UInt32.max), radix: 16))-\(staging.name)"
+        guard rename(staging.directory, aside) == 0 else {
+            throw VMTemplateError(.ioError, "cannot move the leftover staging area '\(staging.directory)' aside: \(errnoText()).", cause: SystemCallError("rename"))
+        }
+        return StagingArea(name: staging.name, directory: aside)
+    }
+
+    /// Publishes a complete staging directory as `templates/NAME` with one rename.
+    func publish(_ staging: StagingArea, directoryMode: mode_t) throws {
+        let target = store.templateFiles(staging.name).directory
+        if store.templateExists(staging.name) {
+            throw VMTemplateError(.exists, "template '\(staging.name)' was created by another process meanwhile: pick another name.")
+        }
+        try FileSystem.fsyncDirectory(path: staging.directory)
+        guard rename(staging.directory, target) == 0 else {
+            throw VMTemplateError(.ioError, "cannot publish template '\(staging.name)': rename to '\(target)' failed: \(errnoText()).", cause: SystemCallError("rename"))
+        }
+        // Read-only directory too: nobody but root can add or remove files in a template.
+        chmod(target, directoryMode)
+        try FileSystem.fsyncDirectory(path: store.templatesDirectory)
+        try FileSystem.fsyncDirectory(path: store.stagingDirectory)
     }
 }

@@ -3,8 +3,11 @@ import VMTemplateQEMU
 import VMTemplateStore
 import Foundation
 
-/// One clone as `list` and `inspect` show it: its record, its live state and its memory.
-public struct CloneStatus: Sendable, Codable, Equatable {
+/// One clone, as every command and the API show it: `clone --json`, `inspect --json`'s `clone`,
+/// `list --json`'s `clones`, and the API's clone objects. Made from the record as it was written
+/// (``init(_:paths:)``: what `clone` returns, memory unmeasured) or with the clone's live state
+/// and memory (``CloneLifecycle/status(of:qmpTimeout:settings:)``).
+public struct CloneView: Sendable, Codable, Equatable {
     public var id: String
     public var name: String
     public var template: String
@@ -12,7 +15,7 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     public var state: CloneState
     public var createdAt: Date
     public var uptimeSeconds: Double
-    /// Guest pages copied on write: the clone's own share of guest memory.
+    /// Guest pages copied on write: the clone's own share of guest memory (null: not measured).
     public var cowBytes: UInt64?
     public var cowPages: UInt64?
     /// Template pages the clone maps, shared with the template's page cache and other clones.
@@ -23,6 +26,13 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     public var controlSocket: String
     public var serialLog: String
     public var vmgenid: String?
+    /// `requested` (clock and hostname sent, not awaited), `none` or `not-sent`.
+    public var clock: String?
+    public var devices: [AttachedDevice]
+    /// Handed out from the template's warm pool.
+    public var fromPool: Bool
+    /// Where its start took its time.
+    public var timings: CloneTimings?
     /// The clone's copy-on-write limit (null: none), the action the scheduler takes over it (the
     /// clone's own, else the store's), and the last action it took.
     public var cowLimitBytes: UInt64?
@@ -31,8 +41,31 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     /// Who paused it (`user` or `scheduler`) while it is paused; null otherwise.
     public var pausedBy: PausedBy?
 
+    /// The clone as its record says, memory unmeasured.
+    public init(_ record: CloneRecord, paths: InstancePaths, overLimitDefault: OverLimitAction? = nil) {
+        id = record.id
+        name = record.name
+        template = record.template
+        pid = record.qemu?.pid
+        state = record.state
+        createdAt = record.createdAt
+        uptimeSeconds = max(0, Date().timeIntervalSince(record.createdAt))
+        qmpSocket = paths.qmpSocket
+        controlSocket = paths.controlSocket
+        serialLog = paths.serialLog
+        vmgenid = record.vmgenid
+        clock = record.clock
+        devices = record.devices ?? []
+        fromPool = record.fromPool == true
+        timings = record.timings
+        cowLimitBytes = record.cowLimitBytes
+        overLimitAction = record.cowLimitBytes == nil ? nil : record.overLimitAction ?? overLimitDefault
+        lastEnforcement = record.lastEnforcement
+        pausedBy = record.state == .paused ? record.pausedBy : nil
+    }
+
     enum CodingKeys: String, CodingKey {
-        case id, name, template, pid, state
+        case id, name, template, pid, state, clock, devices, vmgenid, timings
         case createdAt = "created_at"
         case uptimeSeconds = "uptime_seconds"
         case cowBytes = "cow_bytes"
@@ -42,7 +75,7 @@ public struct CloneStatus: Sendable, Codable, Equatable {
         case qmpSocket = "qmp_socket"
         case controlSocket = "control_socket"
         case serialLog = "serial_log"
-        case vmgenid
+        case fromPool = "from_pool"
         case cowLimitBytes = "cow_limit_bytes"
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"
@@ -50,15 +83,15 @@ public struct CloneStatus: Sendable, Codable, Equatable {
     }
 }
 
-extension CloneEngine {
+extension CloneLifecycle {
     /// Live status of every clone, gathered concurrently: one slow QMP socket costs at most
     /// `qmpTimeout`, never the whole listing.
-    public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500), parallel: Int = 16) async -> [CloneStatus] {
+    public func statuses(of records: [CloneRecord], qmpTimeout: Duration = .milliseconds(500), parallel: Int = 16) async -> [CloneView] {
         // At most `parallel` at once: with hundreds of clones, one connection to each at the same
         // time would only queue on the two cores and the listen backlogs, and hold as many fds.
         let settings = try? store.settings()
-        return await withTaskGroup(of: (Int, CloneStatus).self) { group in
-            var result: [(Int, CloneStatus)] = []
+        return await withTaskGroup(of: (Int, CloneView).self) { group in
+            var result: [(Int, CloneView)] = []
             var pending = records.enumerated().makeIterator()
             func startNext() -> Bool {
                 guard let (index, record) = pending.next() else { return false }
@@ -76,19 +109,17 @@ extension CloneEngine {
         }
     }
 
-    public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500), settings: StoreSettings? = nil) async -> CloneStatus {
+    /// The clone as its record says (state as recorded, memory unmeasured): what `clone` returns.
+    public func view(of record: CloneRecord) -> CloneView {
+        CloneView(record, paths: store.clonePaths(record.id), overLimitDefault: record.cowLimitBytes == nil ? nil : (try? store.settings())?.overLimitAction)
+    }
+
+    /// The clone with its live state (``liveState(of:timeout:)``) and memory.
+    public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500), settings: StoreSettings? = nil) async -> CloneView {
         let state = await liveState(of: record, timeout: qmpTimeout)
-        let paths = store.clonePaths(record.id)
-        var status = CloneStatus(
-            id: record.id, name: record.name, template: record.template, pid: record.qemu?.pid, state: state,
-            createdAt: record.createdAt, uptimeSeconds: max(0, Date().timeIntervalSince(record.createdAt)),
-            qmpSocket: paths.qmpSocket, controlSocket: paths.controlSocket, serialLog: paths.serialLog,
-            vmgenid: record.vmgenid
-        )
-        status.cowLimitBytes = record.cowLimitBytes
-        status.overLimitAction = record.cowLimitBytes == nil ? nil : record.overLimitAction ?? (settings ?? (try? store.settings()))?.overLimitAction
-        status.lastEnforcement = record.lastEnforcement
-        status.pausedBy = status.state == .paused ? record.pausedBy : nil
+        var status = CloneView(record, paths: store.clonePaths(record.id), overLimitDefault: record.cowLimitBytes == nil ? nil : (settings ?? (try? store.settings()))?.overLimitAction)
+        status.state = state
+        status.pausedBy = state == .paused ? record.pausedBy : nil
         if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {
             status.cowBytes = usage.copyOnWriteBytes
             status.cowPages = usage.copyOnWriteBytes / UInt64(max(1, sysconf(Int32(_SC_PAGESIZE))))
@@ -96,49 +127,5 @@ extension CloneEngine {
             status.privateBytes = usage.qemuPrivateBytes
         }
         return status
-    }
-}
-
-/// What `clone --json` prints and the API's `POST /v1/clones` answers: where to reach the clone.
-public struct CloneSummary: Sendable, Codable, Equatable {
-    public var id: String
-    public var name: String
-    public var template: String
-    public var pid: Int32?
-    public var state: CloneState
-    public var qmpSocket: String
-    public var serialLog: String
-    public var controlSocket: String
-    public var vmgenid: String?
-    /// `requested` (clock and hostname sent, not awaited) or `none`.
-    public var clock: String?
-    public var devices: [AttachedDevice]
-    /// Handed out from the template's warm pool.
-    public var fromPool: Bool
-    /// Where the start took its time.
-    public var timings: CloneTimings?
-
-    public init(_ record: CloneRecord, paths: InstancePaths) {
-        id = record.id
-        name = record.name
-        template = record.template
-        pid = record.qemu?.pid
-        state = record.state
-        qmpSocket = paths.qmpSocket
-        serialLog = paths.serialLog
-        controlSocket = paths.controlSocket
-        vmgenid = record.vmgenid
-        clock = record.clock
-        devices = record.devices ?? []
-        fromPool = record.fromPool == true
-        timings = record.timings
-    }
-
-    enum CodingKeys: String, CodingKey {
-        case id, name, template, pid, state, clock, devices, vmgenid, timings
-        case fromPool = "from_pool"
-        case qmpSocket = "qmp_socket"
-        case serialLog = "serial_log"
-        case controlSocket = "control_socket"
     }
 }

@@ -1,0 +1,90 @@
+import Foundation
+import VMTemplateKit
+import VMTemplateOS
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// `vmtemplate serve`: one process per store that answers the runtime API, keeps the warm pools
+/// filled, runs the scheduler and writes the metrics file, until the API ends (SIGTERM, SIGINT).
+public struct StoreServer: Sendable {
+    public struct Configuration: Sendable {
+        /// The API's Unix socket.
+        public var socketPath: String
+        /// A group whose members may use the API too.
+        public var socketGroup: gid_t?
+        /// Seconds between the scheduler's rounds (nil: the store's setting).
+        public var schedulerInterval: Double?
+        /// Between two pool members being filled.
+        public var fillPause: Duration = .milliseconds(100)
+        /// Where the metrics are also written, atomically, every `metricsInterval`.
+        public var metricsFile: String?
+        public var metricsInterval: Duration = .seconds(15)
+        /// `--qemu`, for pool members.
+        public var explicitQEMU: String?
+
+        public init(socketPath: String) {
+            self.socketPath = socketPath
+        }
+    }
+
+    public let store: TemplateStore
+    public let configuration: Configuration
+
+    public init(store: TemplateStore, configuration: Configuration) {
+        self.store = store
+        self.configuration = configuration
+    }
+
+    /// Serves until the API ends; the pool keeper, the scheduler and the metrics writer end with
+    /// it. `log` takes one line at a time.
+    public func run(log: @escaping @Sendable (String) -> Void) async throws {
+        let engine = CloneEngine(store: store, explicitQEMU: configuration.explicitQEMU)
+        let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup)
+        let keeper = PoolKeeper(pool: engine.pool, fillPause: configuration.fillPause)
+        let scheduler = Scheduler(store: store)
+        let interval = configuration.schedulerInterval
+        let metrics = server.metrics
+        let store = self.store
+        if let metricsFile = configuration.metricsFile {
+            // Written once before serving, so a bad path fails the start, not the first round.
+            try await metrics.write(to: metricsFile, store: store)
+        }
+        log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
+        let metricsFile = configuration.metricsFile
+        let metricsInterval = configuration.metricsInterval
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { await keeper.run(log: log) }
+            tasks.addTask {
+                // Only its start can fail (another scheduler holds the store, the settings are
+                // broken): said once, and tried again every 5 s, so limits are enforced again as
+                // soon as they can be.
+                var said: String?
+                while !Task.isCancelled {
+                    do {
+                        try await scheduler.run(interval: interval, log: log, onEnforcement: { metrics.recordEnforcement($0) })
+                    } catch {
+                        let failure = VMTemplateError.oneLine(error)
+                        if failure != said { log("scheduler not running: \(failure) Trying again every 5 s.") }
+                        said = failure
+                    }
+                    try? await Task.sleep(for: .seconds(5))
+                }
+            }
+            if let metricsFile {
+                tasks.addTask {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: metricsInterval)
+                        do { try await metrics.write(to: metricsFile, store: store) } catch { log("metrics: \(VMTemplateError.oneLine(error))") }
+                    }
+                }
+            }
+            try await server.run()
+            tasks.cancelAll()
+        }
+    }
+}
