@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Clone: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "clone",
         abstract: "Start a VM from a template; returns once its guest runs.",
         discussion: """
             The clone's QEMU opens the template RAM file read-only and maps it private \
@@ -150,6 +151,7 @@ struct Remove: AsyncParsableCommand {
 
 struct Send: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "send",
         abstract: "Send one line to a clone's control channel and print the guest's reply.",
         discussion: "The built-in busybox guest answers ping, dirty N, free, random N and hash N (templates/busybox/README.md).\n\nExample: vmtemplate send web-1 ping"
     )

@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Create: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Boot a guest, wait until it is ready, and save it as a template.",
         discussion: """
             The guest boots with its RAM in a file of the store; when it prints the recipe's ready \

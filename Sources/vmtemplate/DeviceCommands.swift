@@ -24,7 +24,7 @@ struct DeviceCommand: AsyncParsableCommand {
     )
 
     struct Add: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Hot-plug NICs and disks into a running clone.", discussion: "Examples:\n  vmtemplate device add web-1 --nic tap=tap1,netns=/run/netns/pod1\n  vmtemplate device add web-1 --disk path=/srv/base.qcow2,format=qcow2,overlay=on --json")
+        static let configuration = CommandConfiguration(commandName: "add", abstract: "Hot-plug NICs and disks into a running clone.", discussion: "Examples:\n  vmtemplate device add web-1 --nic tap=tap1,netns=/run/netns/pod1\n  vmtemplate device add web-1 --disk path=/srv/base.qcow2,format=qcow2,overlay=on --json")
 
         @Argument(help: "Clone ID (or unambiguous prefix) or name.")
         var clone: String

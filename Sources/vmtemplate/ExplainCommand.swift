@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Explain: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "explain",
         abstract: "Explain what QEMU does with a memory-backend-file's share, readonly and rom.",
         discussion: """
             Tells whether QEMU (>= 8.2) accepts the combination and, if it does, how it opens the \

@@ -6,7 +6,7 @@ import VMTemplateQEMU
 import VMTemplateStore
 
 struct Inspect: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show one template or clone in full.", discussion: "Examples:\n  vmtemplate inspect busybox\n  vmtemplate inspect web-1 --json")
+    static let configuration = CommandConfiguration(commandName: "inspect", abstract: "Show one template or clone in full.", discussion: "Examples:\n  vmtemplate inspect busybox\n  vmtemplate inspect web-1 --json")
 
     @Argument(help: "A template name, or a clone ID (or unambiguous prefix) or name.")
     var reference: String

@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct List: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "list",
         abstract: "List templates (and clones).",
         discussion: "Examples:\n  vmtemplate list\n  vmtemplate list --json\n  vmtemplate list -q | xargs vmtemplate rm"
     )

@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Doctor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "doctor",
         abstract: "Check QEMU and the accelerator: what vmtemplate will use and what it can do.",
         discussion: "Examples:\n  vmtemplate doctor\n  vmtemplate doctor --json"
     )

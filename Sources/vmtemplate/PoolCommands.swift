@@ -51,7 +51,7 @@ struct PoolCommand: AsyncParsableCommand {
     }
 
     struct Fill: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Fill a template's pool to its size once, then return.", discussion: "Example: vmtemplate pool fill busybox")
+        static let configuration = CommandConfiguration(commandName: "fill", abstract: "Fill a template's pool to its size once, then return.", discussion: "Example: vmtemplate pool fill busybox")
 
         @Argument(help: "Template name.")
         var template: String

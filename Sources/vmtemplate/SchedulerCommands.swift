@@ -52,7 +52,7 @@ struct SchedulerCommand: AsyncParsableCommand {
 }
 
 struct Pause: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Pause a running clone (its guest freezes, its memory stays) until 'resume'.", discussion: "list and inspect show it as paused by the user; the scheduler never resumes a clone.\n\nExample: vmtemplate pause web-1")
+    static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause a running clone (its guest freezes, its memory stays) until 'resume'.", discussion: "list and inspect show it as paused by the user; the scheduler never resumes a clone.\n\nExample: vmtemplate pause web-1")
 
     @Argument(help: "Clone ID (or unambiguous prefix) or name.")
     var clone: String
@@ -69,7 +69,7 @@ struct Pause: AsyncParsableCommand {
 }
 
 struct Resume: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Continue a paused clone.", discussion: "Example: vmtemplate resume web-1 --cow-limit 128M")
+    static let configuration = CommandConfiguration(commandName: "resume", abstract: "Continue a paused clone.", discussion: "Example: vmtemplate resume web-1 --cow-limit 128M")
 
     @Argument(help: "Clone ID (or unambiguous prefix) or name.")
     var clone: String
@@ -91,6 +91,7 @@ struct Resume: AsyncParsableCommand {
 
 struct Settings: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "settings",
         abstract: "Show or change the store's limits: clones, memory budget, action over a clone's limit.",
         discussion: "Give 'none' to remove a limit. Example: vmtemplate settings --max-clones 64 --memory-budget 16G --action pause"
     )

@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "serve",
         abstract: "Run the store's server: the runtime API on a Unix socket, the scheduler, and warm pools kept filled.",
         discussion: """
             One per store, for systemd or a container. The API is HTTP/1.1 + JSON on --socket \
@@ -118,6 +119,7 @@ struct APIRequest: ParsableCommand {
 /// `--generate-completion-script` prints), under a name people find.
 struct Completion: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "completion",
         abstract: "Print the completion script for a shell.",
         discussion: """
             Install it where your shell looks (scripts/install-shell-support does all three). \

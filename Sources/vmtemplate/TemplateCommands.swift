@@ -7,6 +7,7 @@ import VMTemplateStore
 
 struct Verify: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "verify",
         abstract: "Hash a template's files again and compare them with its manifest.",
         discussion: """
             'clone' checks a template's files quickly (size, mode, inode, modification time); \
