@@ -67,8 +67,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Unit tests, one target per layer, each depending only on its layer and those below.
+        .testTarget(name: "VMTemplateOSTests", dependencies: ["VMTemplateOS"]),
+        .testTarget(name: "VMTemplateQEMUTests", dependencies: ["VMTemplateOS", "VMTemplateQEMU"]),
+        .testTarget(name: "VMTemplateStoreTests", dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore"]),
+        .testTarget(name: "VMTemplateKitTests", dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit"]),
+        // Real QEMU, real guests, the CLI and the server: everything a user would run.
         .testTarget(
-            name: "VMTemplateKitTests",
+            name: "VMTemplateIntegrationTests",
             dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", "VMTemplateAPI"]
         ),
     ],

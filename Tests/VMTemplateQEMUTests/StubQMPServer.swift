@@ -5,10 +5,8 @@ import Musl
 #endif
 import Foundation
 import Synchronization
-import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
-import VMTemplateStore
 
 /// A scripted QMP server on a real Unix socket, standing in for QEMU in unit tests.
 ///

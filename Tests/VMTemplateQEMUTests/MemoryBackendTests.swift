@@ -1,9 +1,7 @@
 import Testing
 
-@testable import VMTemplateKit
 @testable import VMTemplateOS
 @testable import VMTemplateQEMU
-@testable import VMTemplateStore
 
 @Suite("memory-backend-file rules")
 struct MemoryBackendTests {
@@ -58,17 +56,5 @@ struct MemoryBackendTests {
     func refusedNotRendered() {
         let bad = MemoryBackendFile(path: "/t/memory", sizeBytes: 1024, options: MemoryBackendOptions(share: true, readonly: true, rom: .off))
         #expect(throws: VMTemplateError.self) { try bad.objectArgument() }
-    }
-
-    @Test("without rom= a clone needs --allow-writable-template, and gets a warning")
-    func writableTemplateChoice() throws {
-        let old = QEMUCapabilities(version: QEMUVersion(7, 2))
-        #expect(throws: VMTemplateError.self) { try CloneLauncher.memoryOptions(capabilities: old, allowWritableTemplate: false) }
-        let (options, warning) = try CloneLauncher.memoryOptions(capabilities: old, allowWritableTemplate: true)
-        #expect(options == .writableClone && options.openMode == .readWrite && options.mapping == .private)
-        #expect(warning?.contains("read-write") == true)
-        let current = QEMUCapabilities(version: QEMUVersion(10, 0))
-        let (cloneOptions, noWarning) = try CloneLauncher.memoryOptions(capabilities: current, allowWritableTemplate: true)
-        #expect(cloneOptions == .clone && noWarning == nil, "with rom= the read-only clone is always used")
     }
 }

@@ -6,10 +6,7 @@ import Musl
 import Foundation
 import Testing
 
-@testable import VMTemplateKit
 @testable import VMTemplateOS
-@testable import VMTemplateQEMU
-@testable import VMTemplateStore
 
 /// A fresh directory under /tmp, removed by the caller with `FileSystem.removeTree`.
 private func makeTemporaryDirectory(_ label: String) throws -> String {

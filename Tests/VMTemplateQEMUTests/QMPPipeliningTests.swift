@@ -5,10 +5,8 @@ import Musl
 #endif
 import Foundation
 import Testing
-import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
-import VMTemplateStore
 
 @Suite("QMP pipelining and the pre-bound QMP listener", .timeLimit(.minutes(1)))
 struct QMPPipeliningTests {

@@ -1,10 +1,7 @@
 import Foundation
 import Testing
 
-@testable import VMTemplateKit
 @testable import VMTemplateOS
-@testable import VMTemplateQEMU
-@testable import VMTemplateStore
 
 @Suite("ByteSize")
 struct ByteSizeTests {

@@ -1,10 +1,8 @@
 import Foundation
 import Synchronization
 import Testing
-import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
-import VMTemplateStore
 
 @Suite("QMPClient against a stub QMP server", .timeLimit(.minutes(1)))
 struct QMPClientTests {
