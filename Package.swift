@@ -20,6 +20,10 @@ let package = Package(
         // channel, from which the caller's peer credentials are read. No default traits: neither
         // swift-configuration nor full Foundation is needed.
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
+        // The API's logger and its byte buffers: already in the graph through Hummingbird, declared
+        // because VMTemplateAPI imports them itself (scripts/check-imports holds every target to that).
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
     ],
     targets: [
         // The few Linux calls Swift cannot import (variadic prctl(2) and syscall(2)).
@@ -42,7 +46,12 @@ let package = Package(
         // The runtime API that `vmtemplate serve` answers on a Unix socket.
         .target(
             name: "VMTemplateAPI",
-            dependencies: ["CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", .product(name: "Hummingbird", package: "hummingbird")]
+            dependencies: [
+                "CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
         ),
         .executableTarget(
             name: "vmtemplate",

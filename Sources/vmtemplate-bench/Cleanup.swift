@@ -101,7 +101,7 @@ final class Cleanup: Sendable {
                 }
             }
         }
-        for qemu in snapshot.qemus.values { _ = qemu.waitForExitBlocking() }
+        for qemu in snapshot.qemus.values { qemu.waitForExitBlocking() }
         for directory in snapshot.scratchDirectories {
             // Killed processes that are not our children (clones the CLI started) take a moment to
             // go; removing files under them works anyway on Linux, but wait so `ps` is clean after.
