@@ -56,44 +56,27 @@ struct PoolBench: AsyncParsableCommand {
             let template = workspace.template.value
             let server = try ChildProcess.spawn(workspace.vmtemplate, ["serve", "--store", root, "--fill-pause", "0"], outputBase: "\(workspace.scratch)/serve")
             defer { kill(server.pid, SIGTERM) }
-            let api = UnixHTTPClient(socketPath: "\(root)/serve.sock")
+            let client = APIClient(socketPath: "\(root)/serve.sock")
             func call(_ method: String, _ path: String, _ body: String? = nil) async throws -> UnixHTTPClient.Reply {
-                try await onOwnThread { try api.request(method, path, body: body.map { Data($0.utf8) }) }
+                try await client.call(method, path, body)
             }
-            func ready() async -> Int {
-                guard let reply = try? await call("GET", "/v1/pools"),
-                      let pools = try? JSONDecoder().decode([WarmPool.Status].self, from: reply.body) else { return -1 }
-                return pools.first { $0.template == template }?.ready ?? 0
-            }
-            func waitForPool(_ size: Int) async throws {
-                let deadline = ContinuousClock.now + .seconds(300)
-                while await ready() < size {
-                    guard ContinuousClock.now < deadline else { throw BenchError("the pool did not reach \(size) members in 300 s") }
-                    try await Task.sleep(for: .milliseconds(20))
-                }
-            }
+            func ready() async -> Int { await client.ready(template) }
+            func waitForPool(_ size: Int) async throws { try await client.waitForPool(template, ready: size) }
             func firstAnswer(_ socket: String) async throws -> ContinuousClock.Instant {
                 _ = try await ControlChannel.request("ping", socket: socket, expecting: "pong")
                 return .now
             }
-            func apiClone(_ body: String) async throws -> (seconds: Double, clone: CloneView, started: ContinuousClock.Instant) {
+            func apiClone(fromPool: Bool) async throws -> (seconds: Double, clone: CloneView, started: ContinuousClock.Instant) {
                 let started = ContinuousClock.now
-                let reply = try await call("POST", "/v1/clones", body)
-                let seconds = started.duration(to: .now).seconds
-                guard reply.status == 201 else { throw BenchError("POST /v1/clones: \(reply.status) \(String(decoding: reply.body, as: UTF8.self))") }
-                return (seconds, try JSONCoding.decoder().decode(CloneView.self, from: reply.body), started)
+                let (seconds, clone) = try await client.create(template, fromPool: fromPool)
+                return (seconds, clone, started)
             }
             func removeAPI(_ id: String) async throws { _ = try await call("DELETE", "/v1/clones/\(id)") }
+            try await client.waitUntilUp(server: server)
 
-            // Wait for the server, then fill from empty: the refill rate.
-            let up = ContinuousClock.now + .seconds(30)
-            while (try? await call("GET", "/v1/pools")) == nil {
-                guard ContinuousClock.now < up else { throw BenchError("vmtemplate serve did not answer: \(server.stderr)") }
-                try await Task.sleep(for: .milliseconds(20))
-            }
             log.note("filling a pool of \(concurrency)")
             let fillStarted = ContinuousClock.now
-            _ = try await call("PUT", "/v1/pools/\(template)", #"{"size": \#(concurrency)}"#)
+            try await client.setPool(template, size: concurrency)
             try await waitForPool(concurrency)
             let refillSeconds = fillStarted.duration(to: .now).seconds
 
@@ -132,13 +115,13 @@ struct PoolBench: AsyncParsableCommand {
                         poolCLIFirst.append(started.duration(to: try await firstAnswer(clone.controlSocket)).seconds)
                         try await CLI.remove(workspace, [clone])
                     case 2:
-                        let (seconds, clone, started) = try await apiClone(#"{"template": "\#(template)"}"#)
+                        let (seconds, clone, started) = try await apiClone(fromPool: true)
                         guard clone.fromPool else { throw BenchError("the API clone did not come from the pool") }
                         poolAPI.append(seconds)
                         poolAPIFirst.append(started.duration(to: try await firstAnswer(clone.controlSocket)).seconds)
                         try await removeAPI(clone.id)
                     case 3:
-                        let (seconds, clone, _) = try await apiClone(#"{"template": "\#(template)", "no_pool": true}"#)
+                        let (seconds, clone, _) = try await apiClone(fromPool: false)
                         freshAPI.append(seconds)
                         try await removeAPI(clone.id)
                     default:
