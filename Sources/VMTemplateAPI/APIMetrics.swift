@@ -12,7 +12,7 @@ import VMTemplateStore
 /// from the store at render time make ~150 lines, and a library would add a dependency (and its
 /// own registry and locking) for no gain. Names follow Prometheus' conventions: the `vmtemplate_`
 /// prefix, base units (`_seconds`, `_bytes`), `_total` on counters. docs/api.md lists them.
-public final class APIMetrics: Sendable {
+package final class APIMetrics: Sendable {
     /// Upper bounds of the latency buckets, in seconds: a hand-out takes a few ms, a fresh clone
     /// ~50 ms, a clone under load up to seconds.
     static let latencyBuckets: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
@@ -52,7 +52,7 @@ public final class APIMetrics: Sendable {
     /// loop) share one, and never delay the scheduler's rounds.
     static let maxAge: Duration = .seconds(5)
 
-    public init() {}
+    package init() {}
 
     func recordClone(fromPool: Bool, seconds: Double) {
         counters.withLock { $0.cloneSeconds[fromPool ? "pool" : "fresh", default: Histogram()].observe(seconds) }
@@ -66,7 +66,7 @@ public final class APIMetrics: Sendable {
         counters.withLock { $0.errors[code.rawValue, default: 0] += 1 }
     }
 
-    public func recordEnforcement(_ enforcement: Enforcement) {
+    package func recordEnforcement(_ enforcement: Enforcement) {
         // A kill that replaced failed pauses is counted apart: it says a limit nearly failed open.
         let outcome = !enforcement.done ? "failed" : enforcement.escalated == true ? "escalated" : "done"
         let key = EnforcementKey(action: enforcement.action.rawValue, outcome: outcome)
@@ -75,7 +75,7 @@ public final class APIMetrics: Sendable {
 
     /// The text, rendered at most ``maxAge`` ago, on a thread of its own; concurrent callers wait
     /// for the one rendering under way.
-    public func text(store: TemplateStore) async -> String {
+    package func text(store: TemplateStore) async -> String {
         await cache.text(maxAge: Self.maxAge) { [self] in
             (try? await onOwnThread { self.render(store: store) }) ?? ""
         }
@@ -83,7 +83,7 @@ public final class APIMetrics: Sendable {
 
     /// The text for the store as it is now: clone gauges from the records (and each live clone's
     /// smaps), pool gauges, and the counters of this process.
-    public func render(store: TemplateStore) -> String {
+    package func render(store: TemplateStore) -> String {
         let records = store.clones().records
         return render(records: records, pools: WarmPool(store: store).status(records: records), measure: { record in
             guard let pid = record.qemu?.pid, record.qemu?.isAlive == true else { return nil }
@@ -190,7 +190,7 @@ public final class APIMetrics: Sendable {
     /// file), readable by everyone (the collector usually runs as another user).
     /// The directory must be one only root or this user may change (``FileSystem/requireTrustedDirectory(_:for:)``):
     /// a server running as root writes there.
-    public func write(to path: String, store: TemplateStore) async throws {
+    package func write(to path: String, store: TemplateStore) async throws {
         try FileSystem.requireTrustedDirectory(FileSystem.split(path).directory, for: "--metrics-file")
         let text = await self.text(store: store)
         try FileSystem.writeFileAtomically(path: path, data: Array(text.utf8), mode: 0o644, durable: false)

@@ -20,16 +20,16 @@ import Musl
 /// The socket is the store owner's (mode 0600, or 0660 with a group); on top of that, every
 /// request's caller is read from the socket's peer credentials (SO_PEERCRED), logged, and must
 /// be root, the store's owner, or in the socket's group.
-public struct APIServer: Sendable {
-    public let engine: CloneEngine
-    public let socketPath: String
+package struct APIServer: Sendable {
+    package let engine: CloneEngine
+    package let socketPath: String
     /// Members of this group may use the API too (the socket is made 0660 for it).
-    public let socketGroup: gid_t?
-    public let metrics: APIMetrics
+    package let socketGroup: gid_t?
+    package let metrics: APIMetrics
 
-    public var store: TemplateStore { engine.store }
+    package var store: TemplateStore { engine.store }
 
-    public init(engine: CloneEngine, socketPath: String, socketGroup: gid_t?, metrics: APIMetrics = APIMetrics()) {
+    package init(engine: CloneEngine, socketPath: String, socketGroup: gid_t?, metrics: APIMetrics = APIMetrics()) {
         self.engine = engine
         self.socketPath = socketPath
         self.socketGroup = socketGroup
@@ -38,17 +38,17 @@ public struct APIServer: Sendable {
 
     /// Every route, as `METHOD PATH` with `{name}` parameters: what the OpenAPI document must
     /// list (a test compares them).
-    public static let routes = [
+    package static let routes = [
         "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
     ]
 
     /// The default socket: inside the store, next to its lock.
-    public static func defaultSocketPath(store: TemplateStore) -> String { "\(store.root)/serve.sock" }
+    package static func defaultSocketPath(store: TemplateStore) -> String { "\(store.root)/serve.sock" }
 
     /// Binds the socket and answers until cancelled. A stale socket file (no server behind it) is
     /// replaced; a live one means another server runs for this store, which is refused.
-    public func run() async throws {
+    package func run() async throws {
         var logger = Logger(label: "vmtemplate.serve")
         logger.logLevel = .info
         try checkSocketPath()
@@ -255,8 +255,8 @@ struct TemplateSummary: Encodable, Sendable {
 
 /// The request context: Hummingbird's, plus the connection, whose peer credentials say who
 /// calls.
-public struct APIContext: RequestContext {
-    public var coreContext: CoreRequestContextStorage
+package struct APIContext: RequestContext {
+    package var coreContext: CoreRequestContextStorage
     let channel: any Channel
     /// Set by ``CallerCheck`` from the peer credentials.
     var callerUID: uid_t?
@@ -278,7 +278,7 @@ public struct APIContext: RequestContext {
         }
     }
 
-    public init(source: ApplicationRequestContextSource) {
+    package init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
         channel = source.channel
     }

@@ -11,38 +11,38 @@ import Musl
 
 /// `vmtemplate serve`: one process per store that answers the runtime API, keeps the warm pools
 /// filled, runs the scheduler and writes the metrics file, until the API ends (SIGTERM, SIGINT).
-public struct StoreServer: Sendable {
-    public struct Configuration: Sendable {
+package struct StoreServer: Sendable {
+    package struct Configuration: Sendable {
         /// The API's Unix socket.
-        public var socketPath: String
+        package var socketPath: String
         /// A group whose members may use the API too.
-        public var socketGroup: gid_t?
+        package var socketGroup: gid_t?
         /// Seconds between the scheduler's rounds (nil: the store's setting).
-        public var schedulerInterval: Double?
+        package var schedulerInterval: Double?
         /// Between two pool members being filled.
-        public var fillPause: Duration = .milliseconds(100)
+        package var fillPause: Duration = .milliseconds(100)
         /// Where the metrics are also written, atomically, every `metricsInterval`.
-        public var metricsFile: String?
-        public var metricsInterval: Duration = .seconds(15)
+        package var metricsFile: String?
+        package var metricsInterval: Duration = .seconds(15)
         /// `--qemu`, for pool members.
-        public var explicitQEMU: String?
+        package var explicitQEMU: String?
 
-        public init(socketPath: String) {
+        package init(socketPath: String) {
             self.socketPath = socketPath
         }
     }
 
-    public let store: TemplateStore
-    public let configuration: Configuration
+    package let store: TemplateStore
+    package let configuration: Configuration
 
-    public init(store: TemplateStore, configuration: Configuration) {
+    package init(store: TemplateStore, configuration: Configuration) {
         self.store = store
         self.configuration = configuration
     }
 
     /// Serves until the API ends; the pool keeper, the scheduler and the metrics writer end with
     /// it. `log` takes one line at a time.
-    public func run(log: @escaping @Sendable (String) -> Void) async throws {
+    package func run(log: @escaping @Sendable (String) -> Void) async throws {
         let engine = CloneEngine(store: store, explicitQEMU: configuration.explicitQEMU)
         let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup)
         let keeper = PoolKeeper(pool: engine.pool, fillPause: configuration.fillPause)

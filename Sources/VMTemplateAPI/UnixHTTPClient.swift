@@ -11,27 +11,27 @@ import Musl
 /// A minimal HTTP/1.1 client for the API's Unix socket: one request per connection
 /// (`Connection: close`), blocking, bounded. For tests, benchmarks and scripts that have no
 /// `curl --unix-socket`.
-public struct UnixHTTPClient: Sendable {
-    public let socketPath: String
+package struct UnixHTTPClient: Sendable {
+    package let socketPath: String
     /// The largest response accepted.
-    public static let maxResponseBytes = 16 << 20
+    package static let maxResponseBytes = 16 << 20
 
     /// Who may serve it: root, this user, and `alsoTrusting` (the store's owner, whose server
     /// a member of its socket's group talks to).
-    public let trustedServers: Set<uid_t>
+    package let trustedServers: Set<uid_t>
 
-    public init(socketPath: String, alsoTrusting: uid_t? = nil) {
+    package init(socketPath: String, alsoTrusting: uid_t? = nil) {
         self.socketPath = socketPath
         trustedServers = Set([0, geteuid()] + (alsoTrusting.map { [$0] } ?? []))
     }
 
-    public struct Reply: Sendable {
-        public var status: Int
-        public var headers: [String: String]
-        public var body: Data
+    package struct Reply: Sendable {
+        package var status: Int
+        package var headers: [String: String]
+        package var body: Data
     }
 
-    public func request(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(60)) throws -> Reply {
+    package func request(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(60)) throws -> Reply {
         guard let address = UnixSocketAddress(path: socketPath) else {
             throw VMTemplateError(.invalidArgument, "'\(socketPath)' is too long for a Unix socket.")
         }

@@ -17,7 +17,7 @@ import Musl
 /// user's process count, until it exits. Once ``enable()`` was called, a handle on a child that is
 /// dropped before its child exited hands the child here, and one thread reaps each child the moment
 /// its pidfd says it exited (no polling: an idle server stays idle).
-public enum ChildReaper {
+package enum ChildReaper {
     private struct Child {
         var pid: Int32
         /// -1 where the kernel has no pidfd: such children are looked at once a second.
@@ -35,7 +35,7 @@ public enum ChildReaper {
 
     /// From now on, children let go of are reaped as they exit. Idempotent; for long-lived
     /// processes only (a CLI that exits at once needs nothing reaped).
-    public static func enable() {
+    package static func enable() {
         let start: Int32? = state.withLock { state -> Int32? in
             guard !state.enabled else { return nil }
             var ends: [Int32] = [-1, -1]
@@ -69,7 +69,7 @@ public enum ChildReaper {
     }
 
     /// How many children wait to be reaped (exited or not).
-    public static var adoptedCount: Int { state.withLock { $0.children.count } }
+    package static var adoptedCount: Int { state.withLock { $0.children.count } }
 
     private static func run(woken wake: Int32) {
         while true {

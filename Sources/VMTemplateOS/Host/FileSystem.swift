@@ -8,7 +8,7 @@ import Musl
 /// POSIX file helpers for the store: durable writes, up-front allocation, and safe removal.
 ///
 /// Every failure becomes a `VMTemplateError` whose message names the path, what failed and what to do.
-public enum FileSystem {
+package enum FileSystem {
     /// A failed system call: which call and its errno, turned into a `VMTemplateError` at the API edge.
     package typealias CallError = SystemCallError
 

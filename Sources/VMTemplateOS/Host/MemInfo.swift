@@ -1,12 +1,12 @@
 /// Host memory from `/proc/meminfo`, to decide whether another clone fits.
-public struct MemInfo: Sendable, Equatable, Codable {
+package struct MemInfo: Sendable, Equatable, Codable {
     /// Usable RAM (MemTotal).
-    public var totalBytes: UInt64
+    package var totalBytes: UInt64
     /// Memory that can be given to new work without swapping (MemAvailable), counting reclaimable cache.
-    public var availableBytes: UInt64
+    package var availableBytes: UInt64
 
     /// Creates a record; normally obtained from `read()` or `parse(_:)`.
-    public init(totalBytes: UInt64, availableBytes: UInt64) {
+    package init(totalBytes: UInt64, availableBytes: UInt64) {
         self.totalBytes = totalBytes
         self.availableBytes = availableBytes
     }
@@ -14,7 +14,7 @@ public struct MemInfo: Sendable, Equatable, Codable {
     /// Parses the text of `/proc/meminfo`, or returns nil if MemTotal is missing.
     ///
     /// Kernels before 3.14 have no MemAvailable; MemFree + Buffers + Cached is the usual stand-in there.
-    public static func parse(_ text: String) -> MemInfo? {
+    package static func parse(_ text: String) -> MemInfo? {
         var values: [Substring: UInt64] = [:]
         for line in text.split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
@@ -31,7 +31,7 @@ public struct MemInfo: Sendable, Equatable, Codable {
     }
 
     /// Reads `/proc/meminfo`.
-    public static func read() throws -> MemInfo {
+    package static func read() throws -> MemInfo {
         switch FileSystem.readText(path: "/proc/meminfo") {
         case .success(let text):
             guard let info = parse(text) else {

@@ -5,28 +5,28 @@ import Musl
 #endif
 
 /// One mapping from `/proc/PID/smaps`: its address range, what it maps, and its memory counters.
-public struct SmapsMapping: Sendable, Equatable {
+package struct SmapsMapping: Sendable, Equatable {
     /// First address of the mapping.
-    public var start: UInt64
+    package var start: UInt64
     /// One past the last address of the mapping.
-    public var end: UInt64
+    package var end: UInt64
     /// Permissions as shown by the kernel, e.g. "rw-p" ("p" private, "s" shared).
-    public var permissions: String
+    package var permissions: String
     /// Offset into the mapped file.
-    public var offset: UInt64
+    package var offset: UInt64
     /// Device of the mapped file, "major:minor" in hex.
-    public var device: String
+    package var device: String
     /// Inode of the mapped file, 0 for anonymous memory.
-    public var inode: UInt64
+    package var inode: UInt64
     /// The mapped path or pseudo-path ("[heap]"); nil for anonymous memory.
     ///
     /// May contain spaces; ends with " (deleted)" when the file was unlinked after being mapped.
-    public var path: String?
+    package var path: String?
     /// The counters in bytes (the file states kB), keyed by their names: "Rss", "Anonymous", "Swap", ...
-    public var fields: [String: UInt64]
+    package var fields: [String: UInt64]
 
     /// Creates a mapping; normally obtained from `Smaps.parse(_:)`.
-    public init(
+    package init(
         start: UInt64, end: UInt64, permissions: String, offset: UInt64, device: String = "00:00",
         inode: UInt64, path: String?, fields: [String: UInt64]
     ) {
@@ -41,33 +41,33 @@ public struct SmapsMapping: Sendable, Equatable {
     }
 
     /// The mapping's virtual size in bytes.
-    public var size: UInt64 { end >= start ? end - start : 0 }
+    package var size: UInt64 { end >= start ? end - start : 0 }
     /// Resident bytes.
-    public var rss: UInt64 { fields["Rss"] ?? 0 }
+    package var rss: UInt64 { fields["Rss"] ?? 0 }
     /// Anonymous bytes; for a private file mapping, the pages written since mapping (copy-on-write copies).
-    public var anonymous: UInt64 { fields["Anonymous"] ?? 0 }
+    package var anonymous: UInt64 { fields["Anonymous"] ?? 0 }
     /// Clean pages mapped only by this process (may still be page cache shared with later mappers).
-    public var privateClean: UInt64 { fields["Private_Clean"] ?? 0 }
+    package var privateClean: UInt64 { fields["Private_Clean"] ?? 0 }
     /// Dirty pages mapped only by this process.
-    public var privateDirty: UInt64 { fields["Private_Dirty"] ?? 0 }
+    package var privateDirty: UInt64 { fields["Private_Dirty"] ?? 0 }
     /// Clean pages also mapped by other processes.
-    public var sharedClean: UInt64 { fields["Shared_Clean"] ?? 0 }
+    package var sharedClean: UInt64 { fields["Shared_Clean"] ?? 0 }
     /// Dirty pages also mapped by other processes.
-    public var sharedDirty: UInt64 { fields["Shared_Dirty"] ?? 0 }
+    package var sharedDirty: UInt64 { fields["Shared_Dirty"] ?? 0 }
     /// Bytes of this mapping swapped out.
-    public var swap: UInt64 { fields["Swap"] ?? 0 }
+    package var swap: UInt64 { fields["Swap"] ?? 0 }
 
     /// True if the mapped file was deleted after it was mapped.
-    public var isDeletedFile: Bool { path?.hasSuffix(Smaps.deletedSuffix) ?? false }
+    package var isDeletedFile: Bool { path?.hasSuffix(Smaps.deletedSuffix) ?? false }
 }
 
 /// Readers and parsers for `/proc/PID/smaps` and `/proc/PID/smaps_rollup`.
-public enum Smaps {
+package enum Smaps {
     /// What the kernel appends to the path of a mapped file that has since been unlinked.
-    public static let deletedSuffix = " (deleted)"
+    package static let deletedSuffix = " (deleted)"
 
     /// Parses the text of `/proc/PID/smaps`; lines it does not understand are skipped.
-    public static func parse(_ text: String) -> [SmapsMapping] {
+    package static func parse(_ text: String) -> [SmapsMapping] {
         var mappings: [SmapsMapping] = []
         var current: SmapsMapping?
         for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
@@ -83,7 +83,7 @@ public enum Smaps {
     }
 
     /// Parses the text of `/proc/PID/smaps_rollup` into its counters in bytes ("Rss", "Anonymous", ...).
-    public static func parseRollup(_ text: String) -> [String: UInt64] {
+    package static func parseRollup(_ text: String) -> [String: UInt64] {
         var fields: [String: UInt64] = [:]
         for line in text.split(separator: "\n") where parseHeader(line) == nil {
             if let (key, bytes) = parseField(line) { fields[key] = bytes }
@@ -92,12 +92,12 @@ public enum Smaps {
     }
 
     /// Reads and parses `/proc/PID/smaps`; throws `.notFound` if the process is gone.
-    public static func read(pid: Int32) throws -> [SmapsMapping] {
+    package static func read(pid: Int32) throws -> [SmapsMapping] {
         parse(try readText(pid: pid, name: "smaps"))
     }
 
     /// Reads and parses `/proc/PID/smaps_rollup`; throws `.notFound` if the process is gone.
-    public static func readRollup(pid: Int32) throws -> [String: UInt64] {
+    package static func readRollup(pid: Int32) throws -> [String: UInt64] {
         parseRollup(try readText(pid: pid, name: "smaps_rollup"))
     }
 
@@ -203,7 +203,7 @@ public enum Smaps {
     /// The most smaps text believed: a QEMU's is 100–300 KiB; one that split its memory into
     /// tens of thousands of mappings (a compromised QEMU) would make every measurement cost the
     /// root process tens of MiB.
-    public static let maxBytes = 16 << 20
+    package static let maxBytes = 16 << 20
 
     static func readBytes(pid: Int32, name: String) throws -> [UInt8] {
         let path = "/proc/\(pid)/\(name)"
@@ -277,19 +277,19 @@ public enum Smaps {
 }
 
 /// What one clone costs in memory, separating its own pages from the template pages it shares.
-public struct CloneMemoryUsage: Sendable, Codable, Equatable {
+package struct CloneMemoryUsage: Sendable, Codable, Equatable {
     /// Pages of guest RAM the guest has written: private copies of template pages, the clone's own delta.
-    public var copyOnWriteBytes: UInt64
+    package var copyOnWriteBytes: UInt64
     /// Template pages the clone maps from the page cache; shared with the template and other clones, so
     /// not this clone's cost, even though the kernel may count them as Private_Clean.
-    public var templateResidentBytes: UInt64
+    package var templateResidentBytes: UInt64
     /// QEMU's own anonymous memory outside guest RAM: heap, TCG translation cache, device state.
-    public var qemuPrivateBytes: UInt64
+    package var qemuPrivateBytes: UInt64
     /// Bytes of the whole process swapped out.
-    public var swapBytes: UInt64
+    package var swapBytes: UInt64
 
     /// Creates a usage record; normally obtained from `measure(pid:templateFile:)`.
-    public init(copyOnWriteBytes: UInt64, templateResidentBytes: UInt64, qemuPrivateBytes: UInt64, swapBytes: UInt64) {
+    package init(copyOnWriteBytes: UInt64, templateResidentBytes: UInt64, qemuPrivateBytes: UInt64, swapBytes: UInt64) {
         self.copyOnWriteBytes = copyOnWriteBytes
         self.templateResidentBytes = templateResidentBytes
         self.qemuPrivateBytes = qemuPrivateBytes
@@ -297,14 +297,14 @@ public struct CloneMemoryUsage: Sendable, Codable, Equatable {
     }
 
     /// Memory this clone alone is responsible for: its copy-on-write pages plus QEMU's private memory.
-    public var ownBytes: UInt64 {
+    package var ownBytes: UInt64 {
         copyOnWriteBytes &+ qemuPrivateBytes
     }
 
     /// Measures the running process `pid` whose guest RAM is a private mapping of `templateFile`.
     ///
     /// Throws `.notFound` if the process is gone.
-    public static func measure(pid: Int32, templateFile: String) throws -> CloneMemoryUsage {
+    package static func measure(pid: Int32, templateFile: String) throws -> CloneMemoryUsage {
         let smaps = try Smaps.readBytes(pid: pid, name: "smaps")
         // The hot path of `list` and the scheduler: one read of smaps (smaps_rollup would walk the
         // page tables a second time), and only the fields this needs are parsed: parsing every
@@ -321,12 +321,12 @@ public struct CloneMemoryUsage: Sendable, Codable, Equatable {
     /// The pure form of `measure(pid:templateFile:)`, taking the text of smaps and smaps_rollup.
     ///
     /// `templatePaths` are the exact paths the template file may appear under (already resolved).
-    public static func measure(smaps: String, rollup: String?, templatePaths: [String]) -> CloneMemoryUsage {
+    package static func measure(smaps: String, rollup: String?, templatePaths: [String]) -> CloneMemoryUsage {
         measure(mappings: Smaps.parse(smaps), rollup: rollup.map(Smaps.parseRollup), templatePaths: templatePaths)
     }
 
     /// Sums the template mappings and subtracts them from the whole-process totals.
-    public static func measure(mappings: [SmapsMapping], rollup: [String: UInt64]?, templatePaths: [String]) -> CloneMemoryUsage {
+    package static func measure(mappings: [SmapsMapping], rollup: [String: UInt64]?, templatePaths: [String]) -> CloneMemoryUsage {
         let accepted = Set(templatePaths.flatMap { [$0, $0 + Smaps.deletedSuffix] })
         var copyOnWrite: UInt64 = 0
         var templateResident: UInt64 = 0

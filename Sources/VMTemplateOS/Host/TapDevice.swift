@@ -8,17 +8,17 @@ import Musl
 
 /// A tap device opened for a clone's NIC: its descriptor goes to QEMU (QMP `getfd`), so QEMU never
 /// needs the privilege to open it, nor to enter the namespace it lives in (Kata does the same).
-public struct TapDevice: Sendable {
+package struct TapDevice: Sendable {
     /// The open tap (close-on-exec). The caller owns it and closes it once QEMU has its copy.
-    public let descriptor: Int32
-    public let name: String
+    package let descriptor: Int32
+    package let name: String
     /// Made here rather than found: it is not persistent, so it disappears with the last
     /// descriptor, that is when the clone's QEMU exits.
-    public let created: Bool
+    package let created: Bool
 
     /// Whether `name` can name a network interface: 1 to 15 bytes, letters, digits, `.`, `_`, `-`
     /// (the kernel's own limit is IFNAMSIZ - 1 bytes without `/`, `:` or spaces).
-    public static func isValidName(_ name: String) -> Bool {
+    package static func isValidName(_ name: String) -> Bool {
         guard (1...15).contains(name.utf8.count), name != ".", name != ".." else { return false }
         return name.utf8.allSatisfy { byte in
             (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
@@ -28,7 +28,7 @@ public struct TapDevice: Sendable {
     /// Opens tap `name` in the network namespace at `namespacePath` (a file such as
     /// `/run/netns/NAME`, as `ip netns` and CNI make them; nil: this process's namespace), creating
     /// it there if it does not exist.
-    public static func open(name: String, namespacePath: String?) throws -> TapDevice {
+    package static func open(name: String, namespacePath: String?) throws -> TapDevice {
         guard isValidName(name) else {
             throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(name))' is not an interface name: use 1 to 15 letters, digits, '.', '_' or '-'.")
         }

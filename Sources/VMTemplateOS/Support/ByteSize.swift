@@ -2,7 +2,7 @@
 ///
 /// Parsed from what people type on the command line (`256M`, `1G`, `268435456`) and shown the way
 /// people read it (`256 MiB`, `1.5 GiB`).
-public struct ByteSize: Sendable, Hashable, Comparable, CustomStringConvertible {
+package struct ByteSize: Sendable, Hashable, Comparable, CustomStringConvertible {
     /// The exact number of bytes.
     public let bytes: UInt64
 

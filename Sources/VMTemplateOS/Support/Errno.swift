@@ -11,14 +11,14 @@ package func errnoText(_ code: Int32 = errno) -> String {
 
 /// A failed system call: which call, and its errno. Kept as the cause of a `VMTemplateError`, so
 /// the number survives to whoever wants to tell ENOSPC from EACCES.
-public struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertible {
-    public let call: String
-    public let code: Int32
+package struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertible {
+    package let call: String
+    package let code: Int32
 
-    public init(_ call: String, code: Int32 = errno) {
+    package init(_ call: String, code: Int32 = errno) {
         self.call = call
         self.code = code
     }
 
-    public var description: String { "\(call): \(errnoText(code)) (errno \(code))" }
+    package var description: String { "\(call): \(errnoText(code)) (errno \(code))" }
 }

@@ -2,29 +2,29 @@ import Foundation
 
 /// The JSON conventions of everything vmtemplate writes: sorted keys (stable diffs and digests),
 /// ISO 8601 dates, snake_case keys spelled out in each type's `CodingKeys`.
-public enum JSONCoding {
-    public static func encoder(pretty: Bool = true) -> JSONEncoder {
+package enum JSONCoding {
+    package static func encoder(pretty: Bool = true) -> JSONEncoder {
         let encoder = JSONEncoder()
         encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .iso8601
         return encoder
     }
 
-    public static func decoder() -> JSONDecoder {
+    package static func decoder() -> JSONDecoder {
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         return decoder
     }
 
     /// `value` as JSON, absent values as `null` (``JSONTree``).
-    public static func encode(_ value: some Encodable, pretty: Bool = true) throws -> Data {
+    package static func encode(_ value: some Encodable, pretty: Bool = true) throws -> Data {
         var data = try encoder(pretty: pretty).encode(JSONTree.of(value))
         data.append(0x0a)
         return data
     }
 
     /// A single-line rendering, for `--json` output and JSON-lines logs.
-    public static func line(_ value: some Encodable) throws -> String {
+    package static func line(_ value: some Encodable) throws -> String {
         String(decoding: try encoder(pretty: false).encode(JSONTree.of(value)), as: UTF8.self)
     }
 }

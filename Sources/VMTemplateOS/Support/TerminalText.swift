@@ -3,8 +3,8 @@
 /// A record is written by whoever could write the file, so its text may carry escape sequences
 /// that rewrite the operator's screen or hide a line. Control characters (C0, DEL and C1) and
 /// backslashes are shown as `\xNN`-style escapes; everything else is left as it is.
-public enum TerminalText {
-    public static func escape(_ text: String) -> String {
+package enum TerminalText {
+    package static func escape(_ text: String) -> String {
         var result = ""
         result.reserveCapacity(text.utf8.count)
         for scalar in text.unicodeScalars {
@@ -22,7 +22,7 @@ public enum TerminalText {
 
     /// JSON text with DEL and the C1 controls (U+007F ... U+009F) written as `\u00XX`: still the
     /// same JSON, but a terminal that shows it acts on none of them (JSONEncoder escapes only C0).
-    public static func escapeJSON(_ json: String) -> String {
+    package static func escapeJSON(_ json: String) -> String {
         var result = ""
         result.reserveCapacity(json.utf8.count)
         for scalar in json.unicodeScalars {

@@ -54,7 +54,7 @@ public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
 
 /// `{"error": {"code", "message"}}`: what the CLI prints with `--json` and the API answers when
 /// something fails.
-public struct ErrorBody: Encodable, Sendable {
+package struct ErrorBody: Encodable, Sendable {
     public struct Detail: Encodable, Sendable {
         public var code: String
         public var message: String
@@ -88,7 +88,7 @@ extension VMTemplateError {
 
 /// Text that explains an error but is not an error of a known kind (a console's last lines, the
 /// stderr of a probe): the cause of a `VMTemplateError` when nothing more structured exists.
-public struct ErrorDetail: Error, Sendable, CustomStringConvertible {
+package struct ErrorDetail: Error, Sendable, CustomStringConvertible {
     public let text: String
 
     public init(_ text: String) {

@@ -14,22 +14,22 @@ import Musl
 /// (`add-fd`, `/dev/fdset/N`): QEMU may run as its own unprivileged user and never opens a disk
 /// by path, and a qcow2 image's own backing file is refused rather than followed, since its name
 /// is whatever the image's author wrote.
-public struct DiskImage: Sendable {
+package struct DiskImage: Sendable {
     /// Open, close-on-exec; the caller closes it once QEMU has its copy.
-    public let descriptor: Int32
-    public let path: String
-    public let format: DiskFormat
+    package let descriptor: Int32
+    package let path: String
+    package let format: DiskFormat
     /// The size the guest sees.
-    public let virtualSizeBytes: UInt64
-    public let writable: Bool
+    package let virtualSizeBytes: UInt64
+    package let writable: Bool
 
     static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]  // "QFI\xfb"
     /// The largest disk accepted (qemu-img's own limit for qcow2 is 64 TiB).
-    public static let maxSizeBytes: UInt64 = 1 << 46
+    package static let maxSizeBytes: UInt64 = 1 << 46
 
     /// Opens `path` read-only or read-write and checks that it is a regular file or block device
     /// in the stated format, without a backing file of its own.
-    public static func open(path: String, format: DiskFormat, writable: Bool) throws -> DiskImage {
+    package static func open(path: String, format: DiskFormat, writable: Bool) throws -> DiskImage {
         let shown = TerminalText.escape(path)
         // First a handle that opens nothing (O_PATH), found without following any symbolic link
         // (openat2 RESOLVE_NO_SYMLINKS): whoever can write a directory on the way cannot point
@@ -125,7 +125,7 @@ public struct DiskImage: Sendable {
     /// others could open it, nothing existing is ever truncated) and written here
     /// (``QCOW2Overlay``): no qemu-img process on the clone's path (it cost ~8 ms of a 2-core
     /// machine's clone), and nothing that reads the base.
-    public func createOverlay(at overlayPath: String) throws -> Int32 {
+    package func createOverlay(at overlayPath: String) throws -> Int32 {
         let shown = TerminalText.escape(overlayPath)
         let bytes = try QCOW2Overlay(sizeBytes: virtualSizeBytes, backingFile: path, backingFormat: format).bytes()
         let overlay = Glibc.open(overlayPath, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
@@ -148,17 +148,17 @@ public struct DiskImage: Sendable {
 /// backing file's name) in cluster 0, the refcount table in cluster 1, one refcount block in
 /// cluster 2, the L1 table (all zeros: nothing allocated, every read goes to the backing file)
 /// from cluster 3. `qemu-img check` accepts it (DeviceIntegrationTests).
-public struct QCOW2Overlay: Sendable {
-    public let sizeBytes: UInt64
-    public let backingFile: String
-    public let backingFormat: DiskFormat
+package struct QCOW2Overlay: Sendable {
+    package let sizeBytes: UInt64
+    package let backingFile: String
+    package let backingFormat: DiskFormat
 
     static let clusterBits: UInt64 = 16
     static let clusterSize: UInt64 = 1 << clusterBits
     /// QEMU's own limit on a backing file name.
-    public static let maxBackingFileBytes = 1023
+    package static let maxBackingFileBytes = 1023
 
-    public init(sizeBytes: UInt64, backingFile: String, backingFormat: DiskFormat) throws {
+    package init(sizeBytes: UInt64, backingFile: String, backingFormat: DiskFormat) throws {
         guard backingFile.utf8.count <= Self.maxBackingFileBytes else {
             throw VMTemplateError(.invalidArgument, "the path of an overlay's base may be at most \(Self.maxBackingFileBytes) bytes (qcow2's limit): move the image to a shorter path.")
         }
@@ -168,7 +168,7 @@ public struct QCOW2Overlay: Sendable {
         self.backingFormat = backingFormat
     }
 
-    public func bytes() throws -> [UInt8] {
+    package func bytes() throws -> [UInt8] {
         let cluster = Self.clusterSize
         // Each L2 table maps cluster/8 clusters; the L1 table has one entry per L2 table.
         let l2Coverage = cluster * (cluster / 8)

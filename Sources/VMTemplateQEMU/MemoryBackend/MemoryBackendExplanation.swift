@@ -136,7 +136,7 @@ extension MemoryBackendOptions {
 /// `valid`, `error`, `open_mode`, `mapping`, `guest_sees` (`"ram"`/`"rom"`), `writes_reach_file`,
 /// `explanation`, `typical_use`, `hint`, `file`: fixed strings for what a program compares, prose
 /// only in `explanation`, `typical_use`, `hint` and `error`; absent values are written as `null`.
-public struct MemoryBackendExplanation: Sendable, Codable, Equatable {
+package struct MemoryBackendExplanation: Sendable, Codable, Equatable {
     /// The result of checking a memory file as the current (effective) user.
     public struct FileCheck: Sendable, Codable, Equatable {
         public var path: String

@@ -3,13 +3,13 @@ import VMTemplateOS
 ///
 /// This is the only place that renders the argument: the rules live in `MemoryBackendOptions`, and
 /// nothing else assembles the string.
-public struct MemoryBackendFile: Sendable, Equatable, Codable {
-    public var id: String
-    public var path: String
-    public var sizeBytes: UInt64
-    public var options: MemoryBackendOptions
+package struct MemoryBackendFile: Sendable, Equatable, Codable {
+    package var id: String
+    package var path: String
+    package var sizeBytes: UInt64
+    package var options: MemoryBackendOptions
 
-    public init(id: String = "ram0", path: String, sizeBytes: UInt64, options: MemoryBackendOptions) {
+    package init(id: String = "ram0", path: String, sizeBytes: UInt64, options: MemoryBackendOptions) {
         self.id = id
         self.path = path
         self.sizeBytes = sizeBytes
@@ -17,7 +17,7 @@ public struct MemoryBackendFile: Sendable, Equatable, Codable {
     }
 
     /// The value of `-object`, e.g. `memory-backend-file,id=ram0,mem-path=/t/memory,size=268435456,share=off,readonly=on,rom=off`.
-    public func objectArgument() throws -> String {
+    package func objectArgument() throws -> String {
         try options.validate()
         var properties: [(String, String)] = [
             ("id", id), ("mem-path", path), ("size", String(sizeBytes)),

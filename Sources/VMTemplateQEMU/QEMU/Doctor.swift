@@ -1,21 +1,21 @@
 import Foundation
 import VMTemplateOS
 /// What `vmtemplate doctor` reports: can this machine make templates and clones, and how.
-public struct DoctorReport: Sendable, Codable, Equatable {
-    public var qemuPath: String?
-    public var qemuVersion: String?
-    public var qemuPackage: String?
-    public var supportsROM: Bool
-    public var supportsFileMigration: Bool
-    public var kvmUsable: Bool
-    public var kvmReason: String
-    public var defaultAccel: Accelerator
+package struct DoctorReport: Sendable, Codable, Equatable {
+    package var qemuPath: String?
+    package var qemuVersion: String?
+    package var qemuPackage: String?
+    package var supportsROM: Bool
+    package var supportsFileMigration: Bool
+    package var kvmUsable: Bool
+    package var kvmReason: String
+    package var defaultAccel: Accelerator
     /// How QEMU started by this user is confined (seccomp, the user it drops to), in words.
-    public var confinement: String
+    package var confinement: String
     /// Things that work but deserve attention (e.g. clones that must open the template read-write).
-    public var warnings: [String]
+    package var warnings: [String]
     /// Things that stop vmtemplate from working, each with what to do.
-    public var problems: [String]
+    package var problems: [String]
 
     enum CodingKeys: String, CodingKey {
         case qemuPath = "qemu_path"
@@ -31,7 +31,7 @@ public struct DoctorReport: Sendable, Codable, Equatable {
     }
 
     /// Probes the QEMU binary (`--qemu`, `$VMTEMPLATE_QEMU`, `PATH`) and KVM.
-    public static func run(explicitQEMU: String?, kvm: KVMProbe = .probe()) -> DoctorReport {
+    package static func run(explicitQEMU: String?, kvm: KVMProbe = .probe()) -> DoctorReport {
         var report = DoctorReport(
             qemuPath: nil, qemuVersion: nil, qemuPackage: nil,
             supportsROM: false, supportsFileMigration: false,

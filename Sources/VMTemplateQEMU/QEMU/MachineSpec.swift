@@ -61,7 +61,7 @@ public struct MachineSpec: Sendable, Codable, Equatable {
 
 /// Kernel boot of a template VM. Clones restore from saved state and need none of it, which also
 /// keeps QEMU from holding a copy of the kernel blob in each clone's memory.
-public struct KernelBoot: Sendable, Equatable {
+package struct KernelBoot: Sendable, Equatable {
     public var kernel: String
     public var initrd: String?
     public var append: String
@@ -116,7 +116,7 @@ public enum QMPEndpoint: Sendable, Equatable {
 }
 
 /// What QEMU may do once it runs.
-public struct QEMUConfinement: Sendable, Equatable {
+package struct QEMUConfinement: Sendable, Equatable {
     /// QEMU's seccomp filter (`-sandbox on`) with obsolete calls, privilege elevation and
     /// resource control denied; `spawn` denied too unless the migration pipes through a shell.
     public var sandbox: Bool
@@ -167,7 +167,7 @@ public struct QEMUConfinement: Sendable, Equatable {
 }
 
 /// How a QEMU instance starts.
-public enum LaunchMode: Sendable, Equatable {
+package enum LaunchMode: Sendable, Equatable {
     /// Boot the kernel (the template VM).
     case boot(KernelBoot)
     /// Wait paused for `migrate-incoming` (a clone).
@@ -175,7 +175,7 @@ public enum LaunchMode: Sendable, Equatable {
 }
 
 /// The whole QEMU command line, as a value; `arguments` renders it.
-public struct QEMUCommandLine: Sendable, Equatable {
+package struct QEMUCommandLine: Sendable, Equatable {
     public var name: String
     public var machine: MachineSpec
     public var memory: MemoryBackendFile

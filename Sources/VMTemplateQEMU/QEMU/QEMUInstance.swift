@@ -204,7 +204,7 @@ public final class QEMUInstance: Sendable {
 }
 
 /// QEMU ended: how, and what it printed last. The cause of errors about a QEMU that died.
-public struct QEMUExit: Error, Sendable, CustomStringConvertible {
+package struct QEMUExit: Error, Sendable, CustomStringConvertible {
     public let how: String
     public let lastWords: String
 
@@ -212,7 +212,7 @@ public struct QEMUExit: Error, Sendable, CustomStringConvertible {
 }
 
 /// The check behind ``QEMUInstance/attach(identity:name:qmpSocket:logPath:executable:)``.
-package enum QEMUIdentity {
+public enum QEMUIdentity {
     /// Why `pid` is not the QEMU called `name`, or nil when it is.
     package static func problem(pid: Int32, name: String, executable: String?) -> String? {
         guard let running = readExecutable(pid: pid) else {

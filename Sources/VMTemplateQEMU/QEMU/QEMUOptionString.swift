@@ -3,9 +3,9 @@ import Foundation
 
 /// QEMU's `key=value,key=value` option syntax (QemuOpts), where a literal comma in a value is
 /// written `,,`. Paths are the values that need it: a store under `/srv/a,b` must still work.
-public enum QEMUOptionString {
+package enum QEMUOptionString {
     /// Renders `type,key=value,...`; pass `type: nil` for a plain property list.
-    public static func render(type: String?, _ properties: [(String, String)]) -> String {
+    package static func render(type: String?, _ properties: [(String, String)]) -> String {
         var parts: [String] = []
         if let type { parts.append(escape(type)) }
         for (key, value) in properties {
@@ -14,7 +14,7 @@ public enum QEMUOptionString {
         return parts.joined(separator: ",")
     }
 
-    public static func escape(_ value: String) -> String {
+    package static func escape(_ value: String) -> String {
         value.replacingOccurrences(of: ",", with: ",,")
     }
 }

@@ -5,12 +5,12 @@ import Foundation
 ///
 /// The file is read incrementally every few milliseconds: cheap, and tight enough that a template's
 /// boot is not padded by a coarse sleep. Also used by the cold-boot benchmark.
-public struct SerialConsoleWatcher: Sendable {
-    public let path: String
+package struct SerialConsoleWatcher: Sendable {
+    package let path: String
     /// How often the log is read: tight enough that a boot is not padded by a coarse sleep.
-    public var pollInterval: Duration
+    package var pollInterval: Duration
 
-    public init(path: String, pollInterval: Duration = .milliseconds(5)) {
+    package init(path: String, pollInterval: Duration = .milliseconds(5)) {
         self.path = path
         self.pollInterval = pollInterval
     }
@@ -19,7 +19,7 @@ public struct SerialConsoleWatcher: Sendable {
     /// `.timeout` error when the deadline passes, and what `problem` returns (asked every ~100 ms)
     /// as soon as it returns one: a wait that can no longer succeed (the disk the log and the RAM
     /// are written to is full) stops at once, not at the deadline.
-    public func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool, problem: () -> VMTemplateError? = { nil }) async throws -> Bool {
+    package func waitForMarker(_ marker: String, timeout: Duration, isAlive: () -> Bool, problem: () -> VMTemplateError? = { nil }) async throws -> Bool {
         var polls = 0
         let deadline = ContinuousClock.now + timeout
         let needle = Array(marker.utf8)

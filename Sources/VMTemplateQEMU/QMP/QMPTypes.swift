@@ -190,7 +190,7 @@ public struct QMPEvent: Sendable, Equatable, Codable {
 // MARK: - Errors
 
 /// A command QEMU rejected: the reply was `{"error": {"class": ..., "desc": ...}}`.
-public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
+package struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The QMP command that failed, e.g. "migrate".
     public let command: String
     /// QEMU's error class, almost always "GenericError"; others are "CommandNotFound",

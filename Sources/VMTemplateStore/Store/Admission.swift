@@ -6,19 +6,19 @@ import VMTemplateQEMU
 /// whenever it likes: each live clone commits its copy-on-write limit (or, without one, its whole
 /// guest memory) plus `qemuReserveBytes` for QEMU's own memory. Template pages are shared page
 /// cache and are not counted per clone.
-public enum Admission {
+package enum Admission {
     /// What each clone's QEMU is assumed to need for itself (measured: ~22 MiB idle under TCG, more
     /// while its guest runs new code; docs/scaling.md).
-    public static let qemuReserveBytes: UInt64 = 32 * 1024 * 1024
+    package static let qemuReserveBytes: UInt64 = 32 * 1024 * 1024
 
     /// Memory a clone commits: `min(limit, guest memory) + QEMU's reserve`.
-    public static func committedBytes(guestMemory: UInt64, cowLimit: UInt64?) -> UInt64 {
+    package static func committedBytes(guestMemory: UInt64, cowLimit: UInt64?) -> UInt64 {
         saturatingSum([min(cowLimit ?? guestMemory, guestMemory), qemuReserveBytes])
     }
 
     /// A sum that stops at `UInt64.max` instead of trapping: no record, however large its numbers,
     /// can crash admission, and a saturated sum is over every budget.
-    public static func saturatingSum(_ values: [UInt64]) -> UInt64 {
+    package static func saturatingSum(_ values: [UInt64]) -> UInt64 {
         var total: UInt64 = 0
         for value in values {
             let (sum, overflow) = total.addingReportingOverflow(value)
@@ -30,14 +30,14 @@ public enum Admission {
 
     /// Refuses a copy-on-write limit no record may hold (a record over the bounds is not believed,
     /// so its clone would drop out of every count: limits, list, the scheduler).
-    public static func checkLimit(_ cowLimit: UInt64?) throws {
+    package static func checkLimit(_ cowLimit: UInt64?) throws {
         guard let cowLimit, cowLimit > CloneRecord.maxGuestMemoryBytes else { return }
         throw VMTemplateError(.invalidArgument, "a copy-on-write limit of \(ByteSize(bytes: cowLimit)) is more than any guest has (at most \(ByteSize(bytes: CloneRecord.maxGuestMemoryBytes))): give a smaller --cow-limit.")
     }
 
     /// Throws `.limitExceeded` when admitting a clone committing `newCommitted` would break a limit.
     /// `live` are the committed bytes of the clones alive now.
-    public static func check(settings: StoreSettings, live: [UInt64], newCommitted: UInt64) throws {
+    package static func check(settings: StoreSettings, live: [UInt64], newCommitted: UInt64) throws {
         if let maxClones = settings.maxClones, live.count + 1 > maxClones {
             throw VMTemplateError(.limitExceeded, "the store admits at most \(maxClones) live clones and \(live.count) are running: remove some (vmtemplate rm) or raise the limit (vmtemplate settings --max-clones N).")
         }

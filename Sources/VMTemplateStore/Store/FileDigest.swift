@@ -10,7 +10,7 @@ import Musl
 #endif
 
 /// SHA-256 of files, streamed in large reads so a multi-GiB template never sits in memory.
-public enum FileDigest {
+package enum FileDigest {
     public static func sha256(path: String) throws -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {

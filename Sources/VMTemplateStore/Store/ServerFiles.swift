@@ -11,11 +11,11 @@ import Musl
 /// private directory it binds the socket in (`.serve-PID-START`, named by the server's process
 /// identity) and the socket itself. A SIGKILLed server leaves both; `gc` and the next `serve`
 /// remove them once the identity in the name no longer runs and nobody answers on the socket.
-public enum ServerFiles {
+package enum ServerFiles {
     static let prefix = ".serve-"
 
     /// The private directory of this process, beside `socketPath`.
-    public static func privateDirectory(beside socketPath: String) -> String {
+    package static func privateDirectory(beside socketPath: String) -> String {
         let pid = getpid()
         let start = ProcessIdentity.current(pid: pid)?.startTime ?? 0
         return "\(FileSystem.split(socketPath).directory)/\(prefix)\(pid)-\(start)"
@@ -24,7 +24,7 @@ public enum ServerFiles {
     /// Removes the private directories of servers that no longer run from the directory of
     /// `socketPath`, and the socket when it is this user's and nobody answers on it. Only this
     /// user's entries, never through a link. Returns the paths removed.
-    public static func removeStale(beside socketPath: String) -> [String] {
+    package static func removeStale(beside socketPath: String) -> [String] {
         let directory = FileSystem.split(socketPath).directory
         var removed: [String] = []
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []

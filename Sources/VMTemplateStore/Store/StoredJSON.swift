@@ -9,7 +9,7 @@ import VMTemplateOS
 /// - Writes are atomic (a temporary file, fsync, rename), so a reader never sees half a file.
 /// - Changes to a file that several processes write go through ``TemplateStore/update(_:at:default:_:)``
 ///   under the store lock, so nobody loses another's change.
-public enum StoredJSON {
+package enum StoredJSON {
     /// Why a file could not be read.
     public enum ReadFailure: Error, Sendable, CustomStringConvertible {
         case missing
