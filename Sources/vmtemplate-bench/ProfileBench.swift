@@ -71,7 +71,7 @@ struct ProfileBench: AsyncParsableCommand {
         "QEMUInstance.launch (fork/exec call)",
         "spawn until QMP ready (connect, greeting, qmp_capabilities)",
         "migrate-set-capabilities",
-        "migrate-incoming (reply)",
+        "add-fd + migrate-incoming (reply)",
         "wait for migration completed",
         "cont",
         "one more QMP round trip (query-status, guest running)",
@@ -145,7 +145,7 @@ struct ProfileBench: AsyncParsableCommand {
         return child.started.duration(to: ended).seconds
     }
 
-    /// CloneEngine's restore, step by step, on the same command line.
+    /// The launcher.s restore, step by step, on the same command line.
     private static func replay(_ workspace: Workspace) async throws -> [Double] {
         var marks: [ContinuousClock.Instant] = []
         let (vm, started) = try BenchVM.spawn(workspace) { try workspace.cloneArguments(paths: $0) }
@@ -158,7 +158,17 @@ struct ProfileBench: AsyncParsableCommand {
             marks.append(.now)
             try await qmp.migrateSetCapabilities(["x-ignore-shared": true, "events": true])
             marks.append(.now)
-            try await qmp.migrateIncoming(uri: "\(workspace.manifest.migration.uriScheme == "file" ? "file:" : "exec:cat ")\(workspace.stateFile)")
+            // As the launcher does: the state goes to QEMU as a descriptor (a sandboxed QEMU need
+            // not reach the file by path).
+            if workspace.manifest.migration.transport == .file {
+                let state = open(workspace.stateFile, O_RDONLY | O_CLOEXEC)
+                guard state >= 0 else { throw BenchError("open \(workspace.stateFile): \(String(cString: strerror(errno)))") }
+                defer { close(state) }
+                _ = try await qmp.addFD(state, fdset: CloneLauncher.stateFDSet)
+                try await qmp.migrateIncoming(uri: "file:/dev/fdset/\(CloneLauncher.stateFDSet)")
+            } else {
+                try await qmp.migrateIncoming(uri: workspace.manifest.migration.transport.loadURI(from: workspace.stateFile))
+            }
             marks.append(.now)
             _ = try await qmp.waitForMigration(timeout: .seconds(60))
             marks.append(.now)
@@ -232,21 +242,14 @@ struct ProfileBench: AsyncParsableCommand {
         return started.duration(to: .now).seconds
     }
 
-    /// CloneEngine's restore in one go; with `paused`, QEMU gets `-S` so the guest stays stopped
-    /// after the state is loaded (no TCG work competing with other start-ups).
+    /// The launcher's own restore in one go; with `paused`, QEMU gets `-S` so the guest stays
+    /// stopped after the state is loaded (no TCG work competing with other start-ups).
     private static func restore(_ workspace: Workspace, paused: Bool) async throws -> BenchVM {
         let (vm, _) = try BenchVM.spawn(workspace) { try workspace.cloneArguments(paths: $0) + (paused ? ["-S"] : []) }
         do {
-            let process = vm.qemu
-            // Pipelined, as CloneEngine does it.
-            let qmp = try await QMPClient.connect(
-                socketPath: vm.paths.qmpSocket, timeout: .seconds(60), isPeerAlive: { process.isRunning },
-                pipelining: [
-                    .migrateSetCapabilities(["x-ignore-shared": true, "events": true]),
-                    .migrateIncoming(uri: "\(workspace.manifest.migration.uriScheme == "file" ? "file:" : "exec:cat ")\(workspace.stateFile)"),
-                ])
+            let (qmp, loaded) = try await CloneLauncher(store: workspace.store).restore(workspace.published, into: vm.qemu, cloneID: Workspace.benchQEMUName, timeout: .seconds(60))
             defer { qmp.close() }
-            _ = try await qmp.waitForMigration(timeout: .seconds(60), startedHere: true)
+            try await loaded()
             if !paused { try await qmp.cont() }
             return vm
         } catch {

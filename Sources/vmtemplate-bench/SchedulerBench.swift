@@ -96,8 +96,10 @@ struct SchedulerBench: AsyncParsableCommand {
         // On failure the bench's sweep stops the scheduler with every other child it started.
         defer { scheduler.removeOutput() }
         // Ask the guest to dirty memory; its reply never comes once it is paused, so don't wait.
-        let socket = try LineSocket.connect(path: clone.controlSocket, deadline: .now + .seconds(5))
-        try socket.writeLine("dirty 64")
+        let channel = ControlChannel(path: clone.controlSocket)
+        let socket = try channel.connect()
+        defer { close(socket) }
+        try channel.send(["dirty 64"], on: socket)
         var crossed: ContinuousClock.Instant?
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {

@@ -17,6 +17,7 @@ struct Workspace: Sendable {
     let scratch: String
     let store: TemplateStore
     let template: EntityName
+    let published: PublishedTemplate
     let manifest: TemplateManifest
     let memoryFile: String
     let stateFile: String
@@ -67,7 +68,7 @@ struct Workspace: Sendable {
         let qemuPath = try QEMUBinary.locate(explicit: manifest.qemu.path)
         let capabilities = try manifest.qemu.capabilities ?? QEMUBinary.probe(path: qemuPath).capabilities
         return Workspace(
-            scratch: scratch, store: store, template: name, manifest: manifest,
+            scratch: scratch, store: store, template: name, published: published, manifest: manifest,
             memoryFile: published.memoryPath,
             stateFile: published.statePath,
             qemuPath: qemuPath,
@@ -105,38 +106,35 @@ struct Workspace: Sendable {
 
     // MARK: Command lines
 
-    /// The arguments `CloneEngine.clone` gives QEMU, rendered the same way: same machine, same
-    /// memory backend options, same paths layout, `-incoming defer`, a fresh vmgenid.
-    func cloneArguments(paths: InstancePaths, memoryOptions: MemoryBackendOptions? = nil, tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener) throws -> [String] {
-        try QEMUCommandLine(
-            name: Self.benchQEMUName,
-            machine: manifest.machine,
-            memory: MemoryBackendFile(path: memoryFile, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions ?? self.memoryOptions),
-            paths: paths,
-            launch: .incoming,
-            vmgenidGUID: UUID().uuidString.lowercased(),
-            tcgTranslationCacheMiB: tcgTranslationCacheMiB,
-            qmp: qmp
-        ).arguments()
+    /// The arguments `clone` gives QEMU, from the launcher itself (`CloneLauncher.commandLine`):
+    /// same machine, memory backend, sandbox and translation cache, `-incoming defer` (or `launch`),
+    /// a fresh vmgenid; only the name and the paths are the bench's.
+    func cloneArguments(paths: InstancePaths, launch: LaunchMode = .incoming) throws -> [String] {
+        try CloneLauncher.commandLine(for: published, name: Self.benchQEMUName, paths: paths, launch: launch, vmgenid: UUID().uuidString.lowercased(), memoryOptions: memoryOptions, translationCacheMiB: nil).arguments()
     }
 
-    /// The floor: a clone's command line that stops at `-S` instead of waiting for a migration,
-    /// so it measures QEMU's own start-up (exec, libraries, machine and device set-up, RAM file
-    /// mapping, QMP socket) and nothing vmtemplate or the restore adds.
+    /// The floor: a clone's command line launched paused (`-S`) instead of waiting for a
+    /// migration, so it measures QEMU's own start-up (exec, libraries, machine and device set-up,
+    /// RAM file mapping, QMP socket) and nothing vmtemplate or the restore adds.
     func floorArguments(paths: InstancePaths) throws -> [String] {
-        var arguments = try cloneArguments(paths: paths)
-        guard let index = arguments.firstIndex(of: "-incoming"), arguments.indices.contains(index + 1) else {
-            throw BenchError("the clone command line has no -incoming: QEMUCommandLine changed; update the bench")
-        }
-        arguments.replaceSubrange(index...(index + 1), with: ["-S"])
-        return arguments
+        try cloneArguments(paths: paths, launch: .paused)
     }
 
     /// Kata's VM factory: the template RAM file opened read-write and mapped private
     /// (`share=off,readonly=off`, no `rom=`), `-S -incoming defer`, and QEMU binding its QMP
     /// socket path itself (`-qmp unix:...`), which the client polls for.
+    /// Kata's own command line, not vmtemplate's: no sandbox (its migration spawns `cat`), QEMU's
+    /// default translation cache.
     func kataArguments(paths: InstancePaths) throws -> [String] {
-        try cloneArguments(paths: paths, memoryOptions: .writableClone, qmp: .socketPath) + ["-S"]
+        try QEMUCommandLine(
+            name: Self.benchQEMUName,
+            machine: manifest.machine,
+            memory: MemoryBackendFile(path: memoryFile, sizeBytes: manifest.machine.memoryBytes, options: .writableClone),
+            paths: paths,
+            launch: .incoming,
+            vmgenidGUID: UUID().uuidString.lowercased(),
+            qmp: .socketPath
+        ).arguments() + ["-S"]
     }
 
     /// The template VM's own boot (kernel + initrd), but with private anonymous RAM

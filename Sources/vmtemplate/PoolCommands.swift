@@ -28,13 +28,13 @@ struct PoolCommand: AsyncParsableCommand {
         @Argument(help: "Template name.")
         var template: String
 
-        @Option(help: "Members to keep ready (0 to \(TemplateStore.maxPoolSize)).")
+        @Option(help: "Members to keep ready (0 to \(PoolIndex.maxPoolSize)).")
         var size: Int
 
         @OptionGroup var store: StoreOptions
 
         func validate() throws {
-            if !(0...TemplateStore.maxPoolSize).contains(size) { throw ValidationError("--size must be 0 to \(TemplateStore.maxPoolSize).") }
+            if !(0...PoolIndex.maxPoolSize).contains(size) { throw ValidationError("--size must be 0 to \(PoolIndex.maxPoolSize).") }
         }
 
         func run() async throws {
@@ -71,7 +71,7 @@ struct PoolCommand: AsyncParsableCommand {
                 let name = try EntityName(template)
                 let store = try store.open()
                 let pool = WarmPool(store: store, explicitQEMU: qemu.explicitPath)
-                guard (store.poolSizes()[name.value] ?? 0) > 0 else {
+                guard (store.pools.sizes()[name.value] ?? 0) > 0 else {
                     throw VMTemplateError(.invalidState, "template '\(name)' has no pool: set one with 'vmtemplate pool set \(name) --size N'.")
                 }
                 let timeout = Duration.seconds(fractional: timeout)

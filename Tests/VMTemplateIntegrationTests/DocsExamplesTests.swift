@@ -60,7 +60,7 @@ extension RealGuests {
                 for name in ((try? FileManager.default.contentsOfDirectory(atPath: "\(store.root)/templates")) ?? []) where name != SharedTemplate.name {
                     _ = try? CLI.run(["rm-template", name, "--force"] + store.arguments)
                 }
-                for (template, _) in (try? TemplateStore(root: store.root).poolSizes()) ?? [:] {
+                for (template, _) in (try? TemplateStore(root: store.root).pools.sizes()) ?? [:] {
                     _ = try? CLI.run(["pool", "set", template, "--size", "0"] + store.arguments)
                 }
                 try? FileManager.default.removeItem(atPath: scratch)

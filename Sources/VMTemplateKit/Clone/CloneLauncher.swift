@@ -143,17 +143,26 @@ public struct CloneLauncher: Sendable {
     /// read-only, waiting for its device state (`-incoming defer`), sandboxed as this process
     /// requires. The bench starts its floor QEMUs from exactly this.
     package func commandLine(for template: PublishedTemplate, cloneID: String, vmgenid: String?, memoryOptions: MemoryBackendOptions, translationCacheMiB: Int?) throws -> QEMUCommandLine {
+        Self.commandLine(for: template, name: CloneRecord.qemuName(id: cloneID), paths: store.clonePaths(cloneID), vmgenid: vmgenid, memoryOptions: memoryOptions, translationCacheMiB: translationCacheMiB)
+    }
+
+    /// ``commandLine(for:cloneID:vmgenid:memoryOptions:translationCacheMiB:)`` with its name,
+    /// paths and launch given: the seam the benchmark starts its own QEMUs through (a paused
+    /// launch for its floor, a QMP socket path for its Kata-style runner), so that what it measures
+    /// is this command line, sandbox and cache size included.
+    package static func commandLine(for template: PublishedTemplate, name: String, paths: InstancePaths, launch: LaunchMode = .incoming, vmgenid: String?, memoryOptions: MemoryBackendOptions, translationCacheMiB: Int?, qmp: QMPEndpoint = .inheritedListener) -> QEMUCommandLine {
         let manifest = template.manifest
         return QEMUCommandLine(
-            name: CloneRecord.qemuName(id: cloneID),
+            name: name,
             machine: manifest.machine,
             memory: MemoryBackendFile(path: template.memoryPath, sizeBytes: manifest.machine.memoryBytes, options: memoryOptions),
-            paths: store.clonePaths(cloneID),
-            launch: .incoming,
+            paths: paths,
+            launch: launch,
             vmgenidGUID: vmgenid ?? "auto",
             tcgTranslationCacheMiB: translationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB,
+            qmp: qmp,
             // With `file:` the state is passed as a descriptor, so QEMU's user need not reach it.
-            confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || Self.everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
+            confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
         )
     }
 
@@ -207,7 +216,7 @@ public struct CloneLauncher: Sendable {
     }
 
     /// The fd set the template's device state is passed in.
-    static let stateFDSet = 1
+    package static let stateFDSet = 1
 
     /// Whether any user may read `path`: the file readable by others and every directory above it
     /// searchable by others (so QEMU, once it has dropped to its own user, can open it).

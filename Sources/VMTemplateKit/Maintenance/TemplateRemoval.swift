@@ -23,7 +23,7 @@ public struct TemplateRemoval: Sendable {
         // drain and that moment is still recorded pooled, and goes too.
         let pool = WarmPool(launcher: CloneLauncher(store: store))
         await pool.drain(name)
-        try await store.removePool(name)
+        try await store.pools.remove(name)
         await pool.removeStrays(of: name)
         let users = store.clones().records.filter { $0.template == name.value && $0.templateStore == nil && $0.isLive && $0.state != .pooled && $0.state != .warming }
         if !users.isEmpty && !force {

@@ -21,9 +21,9 @@ extension WarmPool {
     /// Then the clone gets its name, devices, `cont`, and its clock and hostname, as a fresh one.
     func handOut(_ request: CloneRequest, template: PublishedTemplate, started: ContinuousClock.Instant) async throws -> CloneRecord? {
         let name = request.template
-        for id in store.readyMembers(of: name) {
-            guard store.claim(id, template: name) else { continue }
-            defer { store.releaseClaim(id, template: name) }
+        for id in store.pools.readyMembers(of: name) {
+            guard store.pools.claim(id, template: name) else { continue }
+            defer { store.pools.releaseClaim(id, template: name) }
             // A ready file is only a hint: the record says whether this is a member of this pool.
             guard let member = store.cloneRecord(id), member.state == .pooled, member.template == name.value, member.templateStore == nil else { continue }
             // A member of an earlier template of this name (removed, then made again) maps that
@@ -61,7 +61,7 @@ extension WarmPool {
                 }
             } catch {
                 // Nothing was changed: the member goes back to its pool.
-                try? store.markReady(id, template: name)
+                try? store.pools.markReady(id, template: name)
                 throw error
             }
             timings.admission = lap.next()

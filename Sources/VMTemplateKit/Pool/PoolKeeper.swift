@@ -35,11 +35,11 @@ public struct PoolKeeper: Sendable {
                 lastRepair = .now
             }
             repair(unlessSince: round - .seconds(30))
-            for (template, size) in pool.store.poolSizes().sorted(by: { $0.key < $1.key }) where size > 0 {
+            for (template, size) in pool.store.pools.sizes().sorted(by: { $0.key < $1.key }) where size > 0 {
                 guard let name = try? EntityName(template), pool.store.templateExists(name) else { continue }
                 // A full pool is seen from its ready files alone, without reading a record. A file
                 // whose member died makes it look fuller than it is until the next repair.
-                if pool.store.readyMembers(of: name).count >= size { continue }
+                if pool.store.pools.readyMembers(of: name).count >= size { continue }
                 repair(unlessSince: round)
                 do {
                     let members = try await pool.fill(name, limit: 1, timeout: memberTimeout)

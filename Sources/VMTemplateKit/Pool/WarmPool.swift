@@ -55,7 +55,7 @@ public struct WarmPool: Sendable {
     /// Every pool with a size, and every template with members left over. `records`: the store's
     /// clone records when the caller has just read them (a metrics scrape needs them too).
     public func status(records given: [CloneRecord]? = nil) -> [Status] {
-        let sizes = store.poolSizes()
+        let sizes = store.pools.sizes()
         let records = given ?? store.clones().records
         var templates = Set(sizes.keys)
         for record in records where record.state == .pooled || record.state == .warming { templates.insert(record.template) }
@@ -79,7 +79,7 @@ public struct WarmPool: Sendable {
     public func fill(_ template: EntityName, limit: Int = .max, timeout: Duration = .seconds(60)) async throws -> [CloneRecord] {
         var made: [CloneRecord] = []
         while made.count < limit {
-            let size = store.poolSizes()[template.value] ?? 0
+            let size = store.pools.sizes()[template.value] ?? 0
             guard members(of: template).count < size else { break }
             try Task.checkCancellation()
             made.append(try await makeMember(template, timeout: timeout))
@@ -108,12 +108,12 @@ public struct WarmPool: Sendable {
             // so a removal sees either no member or a listed one.
             let member = record
             try await store.withLock { _ in
-                guard (store.poolSizes()[template.value] ?? 0) > 0,
+                guard (store.pools.sizes()[template.value] ?? 0) > 0,
                       (try? store.template(named: template))?.manifest.identity == member.templateDigest else {
                     throw VMTemplateError(.invalidState, "the pool of '\(template)' was drained or its template removed while member \(member.id) warmed.")
                 }
                 try store.save(member)
-                try store.markReady(member.id, template: template)
+                try store.pools.markReady(member.id, template: template)
             }
             return record
         } catch {
@@ -129,7 +129,7 @@ public struct WarmPool: Sendable {
         guard store.templateExists(template) else {
             throw VMTemplateError(.notFound, "no template named '\(template)' in this store: see 'vmtemplate list'.")
         }
-        try await store.setPoolSize(template, size)
+        try await store.pools.setSize(template, size)
         return await drain(template, keeping: size)
     }
 
@@ -138,13 +138,13 @@ public struct WarmPool: Sendable {
     public func drain(_ template: EntityName, keeping: Int = 0) async -> [String] {
         var removed: [String] = []
         var count = members(of: template).count
-        for id in store.readyMembers(of: template) where count > keeping {
-            guard store.claim(id, template: template) else { continue }
+        for id in store.pools.readyMembers(of: template) where count > keeping {
+            guard store.pools.claim(id, template: template) else { continue }
             // Only a member that is still one: a ready file never makes a running clone go.
             if let record = store.cloneRecord(id), record.state == .pooled, record.template == template.value {
                 _ = try? await lifecycle.remove(record, grace: .milliseconds(500))
             }
-            store.releaseClaim(id, template: template)
+            store.pools.releaseClaim(id, template: template)
             removed.append(id)
             count -= 1
         }
@@ -186,23 +186,23 @@ public struct WarmPool: Sendable {
     /// restored, warmed and paused: not lost).
     public func repair() {
         let records = store.clones().records
-        for template in Set(store.poolSizes().keys).union(records.filter { $0.state == .pooled }.map(\.template)) {
+        for template in Set(store.pools.sizes().keys).union(records.filter { $0.state == .pooled }.map(\.template)) {
             guard let name = try? EntityName(template) else { continue }
             func stillPooled(_ id: String) -> Bool { records.contains { $0.id == id && $0.state == .pooled && $0.isLive } }
-            for id in store.readyMembers(of: name) where !stillPooled(id) {
-                store.claim(id, template: name)
-                store.releaseClaim(id, template: name)
+            for id in store.pools.readyMembers(of: name) where !stillPooled(id) {
+                store.pools.claim(id, template: name)
+                store.pools.releaseClaim(id, template: name)
             }
-            for claim in store.staleClaims(of: name) {
-                store.resolveStaleClaim(claim.file, id: claim.id, template: name, restore: stillPooled(claim.id))
+            for claim in store.pools.staleClaims(of: name) {
+                store.pools.resolveStaleClaim(claim.file, id: claim.id, template: name, restore: stillPooled(claim.id))
             }
             // A filler killed between recording a member pooled and listing it. The snapshot above
             // may predate a hand-out that has since finished (and dropped its claim): only a record
             // read again now, after the files were listed, says the member is still pooled.
-            let listed = Set(store.readyMembers(of: name)).union(store.claimedMembers(of: name))
+            let listed = Set(store.pools.readyMembers(of: name)).union(store.pools.claimedMembers(of: name))
             for record in records where record.template == template && record.templateStore == nil && record.state == .pooled && !listed.contains(record.id) {
                 guard let fresh = store.cloneRecord(record.id), fresh.state == .pooled, fresh.isLive else { continue }
-                try? store.markReady(record.id, template: name)
+                try? store.pools.markReady(record.id, template: name)
             }
         }
     }

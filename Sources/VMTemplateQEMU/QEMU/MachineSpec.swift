@@ -172,6 +172,9 @@ package enum LaunchMode: Sendable, Equatable {
     case boot(KernelBoot)
     /// Wait paused for `migrate-incoming` (a clone).
     case incoming
+    /// A clone's machine, stopped before it runs (`-S`) and loading nothing: QEMU's own start-up,
+    /// the floor the benchmark measures a clone against.
+    case paused
 }
 
 /// The whole QEMU command line, as a value; `arguments` renders it.
@@ -257,6 +260,8 @@ package struct QEMUCommandLine: Sendable, Equatable {
             arguments += ["-append", boot.append]
         case .incoming:
             arguments += ["-incoming", "defer"]
+        case .paused:
+            arguments += ["-S"]
         }
         return arguments
     }

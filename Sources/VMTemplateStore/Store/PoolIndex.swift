@@ -15,26 +15,32 @@ import Musl
 /// hand-out never scans `clones/`. The record stays the truth about a member; the file only says
 /// "take me", and a claimed ID is checked against its record (state `pooled`, this template and
 /// its identity, its own QEMU alive) before use.
-extension TemplateStore {
-    public var poolsDirectory: String { "\(root)/pools" }
-    var poolSizesPath: String { "\(root)/pools.json" }
+public struct PoolIndex: Sendable {
+    public let store: TemplateStore
+
+    public init(store: TemplateStore) {
+        self.store = store
+    }
+
+    public var directory: String { "\(store.root)/pools" }
+    var sizesPath: String { "\(store.root)/pools.json" }
 
     /// The most members one pool may hold.
     public static let maxPoolSize = 1024
 
     /// The size asked for each template's pool; entries that do not hold up are left out.
-    public func poolSizes() -> [String: Int] {
-        guard case .success(let sizes) = StoredJSON.read([String: Int].self, at: poolSizesPath, owner: ownerUID) else { return [:] }
+    public func sizes() -> [String: Int] {
+        guard case .success(let sizes) = StoredJSON.read([String: Int].self, at: sizesPath, owner: store.ownerUID) else { return [:] }
         return sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
     }
 
     /// Sets (0: removes) the size of `template`'s pool.
-    public func setPoolSize(_ template: EntityName, _ size: Int) async throws {
+    public func setSize(_ template: EntityName, _ size: Int) async throws {
         guard (0...Self.maxPoolSize).contains(size) else {
             throw VMTemplateError(.invalidArgument, "a pool holds 0 to \(Self.maxPoolSize) members, not \(size).")
         }
-        let path = poolSizesPath
-        try await withLock { locked in
+        let path = sizesPath
+        try await store.withLock { locked in
             try locked.update([String: Int].self, at: path, default: [:]) { sizes in
                 sizes = sizes.filter { (try? EntityName($0.key)) != nil && (0...Self.maxPoolSize).contains($0.value) }
                 sizes[template.value] = size == 0 ? nil : size
@@ -42,7 +48,7 @@ extension TemplateStore {
         }
     }
 
-    func poolDirectory(_ template: EntityName) -> String { "\(poolsDirectory)/\(template.value)" }
+    func poolDirectory(_ template: EntityName) -> String { "\(directory)/\(template.value)" }
 
     /// The members of `template`'s pool that are ready, oldest first (they have waited longest).
     public func readyMembers(of template: EntityName) -> [String] {
@@ -51,7 +57,7 @@ extension TemplateStore {
             .filter { (try? EntityName($0, kind: "clone ID")) != nil }
             .compactMap { id -> (String, Int64)? in
                 var info = stat()
-                guard lstat("\(directory)/\(id)", &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID else { return nil }
+                guard lstat("\(directory)/\(id)", &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == store.ownerUID else { return nil }
                 return (id, Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec))
             }
             .sorted { $0.1 < $1.1 }
@@ -60,8 +66,8 @@ extension TemplateStore {
 
     /// Puts member `id` in `template`'s pool, ready to be handed out.
     public func markReady(_ id: String, template: EntityName) throws {
-        try requireWritable()
-        for directory in [poolsDirectory, poolDirectory(template)] where mkdir(directory, 0o755) != 0 && errno != EEXIST {
+        try store.requireWritable()
+        for directory in [self.directory, poolDirectory(template)] where mkdir(directory, 0o755) != 0 && errno != EEXIST {
             throw VMTemplateError(.ioError, "cannot create '\(directory)': \(errnoText()).", cause: SystemCallError("mkdir"))
         }
         let fd = open("\(poolDirectory(template))/\(id)", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
@@ -78,7 +84,7 @@ extension TemplateStore {
     /// finds the member again.
     @discardableResult
     public func claim(_ id: String, template: EntityName) -> Bool {
-        guard mode == .readWrite, (try? EntityName(id, kind: "clone ID")) != nil else { return false }
+        guard store.mode == .readWrite, (try? EntityName(id, kind: "clone ID")) != nil else { return false }
         let directory = poolDirectory(template)
         return rename("\(directory)/\(id)", "\(directory)/\(Self.claimFileName(id))") == 0
     }
@@ -134,8 +140,13 @@ extension TemplateStore {
 
     /// Forgets `template`'s pool: its size and its ready list (the members themselves are clones,
     /// removed as such).
-    public func removePool(_ template: EntityName) async throws {
-        try await setPoolSize(template, 0)
+    public func remove(_ template: EntityName) async throws {
+        try await setSize(template, 0)
         try? FileSystem.removeTree(path: poolDirectory(template))
     }
+}
+
+extension TemplateStore {
+    /// The store's warm pools (``PoolIndex``).
+    public var pools: PoolIndex { PoolIndex(store: self) }
 }
