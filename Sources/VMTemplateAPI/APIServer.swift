@@ -48,7 +48,9 @@ package struct APIServer: Sendable {
 
     /// Binds the socket and answers until cancelled. A stale socket file (no server behind it) is
     /// replaced; a live one means another server runs for this store, which is refused.
-    package func run() async throws {
+    /// `onListening` runs once the socket is published and accepts: only then may a start be
+    /// announced.
+    package func run(onListening: @escaping @Sendable () -> Void = {}) async throws {
         var logger = Logger(label: "vmtemplate.serve")
         logger.logLevel = .info
         try checkSocketPath()
@@ -72,6 +74,7 @@ package struct APIServer: Sendable {
         let publish: @Sendable (any Channel) async -> Void = { _ in
             do {
                 try self.publishSocket(from: boundPath)
+                onListening()
             } catch {
                 // A socket that cannot be secured must not be served: stop at once.
                 FileHandle.standardError.write(Data("vmtemplate: error: \(error)\n".utf8))
@@ -163,11 +166,11 @@ package struct APIServer: Sendable {
             return try Self.json(await lifecycle.statuses(of: records))
         }
         router.get("/v1/clones/:id") { _, context -> Response in
-            let record = try store.findClone(try context.parameters.require("id"))
+            let record = try store.findCloneExactly(try Self.parameter("id", of: context))
             return try Self.json(await lifecycle.status(of: record))
         }
         router.delete("/v1/clones/:id") { _, context -> Response in
-            let record = try store.findClone(try context.parameters.require("id"))
+            let record = try store.findCloneExactly(try Self.parameter("id", of: context))
             // A group member removes only the clones it asked for.
             guard context.callerIsOwner || (record.requestedBy != nil && record.requestedBy == context.callerUID) else {
                 throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may remove it.")
@@ -186,7 +189,7 @@ package struct APIServer: Sendable {
             guard context.callerIsOwner else {
                 throw VMTemplateError(.permissionDenied, "only the store's owner or root may size pools: a pool holds the host's memory.")
             }
-            let name = try EntityName(try context.parameters.require("template"))
+            let name = try EntityName(try Self.parameter("template", of: context))
             let body = try await Self.decode(PoolSizeBody.self, from: request)
             try await pool.setSize(name, body.size)
             let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
@@ -201,10 +204,22 @@ package struct APIServer: Sendable {
     /// The largest request body the API reads: a clone request is a few hundred bytes.
     static let maxBodyBytes = 64 * 1024
 
+    /// A path parameter as the caller meant it: percent-decoded (`sb%2Dpct` is `sb-pct`). What it
+    /// names is checked by the lookup it goes to.
+    static func parameter(_ name: String, of context: APIContext) throws -> String {
+        let raw = try context.parameters.require(name)
+        return raw.removingPercentEncoding ?? raw
+    }
+
     /// The body decoded by the library's own decoder, so that a bad body is answered with the
     /// same one-phrase reasons as a bad file (``JSONErrorText``), not Hummingbird's.
     static func decode<Body: Decodable>(_ type: Body.Type, from request: Request) async throws -> Body {
-        let buffer = try await request.body.collect(upTo: maxBodyBytes)
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.body.collect(upTo: maxBodyBytes)
+        } catch {
+            throw HTTPError(.contentTooLarge, message: "the request body is larger than \(maxBodyBytes / 1024) KiB: send what docs/api.openapi.json describes (a clone request is a few hundred bytes).")
+        }
         do {
             return try JSONCoding.decoder().decode(Body.self, from: Data(buffer.readableBytesView))
         } catch let error as VMTemplateError {
@@ -223,6 +238,15 @@ package struct APIServer: Sendable {
 
 struct PoolSizeBody: Decodable, Sendable {
     var size: Int
+
+    init(from decoder: any Decoder) throws {
+        try JSONCoding.refuseUnknownKeys(decoder, known: ["size"], in: "the pool's body")
+        size = try decoder.container(keyedBy: CodingKeys.self).decode(Int.self, forKey: .size)
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case size
+    }
 }
 
 /// `GET /v1/templates`.
@@ -384,6 +408,10 @@ enum APIError {
         // The message alone: one sentence that says what to do (a cause is for the server's log).
         let body = ErrorBody(code: error.code, message: error.message)
         let data = (try? JSONCoding.encode(body)) ?? Data(#"{"error":{"code":"internalError","message":"encoding failed"}}"#.utf8)
-        return Response(status: status ?? Self.status(for: error.code), headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+        let status = status ?? Self.status(for: error.code)
+        var headers: HTTPFields = [.contentType: "application/json"]
+        // A limit that may clear: when to ask again (the store's limits are checked per request).
+        if status == .tooManyRequests || status == .serviceUnavailable { headers[.retryAfter] = "1" }
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 }

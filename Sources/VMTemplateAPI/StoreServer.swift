@@ -54,7 +54,6 @@ package struct StoreServer: Sendable {
             // Written once before serving, so a bad path fails the start, not the first round.
             try await metrics.write(to: metricsFile, store: store)
         }
-        log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
         let metricsFile = configuration.metricsFile
         let metricsInterval = configuration.metricsInterval
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -83,7 +82,7 @@ package struct StoreServer: Sendable {
                     }
                 }
             }
-            try await server.run()
+            try await server.run(onListening: { log("vmtemplate serve: store \(store.root), API on \(server.socketPath)") })
             tasks.cancelAll()
         }
     }

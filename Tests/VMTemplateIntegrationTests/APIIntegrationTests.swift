@@ -217,6 +217,17 @@ extension RealGuests {
                 #expect((error?["message"] as? String)?.isEmpty == false)
             }
             try expectError("GET", "/v1/clones/nope", route: "/v1/clones/{id}", status: 404, code: "notFound")
+            // The API takes a full ID or a name: a prefix reaches nothing, and nothing is removed.
+            try expectError("GET", "/v1/clones/\(clone.id.prefix(4))", route: "/v1/clones/{id}", status: 404, code: "notFound")
+            try expectError("DELETE", "/v1/clones/\(clone.id.prefix(4))", route: "/v1/clones/{id}", status: 404, code: "notFound")
+            #expect(try server.request("GET", "/v1/clones/\(clone.id)", route: "/v1/clones/{id}").status == 200, "the clone is still there")
+            // Path parameters are percent-decoded.
+            #expect(try server.request("GET", "/v1/clones/api%2D1", route: "/v1/clones/{id}").status == 200)
+            // A body over the limit is 413, not a 500 with NIO's words.
+            let huge = #"{"template": "busybox", "name": ""# + String(repeating: "x", count: 70_000) + #""}"#
+            let tooLarge = try server.request("POST", "/v1/clones", huge)
+            #expect(tooLarge.status == 413, "\(tooLarge.status) \(String(decoding: tooLarge.body, as: UTF8.self))")
+            try expectError("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 2, "szie": 3}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "nope"}"#, status: 404, code: "notFound")
             try expectError("POST", "/v1/clones", #"{"name": "x"}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["tap="]}"#, status: 400, code: "invalidArgument")
@@ -233,6 +244,12 @@ extension RealGuests {
             try expectError("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 5000}"#, status: 400, code: "invalidArgument")
             _ = try CLI.run(["settings", "--max-clones", "1"] + server.store.arguments)
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true}"#, status: 429, code: "limitExceeded")
+            // A 429 says when to ask again; a retried create of a clone that exists is told so at
+            // the limit too (409 and 73, not 429 and 69).
+            let limited = try server.request("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true}"#)
+            #expect(limited.status == 429 && limited.headers["retry-after"] == "1", "\(limited.headers)")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1", "no_pool": true}"#, status: 409, code: "exists")
+            #expect(try CLI.run(["clone", "busybox", "--name", "api-1", "--no-pool"] + server.store.arguments).status == 73)
             _ = try CLI.run(["settings", "--max-clones", "64"] + server.store.arguments)
 
             let removed = try server.request("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}")
@@ -260,8 +277,8 @@ extension RealGuests {
             #expect(scraped.value("vmtemplate_pool_ready", ["template": "busybox"]) == 3, "\(text)")
             #expect(scraped.value("vmtemplate_clone_duration_seconds_count", ["source": "pool"]) == 1)
             #expect(scraped.value("vmtemplate_clone_duration_seconds_bucket", ["source": "pool", "le": "+Inf"]) == 1)
-            #expect(scraped.value("vmtemplate_errors_total", ["code": "limitExceeded"]) == 1)
-            #expect(scraped.value("vmtemplate_api_requests_total", ["code": "429"]) == 1)
+            #expect(scraped.value("vmtemplate_errors_total", ["code": "limitExceeded"]) == 2)
+            #expect(scraped.value("vmtemplate_api_requests_total", ["code": "429"]) == 2)
             #expect(scraped.types["vmtemplate_clone_duration_seconds"] == "histogram" && scraped.types["vmtemplate_clone_cow_bytes"] == "gauge")
             #expect(scraped.samples.contains { $0.name == "vmtemplate_clone_qemu_private_bytes" && $0.labels["template"] == "busybox" && $0.value > 0 })
             #expect(scraped.samples.filter { $0.name == "vmtemplate_clones" }.reduce(0) { $0 + $1.value } >= 4)

@@ -246,6 +246,12 @@ public struct CloneLauncher: Sendable {
             // Nothing here reads every record: limits read the live index (``LockedStore/admit(_:excluding:)``),
             // names and IDs the name index (``LockedStore/claimNames(of:)``).
             try Admission.checkLimit(request.cowLimitBytes)
+            // A name that is taken is judged before the limits: a retried create of a clone that
+            // exists is told so (73, 409), not that the store is full (69, 429).
+            if let wanted = request.name?.value {
+                try refuseTemplateName(wanted)
+                if store.cloneHoldingName(wanted) != nil { throw TemplateStore.nameTaken(wanted) }
+            }
             let committed = Admission.committedBytes(guestMemory: manifest.machine.memoryBytes, cowLimit: request.cowLimitBytes)
             try locked.admit(committed)
             var id = CloneRecord.newID()

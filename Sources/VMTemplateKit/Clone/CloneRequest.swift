@@ -122,11 +122,7 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
     /// An unknown field is refused, not ignored: a misspelt `cow_limt` would otherwise make a
     /// clone without the limit its caller asked for.
     public init(from decoder: any Decoder) throws {
-        let any = try decoder.container(keyedBy: AnyKey.self)
-        if let unknown = any.allKeys.first(where: { CodingKeys(rawValue: $0.stringValue) == nil }) {
-            let known = CodingKeys.allCases.map(\.rawValue).joined(separator: ", ")
-            throw VMTemplateError(.invalidArgument, "unknown field '\(TerminalText.escape(String(unknown.stringValue.prefix(64))))' in the clone request: the fields are \(known).")
-        }
+        try JSONCoding.refuseUnknownKeys(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "the clone request")
         let c = try decoder.container(keyedBy: CodingKeys.self)
         template = try c.decode(String.self, forKey: .template)
         name = try c.decodeIfPresent(String.self, forKey: .name)
@@ -139,13 +135,6 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
         nics = try c.decodeIfPresent([String].self, forKey: .nics)
         disks = try c.decodeIfPresent([String].self, forKey: .disks)
         noPool = try c.decodeIfPresent(Bool.self, forKey: .noPool)
-    }
-
-    private struct AnyKey: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
     }
 
     /// The request these options ask for, parsed and checked (``CloneRequest/validate()``).

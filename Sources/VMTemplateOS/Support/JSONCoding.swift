@@ -68,3 +68,21 @@ package enum JSONErrorText {
         return "another kind of value"
     }
 }
+
+extension JSONCoding {
+    /// Refuses a JSON object that has a key not in `known`, naming it (bounded, escaped): a request
+    /// body's misspelt field would otherwise be ignored, and what it asked for silently not done.
+    package static func refuseUnknownKeys(_ decoder: any Decoder, known: [String], in what: String) throws {
+        let container = try decoder.container(keyedBy: AnyCodingKey.self)
+        if let unknown = container.allKeys.first(where: { !known.contains($0.stringValue) }) {
+            throw VMTemplateError(.invalidArgument, "unknown field '\(TerminalText.escape(String(unknown.stringValue.prefix(64))))' in \(what): the fields are \(known.joined(separator: ", ")).")
+        }
+    }
+
+    private struct AnyCodingKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+}

@@ -376,6 +376,15 @@ extension TemplateStore {
     /// three characters is only ever a name.
     public static let minimumIDPrefix = 4
 
+    /// Finds a clone by its full ID or its exact name, never a prefix: what the API takes, where a
+    /// caller may name clones and a short prefix could reach one it did not mean.
+    public func findCloneExactly(_ reference: String) throws -> CloneRecord {
+        if let held = cloneHoldingName(reference) { return held }
+        // A store whose name index lacks the entry (made before it, or an entry lost): the records.
+        if let record = clones().records.first(where: { $0.id == reference || $0.name == reference }) { return record }
+        throw VMTemplateError(.notFound, "no clone with ID or name '\(TerminalText.escape(reference))' (the API takes a full ID or a name, not a prefix): see GET /v1/clones.")
+    }
+
     /// Finds a clone by its ID, its name, or an unambiguous prefix of its ID (docs/cli.md).
     ///
     /// A full ID always wins (no clone may be named like another's ID). A name that is also the

@@ -18,6 +18,11 @@ import Musl
 extension TemplateStore {
     var namesDirectory: String { "\(root)/names" }
 
+    /// The error for a clone name that another clone holds.
+    package static func nameTaken(_ name: String) -> VMTemplateError {
+        VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
+    }
+
     /// The clone that holds `name` (a name or an ID), by its entry; nil when none does.
     public func cloneHoldingName(_ name: String) -> CloneRecord? {
         guard (try? EntityName(name, kind: "clone")) != nil, let id = readNameEntry(name),
@@ -84,9 +89,7 @@ extension LockedStore {
                 // A clone whose directory is there but whose record cannot be read now keeps its
                 // name: only a clone that is gone, or renamed, gives it up.
                 let taken = record.map { $0.name == name || $0.id == name } ?? (access(store.cloneDirectory(holder), F_OK) == 0)
-                if taken {
-                    throw VMTemplateError(.exists, "a clone named '\(name)' already exists: pick another --name, or remove it with 'vmtemplate rm \(name)'.")
-                }
+                if taken { throw TemplateStore.nameTaken(name) }
             }
             // Stale: its clone is gone or renamed.
             unlink(path)
