@@ -322,16 +322,17 @@ struct CallerCheck: RouterMiddleware {
         do {
             let caller = try await Self.peerCredentials(of: context.channel)
             let isOwner = caller.uid == 0 || caller.uid == ownerUID
+            let callerGroups = await Self.supplementaryGroups(of: context.channel, pid: caller.pid).union([caller.gid])
             // Paths are the caller's text: bounded and escaped before they reach a log.
             let path = TerminalText.escape(String(request.uri.path.prefix(256)))
-            guard isOwner || (group.map { caller.gid == $0 || Self.process(caller.pid, isIn: $0) } ?? false) else {
+            guard isOwner || (group.map { callerGroups.contains($0) } ?? false) else {
                 context.logger.info("refused \(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
                 throw VMTemplateError(.permissionDenied, "uid \(caller.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
             }
             context.logger.info("\(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
             var context = context
             context.callerUID = caller.uid
-            context.callerGroups = Self.groups(of: caller.pid).union([caller.gid])
+            context.callerGroups = callerGroups
             context.callerIsOwner = isOwner
             response = try await next(request, context)
         } catch {
@@ -373,9 +374,22 @@ struct CallerCheck: RouterMiddleware {
         return Credentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
     }
 
-    /// Whether process `pid` (the caller) has `group` among its groups.
-    static func process(_ pid: Int32, isIn group: gid_t) -> Bool {
-        groups(of: pid).contains(group)
+    /// `SO_PEERPIDFD` (Linux >= 6.5): a pidfd of the process that connected, taken at connect.
+    static let peerPIDFDOption: Int32 = 77
+
+    /// The supplementary groups of the process that connected, or none when that cannot be known
+    /// for sure. Its PID is from connect time, and that process may have exited since and its PID
+    /// gone to another user's process: so the groups are read from /proc only through the pidfd
+    /// the kernel kept for the connection, and believed only if that process is still alive after
+    /// the read (a live process's PID is never reused). A kernel without `SO_PEERPIDFD`, or a
+    /// caller that has exited, counts with its primary group alone.
+    static func supplementaryGroups(of channel: any Channel, pid: Int32) async -> Set<gid_t> {
+        guard let provider = channel as? any SocketOptionProvider,
+              let pidfd: Int32 = try? await provider.unsafeGetSocketOption(level: .init(rawValue: SOL_SOCKET), name: .init(rawValue: peerPIDFDOption)).get(),
+              pidfd >= 0 else { return [] }
+        defer { close(pidfd) }
+        let groups = groups(of: pid)
+        return clinuxhost_pidfd_send_signal(pidfd, 0) == 0 ? groups : []
     }
 
     /// The supplementary groups of process `pid` (the caller), from /proc: no NSS lookups (which

@@ -97,6 +97,58 @@ extension RealGuests {
             #expect(member.stdout.contains("gtpl"), "\(member.stdout) \(member.stderr)")
             let made = try asNobody(groups: templateGroup, ["POST", "/v1/clones", #"{"template": "gtpl"}"#])
             #expect(made.status == 0 && made.stdout.contains("\"template\" : \"gtpl\""), "\(made.stdout) \(made.stderr)")
+
+            // A connection outlives the process that made it: the caller's groups are those of that
+            // process while it lives, never those of whoever gets its PID next. An outsider
+            // connects, hands the connection to its child and exits; its PID goes to a member of
+            // the template's group (ns_last_pid, as root); then the child asks.
+            let script = """
+                import os, socket, grp, pwd, sys, time
+                nobody = pwd.getpwnam("nobody").pw_uid
+                sgid = grp.getgrnam("\(socketGroup)").gr_gid
+                tgid = grp.getgrnam("\(templateGroup)").gr_gid
+                def become(groups):
+                    os.setgroups(groups); os.setgid(sgid); os.setuid(nobody)
+                go_r, go_w = os.pipe(); ready_r, ready_w = os.pipe(); out_r, out_w = os.pipe()
+                outsider = os.fork()
+                if outsider == 0:
+                    become([])
+                    s = socket.socket(socket.AF_UNIX); s.connect("\(store.root)/serve.sock")
+                    if os.fork() == 0:
+                        os.read(go_r, 1)
+                        s.sendall(b"GET /v1/templates HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+                        data = b""
+                        while True:
+                            chunk = s.recv(65536)
+                            if not chunk: break
+                            data += chunk
+                        os.write(out_w, data); os._exit(0)
+                    os._exit(0)
+                os.waitpid(outsider, 0)
+                with open("/proc/sys/kernel/ns_last_pid", "w") as f: f.write(str(outsider - 1))
+                member = os.fork()
+                if member == 0:
+                    os.close(out_w); become([tgid]); os.write(ready_w, b"x"); time.sleep(30); os._exit(0)
+                os.read(ready_r, 1)
+                os.write(go_w, b"x"); os.close(out_w)
+                reply = b""
+                while True:
+                    chunk = os.read(out_r, 65536)
+                    if not chunk: break
+                    reply += chunk
+                os.kill(member, 9)
+                print("reused" if member == outsider else "not-reused")
+                print(reply.decode(errors="replace"))
+                """
+            let reused = try ShortCommand.run("/usr/bin/python3", ["-c", script])
+            #expect(reused.status == 0, "\(reused.stderr)")
+            // The PID is handed on by the kernel's counter, which another process of this machine
+            // may take first: then there is nothing to check this time.
+            if reused.stdout.hasPrefix("reused") {
+                #expect(reused.stdout.contains("200 OK") && !reused.stdout.contains("gtpl"), "the outsider's connection got the new owner's groups: \(reused.stdout)")
+            } else {
+                Issue.record("the outsider's PID was not reused (another process took it): run again")
+            }
         }
 
         @Test("serve refuses a socket below a directory others may change; the client refuses a server run by another user", .enabled(if: Environment.isRoot, "needs root to switch to another user"))
