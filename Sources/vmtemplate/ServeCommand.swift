@@ -99,10 +99,12 @@ struct APIRequest: ParsableCommand {
 
     func run() throws {
         let root = TemplateStore.defaultRoot(explicit: store.storePath)
-        let socketPath = socket ?? "\(root)/serve.sock"
+        let defaultSocket = "\(root)/serve.sock"
+        let socketPath = socket ?? defaultSocket
         // The store's owner serves it; a member of its socket's group is another user.
         var info = stat()
-        let owner: uid_t? = lstat(root, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? info.st_uid : nil
+        // Only for the store's own socket: a --socket elsewhere is not the store owner's to serve.
+        let owner: uid_t? = socketPath == defaultSocket && lstat(root, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? info.st_uid : nil
         let reply: UnixHTTPClient.Reply
         do {
             reply = try UnixHTTPClient(socketPath: socketPath, alsoTrusting: owner).request(method, path, body: body.map { Data($0.utf8) })

@@ -173,9 +173,15 @@ extension RealGuests {
             fake.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
             fake.arguments = ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", "/usr/bin/python3", "-c", """
                 import socket, sys
-                s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
-                c, _ = s.accept(); data = c.recv(4096)
-                c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}" if data else b"")
+                s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4)
+                while True:
+                    c, _ = s.accept()
+                    try:
+                        data = c.recv(4096)
+                        c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}" if data else b"")
+                    except OSError:
+                        pass
+                    c.close()
                 """, "\(open)/sub/fake.sock"]
             fake.standardInput = FileHandle.nullDevice
             fake.standardOutput = FileHandle.nullDevice
@@ -185,6 +191,13 @@ extension RealGuests {
             #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: "\(open)/sub/fake.sock") })
             let fooled = try CLI.run(["api", "GET", "/v1/pools", "--socket", "\(open)/sub/fake.sock"] + store.arguments)
             #expect(fooled.status == 77 && fooled.stderr.contains("served by uid 65534"), "\(fooled.status) \(fooled.stdout) \(fooled.stderr)")
+            // A store of that user's does not vouch for a socket elsewhere: only its own
+            // STORE/serve.sock is trusted to be served by the store's owner.
+            let theirs = "\(open)/theirs"
+            try FileManager.default.createDirectory(atPath: theirs, withIntermediateDirectories: true)
+            chown(theirs, 65534, 65534)
+            let vouched = try CLI.run(["api", "GET", "/v1/pools", "--socket", "\(open)/sub/fake.sock", "--store", theirs])
+            #expect(vouched.status == 77 && vouched.stderr.contains("served by uid 65534"), "\(vouched.status) \(vouched.stdout) \(vouched.stderr)")
         }
 
         @Test("serve reaps every QEMU it starts: no zombie after 50 API creates and deletes, fresh and from its pool")
@@ -259,6 +272,17 @@ extension RealGuests {
                 return clones.first { $0.id == tunedClone.id }?.state == .exited
             }, "GET /v1/clones shows the killed clone as exited")
             #expect(try server.request("DELETE", "/v1/clones/api-tuned", route: "/v1/clones/{id}").status == 200)
+            // Two removals of one clone at once in one server: one removes it, the other is told
+            // it is gone (before, both claimed it and both said they stopped it).
+            let twice = try server.request("POST", "/v1/clones", #"{"template": "busybox", "name": "api-twice", "no_pool": true}"#)
+            #expect(twice.status == 201)
+            let client = server.client
+            let statuses = await withTaskGroup(of: Int.self) { group in
+                for _ in 0..<2 { group.addTask { (try? await onOwnThread { try client.request("DELETE", "/v1/clones/api-twice") })?.status ?? 0 } }
+                return await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(statuses.sorted() == [200, 404], "\(statuses)")
+            server.seen.append(("DELETE", "/v1/clones/{id}", 404))
 
             // Errors: each with its status and {"error": {"code", "message"}}.
             func expectError(_ method: String, _ path: String, route: String? = nil, _ body: String? = nil, status: Int, code: String) throws {

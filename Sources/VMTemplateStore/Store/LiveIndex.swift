@@ -100,7 +100,7 @@ extension LockedStore {
 
     /// Takes the removal of clone `id` for this process: `clones/ID/.removing` made exclusively,
     /// naming this process (PID and start time). Throws `notFound` when
-    /// the clone is gone or another live process is removing it; a claim whose process is gone is
+    /// the clone is gone or a live process (this one included) is removing it; a claim whose process is gone is
     /// taken over.
     public func claimRemoval(of id: String) throws {
         let path = store.cloneLayout(id).removalClaim
@@ -119,7 +119,7 @@ extension LockedStore {
             }
             let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: " ").compactMap { UInt64($0) } ?? []
             if holder.count == 2, let pid = Int32(exactly: holder[0]), ProcessIdentity(pid: pid, startTime: holder[1]).isAlive {
-                if pid == getpid() { return }
+                // This very process too (two API requests for one clone): one removal each.
                 throw VMTemplateError(.notFound, "clone \(id) is being removed by process \(pid): it is gone once that finishes.")
             }
             unlink(path)
