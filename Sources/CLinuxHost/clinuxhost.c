@@ -132,6 +132,19 @@ int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage
 #include <linux/openat2.h>
 #include <sys/vfs.h>
 
+int clinuxhost_openat_beneath(int dirfd, const char *path, int flags) {
+#ifdef SYS_openat2
+    struct open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = (unsigned long long)flags;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    return fd < 0 ? -errno : (int)fd;
+#else
+    return -ENOSYS;
+#endif
+}
+
 int clinuxhost_open_beneath_no_symlinks(const char *path, int flags) {
 #ifdef SYS_openat2
     struct open_how how;

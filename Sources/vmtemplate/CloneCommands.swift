@@ -189,7 +189,8 @@ struct Send: AsyncParsableCommand {
             default:
                 break
             }
-            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket).exchange(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
+            // The store may be another user's: no link below it is followed to another socket.
+            let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket, storeRoot: store.root).exchange(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))
         }
     }

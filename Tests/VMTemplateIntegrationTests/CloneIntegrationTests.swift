@@ -175,6 +175,28 @@ extension RealGuests {
             #expect(try CLI.run(["send", made.id, "hostname"] + store.arguments).stdout == "framed\n")
         }
 
+        @Test("root's send in another user's store follows no link out of it to a socket of root's", .enabled(if: Environment.isRoot, "needs root and another user"))
+        func sendFollowsNoLink() async throws {
+            let store = try await SharedTemplate.shared.store()
+            defer { try? removeAll(store) }
+            let made = try clone(store, ["--name", "linked"])
+            // A store of nobody's, with a record that holds up and sockets that are links to the
+            // real clone's (root's).
+            let theirs = try TemporaryStore("theirs")
+            defer { theirs.remove() }
+            let directory = theirs.cloneDirectory(made.id)
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            var record = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(store.cloneDirectory(made.id))/record.json"))) as? [String: Any])
+            record["template_store"] = store.root
+            try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: "\(directory)/record.json"))
+            for socket in ["control.sock", "qmp.sock"] {
+                try FileManager.default.createSymbolicLink(atPath: "\(directory)/\(socket)", withDestinationPath: "\(store.cloneDirectory(made.id))/\(socket)")
+            }
+            _ = try Shell.run("chown -hR nobody:nogroup \(theirs.root)")
+            let sent = try CLI.run(["send", made.id, "hostname"] + theirs.arguments)
+            #expect(sent.status != 0 && !sent.stdout.contains("linked") && sent.stderr.contains("link"), "\(sent.status) \(sent.stdout) \(sent.stderr)")
+        }
+
         @Test("a name that is also the start of another clone's ID is refused as ambiguous; a full ID and a plain prefix still find their clone")
         func ambiguousNames() async throws {
             let store = try await SharedTemplate.shared.store()

@@ -39,6 +39,11 @@ int clinuxhost_open_tap(int netns_fd, const char *name, int *created, int *stage
 /// can point the open elsewhere. Returns the descriptor or -errno.
 int clinuxhost_open_beneath_no_symlinks(const char *path, int flags);
 
+/// openat2(2) of `path` relative to `dirfd` with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_MAGICLINKS: the path stays below the directory and follows no link on the way.
+/// Returns the descriptor or -errno.
+int clinuxhost_openat_beneath(int dirfd, const char *path, int flags);
+
 /// fstatfs(2)'s f_type of `fd` (e.g. NSFS_MAGIC for a namespace file), or -errno.
 long clinuxhost_filesystem_type(int fd);
 

@@ -14,11 +14,18 @@ import Musl
 /// (templates/busybox/README.md).
 public struct ControlChannel: Sendable {
     public let path: String
-    /// The longest reply line accepted.
-    public static let maxReplyBytes = 1 << 20
+    /// The store the socket is in, when it may be another user's: then nothing below it is
+    /// followed as a link (``UnixSocketAddress/connectStream(beneath:relativePath:until:)``).
+    public let storeRoot: String?
+    /// The longest reply line accepted: a protocol line is a word or a few (64 skipped ones of
+    /// this size bound what a guest can make a caller hold).
+    public static let maxReplyBytes = 64 * 1024
+    /// How long a connection may wait for room in QEMU's backlog.
+    public static let connectTimeout = Duration.seconds(5)
 
-    public init(path: String) {
+    public init(path: String, storeRoot: String? = nil) {
         self.path = path
+        self.storeRoot = storeRoot
     }
 
     /// The longest request line accepted (without its newline).
@@ -79,9 +86,18 @@ public struct ControlChannel: Sendable {
         guard let address = UnixSocketAddress(path: path) else {
             throw VMTemplateError(.invalidArgument, "control socket path '\(path)' is empty or too long for a Unix socket.")
         }
-        switch address.connectStream() {
+        let deadline = ContinuousClock.now + Self.connectTimeout
+        let connected: Result<Int32, SystemCallError>
+        if let storeRoot, path.hasPrefix(storeRoot + "/") {
+            connected = UnixSocketAddress.connectStream(beneath: storeRoot, relativePath: String(path.dropFirst(storeRoot.count + 1)), until: deadline)
+        } else {
+            connected = address.connectStream(until: deadline)
+        }
+        switch connected {
         case .success(let fd):
             return fd
+        case .failure(let error) where error.code == ELOOP || error.code == EXDEV:
+            throw VMTemplateError(.permissionDenied, "the control channel '\(TerminalText.escape(path))' is reached through a link: a store's sockets never are, so nothing was sent; check who changed that store.", cause: error)
         case .failure(let error):
             throw VMTemplateError(.ioError, "cannot connect to the control channel '\(path)': \(errnoText(error.code)). Is the clone running (vmtemplate list)?", cause: error)
         }
@@ -121,10 +137,13 @@ public struct ControlChannel: Sendable {
             guard received > 0 else {
                 throw VMTemplateError(.ioError, "the control channel '\(path)' closed before the guest answered '\(shown)'.")
             }
-            for byte in chunk[0..<received] where replies.count < count && !enough(replies) {
+            var done = false
+            for byte in chunk[0..<received] where !done {
                 if byte == 0x0a {
                     replies.append(String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
                     reply = []
+                    // Asked only when a line completes, not for every byte.
+                    done = replies.count >= count || enough(replies)
                 } else {
                     reply.append(byte)
                 }

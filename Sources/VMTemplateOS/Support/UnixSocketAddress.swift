@@ -1,3 +1,5 @@
+import CLinuxHost
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -23,15 +25,41 @@ package struct UnixSocketAddress: Sendable {
     }
 
     /// A blocking, close-on-exec stream socket connected to this address, or the failed call.
-    package func connectStream() -> Result<Int32, SystemCallError> {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    /// With a `deadline`, a listener whose backlog is full (a server that stopped accepting) is
+    /// tried again until then instead of blocking without end; after it, `EAGAIN`.
+    package func connectStream(until deadline: ContinuousClock.Instant? = nil) -> Result<Int32, SystemCallError> {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | (deadline == nil ? 0 : Int32(SOCK_NONBLOCK.rawValue)), 0)
         guard fd >= 0 else { return .failure(SystemCallError("socket")) }
-        guard withSockaddr({ connect(fd, $0, $1) }) == 0 else {
+        while withSockaddr({ connect(fd, $0, $1) }) != 0 {
             let code = errno
+            // A Unix socket's non-blocking connect fails with EAGAIN while the backlog is full.
+            if code == EINTR || (code == EAGAIN && deadline.map { ContinuousClock.now < $0 } == true) {
+                usleep(1000)
+                continue
+            }
             close(fd)
             return .failure(SystemCallError("connect", code: code))
         }
+        if deadline != nil { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) }
         return .success(fd)
+    }
+
+    /// Connects to the socket at `relativePath` below the directory `root`, following no link
+    /// anywhere below `root` (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), and refusing
+    /// what is not a socket: a directory below `root` that someone else may change cannot point
+    /// this process at another socket. The socket is reached through `/proc/self/fd`.
+    package static func connectStream(beneath root: String, relativePath: String, until deadline: ContinuousClock.Instant) -> Result<Int32, SystemCallError> {
+        let directory = open(root, clinuxhost_o_path() | O_DIRECTORY | O_CLOEXEC)
+        guard directory >= 0 else { return .failure(SystemCallError("open", code: errno)) }
+        defer { close(directory) }
+        let handle = clinuxhost_openat_beneath(directory, relativePath, clinuxhost_o_path() | O_CLOEXEC)
+        guard handle >= 0 else { return .failure(SystemCallError("openat2", code: -handle)) }
+        defer { close(handle) }
+        var info = stat()
+        guard fstat(handle, &info) == 0 else { return .failure(SystemCallError("fstat", code: errno)) }
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else { return .failure(SystemCallError("connect", code: ENOTSOCK)) }
+        guard let address = UnixSocketAddress(path: "/proc/self/fd/\(handle)") else { return .failure(SystemCallError("connect", code: ENAMETOOLONG)) }
+        return address.connectStream(until: deadline)
     }
 
     /// Calls `body` (`bind`, `connect`) with the address as a `sockaddr` and its length.
