@@ -200,6 +200,37 @@ extension RealGuests {
             #expect(vouched.status == 77 && vouched.stderr.contains("served by uid 65534"), "\(vouched.status) \(vouched.stdout) \(vouched.stderr)")
         }
 
+        @Test("gc does not hang on a server that stopped accepting (its backlog full): it leaves the socket")
+        func gcAgainstFullBacklog() async throws {
+            let store = try TemporaryStore("backlog")
+            defer { store.remove() }
+            _ = try CLI.run(["gc"] + store.arguments)
+            let stuck = Process()
+            stuck.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            stuck.arguments = ["-c", """
+                import socket, sys, time
+                s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(0)
+                held = []
+                for _ in range(4):
+                    c = socket.socket(socket.AF_UNIX); c.setblocking(False)
+                    try: c.connect(sys.argv[1])
+                    except OSError: pass
+                    held.append(c)
+                print("full", flush=True); time.sleep(60)
+                """, "\(store.root)/serve.sock"]
+            let output = Pipe()
+            stuck.standardOutput = output
+            try stuck.run()
+            defer { stuck.terminate() }
+            _ = output.fileHandleForReading.availableData
+            let started = ContinuousClock.now
+            let collected = try CLI.start(["gc"] + store.arguments)
+            let ended = await eventually(timeout: .seconds(20)) { !collected.process.isRunning }
+            if !ended { collected.process.terminate(); collected.process.waitUntilExit() }
+            #expect(ended && collected.result().status == 0, "gc hung for \(started.duration(to: .now)) on a full backlog")
+            #expect(FileManager.default.fileExists(atPath: "\(store.root)/serve.sock"), "a live server's socket stays")
+        }
+
         @Test("serve reaps every QEMU it starts: no zombie after 50 API creates and deletes, fresh and from its pool")
         func reapsChildren() async throws {
             let server = try Server()

@@ -18,7 +18,7 @@ import Musl
 /// dropped before its child exited hands the child here, and one thread reaps each child the moment
 /// its pidfd says it exited (no polling: an idle server stays idle).
 package enum ChildReaper {
-    private struct Child {
+    private struct Child: Equatable {
         var pid: Int32
         /// -1 where the kernel has no pidfd: such children are looked at once a second.
         var pidfd: Int32
@@ -84,17 +84,20 @@ package enum ChildReaper {
                 var drained = [UInt8](repeating: 0, count: 256)
                 while read(wake, &drained, drained.count) > 0 {}
             }
-            var reaped: Set<Int32> = []
+            var reaped: [Child] = []
             for child in children {
                 var status: Int32 = 0
                 let result = waitpid(child.pid, &status, WNOHANG)
                 // ECHILD: somebody else reaped it (or it was never ours): nothing left to wait for.
-                if result == child.pid || (result < 0 && errno == ECHILD) { reaped.insert(child.pid) }
+                if result == child.pid || (result < 0 && errno == ECHILD) { reaped.append(child) }
             }
             guard !reaped.isEmpty else { continue }
+            // The very entries reaped, by PID and pidfd: once waitpid has freed a PID, a new child
+            // adopted meanwhile may have it, and must keep its entry (its pidfd is another: the
+            // reaped one stays open until here).
             state.withLock { state in
-                for child in state.children where reaped.contains(child.pid) && child.pidfd >= 0 { close(child.pidfd) }
-                state.children.removeAll { reaped.contains($0.pid) }
+                for child in reaped where child.pidfd >= 0 { close(child.pidfd) }
+                state.children.removeAll { reaped.contains($0) }
             }
         }
     }

@@ -38,7 +38,8 @@ package enum ServerFiles {
         var info = stat()
         if lstat(socketPath, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK, info.st_uid == geteuid(),
            let address = UnixSocketAddress(path: socketPath) {
-            switch address.connectStream() {
+            // Bounded: a server whose backlog is full is alive, and must not hang gc.
+            switch address.connectStream(until: .now + .seconds(1)) {
             case .success(let fd):
                 close(fd)
             case .failure(let error) where error.code == ECONNREFUSED:
