@@ -59,3 +59,20 @@ struct CloneMemoryOptionsTests {
         #expect(cloneOptions == .clone && noWarning == nil, "with rom= the read-only clone is always used")
     }
 }
+
+@Suite("the scheduler's decision over a limit")
+struct SchedulerDecisionTests {
+    func previous(_ action: OverLimitAction, done: Bool, attempt: Int? = nil, escalated: Bool? = nil) -> Enforcement {
+        Enforcement(time: Date(), clone: "0123456789ab", name: "c", cowBytes: 2, limitBytes: 1, action: action, done: done, error: done ? nil : "failed", attempt: attempt, escalated: escalated)
+    }
+
+    @Test("pauses until pause_attempts fail in a row, then the stop ladder; an escalated stop that failed stays escalated")
+    func decisions() {
+        #expect(Scheduler.decide(configured: .pause, previous: nil, pauseAttempts: 2) == (.pause, false, 0))
+        #expect(Scheduler.decide(configured: .pause, previous: previous(.pause, done: false, attempt: 1), pauseAttempts: 2) == (.pause, false, 1))
+        #expect(Scheduler.decide(configured: .pause, previous: previous(.pause, done: false, attempt: 2), pauseAttempts: 2) == (.kill, true, 2))
+        #expect(Scheduler.decide(configured: .pause, previous: previous(.kill, done: false, escalated: true), pauseAttempts: 2) == (.kill, true, 0))
+        #expect(Scheduler.decide(configured: .pause, previous: previous(.pause, done: true, attempt: 1), pauseAttempts: 2) == (.pause, false, 0))
+        #expect(Scheduler.decide(configured: .kill, previous: nil, pauseAttempts: 2) == (.kill, false, 0))
+    }
+}

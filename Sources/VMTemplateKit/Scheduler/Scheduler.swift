@@ -54,14 +54,7 @@ public struct Scheduler: Sendable {
         }
         guard cowBytes > limit else { return nil }
 
-        var action = record.overLimitAction ?? settings.overLimitAction
-        // A pause that failed (QMP did not answer, `stop` failed) is tried again next round, but
-        // only `pause_attempts` times in a row: then the clone is stopped with the ladder
-        // (SIGTERM, SIGKILL), since a guest that cannot be paused keeps dirtying memory.
-        let previous = record.lastEnforcement
-        let failedPauses = previous?.action == .pause && previous?.done == false ? min(previous?.attempt ?? 1, 1000) : 0
-        let escalated = action == .pause && failedPauses >= settings.pauseAttempts
-        if escalated { action = .kill }
+        let (action, escalated, failedPauses) = Self.decide(configured: record.overLimitAction ?? settings.overLimitAction, previous: record.lastEnforcement, pauseAttempts: settings.pauseAttempts)
         var failure: String?
         switch lifecycle.qemu(of: record) {
         case .running(let instance):
@@ -94,6 +87,17 @@ public struct Scheduler: Sendable {
             }
         }
         return enforcement
+    }
+
+    /// What to do about a clone over its limit, given what was done last round: the configured
+    /// action, except that a pause that failed `pauseAttempts` rounds in a row escalates to the
+    /// stop ladder (a guest that cannot be paused keeps dirtying memory), and an escalated stop
+    /// that failed is tried again as one, not after as many pauses again. `failedPauses`: the
+    /// pauses that failed in a row before this round.
+    static func decide(configured: OverLimitAction, previous: Enforcement?, pauseAttempts: Int) -> (action: OverLimitAction, escalated: Bool, failedPauses: Int) {
+        let failedPauses = previous?.action == .pause && previous?.done == false ? min(previous?.attempt ?? 1, 1000) : 0
+        let escalated = configured == .pause && (failedPauses >= pauseAttempts || (previous?.escalated == true && previous?.done == false))
+        return (escalated ? .kill : configured, escalated, failedPauses)
     }
 
     /// Takes `scheduler.lock`, or refuses naming the scheduler that holds it: two schedulers on
