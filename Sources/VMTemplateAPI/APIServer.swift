@@ -180,7 +180,11 @@ package struct APIServer: Sendable {
         }
         router.get("/v1/templates") { _, context -> Response in
             // Templates the caller may not read are not its to know of.
-            try Self.json(store.templates().templates.filter(context.mayRead).map { TemplateSummary($0.manifest) })
+            let readable = store.templates().templates.filter(context.mayRead)
+            let records = store.clones().records
+            return try Self.json(readable.map { template in
+                TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
+            })
         }
         router.get("/v1/pools") { _, _ -> Response in
             try Self.json(pool.status())
@@ -246,34 +250,6 @@ struct PoolSizeBody: Decodable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case size
-    }
-}
-
-/// `GET /v1/templates`.
-struct TemplateSummary: Encodable, Sendable {
-    var name: String
-    var memoryBytes: UInt64
-    var machineType: String
-    var hotplugSlots: Int
-    var guestClock: String
-    var createdAt: Date
-
-    init(_ manifest: TemplateManifest) {
-        name = manifest.name
-        memoryBytes = manifest.machine.memoryBytes
-        machineType = manifest.machine.machineType
-        hotplugSlots = manifest.machine.hotplugSlots
-        guestClock = (manifest.guestClock ?? .none).rawValue
-        createdAt = manifest.createdAt
-    }
-
-    enum CodingKeys: String, CodingKey {
-        case name
-        case memoryBytes = "memory_bytes"
-        case machineType = "machine_type"
-        case hotplugSlots = "hotplug_slots"
-        case guestClock = "guest_clock"
-        case createdAt = "created_at"
     }
 }
 

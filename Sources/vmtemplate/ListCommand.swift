@@ -20,31 +20,8 @@ struct List: AsyncParsableCommand {
 
     @OptionGroup var store: StoreOptions
 
-    struct TemplateRow: Encodable {
-        var name: String
-        var memoryBytes: UInt64
-        var clones: Int
-        var createdAt: Date
-        var qemuVersion: String
-        var machineType: String
-        var accelerator: String
-        /// Files of the template that are gone (it cannot be cloned until made again).
-        var missingFiles: [String]
-
-        enum CodingKeys: String, CodingKey {
-            case missingFiles = "missing_files"
-            case name
-            case memoryBytes = "memory_bytes"
-            case clones
-            case createdAt = "created_at"
-            case qemuVersion = "qemu_version"
-            case machineType = "machine_type"
-            case accelerator
-        }
-    }
-
     struct Listing: Encodable {
-        var templates: [TemplateRow]
+        var templates: [TemplateView]
         var clones: [CloneView]
         var summary: MemorySummary
         var problems: [String]
@@ -65,8 +42,7 @@ struct List: AsyncParsableCommand {
             let clones = await CloneLifecycle(store: store).statuses(of: records)
             let problems = templateProblems + cloneProblems
             let rows = templates.map { template in
-                let manifest = template.manifest
-                return TemplateRow(name: manifest.name, memoryBytes: manifest.machine.memoryBytes, clones: clones.filter { $0.template == manifest.name && $0.state != .exited }.count, createdAt: manifest.createdAt, qemuVersion: manifest.qemu.version.description, machineType: manifest.machine.machineType, accelerator: manifest.machine.accelerator.rawValue, missingFiles: store.missingFiles(of: template))
+                TemplateView(template, clones: clones.filter { $0.template == template.manifest.name && $0.state != .exited }.count, missingFiles: store.missingFiles(of: template))
             }
             if json {
                 try Terminal.printJSON(Listing(templates: rows, clones: clones, summary: MemorySummary(templates: manifests, clones: clones), problems: problems))
