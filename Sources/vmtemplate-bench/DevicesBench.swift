@@ -147,9 +147,7 @@ struct DevicesBench: AsyncParsableCommand {
             let results = Results(host: workspace.host, plain: Summary(plain), devices: Summary(devices), otherPlain: otherVMTemplate == nil ? nil : Summary(otherPlain), otherVMTemplate: otherVMTemplate,
                                   deviceAddDisk: Summary(addDisk), diskVisible: Summary(diskSeen), deviceAddNIC: Summary(addNIC), nicVisible: Summary(nicSeen), targets: targets)
             if common.json { return try printJSON(results) }
-            func row(_ name: String, _ s: Summary) -> [String] {
-                [name, String(s.runs), Format.milliseconds(s.median), Format.milliseconds(s.min), Format.milliseconds(s.max)]
-            }
+            let row = Summary.tableRow
             let h = results.host
             print("""
                 \(h.date), \(h.cores) cores, Linux \(h.kernel), \(h.qemu), TCG, load \(h.loadAverage) -> \(HostFacts.loadAverage)

@@ -183,9 +183,7 @@ struct PoolBench: AsyncParsableCommand {
             ]
             let results = Results(host: workspace.host, freshCLI: Summary(freshCLI), freshCLIFirstAnswer: Summary(freshCLIFirst), poolCLI: Summary(poolCLI), poolCLIFirstAnswer: Summary(poolCLIFirst), poolAPI: Summary(poolAPI), poolAPIFirstAnswer: Summary(poolAPIFirst), freshAPI: Summary(freshAPI), inProcess: Summary(inProcess), cliStart: Summary(cliStart), concurrentPool: Summary(concurrentPool), concurrentFresh: Summary(concurrentFresh), pooledMemberOwnBytes: memberMemory.qemuOwnBytes, idleCloneOwnBytes: idleMemory.qemuOwnBytes, refillSeconds: refillSeconds, pingIdle: Summary(pingIdle), pingWhileRefilling: Summary(pingRefilling), targets: targets)
             if common.json { return try printJSON(results) }
-            func row(_ name: String, _ s: Summary) -> [String] {
-                [name, String(s.runs), Format.milliseconds(s.median), Format.milliseconds(s.min), Format.milliseconds(s.max)]
-            }
+            let row = Summary.tableRow
             let h = results.host
             print("""
                 \(h.date), \(h.cores) cores, Linux \(h.kernel), \(h.qemu), TCG, load \(h.loadAverage) -> \(HostFacts.loadAverage)

@@ -44,6 +44,13 @@ struct Summary: Codable, Sendable {
     }
 }
 
+extension Summary {
+    /// A table row: name, runs, median, min, max.
+    static func tableRow(_ name: String, _ summary: Summary) -> [String] {
+        [name, String(summary.runs), Format.milliseconds(summary.median), Format.milliseconds(summary.min), Format.milliseconds(summary.max)]
+    }
+}
+
 // MARK: - Formatting
 
 enum Format {

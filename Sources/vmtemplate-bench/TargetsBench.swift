@@ -181,9 +181,7 @@ struct TargetsBench: AsyncParsableCommand {
             ]
             let results = Results(host: workspace.host, floor: Summary(floors), freshCLI: Summary(fresh), freshCLIPhases: freshPhases, version: Summary(versions), poolCLI: Summary(poolCLI), poolAPI: Summary(poolAPI), otherFreshCLI: otherBinary == nil ? nil : Summary(otherFresh), otherPoolCLI: otherBinary == nil ? nil : Summary(otherPool), oneFreshAPI: Summary(oneFresh), onePoolAPI: Summary(onePool), burstFresh: burstFresh, burstPool: burstPool, targets: targets)
             if common.json { return try printJSON(results) }
-            func row(_ name: String, _ s: Summary) -> [String] {
-                [name, String(s.runs), Format.milliseconds(s.median), Format.milliseconds(s.min), Format.milliseconds(s.max)]
-            }
+            let row = Summary.tableRow
             func burstRow(_ name: String, _ bursts: [Burst], alone: Summary) -> [String] {
                 let best = bursts.max { $0.clonesPerSecond < $1.clonesPerSecond }
                 return [name, bursts.map { String(format: "%.1f", $0.clonesPerSecond) }.joined(separator: ", "),
