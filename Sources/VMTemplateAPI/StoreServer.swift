@@ -43,6 +43,14 @@ package struct StoreServer: Sendable {
     /// Serves until the API ends; the pool keeper, the scheduler and the metrics writer end with
     /// it. `log` takes one line at a time.
     package func run(log: @escaping @Sendable (String) -> Void) async throws {
+        // One server per store, whatever its socket: two would fill pools twice and answer for
+        // the same clones. Held until this process exits.
+        let lock = try store.openLockFile("\(store.root)/serve.lock")
+        guard lock.tryExclusive() else {
+            let holder = lock.holders().first.map { " (process \($0.pid), \(TerminalText.escape($0.command)))" } ?? ""
+            throw VMTemplateError(.busy, "another vmtemplate serve\(holder) already runs for store '\(store.root)': run one per store.")
+        }
+        defer { lock.unlock() }
         let engine = CloneEngine(store: store, explicitQEMU: configuration.explicitQEMU)
         let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup)
         let keeper = PoolKeeper(pool: engine.pool, fillPause: configuration.fillPause)

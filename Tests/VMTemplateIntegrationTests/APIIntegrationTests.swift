@@ -200,6 +200,24 @@ extension RealGuests {
             #expect(vouched.status == 77 && vouched.stderr.contains("served by uid 65534"), "\(vouched.status) \(vouched.stdout) \(vouched.stderr)")
         }
 
+        @Test("a second serve for one store is refused in one line, even on another socket")
+        func oneServerPerStore() async throws {
+            let store = try TemporaryStore("twoserve")
+            defer { store.remove() }
+            let first = try CLI.start(["serve"] + store.arguments)
+            defer { first.process.terminate(); first.process.waitUntilExit() }
+            let client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
+            #expect(await eventually(timeout: .seconds(30)) { (try? client.request("GET", "/v1/pools"))?.status == 200 })
+            let other = "/tmp/vmt-second-\(UUID().uuidString.prefix(8)).sock"
+            defer { unlink(other) }
+            let second = try CLI.start(["serve", "--socket", other] + store.arguments)
+            let exited = await eventually(timeout: .seconds(20)) { !second.process.isRunning }
+            if !exited { second.process.terminate(); second.process.waitUntilExit() }
+            let refused = second.result()
+            #expect(exited && refused.status == 75 && refused.stderr.contains("already runs for store"), "\(refused.status) \(refused.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: other), "the second server never served")
+        }
+
         @Test("gc does not hang on a server that stopped accepting (its backlog full): it leaves the socket")
         func gcAgainstFullBacklog() async throws {
             let store = try TemporaryStore("backlog")
