@@ -41,6 +41,7 @@ package struct APIServer: Sendable {
     package static let routes = [
         "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
+        "GET /v1/version", "GET /v1/health",
     ]
 
     /// The default socket: inside the store, next to its lock.
@@ -198,6 +199,18 @@ package struct APIServer: Sendable {
             try await pool.setSize(name, body.size)
             let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
             return try Self.json(status)
+        }
+        router.get("/v1/version") { _, _ -> Response in
+            try Self.json(["version": VMTemplateVersion.current, "api": VMTemplateVersion.api])
+        }
+        router.get("/v1/health") { _, _ -> Response in
+            // Answering at all is the health: the store is checked so that a server whose store
+            // went away (unmounted, removed) says so instead of failing each request.
+            var info = stat()
+            guard stat(store.root, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
+                throw VMTemplateError(.ioError, "the store '\(store.root)' is gone: restart vmtemplate serve once it is back.")
+            }
+            return try Self.json(["status": "ok", "store": store.root])
         }
         router.get("/metrics") { _, _ -> Response in
             let text = await metrics.text(store: store)

@@ -26,7 +26,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate create busybox --recipe templates/busybox/template.json
               vmtemplate list --json
             """,
-        version: "vmtemplate 0.3.0",
+        version: "vmtemplate \(VMTemplateVersion.current)",
         subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Completion.self, Pause.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 

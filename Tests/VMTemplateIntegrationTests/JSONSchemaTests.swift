@@ -217,6 +217,8 @@ extension RealGuests {
             try check(["api", "GET", "/v1/clones/a"] + arguments, "clone")
             try check(["api", "GET", "/v1/templates"] + arguments, "templates")
             try check(["api", "GET", "/v1/pools"] + arguments, "pools")
+            try check(["api", "GET", "/v1/version"] + arguments, "version")
+            try check(["api", "GET", "/v1/health"] + arguments, "health")
             try check(["api", "PUT", "/v1/pools/busybox", #"{"size": 0}"#] + arguments, "pool")
             let made = try check(["api", "POST", "/v1/clones", #"{"template": "busybox", "name": "d", "no_pool": true}"#] + arguments, "clone")
             if let id = Self.object(made.stdout)?["id"] as? String {
