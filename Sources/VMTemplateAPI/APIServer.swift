@@ -44,6 +44,21 @@ package struct APIServer: Sendable {
         "GET /v1/version", "GET /v1/health",
     ]
 
+    /// The methods ``routes`` has for `path` (`{name}` matches one segment), sorted.
+    static func methods(forPath path: String) -> [String] {
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false)
+        return routes.compactMap { route -> String? in
+            let parts = route.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2 else { return nil }
+            let pattern = parts[1].split(separator: "/", omittingEmptySubsequences: false)
+            guard pattern.count == segments.count else { return nil }
+            let matches = zip(pattern, segments).allSatisfy { want, have in
+                want.hasPrefix("{") ? !have.isEmpty : want == have
+            }
+            return matches ? String(parts[0]) : nil
+        }.sorted()
+    }
+
     /// The default socket: inside the store, next to its lock.
     package static func defaultSocketPath(store: TemplateStore) -> String { "\(store.root)/serve.sock" }
 
@@ -323,7 +338,11 @@ struct CallerCheck: RouterMiddleware {
             context.callerUID = caller.uid
             context.callerGroups = callerGroups
             context.callerIsOwner = isOwner
-            response = try await next(request, context)
+            if let refusal = Self.refusal(of: request) {
+                response = refusal
+            } else {
+                response = try await next(request, context)
+            }
         } catch {
             let (failure, status) = Self.failure(error)
             metrics.recordError(failure.code)
@@ -331,6 +350,23 @@ struct CallerCheck: RouterMiddleware {
         }
         metrics.recordRequest(status: response.status.code)
         return response
+    }
+
+    /// A request no route takes, answered as HTTP says: a method the path does not have is `405`
+    /// with `Allow`, a body that says it is not JSON is `415`.
+    static func refusal(of request: Request) -> Response? {
+        let path = request.uri.path
+        let allowed = APIServer.methods(forPath: path)
+        if !allowed.isEmpty, !allowed.contains(request.method.rawValue) {
+            var response = APIError.response(VMTemplateError(.invalidArgument, "\(request.method.rawValue) is not an operation on \(TerminalText.escape(String(path.prefix(256)))): it takes \(allowed.joined(separator: ", ")) (docs/api.openapi.json)."), status: .methodNotAllowed)
+            response.headers[.allow] = allowed.joined(separator: ", ")
+            return response
+        }
+        if request.method == .post || request.method == .put, let type = request.headers[.contentType],
+           !type.lowercased().hasPrefix("application/json") {
+            return APIError.response(VMTemplateError(.invalidArgument, "the body is '\(TerminalText.escape(String(type.prefix(64))))': send application/json (docs/api.openapi.json)."), status: .unsupportedMediaType)
+        }
+        return nil
     }
 
     /// Any error as the library error it is answered with, and Hummingbird's own status where it

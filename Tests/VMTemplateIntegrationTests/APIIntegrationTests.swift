@@ -353,6 +353,19 @@ extension RealGuests {
             let tooLarge = try server.request("POST", "/v1/clones", huge)
             #expect(tooLarge.status == 413, "\(tooLarge.status) \(String(decoding: tooLarge.body, as: UTF8.self))")
             try expectError("PUT", "/v1/pools/busybox", route: "/v1/pools/{template}", #"{"size": 2, "szie": 3}"#, status: 400, code: "invalidArgument")
+            // A method the path does not have is 405 with Allow (was 404); a body that says it is not
+            // JSON is 415.
+            let wrongMethod = try server.client.request("PUT", "/v1/clones")
+            #expect(wrongMethod.status == 405 && wrongMethod.headers["allow"] == "GET, POST", "\(wrongMethod.status) \(wrongMethod.headers)")
+            #expect(try server.client.request("PATCH", "/v1/clones/api-1").headers["allow"] == "DELETE, GET")
+            let plain = try ShortCommand.run("/usr/bin/python3", ["-c", """
+                import socket, sys
+                s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+                body = b'{"template": "busybox"}'
+                s.sendall(b"POST /v1/clones HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: text/plain\\r\\nContent-Length: " + str(len(body)).encode() + b"\\r\\nConnection: close\\r\\n\\r\\n" + body)
+                print(s.recv(65536).split(b"\\r\\n")[0].decode())
+                """, "\(server.store.root)/serve.sock"])
+            #expect(plain.stdout.hasPrefix("HTTP/1.1 415"), "\(plain.stdout) \(plain.stderr)")
             try expectError("POST", "/v1/clones", #"{"template": "nope"}"#, status: 404, code: "notFound")
             try expectError("POST", "/v1/clones", #"{"name": "x"}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["tap="]}"#, status: 400, code: "invalidArgument")
