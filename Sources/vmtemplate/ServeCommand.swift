@@ -75,7 +75,7 @@ struct APIRequest: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "api",
         abstract: "Send one request to 'vmtemplate serve' and print the answer's body.",
-        discussion: "Exits 1 when the answer is an error (status 400 or more), after printing it; 66 when no server answers on the socket, 77 when this user may not connect to it.\n\nExamples:\n  vmtemplate api GET /v1/pools\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\"}'"
+        discussion: "When the answer is an error (status 400 or more) it is printed and the command exits as the CLI does for that error's code (64 for a bad request, 66 not found, 73 exists, 69 limits, 77 permission denied...; 1 for an answer without one); 69 when no server answers on the socket, 77 when this user may not connect to it.\n\nExamples:\n  vmtemplate api GET /v1/pools\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\"}'"
     )
 
     @Argument(help: "GET, POST, PUT or DELETE.")
@@ -110,10 +110,17 @@ struct APIRequest: ParsableCommand {
             reply = try UnixHTTPClient(socketPath: socketPath, alsoTrusting: owner).request(method, path, body: body.map { Data($0.utf8) })
         } catch let error as VMTemplateError {
             Terminal.error(error.message)
-            throw ExitCode(ExitStatus.code(for: error.code))
+            // No server: unavailable (69), as a store at its limits; not "not found" (66), which
+            // an answer of 404 means.
+            throw ExitCode(error.code == .notFound ? 69 : ExitStatus.code(for: error.code))
         }
         print(TerminalText.escapeJSON(String(decoding: reply.body, as: UTF8.self)), terminator: reply.body.last == 0x0a ? "" : "\n")
-        if reply.status >= 400 { throw ExitCode(1) }
+        if reply.status >= 400 {
+            // The exit status the CLI has for the answer's error code: a script handles the API
+            // and the CLI alike.
+            let code = (try? JSONCoding.decoder().decode(ErrorBody.self, from: reply.body))?.code
+            throw ExitCode(code.map(ExitStatus.code(for:)) ?? 1)
+        }
     }
 }
 

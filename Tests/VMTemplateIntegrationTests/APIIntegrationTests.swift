@@ -204,6 +204,8 @@ extension RealGuests {
         func oneServerPerStore() async throws {
             let store = try TemporaryStore("twoserve")
             defer { store.remove() }
+            // No server yet: the client exits 69 (unavailable), not 66 (which a 404 answer gives).
+            #expect(try CLI.run(["api", "GET", "/v1/pools"] + store.arguments).status == 69)
             let first = try CLI.start(["serve"] + store.arguments)
             defer { first.process.terminate(); first.process.waitUntilExit() }
             let client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")

@@ -224,8 +224,9 @@ extension RealGuests {
             if let id = Self.object(made.stdout)?["id"] as? String {
                 try check(["api", "DELETE", "/v1/clones/\(id)"] + arguments, "removed")
             }
-            try check(["api", "GET", "/v1/clones/nosuch"] + arguments, "error", status: 1)
-            try check(["api", "POST", "/v1/clones", #"{"template": "nosuch"}"#] + arguments, "error", status: 1)
+            try check(["api", "GET", "/v1/clones/nosuch"] + arguments, "error", status: 66)
+            try check(["api", "POST", "/v1/clones", #"{"template": "nosuch"}"#] + arguments, "error", status: 66)
+            try check(["api", "POST", "/v1/clones", #"{"template": "busybox", "cow_limt": "1M"}"#] + arguments, "error", status: 64)
             if let running = server {
                 running.process.terminate()
                 running.process.waitUntilExit()

@@ -54,8 +54,8 @@ public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
 
 /// `{"error": {"code", "message"}}`: what the CLI prints with `--json` and the API answers when
 /// something fails.
-package struct ErrorBody: Encodable, Sendable {
-    public struct Detail: Encodable, Sendable {
+package struct ErrorBody: Codable, Sendable {
+    public struct Detail: Codable, Sendable {
         public var code: String
         public var message: String
     }
@@ -65,6 +65,9 @@ package struct ErrorBody: Encodable, Sendable {
     public init(code: VMTemplateError.Code, message: String) {
         error = Detail(code: code.rawValue, message: message)
     }
+
+    /// The error's code, when it is one this build knows.
+    package var code: VMTemplateError.Code? { VMTemplateError.Code(rawValue: error.code) }
 }
 
 extension VMTemplateError {
