@@ -90,7 +90,11 @@ package struct StoreServer: Sendable {
                     }
                 }
             }
-            try await server.run(onListening: { log("vmtemplate serve: store \(store.root), API on \(server.socketPath)") })
+            try await server.run(onListening: {
+                log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
+                // Type=notify: systemd starts what depends on the server once it accepts.
+                ServiceNotification.ready(status: "API on \(server.socketPath)", environment: ProcessInfo.processInfo.environment)
+            })
             tasks.cancelAll()
         }
     }

@@ -200,16 +200,27 @@ extension RealGuests {
             #expect(vouched.status == 77 && vouched.stderr.contains("served by uid 65534"), "\(vouched.status) \(vouched.stdout) \(vouched.stderr)")
         }
 
-        @Test("a second serve for one store is refused in one line, even on another socket")
+        @Test("serve tells systemd it is ready once its API accepts; a second serve for one store is refused in one line, even on another socket")
         func oneServerPerStore() async throws {
             let store = try TemporaryStore("twoserve")
             defer { store.remove() }
             // No server yet: the client exits 69 (unavailable), not 66 (which a 404 answer gives).
             #expect(try CLI.run(["api", "GET", "/v1/pools"] + store.arguments).status == 69)
-            let first = try CLI.start(["serve"] + store.arguments)
+            // As systemd runs it (Type=notify): READY=1 arrives, and by then the API answers.
+            let notify = "\(store.root)/notify.sock"
+            let listener = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+            defer { close(listener) }
+            let address = try #require(UnixSocketAddress(path: notify))
+            #expect(address.withSockaddr { bind(listener, $0, $1) } == 0)
+            let first = try CLI.start(["serve"] + store.arguments, environment: ["NOTIFY_SOCKET": notify])
             defer { first.process.terminate(); first.process.waitUntilExit() }
+            var descriptor = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            #expect(poll(&descriptor, 1, 30_000) == 1, "READY=1 within 30 s")
+            var buffer = [UInt8](repeating: 0, count: 512)
+            let count = recv(listener, &buffer, buffer.count, 0)
+            #expect(String(decoding: buffer[0..<max(0, count)], as: UTF8.self).hasPrefix("READY=1\n"))
             let client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
-            #expect(await eventually(timeout: .seconds(30)) { (try? client.request("GET", "/v1/pools"))?.status == 200 })
+            #expect(try client.request("GET", "/v1/health").status == 200, "the API answers once READY=1 is sent")
             let other = "/tmp/vmt-second-\(UUID().uuidString.prefix(8)).sock"
             defer { unlink(other) }
             let second = try CLI.start(["serve", "--socket", other] + store.arguments)
