@@ -33,8 +33,12 @@ package final class APIMetrics: Sendable {
         /// By source: `pool` (a hand-out) or `fresh`.
         var cloneSeconds: [String: Histogram] = ["pool": Histogram(), "fresh": Histogram()]
         var requests: [Int: Int] = [:]
-        var errors: [String: Int] = [:]
-        var enforcements: [EnforcementKey: Int] = [:]
+        // Every series there from the start, at 0: a rate over a counter that appears only with
+        // its first event misses that event.
+        var errors: [String: Int] = Dictionary(uniqueKeysWithValues: VMTemplateError.Code.allCases.map { ($0.rawValue, 0) })
+        var enforcements: [EnforcementKey: Int] = Dictionary(uniqueKeysWithValues: OverLimitAction.allCases.flatMap { action in
+            ["done", "failed", "escalated"].map { (EnforcementKey(action: action.rawValue, outcome: $0), 0) }
+        })
     }
 
     struct EnforcementKey: Hashable, Comparable {
@@ -52,7 +56,14 @@ package final class APIMetrics: Sendable {
     /// loop) share one, and never delay the scheduler's rounds.
     static let maxAge: Duration = .seconds(5)
 
-    package init() {}
+    /// Whether each live clone has series of its own (`clone`, `name` labels): off by default,
+    /// since clones come and go and every one would leave a series behind in Prometheus; the
+    /// per-template sums are always there.
+    let perClone: Bool
+
+    package init(perClone: Bool = false) {
+        self.perClone = perClone
+    }
 
     func recordClone(fromPool: Bool, seconds: Double) {
         counters.withLock { $0.cloneSeconds[fromPool ? "pool" : "fresh", default: Histogram()].observe(seconds) }
@@ -95,22 +106,34 @@ package final class APIMetrics: Sendable {
         let snapshot = counters.withLock { $0 }
         var text = TextFormat()
 
+        text.metric("vmtemplate_build_info", "gauge", "This server's vmtemplate version (always 1).", [(Labels([("version", VMTemplateVersion.current)]), "1")])
         var byState: [Labels: Int] = [:]
         var cow: [(Labels, String)] = []
         var qemuPrivate: [(Labels, String)] = []
+        var cowByTemplate: [String: UInt64] = [:]
+        var privateByTemplate: [String: UInt64] = [:]
         for record in records {
             let live = record.isLive
             let state = live ? record.state.rawValue : CloneState.exited.rawValue
             byState[Labels([("template", record.template), ("state", state)]), default: 0] += 1
             guard live, let usage = measure(record) else { continue }
+            cowByTemplate[record.template, default: 0] &+= usage.copyOnWriteBytes
+            privateByTemplate[record.template, default: 0] &+= usage.qemuPrivateBytes
+            guard perClone else { continue }
             let labels = Labels([("clone", record.id), ("name", record.name), ("template", record.template)])
             cow.append((labels, String(usage.copyOnWriteBytes)))
             qemuPrivate.append((labels, String(usage.qemuPrivateBytes)))
         }
         text.metric("vmtemplate_clones", "gauge", "Clones by template and state (exited: the QEMU is gone, the record is left).",
                     byState.sorted { $0.key.text < $1.key.text }.map { ($0.key, String($0.value)) })
-        text.metric("vmtemplate_clone_cow_bytes", "gauge", "Guest RAM a live clone has written: its copy-on-write pages.", cow)
-        text.metric("vmtemplate_clone_qemu_private_bytes", "gauge", "A live clone's QEMU's own anonymous memory, outside guest RAM.", qemuPrivate)
+        text.metric("vmtemplate_cow_bytes", "gauge", "Guest RAM the live clones of a template have written: their copy-on-write pages.",
+                    cowByTemplate.sorted { $0.key < $1.key }.map { (Labels([("template", $0.key)]), String($0.value)) })
+        text.metric("vmtemplate_qemu_private_bytes", "gauge", "The live clones' QEMUs' own anonymous memory, outside guest RAM, by template.",
+                    privateByTemplate.sorted { $0.key < $1.key }.map { (Labels([("template", $0.key)]), String($0.value)) })
+        if perClone {
+            text.metric("vmtemplate_clone_cow_bytes", "gauge", "Guest RAM a live clone has written: its copy-on-write pages.", cow)
+            text.metric("vmtemplate_clone_qemu_private_bytes", "gauge", "A live clone's QEMU's own anonymous memory, outside guest RAM.", qemuPrivate)
+        }
 
         let byTemplate = { (value: (WarmPool.Status) -> Int) in pools.map { (Labels([("template", $0.template)]), String(value($0))) } }
         text.metric("vmtemplate_pool_size", "gauge", "Members each warm pool should hold.", byTemplate(\.size))
@@ -123,8 +146,8 @@ package final class APIMetrics: Sendable {
                     snapshot.enforcements.sorted { $0.key < $1.key }.map { (Labels([("action", $0.key.action), ("outcome", $0.key.outcome)]), String($0.value)) })
         text.metric("vmtemplate_api_requests_total", "counter", "API requests by HTTP status code.",
                     snapshot.requests.sorted { $0.key < $1.key }.map { (Labels([("code", String($0.key))]), String($0.value)) })
-        text.metric("vmtemplate_errors_total", "counter", "Failed API requests by error code (the codes of docs/cli.md).",
-                    snapshot.errors.sorted { $0.key < $1.key }.map { (Labels([("code", $0.key)]), String($0.value)) })
+        text.metric("vmtemplate_errors_total", "counter", "Failed API requests by error (the codes of docs/cli.md; `code` is the HTTP status, in vmtemplate_api_requests_total).",
+                    snapshot.errors.sorted { $0.key < $1.key }.map { (Labels([("error", $0.key)]), String($0.value)) })
         return text.lines.joined(separator: "\n") + "\n"
     }
 

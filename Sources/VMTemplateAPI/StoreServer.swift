@@ -26,6 +26,8 @@ package struct StoreServer: Sendable {
         package var metricsInterval: Duration = .seconds(15)
         /// `--qemu`, for pool members.
         package var explicitQEMU: String?
+        /// Per-clone metric series (``APIMetrics/perClone``).
+        package var perCloneMetrics = false
 
         package init(socketPath: String) {
             self.socketPath = socketPath
@@ -52,7 +54,7 @@ package struct StoreServer: Sendable {
         }
         defer { lock.unlock() }
         let engine = CloneEngine(store: store, explicitQEMU: configuration.explicitQEMU)
-        let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup)
+        let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup, metrics: APIMetrics(perClone: configuration.perCloneMetrics))
         let keeper = PoolKeeper(pool: engine.pool, fillPause: configuration.fillPause)
         let scheduler = Scheduler(store: store)
         let interval = configuration.schedulerInterval

@@ -40,6 +40,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds between two writes of --metrics-file.", valueName: "seconds"))
     var metricsInterval: Double = 15
 
+    @Flag(help: "Give each live clone metric series of its own (clone and name labels); off by default, since every clone would leave series behind in Prometheus.")
+    var perCloneMetrics = false
+
     @OptionGroup var store: StoreOptions
     @OptionGroup var qemu: QEMUOptions
 
@@ -63,6 +66,7 @@ struct Serve: AsyncParsableCommand {
             configuration.metricsFile = metricsFile
             configuration.metricsInterval = .seconds(fractional: metricsInterval)
             configuration.explicitQEMU = qemu.explicitPath
+            configuration.perCloneMetrics = perCloneMetrics
             try await StoreServer(store: store, configuration: configuration).run { line in
                 FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8))
             }

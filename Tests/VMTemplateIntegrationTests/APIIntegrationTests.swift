@@ -32,7 +32,7 @@ extension RealGuests {
                 guard created.status == 0 else { throw VMTemplateError(.internalError, "create failed", detail: created.stderr) }
                 _ = try CLI.run(["pool", "set", "busybox", "--size", "2"] + store.arguments)
                 // nogroup: nobody's group, so nobody may use the API as a member of it.
-                process = try CLI.start(["serve", "--fill-pause", "0", "--socket-group", "nogroup", "--metrics-file", "\(store.root)/metrics.prom", "--metrics-interval", "1"] + store.arguments)
+                process = try CLI.start(["serve", "--fill-pause", "0", "--socket-group", "nogroup", "--metrics-file", "\(store.root)/metrics.prom", "--metrics-interval", "1", "--per-clone-metrics"] + store.arguments)
                 client = UnixHTTPClient(socketPath: "\(store.root)/serve.sock")
             }
 
@@ -229,6 +229,22 @@ extension RealGuests {
             let refused = second.result()
             #expect(exited && refused.status == 75 && refused.stderr.contains("already runs for store"), "\(refused.status) \(refused.stderr)")
             #expect(!FileManager.default.fileExists(atPath: other), "the second server never served")
+        }
+
+        @Test("metrics: per-template sums always, per-clone series only when asked for (bounded cardinality), the version, every counter from 0")
+        func metricsCardinality() throws {
+            let me = try #require(ProcessIdentity.current(pid: getpid()))
+            let records = (0..<3).map { index in
+                CloneRecord(id: String(format: "%012x", index + 1), name: "c\(index)", template: "busybox", qemu: me, qemuExecutable: nil, creator: me, createdAt: Date(), state: .running, templateStore: nil, memoryFile: "/s/templates/busybox/memory", writableTemplate: false, vmgenid: nil, qemuArguments: [], restoreSeconds: nil, guestMemoryBytes: nil, cowLimitBytes: nil, overLimitAction: nil, lastEnforcement: nil)
+            }
+            let usage = CloneMemoryUsage(copyOnWriteBytes: 100, templateResidentBytes: 0, qemuPrivateBytes: 10, swapBytes: 0)
+            let plain = try PrometheusText.parse(APIMetrics().render(records: records, pools: [], measure: { _ in usage }))
+            #expect(plain.value("vmtemplate_cow_bytes", ["template": "busybox"]) == 300 && plain.value("vmtemplate_qemu_private_bytes", ["template": "busybox"]) == 30)
+            #expect(!plain.samples.contains { $0.labels["clone"] != nil }, "no per-clone series by default")
+            #expect(plain.value("vmtemplate_build_info", ["version": VMTemplateVersion.current]) == 1)
+            #expect(plain.value("vmtemplate_errors_total", ["error": "notFound"]) == 0)
+            let detailed = try PrometheusText.parse(APIMetrics(perClone: true).render(records: records, pools: [], measure: { _ in usage }))
+            #expect(detailed.samples.filter { $0.name == "vmtemplate_clone_cow_bytes" }.count == 3)
         }
 
         @Test("gc does not hang on a server that stopped accepting (its backlog full): it leaves the socket")
@@ -428,7 +444,13 @@ extension RealGuests {
             #expect(scraped.value("vmtemplate_pool_ready", ["template": "busybox"]) == 3, "\(text)")
             #expect(scraped.value("vmtemplate_clone_duration_seconds_count", ["source": "pool"]) == 1)
             #expect(scraped.value("vmtemplate_clone_duration_seconds_bucket", ["source": "pool", "le": "+Inf"]) == 1)
-            #expect(scraped.value("vmtemplate_errors_total", ["code": "limitExceeded"]) == 2)
+            #expect(scraped.value("vmtemplate_errors_total", ["error": "limitExceeded"]) == 2)
+            // Every error's series from the start (0 until it happens), the version, and the
+            // per-template sums beside the per-clone series this server was asked for.
+            #expect(scraped.value("vmtemplate_errors_total", ["error": "integrityFailure"]) == 0)
+            #expect(scraped.value("vmtemplate_enforcements_total", ["action": "kill", "outcome": "escalated"]) == 0)
+            #expect(scraped.value("vmtemplate_build_info", ["version": VMTemplateVersion.current]) == 1)
+            #expect((scraped.value("vmtemplate_qemu_private_bytes", ["template": "busybox"]) ?? 0) > 0)
             #expect(scraped.value("vmtemplate_api_requests_total", ["code": "429"]) == 2)
             #expect(scraped.types["vmtemplate_clone_duration_seconds"] == "histogram" && scraped.types["vmtemplate_clone_cow_bytes"] == "gauge")
             #expect(scraped.samples.contains { $0.name == "vmtemplate_clone_qemu_private_bytes" && $0.labels["template"] == "busybox" && $0.value > 0 })

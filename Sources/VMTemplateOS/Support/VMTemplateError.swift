@@ -7,7 +7,7 @@ import Foundation
 /// class, a `SystemCallError` with its errno, a `QEMUExit` with QEMU's last words), so callers can
 /// tell causes apart and the detail reaches the user unchanged.
 public struct VMTemplateError: Error, CustomStringConvertible, Sendable {
-    public enum Code: String, Sendable, Codable {
+    public enum Code: String, Sendable, Codable, CaseIterable {
         case invalidArgument
         case notFound
         case exists
