@@ -176,13 +176,20 @@ package struct APIServer: Sendable {
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
             return try Self.json(lifecycle.view(of: record), status: .created)
         }
-        router.get("/v1/clones") { _, _ -> Response in
+        router.get("/v1/clones") { _, context -> Response in
             // Live, as `list` shows them: a clone whose QEMU was killed is `exited`, not `running`.
-            let records = store.clones().records.filter { $0.state != .pooled && $0.state != .warming }
+            // Only clones of templates the caller may read: a group's template is not the others'
+            // to learn of, by its clones either.
+            let readable = context.readableTemplates(in: store)
+            let records = store.clones().records.filter { $0.state != .pooled && $0.state != .warming && readable($0.template) }
             return try Self.json(await lifecycle.statuses(of: records))
         }
         router.get("/v1/clones/:id") { _, context -> Response in
-            let record = try store.findCloneExactly(try Self.parameter("id", of: context))
+            let reference = try Self.parameter("id", of: context)
+            let record = try store.findCloneExactly(reference)
+            guard context.readableTemplates(in: store)(record.template) else {
+                throw VMTemplateError(.notFound, "no clone with ID or name '\(TerminalText.escape(reference))' (the API takes a full ID or a name, not a prefix): see GET /v1/clones.")
+            }
             return try Self.json(await lifecycle.status(of: record))
         }
         router.delete("/v1/clones/:id") { _, context -> Response in
@@ -202,8 +209,9 @@ package struct APIServer: Sendable {
                 TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
             })
         }
-        router.get("/v1/pools") { _, _ -> Response in
-            try Self.json(pool.status())
+        router.get("/v1/pools") { _, context -> Response in
+            let readable = context.readableTemplates(in: store)
+            return try Self.json(pool.status().filter { readable($0.template) })
         }
         router.put("/v1/pools/:template") { request, context -> Response in
             guard context.callerIsOwner else {
@@ -297,6 +305,19 @@ package struct APIContext: RequestContext {
     func mayRead(_ template: PublishedTemplate) -> Bool {
         guard let callerUID else { return false }
         return template.isReadable(byUID: callerUID, groups: callerGroups)
+    }
+
+    /// Whether the caller may read the template named so (the owner and root: every one; a template
+    /// that is gone: yes, its clones are still listed). Each template is looked at once per call.
+    func readableTemplates(in store: TemplateStore) -> (String) -> Bool {
+        if callerIsOwner { return { _ in true } }
+        var seen: [String: Bool] = [:]
+        return { name in
+            if let known = seen[name] { return known }
+            let readable = (try? EntityName(name)).flatMap { try? store.template(named: $0) }.map(mayRead) ?? true
+            seen[name] = readable
+            return readable
+        }
     }
 
     /// Refuses a template the caller may not read.

@@ -97,6 +97,13 @@ extension RealGuests {
             #expect(member.stdout.contains("gtpl"), "\(member.stdout) \(member.stderr)")
             let made = try asNobody(groups: templateGroup, ["POST", "/v1/clones", #"{"template": "gtpl"}"#])
             #expect(made.status == 0 && made.stdout.contains("\"template\" : \"gtpl\""), "\(made.stdout) \(made.stderr)")
+            // Nor do its clones show it to the others: not listed, not found.
+            let madeID = try #require((try JSONSerialization.jsonObject(with: Data(made.stdout.utf8)) as? [String: Any])?["id"] as? String)
+            let others = try asNobody(groups: nil, ["GET", "/v1/clones"])
+            #expect(others.status == 0 && !others.stdout.contains("gtpl"), "\(others.stdout)")
+            let hidden = try asNobody(groups: nil, ["GET", "/v1/clones/\(madeID)"])
+            #expect(hidden.status == 66 && hidden.stdout.contains("notFound"), "\(hidden.status) \(hidden.stdout)")
+            #expect(try asNobody(groups: templateGroup, ["GET", "/v1/clones"]).stdout.contains("gtpl"), "the group's members see them")
 
             // A connection outlives the process that made it: the caller's groups are those of that
             // process while it lives, never those of whoever gets its PID next. An outsider
