@@ -172,9 +172,13 @@ package struct APIServer: Sendable {
             // This process outlives the clone's start: a thread of it waits for the guest.
             cloneRequest.guestRepliesInChild = false
             let started = ContinuousClock.now
-            let (record, _) = try await engine.clone(cloneRequest)
+            let (record, _, created) = try await engine.clone(cloneRequest)
+            var view = lifecycle.view(of: record)
+            view.created = created
+            // A retry gets the clone it made, 200 instead of 201: it is not counted again.
+            guard created else { return try Self.json(view, status: .ok) }
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
-            return try Self.json(lifecycle.view(of: record), status: .created)
+            return try Self.json(view, status: .created)
         }
         router.get("/v1/clones") { _, context -> Response in
             // Live, as `list` shows them: a clone whose QEMU was killed is `exited`, not `running`.

@@ -109,7 +109,7 @@ struct ProfileBench: AsyncParsableCommand {
                 try await CLI.remove(workspace, [clone])
                 let list = try await Self.timeCLI(workspace, ["list", "--json", "--store", emptyStore])
                 let engineStarted = ContinuousClock.now
-                let (record, _) = try await engine.clone(CloneRequest(template: workspace.template))
+                let (record, _, _) = try await engine.clone(CloneRequest(template: workspace.template))
                 let engineSeconds = engineStarted.duration(to: .now).seconds
                 try await CloneLifecycle(store: engine.store).remove(record, grace: .seconds(1))
                 let replay = try await Self.replay(workspace)

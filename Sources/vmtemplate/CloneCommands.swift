@@ -81,10 +81,12 @@ struct Clone: AsyncParsableCommand {
             let request2 = request
             let json = self.json
             try await interruptible {
-                let (record, warning) = try await engine.clone(request2)
+                let (record, warning, created) = try await engine.clone(request2)
                 if let warning { Terminal.note(warning) }
                 if json {
-                    try Terminal.printJSON(CloneLifecycle(store: store).view(of: record))
+                    var view = CloneLifecycle(store: store).view(of: record)
+                    view.created = created
+                    try Terminal.printJSON(view)
                 } else {
                     print(record.id)
                 }

@@ -403,7 +403,11 @@ extension RealGuests {
             let first = try CLI.run(["clone", SharedTemplate.name, "--name", "taken"] + store.arguments)
             #expect(first.status == 0)
             defer { _ = try? CLI.run(["rm", "taken"] + store.arguments) }
-            try expectRefused([SharedTemplate.name, "--name", "taken"], store: store, saying: "a clone named 'taken' already exists")
+            // A retried create gets the clone it made, "created": false; one that differs is refused.
+            let retried = try CLI.run(["clone", SharedTemplate.name, "--name", "taken", "--json"] + store.arguments)
+            let view = try JSONCoding.decoder().decode(CloneView.self, from: Data(retried.stdout.utf8))
+            #expect(retried.status == 0 && view.created == false && view.id == first.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "\(retried.stdout) \(retried.stderr)")
+            try expectRefused([SharedTemplate.name, "--name", "taken", "--nic", "user"], store: store, saying: "a clone named 'taken' already exists with another set of devices")
             try expectRefused([SharedTemplate.name, "--name", "../x"], store: store, saying: "clone name")
             // Names and IDs share one space: a clone may not be named after another's ID.
             let id = first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)

@@ -16,15 +16,20 @@ public struct CloneEngine: Sendable {
     public var store: TemplateStore { launcher.store }
     public var pool: WarmPool { WarmPool(launcher: launcher) }
 
-    /// Starts a clone and returns once its guest runs.
-    public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?) {
+    /// Starts a clone and returns once its guest runs; `created` is false when the request was a
+    /// retry of one that had succeeded (``retried(_:template:)``): the clone it made is returned.
+    public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?, created: Bool) {
         let started = ContinuousClock.now
         try request.validate()
         let template = try launcher.template(request.template)
+        // Judged before anything else, the store's limits included: a retry must terminate.
+        if let existing = try retried(request, template: template) {
+            return (existing, nil, false)
+        }
         // A pool belongs to a store's own templates.
         if request.usePool, launcher.templates.root == store.root,
            let record = try await pool.handOut(request, template: template, started: started) {
-            return (record, nil)
+            return (record, nil, true)
         }
         var launched = try await launcher.launch(request, from: template, state: .starting, started: started)
         do {
@@ -36,10 +41,31 @@ public struct CloneEngine: Sendable {
             launched.record.state = .running
             launched.record.restoreSeconds = started.duration(to: .now).seconds
             try store.saveTimed(&launched.record, timings: launched.timings, lap: &launched.lap, started: started)
-            return (launched.record, launched.warning)
+            return (launched.record, launched.warning, true)
         } catch {
             await launcher.discard(launched)
             throw error
         }
+    }
+
+    /// A create retried after it succeeded (a runtime that lost the answer, or timed out waiting
+    /// for it): the clone named so when it is what this request asks for (the same template, the
+    /// same copy-on-write limit, as many NICs and disks, running), nil when the name is free; a
+    /// clone that differs is `exists`, naming the difference.
+    func retried(_ request: CloneRequest, template: PublishedTemplate) throws -> CloneRecord? {
+        guard let name = request.name?.value, let record = store.cloneHoldingName(name) else { return nil }
+        var differences: [String] = []
+        if record.name != name { differences.append("ID (it is clone \(record.id)'s)") }
+        if record.template != template.manifest.name || record.templateDigest != template.manifest.identity { differences.append("template ('\(record.template)', as it was then)") }
+        if record.cowLimitBytes != request.cowLimitBytes { differences.append("copy-on-write limit") }
+        let devices = record.devices ?? []
+        if devices.count(where: { $0.kind == .nic }) != request.devices.nics.count || devices.count(where: { $0.kind == .disk }) != request.devices.disks.count {
+            differences.append("set of devices")
+        }
+        if !record.isLive || record.isBeingSetUp { differences.append("state (\(record.isLive ? record.state.rawValue : "exited"))") }
+        guard differences.isEmpty else {
+            throw VMTemplateError(.exists, "a clone named '\(name)' already exists with another \(differences.joined(separator: ", ")): remove it (vmtemplate rm \(name)) or pick another --name.")
+        }
+        return record
     }
 }

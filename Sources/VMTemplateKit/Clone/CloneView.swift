@@ -40,6 +40,9 @@ public struct CloneView: Sendable, Codable, Equatable {
     public var lastEnforcement: Enforcement?
     /// Who paused it (`user` or `scheduler`) while it is paused; null otherwise.
     public var pausedBy: PausedBy?
+    /// In the answer to a create: false when it was a retry and this is the clone it had made.
+    /// Null elsewhere.
+    public var created: Bool?
 
     /// The clone as its record says, memory unmeasured.
     public init(_ record: CloneRecord, paths: InstancePaths, overLimitDefault: OverLimitAction? = nil) {
@@ -65,7 +68,7 @@ public struct CloneView: Sendable, Codable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, template, pid, state, clock, devices, vmgenid, timings
+        case id, name, template, pid, state, clock, devices, vmgenid, timings, created
         case createdAt = "created_at"
         case uptimeSeconds = "uptime_seconds"
         case cowBytes = "cow_bytes"
