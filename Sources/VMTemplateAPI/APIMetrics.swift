@@ -33,6 +33,9 @@ package final class APIMetrics: Sendable {
         /// By source: `pool` (a hand-out) or `fresh`.
         var cloneSeconds: [String: Histogram] = ["pool": Histogram(), "fresh": Histogram()]
         var requests: [Int: Int] = [:]
+        /// API creates by template that a pool member served, and that found the pool empty.
+        var handOuts: [String: Int] = [:]
+        var poolMisses: [String: Int] = [:]
         // Every series there from the start, at 0: a rate over a counter that appears only with
         // its first event misses that event.
         var errors: [String: Int] = Dictionary(uniqueKeysWithValues: VMTemplateError.Code.allCases.map { ($0.rawValue, 0) })
@@ -67,6 +70,18 @@ package final class APIMetrics: Sendable {
 
     func recordClone(fromPool: Bool, seconds: Double) {
         counters.withLock { $0.cloneSeconds[fromPool ? "pool" : "fresh", default: Histogram()].observe(seconds) }
+    }
+
+    /// A create through the API for `template`: served by a pool member, or restored fresh while
+    /// the template has a pool (a miss: the pool was empty).
+    func recordCreate(template: String, fromPool: Bool, hasPool: Bool) {
+        counters.withLock { counters in
+            if fromPool {
+                counters.handOuts[template, default: 0] += 1
+            } else if hasPool {
+                counters.poolMisses[template, default: 0] += 1
+            }
+        }
     }
 
     func recordRequest(status: Int) {
@@ -139,6 +154,12 @@ package final class APIMetrics: Sendable {
         text.metric("vmtemplate_pool_size", "gauge", "Members each warm pool should hold.", byTemplate(\.size))
         text.metric("vmtemplate_pool_ready", "gauge", "Members ready to be handed out.", byTemplate(\.ready))
         text.metric("vmtemplate_pool_filling", "gauge", "Members being restored and warmed.", byTemplate(\.filling))
+        // Every pool's series from 0, and those of templates that had one since.
+        let pooled = Set(pools.map(\.template)).union(snapshot.handOuts.keys).union(snapshot.poolMisses.keys).sorted()
+        text.metric("vmtemplate_pool_handouts_total", "counter", "API creates a warm pool member served, by template.",
+                    pooled.map { (Labels([("template", $0)]), String(snapshot.handOuts[$0] ?? 0)) })
+        text.metric("vmtemplate_pool_misses_total", "counter", "API creates of a template with a pool that found it empty and were restored fresh.",
+                    pooled.map { (Labels([("template", $0)]), String(snapshot.poolMisses[$0] ?? 0)) })
 
         text.histogram("vmtemplate_clone_duration_seconds", "Time from a clone request through the API to the clone running, by source (pool: a hand-out; fresh: a restore).",
                        snapshot.cloneSeconds.sorted { $0.key < $1.key }.map { (Labels([("source", $0.key)]), $0.value) })

@@ -178,6 +178,8 @@ package struct APIServer: Sendable {
             // A retry gets the clone it made, 200 instead of 201: it is not counted again.
             guard created else { return try Self.json(view, status: .ok) }
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
+            metrics.recordCreate(template: record.template, fromPool: record.fromPool == true,
+                                 hasPool: cloneRequest.usePool && (store.pools.sizes()[record.template] ?? 0) > 0)
             return try Self.json(view, status: .created)
         }
         router.get("/v1/clones") { _, context -> Response in

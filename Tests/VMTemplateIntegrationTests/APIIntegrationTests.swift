@@ -463,6 +463,7 @@ extension RealGuests {
             #expect(scraped.value("vmtemplate_errors_total", ["error": "integrityFailure"]) == 0)
             #expect(scraped.value("vmtemplate_enforcements_total", ["action": "kill", "outcome": "escalated"]) == 0)
             #expect(scraped.value("vmtemplate_build_info", ["version": VMTemplateVersion.current]) == 1)
+            #expect(scraped.value("vmtemplate_pool_handouts_total", ["template": "busybox"]) == 1, "one API create was served by the pool")
             #expect((scraped.value("vmtemplate_qemu_private_bytes", ["template": "busybox"]) ?? 0) > 0)
             #expect(scraped.value("vmtemplate_api_requests_total", ["code": "429"]) == 2)
             #expect(scraped.types["vmtemplate_clone_duration_seconds"] == "histogram" && scraped.types["vmtemplate_clone_cow_bytes"] == "gauge")
