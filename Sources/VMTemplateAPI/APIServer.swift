@@ -178,8 +178,10 @@ package struct APIServer: Sendable {
             // A retry gets the clone it made, 200 instead of 201: it is not counted again.
             guard created else { return try Self.json(view, status: .ok) }
             metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
-            metrics.recordCreate(template: record.template, fromPool: record.fromPool == true,
-                                 hasPool: cloneRequest.usePool && (store.pools.sizes()[record.template] ?? 0) > 0)
+            // pools.json is read only for a fresh clone: never on the hand-out path.
+            let fromPool = record.fromPool == true
+            metrics.recordCreate(template: record.template, fromPool: fromPool,
+                                 hasPool: !fromPool && cloneRequest.usePool && (store.pools.sizes()[record.template] ?? 0) > 0)
             return try Self.json(view, status: .created)
         }
         router.get("/v1/clones") { _, context -> Response in
@@ -193,9 +195,7 @@ package struct APIServer: Sendable {
         router.get("/v1/clones/:id") { _, context -> Response in
             let reference = try Self.parameter("id", of: context)
             let record = try store.findCloneExactly(reference)
-            guard context.readableTemplates(in: store)(record.template) else {
-                throw VMTemplateError(.notFound, "no clone with ID or name '\(TerminalText.escape(reference))' (the API takes a full ID or a name, not a prefix): see GET /v1/clones.")
-            }
+            guard context.readableTemplates(in: store)(record.template) else { throw TemplateStore.noCloneExactly(reference) }
             return try Self.json(await lifecycle.status(of: record))
         }
         router.delete("/v1/clones/:id") { _, context -> Response in

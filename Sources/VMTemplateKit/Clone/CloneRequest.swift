@@ -62,13 +62,16 @@ public struct CloneRequest: Sendable, Equatable {
         if let tcgTranslationCacheMiB, !Self.translationCacheRangeMiB.contains(tcgTranslationCacheMiB) {
             throw VMTemplateError(.invalidArgument, "the TCG translation cache (--tcg-tb-size, tcg_tb_size) must be \(Self.translationCacheRangeMiB.lowerBound) to \(Self.translationCacheRangeMiB.upperBound) MiB, not \(tcgTranslationCacheMiB).")
         }
-        guard timeout > .zero, timeout <= .seconds(Self.maxTimeoutSeconds) else {
-            throw VMTemplateError(.invalidArgument, "the timeout (--timeout, timeout) must be more than 0 and at most \(Self.maxTimeoutSeconds) seconds.")
-        }
+        guard timeout > .zero, timeout <= .seconds(Self.maxTimeoutSeconds) else { throw Self.timeoutRefused }
         try Admission.checkLimit(cowLimitBytes)
-        guard devices.count <= MachineSpec.maxHotplugSlots else {
-            throw VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) NICs and disks together (--nic/--disk, nics/disks), not \(devices.count).")
-        }
+        guard devices.count <= MachineSpec.maxHotplugSlots else { throw Self.tooManyDevices(devices.count) }
+    }
+
+    /// The refusals ``CloneOptions/request()`` also makes before it parses anything, in the same words.
+    static let timeoutRefused = VMTemplateError(.invalidArgument, "the timeout (--timeout, timeout) must be more than 0 and at most \(maxTimeoutSeconds) seconds.")
+
+    static func tooManyDevices(_ count: Int) -> VMTemplateError {
+        VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) NICs and disks together (--nic/--disk, nics/disks), not \(count).")
     }
 }
 
@@ -139,13 +142,13 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
 
     /// The request these options ask for, parsed and checked (``CloneRequest/validate()``).
     public func request() throws -> CloneRequest {
+        // Before anything is parsed or converted: a NaN or huge number makes no Duration, and a
+        // thousand specs are not parsed to be refused.
         if let timeoutSeconds, !(timeoutSeconds > 0 && timeoutSeconds <= Double(CloneRequest.maxTimeoutSeconds)) {
-            throw VMTemplateError(.invalidArgument, "the timeout (--timeout, timeout) must be more than 0 and at most \(CloneRequest.maxTimeoutSeconds) seconds.")
+            throw CloneRequest.timeoutRefused
         }
         let deviceCount = (nics?.count ?? 0) + (disks?.count ?? 0)
-        guard deviceCount <= MachineSpec.maxHotplugSlots else {
-            throw VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) NICs and disks together (--nic/--disk, nics/disks), not \(deviceCount).")
-        }
+        guard deviceCount <= MachineSpec.maxHotplugSlots else { throw CloneRequest.tooManyDevices(deviceCount) }
         var request = CloneRequest(
             template: try EntityName(template),
             name: try name.map { try EntityName($0, kind: "clone") },

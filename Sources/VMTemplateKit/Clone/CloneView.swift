@@ -113,14 +113,14 @@ extension CloneLifecycle {
     }
 
     /// The clone as its record says (state as recorded, memory unmeasured): what `clone` returns.
-    public func view(of record: CloneRecord) -> CloneView {
-        CloneView(record, paths: store.clonePaths(record.id), overLimitDefault: record.cowLimitBytes == nil ? nil : (try? store.settings())?.overLimitAction)
+    public func view(of record: CloneRecord, settings: StoreSettings? = nil) -> CloneView {
+        CloneView(record, paths: store.clonePaths(record.id), overLimitDefault: record.cowLimitBytes == nil ? nil : (settings ?? (try? store.settings()))?.overLimitAction)
     }
 
     /// The clone with its live state (``liveState(of:timeout:)``) and memory.
     public func status(of record: CloneRecord, qmpTimeout: Duration = .milliseconds(500), settings: StoreSettings? = nil) async -> CloneView {
         let state = await liveState(of: record, timeout: qmpTimeout)
-        var status = CloneView(record, paths: store.clonePaths(record.id), overLimitDefault: record.cowLimitBytes == nil ? nil : (settings ?? (try? store.settings()))?.overLimitAction)
+        var status = view(of: record, settings: settings)
         status.state = state
         status.pausedBy = state == .paused ? record.pausedBy : nil
         if state != .exited, let pid = record.qemu?.pid, let usage = try? CloneMemoryUsage.measure(pid: pid, templateFile: record.memoryFile) {

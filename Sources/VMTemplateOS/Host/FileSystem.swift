@@ -435,26 +435,9 @@ public final class FileLock {
     }
 
     /// Runs `body` holding the exclusive lock, waiting at most `timeout` for other holders (polling,
-    /// so it never blocks forever). The error names the process that holds the lock. It sleeps the
-    /// thread while it waits: async code calls the async variant.
-    @available(*, noasync, message: "sleeps the thread while it waits; call it with await")
-    public func withExclusive<T>(waitingAtMost timeout: Duration, _ body: () throws -> T) throws -> T {
-        let deadline = ContinuousClock.now + timeout
-        var delay: useconds_t = 500
-        while !tryLock(LOCK_EX) {
-            guard ContinuousClock.now < deadline else {
-                let holder = holders().first.map { "process \($0.pid) (\($0.command))" } ?? "another process"
-                throw VMTemplateError(.busy, "the lock '\(path)' has been held by \(holder) for more than \(timeout.shortText): wait for it to finish, or stop it if it hangs.")
-            }
-            usleep(delay)
-            delay = min(delay * 2, 50_000)
-        }
-        defer { unlock() }
-        return try body()
-    }
-
-    /// The same for async callers: the wait sleeps the task (`Task.sleep`), never a cooperative
-    /// thread, so a lock held long by another process cannot stall every task of this one.
+    /// so it never blocks forever; the error names the process that holds the lock). The wait
+    /// sleeps the task (`Task.sleep`), never a cooperative thread, so a lock held long by another
+    /// process cannot stall every task of this one.
     public func withExclusive<T>(waitingAtMost timeout: Duration, isolation: isolated (any Actor)? = #isolation, _ body: () throws -> T) async throws -> T {
         let deadline = ContinuousClock.now + timeout
         var delay = Duration.microseconds(500)

@@ -382,7 +382,12 @@ extension TemplateStore {
         if let held = cloneHoldingName(reference) { return held }
         // A store whose name index lacks the entry (made before it, or an entry lost): the records.
         if let record = clones().records.first(where: { $0.id == reference || $0.name == reference }) { return record }
-        throw VMTemplateError(.notFound, "no clone with ID or name '\(TerminalText.escape(reference))' (the API takes a full ID or a name, not a prefix): see GET /v1/clones.")
+        throw Self.noCloneExactly(reference)
+    }
+
+    /// The error for an exact lookup that finds nothing (or nothing this caller may see).
+    package static func noCloneExactly(_ reference: String) -> VMTemplateError {
+        VMTemplateError(.notFound, "no clone with ID or name '\(TerminalText.escape(reference))' (the API takes a full ID or a name, not a prefix): see GET /v1/clones.")
     }
 
     /// Finds a clone by its ID, its name, or an unambiguous prefix of its ID (docs/cli.md).
