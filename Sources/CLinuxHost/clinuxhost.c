@@ -220,3 +220,21 @@ int clinuxhost_fork_reply_waiter(int fd, int lines, int timeout_ms, int log_fd) 
     }
     _exit(seen < lines ? 1 : 0);
 }
+
+/* copy_file_range(2) and SEEK_DATA/SEEK_HOLE need _GNU_SOURCE, which Swift's Glibc module does
+ * not define. Returns the bytes copied, or -errno. */
+long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length) {
+    loff_t input = *in_offset, output = *out_offset;
+    ssize_t copied = copy_file_range(in, &input, out, &output, length, 0);
+    if (copied < 0) return -errno;
+    *in_offset = input;
+    *out_offset = output;
+    return copied;
+}
+
+/* lseek(fd, offset, SEEK_DATA or SEEK_HOLE): the next data (data != 0) or hole at or after
+ * offset, or -errno (-ENXIO: no more data). */
+long long clinuxhost_seek_data(int fd, long long offset, int data) {
+    off_t found = lseek(fd, offset, data ? SEEK_DATA : SEEK_HOLE);
+    return found < 0 ? -errno : (long long)found;
+}

@@ -78,6 +78,8 @@ struct Clone: AsyncParsableCommand {
             // guest's answers to its clock and hostname (a thread would die with it, and its
             // replies would go to the runtime's first request).
             request.guestRepliesInChild = true
+            // A guest agent's steps need more than a forked child: this same binary, detached.
+            request.guestSetupHelper = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
             let request2 = request
             let json = self.json
             try await interruptible {

@@ -15,6 +15,7 @@ enum Checkout {
     static let root: String = URL(fileURLWithPath: #filePath)
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
     static let busyboxRecipe = "\(root)/templates/busybox/template.json"
+    static let debianRecipe = "\(root)/templates/debian/template.json"
     /// The `vmtemplate` executable `swift build` made next to the test bundle.
     /// `$VMTEMPLATE_TEST_BINARY` runs the tests against another build (an older commit's, to show
     /// that a test fails there: docs/reliability.md).
@@ -34,6 +35,7 @@ enum Environment {
     static let hasQEMU = (try? QEMUBinary.locate(explicit: nil)) != nil
     static let hasGuest = FileManager.default.fileExists(atPath: "\(Checkout.root)/templates/busybox/out/vmlinuz")
     static let canRunGuests = hasQEMU && hasGuest
+    static let hasDebianGuest = canRunGuests && FileManager.default.fileExists(atPath: "\(Checkout.root)/templates/debian/out/root.img")
     static let isRoot = getuid() == 0
 }
 

@@ -49,6 +49,8 @@ long clinuxhost_filesystem_type(int fd);
 
 /// O_PATH, which Swift does not see (it needs _GNU_SOURCE): a handle that opens nothing.
 int clinuxhost_o_path(void);
+long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
+long long clinuxhost_seek_data(int fd, long long offset, int data);
 
 /// Forks a child that waits (at most `timeout_ms`) until `lines` newline-ended lines have arrived
 /// on `fd`, then exits; it keeps only `fd` and `log_fd` (where it says so when the lines did not

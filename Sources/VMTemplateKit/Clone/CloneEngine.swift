@@ -35,8 +35,7 @@ public struct CloneEngine: Sendable {
         do {
             defer { launched.qmp.close() }
             try await launched.qmp.cont()
-            let paths = store.clonePaths(launched.record.id)
-            launched.record.clock = GuestSetup.start(template.manifest.guestClock ?? .none, name: launched.record.name, controlSocket: paths.controlSocket, logPath: store.cloneLayout(launched.record.id).guestSetupLog, inChild: request.guestRepliesInChild)
+            GuestSetup.begin(&launched.record, template: template.manifest, store: store, request: request)
             launched.timings.resume = launched.lap.next()
             launched.record.state = .running
             launched.record.restoreSeconds = started.duration(to: .now).seconds

@@ -76,6 +76,7 @@ public struct CloneLauncher: Sendable {
         do {
             let paths = store.clonePaths(record.id)
             try paths.checkSocketLengths()
+            try Self.createBootDiskOverlays(for: template, paths: paths)
             let commandLine = try self.commandLine(for: template, cloneID: record.id, vmgenid: record.vmgenid, memoryOptions: memoryOptions, translationCacheMiB: request.tcgTranslationCacheMiB)
             let arguments = try commandLine.arguments()
             // Taps, images and overlays are opened and made before QEMU starts: a wrong --nic or
@@ -88,6 +89,7 @@ public struct CloneLauncher: Sendable {
             record.qemuExecutable = qemu.executable ?? qemuPath
             record.qemuArguments = arguments
             record.hotplugSlots = manifest.machine.hotplugSlots
+            record.guestAgent = manifest.machine.guestAgent ? true : nil
             timings.spawn = lap.next()
 
             // QEMU needs ~20 ms to build the machine and answer; the record is written meanwhile.
@@ -162,8 +164,28 @@ public struct CloneLauncher: Sendable {
             tcgTranslationCacheMiB: translationCacheMiB ?? CloneRequest.defaultTranslationCacheMiB,
             qmp: qmp,
             // With `file:` the state is passed as a descriptor, so QEMU's user need not reach it.
-            confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file)
+            confinement: .forThisProcess(version: manifest.qemu.version, userMayRead: manifest.migration.transport == .file || everyoneMayRead(template.statePath), denySpawn: manifest.migration.transport == .file),
+            bootDisks: bootDiskFiles(for: template, paths: paths)
         )
+    }
+
+    /// What a clone's QEMU opens for each boot disk: the template's copy, read-only, and for an
+    /// `overlay` disk the clone's own overlay over it.
+    static func bootDiskFiles(for template: PublishedTemplate, paths: InstancePaths) -> [BootDiskFiles] {
+        zip(template.manifest.machine.bootDisks, template.diskPaths).enumerated().map { index, pair in
+            BootDiskFiles(image: pair.1, imageWritable: false, overlay: pair.0.mode == .overlay ? paths.bootDiskOverlay(index) : nil)
+        }
+    }
+
+    /// Writes each `overlay` boot disk's empty qcow2 overlay (``QCOW2Overlay``, no qemu-img) into
+    /// the clone's directory; it goes with the directory.
+    static func createBootDiskOverlays(for template: PublishedTemplate, paths: InstancePaths) throws {
+        for (index, (disk, image)) in zip(template.manifest.machine.bootDisks, template.diskPaths).enumerated() where disk.mode == .overlay {
+            let opened = try DiskImage.open(path: image, format: disk.format, writable: false)
+            close(opened.descriptor)
+            let overlay = try opened.createOverlay(at: paths.bootDiskOverlay(index))
+            close(overlay)
+        }
     }
 
     /// The memory backend a clone gets with these capabilities. Without `rom=` (QEMU < 8.2) the
@@ -197,7 +219,7 @@ public struct CloneLauncher: Sendable {
     public func checkFiles(of template: PublishedTemplate) throws {
         let manifest = template.manifest
         var statuses: [(TemplateManifest.StoredFile, FileStatus)] = []
-        for file in [manifest.memory, manifest.state] {
+        for file in manifest.storedFiles {
             // lstat: a template file is never reached through a link.
             guard let status = try? FileStatus.read(path: "\(template.directory)/\(file.name)", followingLinks: false), status.isRegularFile else {
                 throw VMTemplateError(.notFound, "template '\(manifest.name)' is missing its \(file.name) file: the template is damaged; remove it and create it again.")

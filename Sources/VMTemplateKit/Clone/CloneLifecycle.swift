@@ -140,4 +140,31 @@ public struct CloneLifecycle: Sendable {
             updated.pausedBy = .user
         } ?? record
     }
+
+    /// Runs `command` in the clone's guest through its guest agent and waits for it. The agent
+    /// serves one client at a time: this waits behind the clone's own setup steps and any other
+    /// client, within `timeout`.
+    public func exec(_ command: [String], in record: CloneRecord, timeout: Duration) async throws -> GuestAgentConnection.ExecResult {
+        try GuestCommand.check([command], key: "the command")
+        if let refusal = Self.refusalBeforeHandOut(record) { throw refusal }
+        guard record.guestAgent == true else {
+            throw VMTemplateError(.unsupported, "clone \(record.id) (\(record.name)) has no guest agent port: its template was made without \"ready_when\" or \"guest_setup\" set to \"guest-agent\" (docs/guests.md).")
+        }
+        switch await liveState(of: record) {
+        case .paused: throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused: resume it first (vmtemplate resume \(record.id)).")
+        case .exited: throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has exited: remove it (vmtemplate rm \(record.id)) and clone again.")
+        case .notYours: throw VMTemplateError(.permissionDenied, "clone \(record.id) (\(record.name)) is not yours: only its owner (or root) may talk to it.")
+        default: break
+        }
+        let socket = store.cloneLayout(record.id).instance.agentSocket
+        let root = store.root
+        let deadline = ContinuousClock.now + timeout
+        return try await onOwnThread {
+            // The store may be another user's: no link below it is followed to another socket.
+            let agent = try GuestAgentConnection.connect(path: socket, storeRoot: root, timeout: timeout)
+            defer { agent.close() }
+            try agent.synchronize(until: deadline)
+            return try agent.run(command, until: deadline)
+        }
+    }
 }

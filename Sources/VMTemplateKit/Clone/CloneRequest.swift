@@ -35,6 +35,9 @@ public struct CloneRequest: Sendable, Equatable {
     /// this process (the default, for long-lived callers), or a forked child (`clone` of the CLI,
     /// which exits at once). Set by the caller's process, not by what it was asked.
     public var guestRepliesInChild = false
+    /// A vmtemplate executable that runs a guest agent's per-clone steps (`guest-setup`) when
+    /// ``guestRepliesInChild`` (the CLI passes itself); without one a task of this process does.
+    public var guestSetupHelper: String?
     /// The API caller (uid) the clone is made for: it may remove what it made. Set by the server.
     public var requestedBy: uid_t?
 

@@ -28,6 +28,10 @@ public struct CloneView: Sendable, Codable, Equatable {
     public var vmgenid: String?
     /// `requested` (clock and hostname sent, not awaited), `none` or `not-sent`.
     public var clock: String?
+    /// The guest agent's socket, for a template whose guest runs one (null otherwise).
+    public var agentSocket: String?
+    /// The per-clone setup through the guest agent: `running`, `done` or `failed` (null: none).
+    public var guestSetup: String?
     public var devices: [AttachedDevice]
     /// Handed out from the template's warm pool.
     public var fromPool: Bool
@@ -58,6 +62,8 @@ public struct CloneView: Sendable, Codable, Equatable {
         serialLog = paths.serialLog
         vmgenid = record.vmgenid
         clock = record.clock
+        agentSocket = record.guestAgent == true ? paths.agentSocket : nil
+        guestSetup = record.guestSetup
         devices = record.devices ?? []
         fromPool = record.fromPool == true
         timings = record.timings
@@ -78,6 +84,8 @@ public struct CloneView: Sendable, Codable, Equatable {
         case qmpSocket = "qmp_socket"
         case controlSocket = "control_socket"
         case serialLog = "serial_log"
+        case agentSocket = "agent_socket"
+        case guestSetup = "guest_setup"
         case fromPool = "from_pool"
         case cowLimitBytes = "cow_limit_bytes"
         case overLimitAction = "over_limit_action"

@@ -80,6 +80,22 @@ public struct GuestSetup: Sendable {
 }
 
 extension GuestSetup {
+    /// Tells a resumed clone's guest what its template's `guest_setup` says (the control channel's
+    /// clock and hostname, or the guest agent's steps), without waiting for it: sets the record's
+    /// `clock` and `guest_setup`.
+    static func begin(_ record: inout CloneRecord, template: TemplateManifest, store: TemplateStore, request: CloneRequest) {
+        let clock = template.guestClock ?? .none
+        let layout = store.cloneLayout(record.id)
+        guard clock == .guestAgent else {
+            record.clock = start(clock, name: record.name, controlSocket: layout.instance.controlSocket, logPath: layout.guestSetupLog, inChild: request.guestRepliesInChild)
+            return
+        }
+        let setup = GuestAgentSetup(cloneID: record.id, hostname: record.name, commands: template.guestCommands ?? [])
+        let runner: GuestAgentSetup.Runner = request.guestRepliesInChild ? request.guestSetupHelper.map { .helper(executable: $0) } ?? .task : .task
+        record.guestSetup = GuestAgentSetup.start(setup, store: store, runner: runner)
+        record.clock = record.guestSetup == "running" ? "requested" : "not-sent"
+    }
+
     /// Tells a resumed guest the time and its hostname the way its recipe says (`clock`), without
     /// waiting for it. Returns what the clone's record says of it: `none`, `requested` or
     /// `not-sent` (the reason then goes to `logPath`, where the reply waiter would have written).

@@ -80,6 +80,7 @@ public struct TemplateCreator: Sendable {
         var boot: KernelBoot
         var kernelReference: TemplateManifest.FileReference
         var initrdReference: TemplateManifest.FileReference?
+        var diskReferences: [TemplateManifest.FileReference]
         var migration: MigrationTransport
     }
 
@@ -107,6 +108,10 @@ public struct TemplateCreator: Sendable {
         guard (1...64).contains(recipe.cpus) else {
             throw VMTemplateError(.invalidArgument, "cpus \(recipe.cpus) is out of range: give 1 to 64.")
         }
+        try recipe.checkGuestAgentSettings()
+        if (!recipe.disks.isEmpty || recipe.needsGuestAgent) && recipe.hotplugSlots > MachineSpec.maxHotplugSlotsWithFixedDevices {
+            throw VMTemplateError(.invalidArgument, "hotplug_slots \(recipe.hotplugSlots) leaves no room for the recipe's disks and guest agent: give at most \(MachineSpec.maxHotplugSlotsWithFixedDevices).")
+        }
         let accelerator = try Accelerator.resolve(request.accelerator, kvm: kvm)
         let machineType = try qemu.resolveMachineType(recipe.machine)
         if recipe.hotplugSlots > 0 && !machineType.contains("q35") {
@@ -114,16 +119,35 @@ public struct TemplateCreator: Sendable {
         }
         let kernelReference = try Self.reference(recipe.kernel, what: "kernel")
         let initrdReference = try recipe.initrd.map { try Self.reference($0, what: "initrd") }
+        var diskReferences: [TemplateManifest.FileReference] = []
+        var diskBytes: UInt64 = 0
+        for (index, disk) in recipe.disks.enumerated() {
+            // The same checks as a clone's --disk: no link followed, the format it says, no
+            // backing file of its own.
+            let image: DiskImage
+            do {
+                image = try DiskImage.open(path: disk.path, format: disk.format, writable: false)
+            } catch let error as VMTemplateError {
+                // One line: the recipe's key instead of --disk's option.
+                throw VMTemplateError(error.code, "recipe disk \(index): " + error.message.replacingOccurrences(of: "check path=.", with: "fix disks[\(index)].path in the recipe."))
+            }
+            defer { close(image.descriptor) }
+            var info = stat()
+            if fstat(image.descriptor, &info) == 0 { diskBytes += UInt64(max(0, info.st_blocks)) * 512 }
+            diskReferences.append(try Self.reference(disk.path, what: "recipe disk \(index)"))
+        }
 
-        let needed = memory.bytes + Self.stateReserveBytes
+        let needed = memory.bytes + diskBytes + Self.stateReserveBytes
         if let free = try? FileSystem.availableBytes(onFileSystemOf: store.root), free < needed {
             throw VMTemplateError(.ioError, "not enough disk space in store '\(store.root)': the template needs \(ByteSize(bytes: needed)), \(ByteSize(bytes: free)) is free. Free some space or use another --store.")
         }
         return Plan(
-            machine: MachineSpec(machineType: machineType, machineOptions: recipe.machineOptions, cpuModel: recipe.cpuModel, cpus: recipe.cpus, memoryBytes: memory.bytes, accelerator: accelerator, vmgenid: recipe.vmgenid, hotplugSlots: recipe.hotplugSlots),
+            machine: MachineSpec(machineType: machineType, machineOptions: recipe.machineOptions, cpuModel: recipe.cpuModel, cpus: recipe.cpus, memoryBytes: memory.bytes, accelerator: accelerator, vmgenid: recipe.vmgenid, hotplugSlots: recipe.hotplugSlots,
+                                 bootDisks: recipe.disks.map { BootDisk(format: $0.format, mode: $0.mode) }, guestAgent: recipe.needsGuestAgent),
             boot: KernelBoot(kernel: recipe.kernel, initrd: recipe.initrd, append: recipe.append),
             kernelReference: kernelReference,
             initrdReference: initrdReference,
+            diskReferences: diskReferences,
             migration: MigrationTransport(capabilities: qemu.capabilities)
         )
     }
@@ -149,6 +173,16 @@ public struct TemplateCreator: Sendable {
         let files = staging.files
         try paths.checkSocketLengths()
         try FileSystem.allocateFile(path: files.memoryPath, size: plan.machine.memoryBytes, mode: 0o600)
+        // The guest boots from the template's own copies of its disks: what it writes while it
+        // boots lands in them (never in the recipe's files), and they are what every clone sees.
+        var bootDisks: [BootDiskFiles] = []
+        for (index, disk) in request.recipe.disks.enumerated() {
+            let copy = "\(staging.directory)/\(TemplateManifest.diskFileName(index, format: disk.format))"
+            let source = try DiskImage.open(path: disk.path, format: disk.format, writable: false)
+            defer { close(source.descriptor) }
+            try FileSystem.copySparse(from: source.descriptor, toNewFile: copy, mode: 0o600)
+            bootDisks.append(BootDiskFiles(image: copy, imageWritable: disk.mode == .overlay, overlay: nil))
+        }
 
         progress(.boot)
         let commandLine = QEMUCommandLine(
@@ -159,7 +193,8 @@ public struct TemplateCreator: Sendable {
             launch: .boot(plan.boot),
             // No user drop: QEMU writes the device state into the owner's staging area after it
             // has started, which another user cannot.
-            confinement: .forThisProcess(version: qemu.version, userMayRead: false, denySpawn: plan.migration == .file)
+            confinement: .forThisProcess(version: qemu.version, userMayRead: false, denySpawn: plan.migration == .file),
+            bootDisks: bootDisks
         )
         let arguments = try commandLine.arguments()
         let qemuInstance = try QEMUInstance.launch(arguments: arguments, name: commandLine.name, paths: paths, qmp: commandLine.qmp, executable: qemu.path)
@@ -185,6 +220,7 @@ public struct TemplateCreator: Sendable {
         try await qemuInstance.stop(grace: .seconds(5), qmp: qmp)
         try FileSystem.fsyncFile(path: files.memoryPath)
         try FileSystem.fsyncFile(path: files.statePath)
+        for disk in bootDisks { try FileSystem.fsyncFile(path: disk.image) }
         timings.save = saveStarted.duration(to: .now).seconds
 
         progress(.digest)
@@ -193,6 +229,11 @@ public struct TemplateCreator: Sendable {
         try access.apply(to: files.statePath)
         let memory = try Self.storedFile(files.memoryPath, name: "memory")
         let state = try Self.storedFile(files.statePath, name: "state")
+        var disks: [TemplateManifest.StoredFile] = []
+        for disk in bootDisks {
+            try access.apply(to: disk.image)
+            disks.append(try Self.storedFile(disk.image, name: FileSystem.split(disk.image).name))
+        }
         timings.digest = digestStarted.duration(to: .now).seconds
 
         progress(.publish)
@@ -204,14 +245,17 @@ public struct TemplateCreator: Sendable {
             createdAt: Date(),
             qemu: .init(path: qemu.path, version: qemu.version, package: qemu.package, capabilities: qemu.capabilities, binary: try? .init(FileStatus.read(path: qemu.path))),
             machine: plan.machine,
-            boot: .init(kernel: plan.kernelReference, initrd: plan.initrdReference, append: plan.boot.append),
+            boot: .init(kernel: plan.kernelReference, initrd: plan.initrdReference, append: plan.boot.append, disks: plan.diskReferences.isEmpty ? nil : plan.diskReferences),
             readyMarker: request.recipe.readyMarker,
             memory: memory,
             state: state,
             migration: .init(capabilities: ["x-ignore-shared"], uriScheme: plan.migration.rawValue),
             templateArguments: arguments,
             timings: timings,
-            guestClock: request.recipe.guestClock
+            guestClock: request.recipe.guestClock,
+            disks: disks.isEmpty ? nil : disks,
+            readyWhen: request.recipe.readyWhen == .marker ? nil : request.recipe.readyWhen,
+            guestCommands: request.recipe.guestCommands.isEmpty ? nil : request.recipe.guestCommands
         )
         // The manifest carries its own timings, so the publish phase is measured up to its write.
         manifest.timings.publish = publishStarted.duration(to: .now).seconds
@@ -225,6 +269,9 @@ public struct TemplateCreator: Sendable {
 
     private func waitUntilReady(request: CreateRequest, plan: Plan, paths: InstancePaths, qemu: QEMUInstance) async throws {
         let timeout = request.readyTimeout ?? .seconds(fractional: request.recipe.readyTimeoutSeconds)
+        if request.recipe.readyWhen == .guestAgent {
+            return try await waitForAgent(request: request, timeout: timeout, paths: paths, qemu: qemu)
+        }
         let watcher = SerialConsoleWatcher(path: paths.serialLog)
         // The console log and the guest's RAM are written to the staging area while the guest
         // boots; once its file system is full neither can be, and the marker never comes.
@@ -250,6 +297,39 @@ public struct TemplateCreator: Sendable {
             // A guest RAM page that cannot be allocated kills QEMU (SIGBUS): say why.
             if let full = diskFull() { throw full }
             throw await qemu.exitError(during: "boot") ?? VMTemplateError(.qemuFailed, "QEMU stopped during boot.")
+        }
+    }
+
+    /// Waits until the guest's agent answers, then runs the recipe's `ready_commands` through it,
+    /// each to exit 0, all within the ready timeout. The connection is closed before the guest is
+    /// paused: the agent is left waiting for its next client, as in every clone.
+    private func waitForAgent(request: CreateRequest, timeout: Duration, paths: InstancePaths, qemu: QEMUInstance) async throws {
+        let deadline = ContinuousClock.now + timeout
+        let commands = request.recipe.readyCommands
+        let socket = paths.agentSocket
+        let isAlive: @Sendable () -> Bool = { qemu.isRunning }
+        do {
+            try await onOwnThread {
+                let agent = try GuestAgentConnection.connect(path: socket)
+                defer { agent.close() }
+                try agent.synchronize(until: deadline, isAlive: isAlive)
+                for command in commands {
+                    let result = try agent.run(command, until: deadline)
+                    guard result.succeeded else {
+                        let said = (result.output + result.errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
+                        throw VMTemplateError(.qemuFailed, "ready_commands entry '\(TerminalText.escape(command.joined(separator: " ")))' \(result.signal.map { "was killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)") in the guest (it said: '\(TerminalText.escape(String(said.prefix(300))))'): fix the guest or the command; the guest must be quiet before it is paused (docs/guests.md).")
+                    }
+                }
+            }
+        } catch let error as VMTemplateError where error.code == .timeout {
+            let consoleTail = LogTail.lastLines(ofFile: paths.serialLog, count: 15)
+            throw VMTemplateError(
+                .timeout,
+                "the guest agent did not answer\(commands.isEmpty ? "" : ", or ready_commands did not finish,") within \(timeout): install qemu-guest-agent in the guest and make sure its unit starts (ready_when is \"guest-agent\"), or raise ready_timeout_seconds. Last lines of its console:",
+                detail: consoleTail.isEmpty ? "(the console printed nothing)" : consoleTail
+            )
+        } catch let error as VMTemplateError where error.code == .qemuFailed && !qemu.isRunning {
+            throw await qemu.exitError(during: "boot") ?? error
         }
     }
 
@@ -279,7 +359,7 @@ public struct TemplateCreator: Sendable {
         let paths = staging.paths
         let bootLog = staging.files.bootLogPath
         if rename(paths.serialLog, bootLog) == 0 { try access.apply(to: bootLog) }
-        for leftover in [paths.qmpSocket, paths.controlSocket, paths.qemuLog, "\(staging.directory)/owner.json"] {
+        for leftover in [paths.qmpSocket, paths.controlSocket, paths.agentSocket, paths.qemuLog, "\(staging.directory)/owner.json"] {
             unlink(leftover)
         }
     }

@@ -66,7 +66,6 @@ extension WarmPool {
             }
             timings.admission = lap.next()
             do {
-                let paths = store.clonePaths(id)
                 let devices = try CloneDevices.open(request.devices, cloneID: id, cloneDirectory: store.cloneDirectory(id), existing: [], slots: record.hotplugSlots ?? 0)
                 defer { for device in devices { device.closeDescriptors() } }
                 let opened = lap.next()
@@ -81,7 +80,7 @@ extension WarmPool {
                 record.devices = attached.isEmpty ? nil : attached
                 timings.devices = opened + lap.next()
                 if !devices.isEmpty { try await qmp.cont() }
-                record.clock = GuestSetup.start(template.manifest.guestClock ?? .none, name: record.name, controlSocket: paths.controlSocket, logPath: store.cloneLayout(id).guestSetupLog, inChild: request.guestRepliesInChild)
+                GuestSetup.begin(&record, template: template.manifest, store: store, request: request)
                 // Without devices, `cont` went out with the QMP handshake.
                 timings.resume = connected + lap.next()
                 record.state = .running
@@ -103,6 +102,20 @@ extension WarmPool {
     /// when a runtime asks), then it is paused again. A member whose guest does not answer within
     /// `timeout` fails, and is removed like any clone that failed to start.
     func warm(_ record: CloneRecord, qmp: QMPClient, manifest: TemplateManifest, timeout: Duration) async throws {
+        if manifest.machine.guestAgent && manifest.guestClock != .controlChannel {
+            // A guest of its own: its agent answering is what warms it (the agent's code paths run
+            // once now, not at a runtime's first command).
+            let socket = store.clonePaths(record.id).agentSocket
+            let deadline = ContinuousClock.now + timeout
+            try await onOwnThread {
+                let agent = try GuestAgentConnection.connect(path: socket)
+                defer { agent.close() }
+                try agent.synchronize(until: deadline)
+                try agent.execute("guest-ping", until: deadline)
+            }
+            try await qmp.stop()
+            return
+        }
         let channel = ControlChannel(path: store.clonePaths(record.id).controlSocket)
         var requests = ["ping"]
         if manifest.guestClock == .controlChannel {

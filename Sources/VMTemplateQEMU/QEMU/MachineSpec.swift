@@ -20,12 +20,25 @@ public struct MachineSpec: Sendable, Codable, Equatable {
     public var hotplugSlots: Int
     /// The most root ports a machine gets (bounded so that a manifest cannot ask for thousands).
     public static let maxHotplugSlots = 32
+    /// Disks the guest boots with (a recipe's `disks`), at fixed addresses in the template and in
+    /// every clone; empty in manifests from before they existed.
+    public var bootDisks: [BootDisk]
+    /// A virtio-serial port named `org.qemu.guest_agent.0` for the guest's `qemu-guest-agent`,
+    /// served by QEMU on ``InstancePaths/agentSocket``.
+    public var guestAgent: Bool
+    /// The most boot disks a machine gets.
+    public static let maxBootDisks = 4
+    /// With boot disks or an agent port, fewer root ports: QEMU gives the root ports the first
+    /// free slots of the root bus, and these devices have fixed ones from ``BootDisk/firstSlot``.
+    public static let maxHotplugSlotsWithFixedDevices = 16
 
     /// The root ports devices can be hot-plugged into: `hotplug0`, `hotplug1`, ...
     public var hotplugBuses: [String] { (0..<max(0, min(hotplugSlots, Self.maxHotplugSlots))).map { "hotplug\($0)" } }
 
-    public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool, hotplugSlots: Int = 0) {
+    public init(machineType: String, machineOptions: [String], cpuModel: String?, cpus: Int, memoryBytes: UInt64, accelerator: Accelerator, vmgenid: Bool, hotplugSlots: Int = 0, bootDisks: [BootDisk] = [], guestAgent: Bool = false) {
         self.hotplugSlots = hotplugSlots
+        self.bootDisks = bootDisks
+        self.guestAgent = guestAgent
         self.machineType = machineType
         self.machineOptions = machineOptions
         self.cpuModel = cpuModel
@@ -44,6 +57,8 @@ public struct MachineSpec: Sendable, Codable, Equatable {
         case accelerator
         case vmgenid
         case hotplugSlots = "hotplug_slots"
+        case bootDisks = "boot_disks"
+        case guestAgent = "guest_agent"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -56,7 +71,55 @@ public struct MachineSpec: Sendable, Codable, Equatable {
         accelerator = try c.decode(Accelerator.self, forKey: .accelerator)
         vmgenid = try c.decode(Bool.self, forKey: .vmgenid)
         hotplugSlots = try c.decodeIfPresent(Int.self, forKey: .hotplugSlots) ?? 0
+        bootDisks = try c.decodeIfPresent([BootDisk].self, forKey: .bootDisks) ?? []
+        guestAgent = try c.decodeIfPresent(Bool.self, forKey: .guestAgent) ?? false
+        guard bootDisks.count <= Self.maxBootDisks else {
+            throw DecodingError.dataCorruptedError(forKey: .bootDisks, in: c, debugDescription: "more than \(Self.maxBootDisks) boot disks")
+        }
     }
+
+    /// Old manifests are written back as they were read: the new keys only when they say something.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(machineType, forKey: .machineType)
+        try c.encode(machineOptions, forKey: .machineOptions)
+        try c.encodeIfPresent(cpuModel, forKey: .cpuModel)
+        try c.encode(cpus, forKey: .cpus)
+        try c.encode(memoryBytes, forKey: .memoryBytes)
+        try c.encode(accelerator, forKey: .accelerator)
+        try c.encode(vmgenid, forKey: .vmgenid)
+        try c.encode(hotplugSlots, forKey: .hotplugSlots)
+        if !bootDisks.isEmpty { try c.encode(bootDisks, forKey: .bootDisks) }
+        if guestAgent { try c.encode(guestAgent, forKey: .guestAgent) }
+    }
+}
+
+/// A disk a template's guest boots with: the template keeps its own copy (digest-pinned), which
+/// every clone sees exactly, read-only or through a private overlay.
+public struct BootDisk: Sendable, Codable, Equatable {
+    public enum Mode: String, Sendable, Codable, CaseIterable {
+        /// The guest may not write it: the template's guest and every clone open it read-only.
+        case readonly
+        /// The template's guest writes its own copy while it boots (what it wrote is part of the
+        /// template); each clone writes to a qcow2 overlay of its own over that copy.
+        case overlay
+    }
+
+    public var format: DiskFormat
+    public var mode: Mode
+
+    public init(format: DiskFormat, mode: Mode) {
+        self.format = format
+        self.mode = mode
+    }
+
+    /// The root bus slot of the first boot disk; the agent's virtio-serial controller has the one
+    /// before it.
+    public static let firstSlot = 0x18
+    public static let agentSlot = 0x17
+
+    /// The device's QEMU ID (and its top block node's name) for the disk at `index`.
+    public static func deviceID(_ index: Int) -> String { "bootdisk\(index)" }
 }
 
 /// Kernel boot of a template VM. Clones restore from saved state and need none of it, which also
@@ -82,6 +145,10 @@ public struct InstancePaths: Sendable, Equatable, Codable {
     public var controlSocket: String
     /// QEMU's own stdout and stderr.
     public var qemuLog: String
+    /// The guest agent's port, served by QEMU as a Unix socket (machines with ``MachineSpec/guestAgent``).
+    public var agentSocket: String { FileSystem.split(qmpSocket).directory + "/agent.sock" }
+    /// A clone's own qcow2 overlay over its template's boot disk `index` (an `overlay` disk).
+    public func bootDiskOverlay(_ index: Int) -> String { FileSystem.split(qmpSocket).directory + "/\(BootDisk.deviceID(index)).qcow2" }
 
     public init(directory: String) {
         qmpSocket = "\(directory)/qmp.sock"
@@ -100,7 +167,7 @@ public struct InstancePaths: Sendable, Equatable, Codable {
     /// Unix socket paths are limited by `sun_path` (107 bytes on Linux): QEMU would fail with a
     /// vague error.
     public func checkSocketLengths() throws {
-        for path in [qmpSocket, controlSocket] where path.utf8.count > UnixSocketAddress.maxPathBytes {
+        for path in [qmpSocket, controlSocket, agentSocket] where path.utf8.count > UnixSocketAddress.maxPathBytes {
             throw VMTemplateError(.invalidArgument, "socket path '\(path)' is \(path.utf8.count) bytes, over the \(UnixSocketAddress.maxPathBytes) allowed for Unix sockets: use a store with a shorter path (--store).")
         }
     }
@@ -166,6 +233,68 @@ package struct QEMUConfinement: Sendable, Equatable {
     }
 }
 
+extension QEMUCommandLine {
+    /// Boot disks and the guest agent's port, at the fixed slots the template's device state
+    /// expects (``BootDisk/firstSlot``, ``BootDisk/agentSlot``).
+    func fixedDeviceArguments() throws -> [String] {
+        let disks = machine.bootDisks
+        guard disks.count <= MachineSpec.maxBootDisks, bootDisks.count == disks.count else {
+            throw VMTemplateError(.invalidState, "the machine has \(disks.count) boot disks but \(bootDisks.count) were given files: the template's manifest is damaged; create it again.")
+        }
+        guard disks.isEmpty && !machine.guestAgent || machine.hotplugSlots <= MachineSpec.maxHotplugSlotsWithFixedDevices else {
+            throw VMTemplateError(.invalidArgument, "hotplug_slots \(machine.hotplugSlots) leaves no room for boot disks and the guest agent: give at most \(MachineSpec.maxHotplugSlotsWithFixedDevices).")
+        }
+        var arguments: [String] = []
+        for (index, (disk, files)) in zip(disks, bootDisks).enumerated() {
+            let id = BootDisk.deviceID(index)
+            let imageNode = "\(id)-image"
+            arguments += try Self.blockdev(["driver": "file", "node-name": "\(imageNode)-file", "filename": files.image, "read-only": !files.imageWritable])
+            var image: [String: Any] = ["driver": disk.format.rawValue, "node-name": imageNode, "file": "\(imageNode)-file", "read-only": !files.imageWritable]
+            // A qcow2 image's own backing file is never followed: its name is in the image.
+            if disk.format == .qcow2 { image["backing"] = NSNull() }
+            arguments += try Self.blockdev(image)
+            var top = imageNode
+            if let overlay = files.overlay {
+                arguments += try Self.blockdev(["driver": "file", "node-name": "\(id)-overlay-file", "filename": overlay])
+                arguments += try Self.blockdev(["driver": "qcow2", "node-name": id, "file": "\(id)-overlay-file", "backing": imageNode])
+                top = id
+            }
+            arguments += ["-device", QEMUOptionString.render(type: "virtio-blk-pci", [("id", id), ("drive", top), ("bus", "pcie.0"), ("addr", "0x" + String(BootDisk.firstSlot + index, radix: 16))])]
+        }
+        if machine.guestAgent {
+            arguments += [
+                "-device", QEMUOptionString.render(type: "virtio-serial-pci", [("id", "agent-serial"), ("bus", "pcie.0"), ("addr", "0x" + String(BootDisk.agentSlot, radix: 16))]),
+                "-chardev", QEMUOptionString.render(type: "socket", [("id", "agent"), ("path", paths.agentSocket), ("server", "on"), ("wait", "off")]),
+                "-device", QEMUOptionString.render(type: "virtserialport", [("id", "agent-port"), ("bus", "agent-serial.0"), ("chardev", "agent"), ("name", "org.qemu.guest_agent.0")]),
+            ]
+        }
+        return arguments
+    }
+
+    /// `-blockdev` in QEMU's JSON form: the only one that can say `backing: null`, and one in which
+    /// no file name can be mistaken for another option.
+    static func blockdev(_ options: [String: Any]) throws -> [String] {
+        let data = try JSONSerialization.data(withJSONObject: options, options: [.sortedKeys, .withoutEscapingSlashes])
+        return ["-blockdev", String(decoding: data, as: UTF8.self)]
+    }
+}
+
+/// Where one boot disk's bytes are, for one QEMU.
+package struct BootDiskFiles: Sendable, Equatable {
+    /// The template's copy of the disk.
+    public var image: String
+    /// Whether QEMU may write the image: only the template's own guest, of an `overlay` disk.
+    public var imageWritable: Bool
+    /// A clone's own qcow2 overlay over the image (an `overlay` disk), nil for none.
+    public var overlay: String?
+
+    public init(image: String, imageWritable: Bool, overlay: String?) {
+        self.image = image
+        self.imageWritable = imageWritable
+        self.overlay = overlay
+    }
+}
+
 /// How a QEMU instance starts.
 package enum LaunchMode: Sendable, Equatable {
     /// Boot the kernel (the template VM).
@@ -192,9 +321,12 @@ package struct QEMUCommandLine: Sendable, Equatable {
     public var qmp: QMPEndpoint
     /// Seccomp and an unprivileged user, for a QEMU started as root; nil: neither.
     public var confinement: QEMUConfinement?
+    /// The files of the machine's boot disks, one per ``MachineSpec/bootDisks`` entry.
+    public var bootDisks: [BootDiskFiles]
 
-    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener, confinement: QEMUConfinement? = nil) {
+    public init(name: String, machine: MachineSpec, memory: MemoryBackendFile, paths: InstancePaths, launch: LaunchMode, vmgenidGUID: String = "auto", tcgTranslationCacheMiB: Int? = nil, qmp: QMPEndpoint = .inheritedListener, confinement: QEMUConfinement? = nil, bootDisks: [BootDiskFiles] = []) {
         self.qmp = qmp
+        self.bootDisks = bootDisks
         self.confinement = confinement
         self.name = name
         self.machine = machine
@@ -252,6 +384,7 @@ package struct QEMUCommandLine: Sendable, Equatable {
         if machine.vmgenid {
             arguments += ["-device", QEMUOptionString.render(type: "vmgenid", [("id", "vmgenid0"), ("guid", vmgenidGUID)])]
         }
+        arguments += try fixedDeviceArguments()
         if let confinement { arguments += confinement.arguments() }
         switch launch {
         case .boot(let boot):

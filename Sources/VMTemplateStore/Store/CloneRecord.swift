@@ -86,6 +86,12 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// child or a thread waits for the guest's answers, not `clone`), `none`, or `not-sent` (why:
     /// in the clone's guest-setup.log).
     public var clock: String?
+    /// The template's machine has a guest agent port (``InstancePaths/agentSocket``).
+    public var guestAgent: Bool?
+    /// Where the per-clone setup through the guest agent is (``GuestClock/guestAgent``):
+    /// `running`, `done` or `failed` (what each step did: the clone's guest-setup.log); nil when
+    /// there is none.
+    public var guestSetup: String?
     /// The machine's hot-plug root ports (the template's `hotplug_slots`).
     public var hotplugSlots: Int?
     /// Devices hot-plugged into the clone, in the order they were attached.
@@ -119,6 +125,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"
         case clock
+        case guestAgent = "guest_agent"
+        case guestSetup = "guest_setup"
         case hotplugSlots = "hotplug_slots"
         case devices
         case fromPool = "from_pool"

@@ -6,8 +6,11 @@ import Foundation
 /// `manifest.json` of a published template: what it is, how it was made, and how to rebuild a
 /// machine that its device state loads into.
 public struct TemplateManifest: Sendable, Codable, Equatable {
-    public init(formatVersion: Int, name: String, createdAt: Date, qemu: QEMUInfo, machine: MachineSpec, boot: BootInfo, readyMarker: String, memory: StoredFile, state: StoredFile, migration: MigrationInfo, templateArguments: [String], timings: CreateTimings, guestClock: GuestClock? = nil) {
+    public init(formatVersion: Int, name: String, createdAt: Date, qemu: QEMUInfo, machine: MachineSpec, boot: BootInfo, readyMarker: String, memory: StoredFile, state: StoredFile, migration: MigrationInfo, templateArguments: [String], timings: CreateTimings, guestClock: GuestClock? = nil, disks: [StoredFile]? = nil, readyWhen: ReadyCondition? = nil, guestCommands: [[String]]? = nil) {
         self.guestClock = guestClock
+        self.disks = disks
+        self.readyWhen = readyWhen
+        self.guestCommands = guestCommands
         self.formatVersion = formatVersion
         self.name = name
         self.createdAt = createdAt
@@ -35,6 +38,13 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     public var guestClock: GuestClock?
     public var memory: StoredFile
     public var state: StoredFile
+    /// The template's copies of its boot disks (`disk0.raw`, ...), one per
+    /// ``MachineSpec/bootDisks`` entry, as the paused guest left them; nil: none.
+    public var disks: [StoredFile]?
+    /// How the guest was judged ready (nil in manifests from before it existed: the marker).
+    public var readyWhen: ReadyCondition?
+    /// What each clone's guest agent runs after its clock and hostname (``GuestCommand``).
+    public var guestCommands: [[String]]?
     public var migration: MigrationInfo
     /// The exact QEMU arguments the template VM ran with, for diagnosis.
     public var templateArguments: [String]
@@ -45,9 +55,17 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     /// files' digests and inodes. A clone record pins it, so that a pool member of a removed
     /// template is never handed out for its successor.
     public var identity: String {
-        let text = "\(name)\n\(createdAt.timeIntervalSince1970)\n\(memory.sha256) \(memory.inode)\n\(state.sha256) \(state.inode)\n"
+        var text = "\(name)\n\(createdAt.timeIntervalSince1970)\n\(memory.sha256) \(memory.inode)\n\(state.sha256) \(state.inode)\n"
+        // Only when there are disks: the identities of templates without any stay as they were.
+        for disk in disks ?? [] { text += "\(disk.name) \(disk.sha256) \(disk.inode)\n" }
         return "sha256:" + SHA256.hash(data: Data(text.utf8)).map { String(format: "%02x", $0) }.joined()
     }
+
+    /// Every file of the template: RAM, device state, boot disks.
+    public var storedFiles: [StoredFile] { [memory, state] + (disks ?? []) }
+
+    /// The name of boot disk `index`'s copy in the template directory.
+    public static func diskFileName(_ index: Int, format: DiskFormat) -> String { "disk\(index).\(format.rawValue)" }
 
     /// Whether `text` has the form of an ``identity``.
     public static func isIdentity(_ text: String) -> Bool {
@@ -61,7 +79,9 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
         case qemu, machine, boot
         case readyMarker = "ready_marker"
         case guestClock = "guest_clock"
-        case memory, state, migration
+        case memory, state, disks, migration
+        case readyWhen = "ready_when"
+        case guestCommands = "guest_commands"
         case templateArguments = "template_arguments"
         case timings
     }
@@ -104,15 +124,18 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     }
 
     public struct BootInfo: Sendable, Codable, Equatable {
-        public init(kernel: FileReference, initrd: FileReference?, append: String) {
+        public init(kernel: FileReference, initrd: FileReference?, append: String, disks: [FileReference]? = nil) {
             self.kernel = kernel
             self.initrd = initrd
             self.append = append
+            self.disks = disks
         }
 
         public var kernel: FileReference
         public var initrd: FileReference?
         public var append: String
+        /// The recipe's disks the template's copies were made from, as they were then.
+        public var disks: [FileReference]?
     }
 
     /// A file outside the store that the template was made from.

@@ -222,6 +222,13 @@ public struct TemplateStore: Sendable {
         guard manifest.memory.name == "memory", manifest.state.name == "state" else {
             throw VMTemplateError(.invalidState, "template '\(name)' has a manifest whose files are not 'memory' and 'state': it cannot be trusted; create it again.")
         }
+        // Boot disks: names derived from their place and format, never taken from the file.
+        let disks = manifest.disks ?? []
+        guard disks.count == manifest.machine.bootDisks.count,
+              zip(disks.indices, zip(disks, manifest.machine.bootDisks)).allSatisfy({ $1.0.name == TemplateManifest.diskFileName($0, format: $1.1.format) }),
+              (try? GuestCommand.check(manifest.guestCommands ?? [], key: "guest_commands")) != nil else {
+            throw VMTemplateError(.invalidState, "template '\(name)' has a manifest whose disks or guest commands are not what vmtemplate writes: it cannot be trusted; create it again.")
+        }
         guard manifest.machine.memoryBytes <= CloneRecord.maxGuestMemoryBytes, manifest.memory.sizeBytes <= CloneRecord.maxGuestMemoryBytes else {
             throw VMTemplateError(.invalidState, "template '\(name)' has a manifest with an impossible memory size: it cannot be trusted; create it again.")
         }
@@ -379,6 +386,8 @@ public struct PublishedTemplate: Sendable {
     public var directory: String { files.directory }
     public var memoryPath: String { files.memoryPath }
     public var statePath: String { files.statePath }
+    /// The template's copies of its boot disks, in order.
+    public var diskPaths: [String] { (manifest.disks ?? []).map { "\(directory)/\($0.name)" } }
 
     /// Whether a caller (uid and every group it is in) may read this template: its manifest, RAM
     /// and device state, by their modes and owners as the kernel would decide for that caller. A
@@ -386,7 +395,7 @@ public struct PublishedTemplate: Sendable {
     /// caller could not (a `--group` template is its group's alone).
     public func isReadable(byUID uid: uid_t, groups: Set<gid_t>) -> Bool {
         guard uid != 0 else { return true }
-        return [files.manifestPath, memoryPath, statePath].allSatisfy { path in
+        return ([files.manifestPath, memoryPath, statePath] + diskPaths).allSatisfy { path in
             var info = stat()
             guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { return false }
             if info.st_uid == uid { return info.st_mode & 0o400 != 0 }

@@ -34,7 +34,7 @@ extension TemplateStore {
     public func verify(_ name: EntityName) throws -> TemplateVerification {
         let template = try template(named: name)
         var results: [TemplateVerification.FileResult] = []
-        for stored in [template.manifest.memory, template.manifest.state] {
+        for stored in template.manifest.storedFiles {
             let path = "\(template.directory)/\(stored.name)"
             var result = TemplateVerification.FileResult(name: stored.name, expectedSHA256: stored.sha256, ok: false, problems: [])
             var info = stat()
@@ -64,7 +64,7 @@ extension TemplateStore {
     /// The files of `template` that are not there as regular files (a quick look for `list`, no
     /// hashing): names as in the manifest.
     public func missingFiles(of template: PublishedTemplate) -> [String] {
-        [template.manifest.memory, template.manifest.state].compactMap { stored in
+        template.manifest.storedFiles.compactMap { stored in
             var info = stat()
             let present = lstat("\(template.directory)/\(stored.name)", &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG
             return present ? nil : stored.name

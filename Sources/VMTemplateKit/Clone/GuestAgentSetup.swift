@@ -1,0 +1,159 @@
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What a clone's `qemu-guest-agent` is told when the clone starts (``GuestClock/guestAgent``):
+/// the host's time (`guest-set-time`), its hostname (`hostname NAME` through `guest-exec`), then
+/// the template's `guest_commands`, in order, each awaited before the next.
+///
+/// Nothing on the clone path waits for the guest. `clone` only connects to the agent's socket
+/// before it returns (a connect is queued at once, whether or not QEMU has accepted it yet), and
+/// hands that connection to whoever runs the steps: a helper process (`vmtemplate guest-setup`,
+/// for a command that exits right after the clone) or a task (for a long-lived process, such as
+/// `vmtemplate serve`). QEMU serves one client per socket: a runtime's own first connection, made
+/// after `clone` returned, waits in the backlog until these steps are done, so its first command
+/// finds the clock, hostname and identity renewed. The record's `guest_setup` says `running`,
+/// then `done` or `failed`; each step's outcome goes to the clone's guest-setup.log.
+public struct GuestAgentSetup: Sendable, Codable, Equatable {
+    public var cloneID: String
+    public var hostname: String
+    /// The template's `guest_commands`, as written: placeholders are filled in when they run
+    /// (`{random}` must never be in a helper's arguments, which every local user can read).
+    public var commands: [[String]]
+
+    /// How long all the steps may take: a guest that needs longer is one no runtime can talk to
+    /// either; the connection is then closed, so runtimes are not held behind it.
+    public static let timeout = Duration.seconds(120)
+
+    public init(cloneID: String, hostname: String, commands: [[String]]) {
+        self.cloneID = cloneID
+        self.hostname = hostname
+        self.commands = commands
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case cloneID = "clone_id"
+        case hostname, commands
+    }
+
+    /// The checks a plan from outside this process (a helper's argument) must pass.
+    public func check() throws {
+        _ = try EntityName(hostname, kind: "clone")
+        _ = try EntityName(cloneID, kind: "clone")
+        try GuestCommand.check(commands, key: "guest_commands")
+    }
+
+    /// The steps in order: what each is called in the log, and what it does.
+    var steps: [(name: String, run: (GuestAgentConnection, ContinuousClock.Instant) throws -> String)] {
+        var steps: [(name: String, run: (GuestAgentConnection, ContinuousClock.Instant) throws -> String)] = [
+            ("guest-set-time", { agent, deadline in
+                // The time when the agent takes it, not when the clone was made.
+                let nanoseconds = Int64((Date().timeIntervalSince1970 * 1e9).rounded())
+                try agent.execute("guest-set-time", arguments: ["time": nanoseconds], until: deadline)
+                return "ok"
+            }),
+        ]
+        for command in [["hostname", hostname]] + commands {
+            // Logged as written: `{random}` stays a placeholder there.
+            steps.append((command.joined(separator: " "), { agent, deadline in
+                let random = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+                let result = try agent.run(GuestCommand.expand(command, hostname: hostname, id: cloneID, random: random), until: deadline)
+                let said = (result.output + result.errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
+                guard result.succeeded else {
+                    throw VMTemplateError(.qemuFailed, "\(result.signal.map { "killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)")\(said.isEmpty ? "" : ": \(String(said.prefix(300)))")")
+                }
+                return "ok (exit 0)"
+            }))
+        }
+        return steps
+    }
+
+    /// Runs every step on `agent` (blocking: call it on a thread of its own), each one's outcome
+    /// written to `log` as one line; a step that fails does not stop the next. True when all
+    /// succeeded. Closes the connection.
+    public func run(on agent: GuestAgentConnection, log: (String) -> Void) -> Bool {
+        defer { agent.close() }
+        let deadline = ContinuousClock.now + Self.timeout
+        do {
+            try agent.synchronize(until: deadline)
+        } catch {
+            log("guest agent: no answer (\(error)); nothing was set")
+            return false
+        }
+        var allDone = true
+        for step in steps {
+            do {
+                log("\(TerminalText.escape(step.name)): \(try step.run(agent, deadline))")
+            } catch {
+                allDone = false
+                log("\(TerminalText.escape(step.name)): failed: \(error)")
+                if ContinuousClock.now >= deadline { break }
+            }
+        }
+        return allDone
+    }
+
+    /// Runs the steps on `fd` (a connection to the clone's agent socket, taken over) and records
+    /// the outcome in the clone's record and log.
+    public func runAndRecord(fd: Int32, path: String, store: TemplateStore) async {
+        let logPath = store.cloneLayout(cloneID).guestSetupLog
+        let plan = self
+        let succeeded = (try? await onOwnThread {
+            let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            defer { if log >= 0 { close(log) } }
+            return plan.run(on: GuestAgentConnection(fd: fd, path: path)) { line in
+                let bytes = Array("\(ISO8601DateFormatter().string(from: Date())) \(line)\n".utf8)
+                _ = bytes.withUnsafeBytes { write(log, $0.baseAddress, $0.count) }
+            }
+        }) ?? false
+        _ = try? await store.updateClone(cloneID) { $0.guestSetup = succeeded ? "done" : "failed" }
+    }
+}
+
+extension GuestAgentSetup {
+    /// How the steps are run once `clone` has the connection.
+    public enum Runner: Sendable {
+        /// A helper process, `EXECUTABLE guest-setup --store ROOT --plan JSON` with the connection
+        /// as its fd 3, in a session of its own: it outlives a CLI that exits right after the clone.
+        case helper(executable: String)
+        /// A task of this process (a long-lived one, such as `vmtemplate serve`, or a test).
+        case task
+    }
+
+    /// The fd a helper finds its connection on.
+    public static let helperDescriptor: Int32 = 3
+
+    /// Connects to the clone's agent now and leaves the steps to `runner`. Returns what the record
+    /// says of it: `running`, or `failed` (why: in the log).
+    static func start(_ setup: GuestAgentSetup, store: TemplateStore, runner: Runner) -> String {
+        let layout = store.cloneLayout(setup.cloneID)
+        let socket = layout.instance.agentSocket
+        let fd: Int32
+        do {
+            let agent = try GuestAgentConnection.connect(path: socket)
+            fd = agent.descriptor
+            switch runner {
+            case .task:
+                Task.detached { await setup.runAndRecord(fd: fd, path: socket, store: store) }
+            case .helper(let executable):
+                defer { agent.close() }
+                let plan = String(decoding: try JSONEncoder().encode(setup), as: UTF8.self)
+                var request = SpawnRequest(executable: executable, arguments: ["guest-setup", "--store", store.root, "--plan", plan], stdoutPath: layout.guestSetupLog)
+                request.newSession = true
+                request.inherited = [(fd, helperDescriptor)]
+                _ = try ProcessHandle.spawn(request)
+            }
+            return "running"
+        } catch {
+            try? FileSystem.writeFileAtomically(path: layout.guestSetupLog, data: Array("not started: \(error)\n".utf8), mode: 0o600, durable: false)
+            return "failed"
+        }
+    }
+}
