@@ -22,7 +22,8 @@ extension RealGuests {
 
             func store() throws -> TemporaryStore {
                 if let made { return made }
-                let store = try TemporaryStore("debian")
+                // Named like the shared busybox store, so the next run removes it once this process is gone.
+                let store = try TemporaryStore("shared-\(getpid())-deb")
                 let created = try CLI.run(["create", "debian", "--recipe", Checkout.debianRecipe] + store.arguments)
                 guard created.status == 0 else {
                     store.remove()
