@@ -39,12 +39,19 @@ struct Inspect: AsyncParsableCommand {
                 var rows: [[String]] = [
                     ["template", manifest.name], ["guest memory", ByteSize(bytes: manifest.machine.memoryBytes).description],
                     ["machine", manifest.machine.machineType], ["accelerator", manifest.machine.accelerator.rawValue],
-                    ["hot-plug slots", String(manifest.machine.hotplugSlots)], ["guest clock", (manifest.guestClock ?? .none).rawValue],
+                    ["hot-plug slots", String(manifest.machine.hotplugSlots)], ["guest setup", (manifest.guestClock ?? .none).rawValue],
+                    ["ready when", (manifest.readyWhen ?? .marker).rawValue],
                     ["QEMU", "\(manifest.qemu.version) (\(manifest.qemu.path))"], ["created", ISO8601DateFormatter().string(from: manifest.createdAt)],
                     ["clones", view.clones.isEmpty ? "none" : view.clones.joined(separator: " ")],
                 ]
-                for file in [manifest.memory, manifest.state] {
+                for file in manifest.storedFiles {
                     rows.append(["file \(file.name)", "\(ByteSize(bytes: file.sizeBytes)) sha256 \(file.sha256)"])
+                }
+                for (index, disk) in manifest.machine.bootDisks.enumerated() {
+                    rows.append(["boot disk \(index)", "\(disk.format.rawValue), \(disk.mode.rawValue)\(manifest.boot.disks.flatMap { $0.indices.contains(index) ? " from \(TerminalText.escape($0[index].path))" : nil } ?? "")"])
+                }
+                for command in manifest.guestCommands ?? [] {
+                    rows.append(["guest command", TerminalText.escape(command.joined(separator: " "))])
                 }
                 print(TextTable.render(rows))
                 return
@@ -63,6 +70,8 @@ struct Inspect: AsyncParsableCommand {
                 ["vmgenid", record.vmgenid ?? "-"], ["clock", record.clock ?? "-"], ["from pool", record.fromPool == true ? "yes" : "no"],
                 ["qmp socket", status.qmpSocket], ["control socket", status.controlSocket], ["serial log", status.serialLog],
             ]
+            if let socket = status.agentSocket { rows.append(["agent socket", socket]) }
+            if let setup = record.guestSetup { rows.append(["guest setup", "\(setup) (\(store.cloneLayout(record.id).guestSetupLog))"]) }
             if let enforcement = record.lastEnforcement {
                 rows.append(["last enforcement", "\(enforcement.action.rawValue) at \(ISO8601DateFormatter().string(from: enforcement.time)) (\(ByteSize(bytes: enforcement.cowBytes)) over \(ByteSize(bytes: enforcement.limitBytes)))"])
             }

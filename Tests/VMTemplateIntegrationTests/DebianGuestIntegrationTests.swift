@@ -112,5 +112,24 @@ extension RealGuests {
             let answer = try exec("p-1", ["hostname"], store)
             #expect(answer.status == 0 && answer.stdout == "p-1\n", "\(answer.stdout)\(answer.stderr)")
         }
+
+        @Test("a Debian clone's hot-plugged NIC and disk appear in its guest (its udev loads their drivers from the root disk)")
+        func devicesAppear() async throws {
+            let store = try await Fixture.shared.store()
+            let disk = "/tmp/vmt-ddisk-\(UUID().uuidString.prefix(8)).raw"
+            FileManager.default.createFile(atPath: disk, contents: nil)
+            #expect(truncate(disk, 8 << 20) == 0)
+            defer { unlink(disk); _ = try? CLI.run(["rm", "dev-1"] + store.arguments) }
+            let cloned = try CLI.run(["clone", "debian", "--name", "dev-1", "--no-pool", "--nic", "user", "--disk", "path=\(disk),overlay=on"] + store.arguments)
+            try #require(cloned.status == 0, "\(cloned.stderr)")
+            var seen = ""
+            let appeared = await eventually(timeout: .seconds(60)) {
+                let answer = try? exec("dev-1", ["sh", "-c", "ls /sys/class/net; ls /sys/block"], store)
+                seen = answer?.stdout ?? ""
+                let words = seen.split(whereSeparator: \.isWhitespace).map(String.init)
+                return words.contains { $0 != "lo" && !$0.hasPrefix("vd") } && words.contains("vdb")
+            }
+            #expect(appeared, "the guest lists: \(seen)")
+        }
     }
 }
