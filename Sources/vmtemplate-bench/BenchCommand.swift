@@ -21,7 +21,7 @@ struct BenchCommand: AsyncParsableCommand {
               swift run -c release --scratch-path .build-bench vmtemplate-bench clone --runs 15
               swift run -c release --scratch-path .build-bench vmtemplate-bench tune --json
             """,
-        subcommands: [CloneBench.self, DevicesBench.self, PoolBench.self, TuneBench.self, ProfileBench.self, SchedulerBench.self, ScaleBench.self, TargetsBench.self]
+        subcommands: [CloneBench.self, DevicesBench.self, PoolBench.self, TuneBench.self, ProfileBench.self, SchedulerBench.self, ScaleBench.self, TargetsBench.self, GuestBench.self]
     )
 }
 

@@ -262,6 +262,15 @@ enum CLI {
         return (firstStart.duration(to: last).seconds, clones)
     }
 
+    /// What `executable arguments` printed on stdout; it must succeed.
+    static func output(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> String {
+        let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/o-\(UUID().uuidString.prefix(8))")
+        let (status, _) = try await child.wait()
+        defer { child.removeOutput() }
+        guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
+        return child.stdout
+    }
+
     /// How long `executable arguments` takes, from spawn to exit; it must succeed.
     static func timed(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> Double {
         let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/t-\(UUID().uuidString.prefix(8))")

@@ -47,7 +47,11 @@ struct Exec: AsyncParsableCommand {
             }
             FileHandle.standardOutput.write(shown(result.output))
             FileHandle.standardError.write(shown(result.errorOutput))
-            if !result.succeeded { throw ExitCode(Int32(clamping: result.exitCode ?? 128 + (result.signal ?? 0))) }
+            // The guest's numbers, bounded: a signal N is 128 + N, as a shell says it.
+            if !result.succeeded {
+                let status = result.signal.map { 128 + min(max($0, 1), 127) } ?? min(max(result.exitCode ?? 1, 1), 255)
+                throw ExitCode(Int32(status))
+            }
         }
     }
 }
@@ -57,21 +61,21 @@ struct Exec: AsyncParsableCommand {
 struct GuestSetupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "guest-setup", abstract: "Run a new clone's guest agent steps (started by clone).", shouldDisplay: false)
 
-    @Option(help: "The steps, as JSON.")
-    var plan: String
+    @Argument(help: "The clone's ID.")
+    var clone: String
 
     @OptionGroup var store: StoreOptions
 
     func run() async throws {
         try await reportingErrors {
             let store = try store.open()
-            let setup = try JSONDecoder().decode(GuestAgentSetup.self, from: Data(plan.utf8))
-            try setup.check()
+            let id = try EntityName(clone, kind: "clone ID").value
+            let setup = try GuestAgentSetup.takePlan(of: id, in: store)
             var info = stat()
             guard fstat(GuestAgentSetup.helperDescriptor, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK else {
                 throw VMTemplateError(.invalidArgument, "guest-setup runs on the connection clone passes it as fd 3, and fd 3 is no socket: it is started by clone, not by hand.")
             }
-            await setup.runAndRecord(fd: GuestAgentSetup.helperDescriptor, path: store.cloneLayout(setup.cloneID).instance.agentSocket, store: store)
+            await setup.runAndRecord(fd: GuestAgentSetup.helperDescriptor, path: store.cloneLayout(id).instance.agentSocket, store: store)
         }
     }
 }

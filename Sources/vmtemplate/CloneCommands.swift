@@ -79,7 +79,8 @@ struct Clone: AsyncParsableCommand {
             // replies would go to the runtime's first request).
             request.guestRepliesInChild = true
             // A guest agent's steps need more than a forked child: this same binary, detached.
-            request.guestSetupHelper = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+            // /proc/self/exe: this very binary even if it was replaced or reached by a relative name.
+            request.guestSetupHelper = "/proc/self/exe"
             let request2 = request
             let json = self.json
             try await interruptible {

@@ -824,3 +824,27 @@ struct KVMProbeTests {
         }
     }
 }
+
+@Suite("copying a disk image sparsely")
+struct SparseCopyTests {
+    @Test("the copy has the same bytes and size, its holes stay holes, and an existing file is never overwritten")
+    func copy() throws {
+        let source = "/tmp/vmt-sparse-\(UUID().uuidString.prefix(8))"
+        let target = source + ".copy"
+        defer { unlink(source); unlink(target) }
+        FileManager.default.createFile(atPath: source, contents: nil)
+        let handle = try #require(FileHandle(forWritingAtPath: source))
+        try handle.write(contentsOf: Data(repeating: 0x41, count: 4096))
+        try handle.seek(toOffset: 64 << 20)
+        try handle.write(contentsOf: Data("end".utf8))
+        try handle.close()
+        let fd = open(source, O_RDONLY | O_CLOEXEC)
+        defer { close(fd) }
+        try FileSystem.copySparse(from: fd, toNewFile: target, mode: 0o600)
+        #expect(FileManager.default.contents(atPath: target) == FileManager.default.contents(atPath: source))
+        var info = stat()
+        #expect(stat(target, &info) == 0 && info.st_size == (64 << 20) + 3 && info.st_mode & 0o777 == 0o600)
+        #expect(info.st_blocks * 512 < 1 << 20, "the 64 MiB hole was not written out")
+        #expect(throws: VMTemplateError.self) { try FileSystem.copySparse(from: fd, toNewFile: target, mode: 0o600) }
+    }
+}

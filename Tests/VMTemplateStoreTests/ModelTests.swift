@@ -166,3 +166,26 @@ struct JSONOutputTests {
         #expect(throws: EncodingError.self) { try JSONCoding.line(Outer(name: "", inners: [], when: Date(), ratio: .nan, byName: [:])) }
     }
 }
+
+@Suite("recipes: every key known, guest-agent settings checked")
+struct RecipeTests {
+    func decode(_ json: String) throws -> Recipe {
+        try JSONDecoder().decode(Recipe.self, from: Data(json.utf8))
+    }
+
+    @Test("an unknown key is refused, naming it; disks default to raw overlay; guest_clock is still read")
+    func keys() throws {
+        #expect {
+            try decode(#"{"kernel": "k", "ready_marker": "R", "hotplug_slot": 2}"#)
+        } throws: { error in
+            "\(error)".contains("unknown field 'hotplug_slot' in the recipe")
+        }
+        let recipe = try decode(#"{"kernel": "k", "disks": [{"path": "root.img"}], "guest_clock": "control-channel"}"#)
+        #expect(recipe.disks == [RecipeDisk(path: "root.img", format: .raw, mode: .overlay)])
+        #expect(recipe.guestClock == .controlChannel && recipe.readyWhen == .marker && !recipe.needsGuestAgent)
+        let agent = try decode(#"{"kernel": "k", "ready_when": "guest-agent", "guest_setup": "guest-agent", "guest_commands": [["renew", "{hostname}"]]}"#)
+        #expect(agent.needsGuestAgent)
+        try agent.checkGuestAgentSettings()
+        #expect(throws: VMTemplateError.self) { try decode(#"{"kernel": "k", "guest_commands": [["x"]]}"#).checkGuestAgentSettings() }
+    }
+}

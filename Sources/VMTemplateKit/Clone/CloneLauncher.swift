@@ -177,12 +177,14 @@ public struct CloneLauncher: Sendable {
         }
     }
 
-    /// Writes each `overlay` boot disk's empty qcow2 overlay (``QCOW2Overlay``, no qemu-img) into
-    /// the clone's directory; it goes with the directory.
+    /// Checks each qcow2 boot disk's header (no backing or data file of its own: QEMU would open
+    /// what it names), and writes each `overlay` disk's empty qcow2 overlay (``QCOW2Overlay``, no
+    /// qemu-img) into the clone's directory; it goes with the directory.
     static func createBootDiskOverlays(for template: PublishedTemplate, paths: InstancePaths) throws {
-        for (index, (disk, image)) in zip(template.manifest.machine.bootDisks, template.diskPaths).enumerated() where disk.mode == .overlay {
+        for (index, (disk, image)) in zip(template.manifest.machine.bootDisks, template.diskPaths).enumerated() where disk.mode == .overlay || disk.format == .qcow2 {
             let opened = try DiskImage.open(path: image, format: disk.format, writable: false)
             close(opened.descriptor)
+            guard disk.mode == .overlay else { continue }
             let overlay = try opened.createOverlay(at: paths.bootDiskOverlay(index))
             close(overlay)
         }

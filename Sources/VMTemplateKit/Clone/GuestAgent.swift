@@ -23,11 +23,15 @@ public final class GuestAgentConnection {
     private let fd: Int32
     /// The connection's socket (owned by this object until ``close()``).
     public var descriptor: Int32 { fd }
+    /// Bytes received and not yet consumed: `buffer[consumed...]`. Consumed bytes are dropped only
+    /// now and then, so a guest sending many short lines costs linear time, not quadratic.
     private var buffer: [UInt8] = []
+    private var consumed = 0
+    private var receiveBuffer = [UInt8](repeating: 0, count: 64 * 1024)
 
     /// The longest reply accepted: `guest-exec-status` carries a command's output in base64.
     public static let maxReplyBytes = 4 << 20
-    /// The most output of one command kept (the rest is cut, and says so).
+    /// The most output of one command kept (the rest is cut).
     public static let maxOutputBytes = 64 * 1024
 
     /// Takes over `fd`, a connected socket (closed by ``close()``).
@@ -73,7 +77,7 @@ public final class GuestAgentConnection {
             let id = Int.random(in: 1...Int(Int32.max))
             var bytes: [UInt8] = [0xff]
             bytes += Array(#"{"execute":"guest-sync-delimited","arguments":{"id":\#(id)}}"#.utf8) + [0x0a]
-            try write(bytes)
+            try write(bytes, until: deadline)
             let tryUntil = min(deadline, ContinuousClock.now + retryEvery)
             if try awaitSyncReply(id: id, until: tryUntil) { return }
             guard ContinuousClock.now < deadline else {
@@ -88,12 +92,13 @@ public final class GuestAgentConnection {
     /// Skips to a 0xFF, then reads reply lines until `{"return": id}`; false when the time is up.
     private func awaitSyncReply(id: Int, until deadline: ContinuousClock.Instant) throws -> Bool {
         while true {
-            guard let marker = buffer.firstIndex(of: 0xff) else {
+            guard let marker = buffer[consumed...].firstIndex(of: 0xff) else {
                 buffer.removeAll(keepingCapacity: true)
+                consumed = 0
                 guard try fill(until: deadline) else { return false }
                 continue
             }
-            buffer.removeSubrange(...marker)
+            consumed = marker + 1
             // Replies of earlier syncs (and of anything before them) are skipped the same way.
             guard let line = try readLine(until: deadline) else { return false }
             if let reply = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
@@ -111,7 +116,7 @@ public final class GuestAgentConnection {
         var request: [String: Any] = ["execute": command]
         if let arguments { request["arguments"] = arguments }
         let data = try JSONSerialization.data(withJSONObject: request, options: [.sortedKeys])
-        try write(Array(data) + [0x0a])
+        try write(Array(data) + [0x0a], until: deadline)
         while true {
             guard let line = try readLine(until: deadline) else {
                 throw VMTemplateError(.timeout, "the guest agent did not answer \(command) in time.")
@@ -145,7 +150,9 @@ public final class GuestAgentConnection {
 
     /// Runs `arguments` (the first is the program, looked up in the guest's PATH) through
     /// `guest-exec` and waits for it to exit (`guest-exec-status`, every 50 ms).
-    public func run(_ arguments: [String], until deadline: ContinuousClock.Instant) throws -> ExecResult {
+    /// `shown` is how errors name the command (a command with secrets in it is named as written,
+    /// before its placeholders were filled in).
+    public func run(_ arguments: [String], shown: [String]? = nil, until deadline: ContinuousClock.Instant) throws -> ExecResult {
         guard let program = arguments.first else { throw VMTemplateError(.invalidArgument, "an empty command cannot be run in the guest.") }
         let started = try execute("guest-exec", arguments: ["path": program, "arg": Array(arguments.dropFirst()), "capture-output": true], until: deadline)
         guard let pid = (started as? [String: Any])?["pid"] as? Int else {
@@ -161,7 +168,7 @@ public final class GuestAgentConnection {
                 return ExecResult(exitCode: status["exitcode"] as? Int, signal: status["signal"] as? Int, output: text("out-data"), errorOutput: text("err-data"))
             }
             guard ContinuousClock.now < deadline else {
-                throw VMTemplateError(.timeout, "'\(TerminalText.escape(arguments.joined(separator: " ")))' did not finish in the guest in time.")
+                throw VMTemplateError(.timeout, "'\(TerminalText.escape((shown ?? arguments).joined(separator: " ")))' did not finish in the guest in time.")
             }
             usleep(50_000)
         }
@@ -169,11 +176,16 @@ public final class GuestAgentConnection {
 
     // MARK: Bytes
 
-    private func write(_ bytes: [UInt8]) throws {
+    /// Writes all of `bytes` by the deadline: a guest that stops reading its port makes QEMU stop
+    /// draining the socket, and a blocking send would then wait forever.
+    private func write(_ bytes: [UInt8], until deadline: ContinuousClock.Instant) throws {
         var offset = 0
         while offset < bytes.count {
-            let written = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if written < 0 && errno == EINTR { continue }
+            guard try wait(for: Int16(POLLOUT), until: deadline) else {
+                throw VMTemplateError(.timeout, "the guest agent's channel '\(TerminalText.escape(path))' took nothing in time: the guest does not read its agent port.")
+            }
+            let written = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+            if written < 0 && (errno == EINTR || errno == EAGAIN) { continue }
             guard written > 0 else {
                 throw VMTemplateError(.ioError, "cannot send to the guest agent '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("send"))
             }
@@ -183,13 +195,19 @@ public final class GuestAgentConnection {
 
     /// One line without its newline, or nil when the deadline passed first.
     private func readLine(until deadline: ContinuousClock.Instant) throws -> [UInt8]? {
+        var searched = consumed
         while true {
-            if let newline = buffer.firstIndex(of: 0x0a) {
-                let line = Array(buffer[..<newline])
-                buffer.removeSubrange(...newline)
+            if let newline = buffer[searched...].firstIndex(of: 0x0a) {
+                let line = Array(buffer[consumed..<newline])
+                consumed = newline + 1
+                if consumed > 64 * 1024 && consumed * 2 > buffer.count {
+                    buffer.removeSubrange(..<consumed)
+                    consumed = 0
+                }
                 return line
             }
-            guard buffer.count <= Self.maxReplyBytes else {
+            searched = buffer.count
+            guard buffer.count - consumed <= Self.maxReplyBytes else {
                 throw VMTemplateError(.invalidState, "the guest agent sent a line of more than \(Self.maxReplyBytes) bytes: it is not a reply vmtemplate accepts.")
             }
             guard try fill(until: deadline) else { return nil }
@@ -198,20 +216,24 @@ public final class GuestAgentConnection {
 
     /// Reads what there is into the buffer; false when the deadline passed first.
     private func fill(until deadline: ContinuousClock.Instant) throws -> Bool {
-        let left = ContinuousClock.now.duration(to: deadline)
-        guard left > .zero else { return false }
-        var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let milliseconds = Int32(clamping: max(1, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
-        let ready = poll(&descriptor, 1, milliseconds)
-        if ready < 0 && errno == EINTR { return true }
-        guard ready > 0 else { return false }
-        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
-        let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        guard try wait(for: Int16(POLLIN), until: deadline) else { return false }
+        let count = receiveBuffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
         if count < 0 && (errno == EINTR || errno == EAGAIN) { return true }
         guard count > 0 else {
             throw VMTemplateError(.ioError, "the guest agent's channel '\(TerminalText.escape(path))' closed: QEMU stopped or another client took it.")
         }
-        buffer += chunk[..<count]
+        buffer += receiveBuffer[..<count]
         return true
+    }
+
+    /// Waits until the socket is ready for `events`; false when the deadline passed first.
+    private func wait(for events: Int16, until deadline: ContinuousClock.Instant) throws -> Bool {
+        let left = ContinuousClock.now.duration(to: deadline)
+        guard left > .zero else { return false }
+        var descriptor = pollfd(fd: fd, events: events, revents: 0)
+        let milliseconds = Int32(clamping: max(1, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+        let ready = poll(&descriptor, 1, milliseconds)
+        if ready < 0 && errno == EINTR { return true }
+        return ready > 0
     }
 }

@@ -43,7 +43,22 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
         case hostname, commands
     }
 
-    /// The checks a plan from outside this process (a helper's argument) must pass.
+    /// The plan `clone` wrote for the helper of clone `id` (the store owner's file, bounded,
+    /// checked), removed once read.
+    public static func takePlan(of id: String, in store: TemplateStore) throws -> GuestAgentSetup {
+        let path = store.cloneLayout(id).guestSetupPlan
+        defer { unlink(path) }
+        switch StoredJSON.read(GuestAgentSetup.self, at: path, owner: store.ownerUID) {
+        case .success(let setup):
+            try setup.check()
+            guard setup.cloneID == id else { throw VMTemplateError(.invalidArgument, "the guest setup plan of clone \(id) is for clone \(setup.cloneID).") }
+            return setup
+        case .failure(let failure):
+            throw VMTemplateError(.invalidArgument, "clone \(id) has no readable guest setup plan (\(failure)): guest-setup is started by clone, not by hand.")
+        }
+    }
+
+    /// The checks a plan from outside this process (a helper's file) must pass.
     public func check() throws {
         _ = try EntityName(hostname, kind: "clone")
         _ = try EntityName(cloneID, kind: "clone")
@@ -64,10 +79,10 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
             // Logged as written: `{random}` stays a placeholder there.
             steps.append((command.joined(separator: " "), { agent, deadline in
                 let random = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
-                let result = try agent.run(GuestCommand.expand(command, hostname: hostname, id: cloneID, random: random), until: deadline)
+                let result = try agent.run(GuestCommand.expand(command, hostname: hostname, id: cloneID, random: random), shown: command, until: deadline)
                 let said = (result.output + result.errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
                 guard result.succeeded else {
-                    throw VMTemplateError(.qemuFailed, "\(result.signal.map { "killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)")\(said.isEmpty ? "" : ": \(String(said.prefix(300)))")")
+                    throw VMTemplateError(.qemuFailed, "\(result.signal.map { "killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)")\(said.isEmpty ? "" : ": \(TerminalText.escape(String(said.prefix(300))))")")
                 }
                 return "ok (exit 0)"
             }))
@@ -77,9 +92,8 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
 
     /// Runs every step on `agent` (blocking: call it on a thread of its own), each one's outcome
     /// written to `log` as one line; a step that fails does not stop the next. True when all
-    /// succeeded. Closes the connection.
+    /// succeeded. The caller closes the connection.
     public func run(on agent: GuestAgentConnection, log: (String) -> Void) -> Bool {
-        defer { agent.close() }
         let deadline = ContinuousClock.now + Self.timeout
         do {
             try agent.synchronize(until: deadline)
@@ -108,11 +122,22 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
         let succeeded = (try? await onOwnThread {
             let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
             defer { if log >= 0 { close(log) } }
-            return plan.run(on: GuestAgentConnection(fd: fd, path: path)) { line in
-                let bytes = Array("\(ISO8601DateFormatter().string(from: Date())) \(line)\n".utf8)
+            let agent = GuestAgentConnection(fd: fd, path: path)
+            defer { agent.close() }
+            // Milliseconds: a step under emulation takes tenths of a second.
+            let stamps = ISO8601DateFormatter()
+            stamps.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            return plan.run(on: agent) { line in
+                let bytes = Array("\(stamps.string(from: Date())) \(line)\n".utf8)
                 _ = bytes.withUnsafeBytes { write(log, $0.baseAddress, $0.count) }
             }
         }) ?? false
+        // The clone's own record write (`running`) comes right after the connection was handed
+        // over: a setup that ended at once (QEMU gone) must not be overwritten by it.
+        let recorded = ContinuousClock.now + .seconds(5)
+        while ContinuousClock.now < recorded, store.cloneRecord(cloneID)?.guestSetup != "running" {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
         _ = try? await store.updateClone(cloneID) { $0.guestSetup = succeeded ? "done" : "failed" }
     }
 }
@@ -120,8 +145,9 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
 extension GuestAgentSetup {
     /// How the steps are run once `clone` has the connection.
     public enum Runner: Sendable {
-        /// A helper process, `EXECUTABLE guest-setup --store ROOT --plan JSON` with the connection
-        /// as its fd 3, in a session of its own: it outlives a CLI that exits right after the clone.
+        /// A helper process, `EXECUTABLE guest-setup --store ROOT ID` with the connection as its
+        /// fd 3 and the steps in the clone's `guest-setup.json`, in a session of its own: it
+        /// outlives a CLI that exits right after the clone.
         case helper(executable: String)
         /// A task of this process (a long-lived one, such as `vmtemplate serve`, or a test).
         case task
@@ -144,8 +170,9 @@ extension GuestAgentSetup {
                 Task.detached { await setup.runAndRecord(fd: fd, path: socket, store: store) }
             case .helper(let executable):
                 defer { agent.close() }
-                let plan = String(decoding: try JSONEncoder().encode(setup), as: UTF8.self)
-                var request = SpawnRequest(executable: executable, arguments: ["guest-setup", "--store", store.root, "--plan", plan], stdoutPath: layout.guestSetupLog)
+                // Its file is read (and removed) by the helper.
+                try FileSystem.writeFileAtomically(path: layout.guestSetupPlan, data: Array(try JSONEncoder().encode(setup)), mode: 0o600, durable: false)
+                var request = SpawnRequest(executable: executable, arguments: ["guest-setup", "--store", store.root, setup.cloneID], stdoutPath: layout.guestSetupLog)
                 request.newSession = true
                 request.inherited = [(fd, helperDescriptor)]
                 _ = try ProcessHandle.spawn(request)

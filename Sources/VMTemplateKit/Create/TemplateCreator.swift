@@ -114,6 +114,9 @@ public struct TemplateCreator: Sendable {
         }
         let accelerator = try Accelerator.resolve(request.accelerator, kvm: kvm)
         let machineType = try qemu.resolveMachineType(recipe.machine)
+        if (!recipe.disks.isEmpty || recipe.needsGuestAgent) && !machineType.contains("q35") {
+            throw VMTemplateError(.invalidArgument, "disks and the guest agent sit on a PCIe root bus, which \(machineType) has not: set \"machine\": \"q35\".")
+        }
         if recipe.hotplugSlots > 0 && !machineType.contains("q35") {
             throw VMTemplateError(.invalidArgument, "hotplug_slots needs a PCIe machine (q35), not \(machineType): set \"hotplug_slots\": 0 or \"machine\": \"q35\".")
         }
@@ -181,6 +184,9 @@ public struct TemplateCreator: Sendable {
             let source = try DiskImage.open(path: disk.path, format: disk.format, writable: false)
             defer { close(source.descriptor) }
             try FileSystem.copySparse(from: source.descriptor, toNewFile: copy, mode: 0o600)
+            // The copy is what QEMU opens: checked again, since whoever may write the recipe's
+            // file could have changed its header between the check and the copy.
+            close(try DiskImage.open(path: copy, format: disk.format, writable: false).descriptor)
             bootDisks.append(BootDiskFiles(image: copy, imageWritable: disk.mode == .overlay, overlay: nil))
         }
 

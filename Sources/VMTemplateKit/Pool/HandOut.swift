@@ -103,15 +103,23 @@ extension WarmPool {
     /// `timeout` fails, and is removed like any clone that failed to start.
     func warm(_ record: CloneRecord, qmp: QMPClient, manifest: TemplateManifest, timeout: Duration) async throws {
         if manifest.machine.guestAgent && manifest.guestClock != .controlChannel {
-            // A guest of its own: its agent answering is what warms it (the agent's code paths run
-            // once now, not at a runtime's first command).
+            // A guest of its own: warmed by its agent, which runs the per-clone steps once now
+            // (with the member's ID as its name): under TCG the code they run is then translated,
+            // and the hand-out's own run of them (which renews the identity again) is quicker.
             let socket = store.clonePaths(record.id).agentSocket
             let deadline = ContinuousClock.now + timeout
+            let rehearsal = manifest.guestClock == .guestAgent ? GuestAgentSetup(cloneID: record.id, hostname: record.id, commands: manifest.guestCommands ?? []) : nil
             try await onOwnThread {
                 let agent = try GuestAgentConnection.connect(path: socket)
                 defer { agent.close() }
                 try agent.synchronize(until: deadline)
                 try agent.execute("guest-ping", until: deadline)
+                if let rehearsal {
+                    var failures: [String] = []
+                    guard rehearsal.run(on: agent, log: { if $0.contains(": failed: ") { failures.append($0) } }), failures.isEmpty else {
+                        throw VMTemplateError(.qemuFailed, "pool member \(record.id)'s per-clone steps failed while warming: \(failures.first ?? "no answer"); fix the template's guest_commands.")
+                    }
+                }
             }
             try await qmp.stop()
             return

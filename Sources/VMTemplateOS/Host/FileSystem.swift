@@ -138,7 +138,6 @@ package enum FileSystem {
         return overflow ? UInt64.max : product
     }
 
-    /// Sets the permission bits of `path` (e.g. 0o444 to make a template file read-only).
     /// Copies the open file `source` (from its start) into a new file at `path` (made exclusively,
     /// `mode`): a reflink where the file system shares blocks (FICLONE: instant, no space), else the
     /// data ranges only (SEEK_DATA/SEEK_HOLE and copy_file_range), so holes stay holes. Returns the
@@ -174,8 +173,22 @@ package enum FileSystem {
             if dataEnd < 0 { dataEnd = size }
             var inputOffset = dataStart
             var outputOffset = dataStart
+            var byHand = false
             while inputOffset < dataEnd {
-                let count = clinuxhost_copy_file_range(source, &inputOffset, target, &outputOffset, UInt64(Swift.min(dataEnd - inputOffset, 1 << 30)))
+                var count: Int64
+                if byHand {
+                    count = try copyByHand(from: source, at: inputOffset, to: target, length: Swift.min(dataEnd - inputOffset, 1 << 20), path: path)
+                    outputOffset += count
+                    inputOffset += count
+                } else {
+                    count = clinuxhost_copy_file_range(source, &inputOffset, target, &outputOffset, UInt64(Swift.min(dataEnd - inputOffset, 1 << 30)))
+                    // Between file systems (EXDEV before Linux 5.19's own fallback) or where the
+                    // file system has no copy_file_range: read and write.
+                    if [EXDEV, EOPNOTSUPP, EINVAL, ENOSYS].contains(Int32(clamping: -count)) {
+                        byHand = true
+                        continue
+                    }
+                }
                 if count == -Int64(EINTR) { continue }
                 guard count > 0 else {
                     throw error("copy into", path: path, code: count < 0 ? Int32(-count) : EIO, permissionNeeded: "")
@@ -191,6 +204,23 @@ package enum FileSystem {
         return copied
     }
 
+    /// Copies up to `length` bytes at `offset` from `source` to the same offset of `target` with
+    /// pread and pwrite; returns how many.
+    private static func copyByHand(from source: Int32, at offset: Int64, to target: Int32, length: Int64, path: String) throws -> Int64 {
+        var buffer = [UInt8](repeating: 0, count: Int(length))
+        let read = buffer.withUnsafeMutableBytes { pread(source, $0.baseAddress, $0.count, off_t(offset)) }
+        guard read > 0 else { throw error("read the source of", path: path, code: read < 0 ? errno : EIO, permissionNeeded: "") }
+        var written = 0
+        while written < read {
+            let count = buffer[written...].withUnsafeBytes { pwrite(target, $0.baseAddress, read - written, off_t(offset) + off_t(written)) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { throw error("copy into", path: path, code: count < 0 ? errno : EIO, permissionNeeded: "") }
+            written += count
+        }
+        return Int64(read)
+    }
+
+    /// Sets the permission bits of `path` (e.g. 0o444 to make a template file read-only).
     public static func setMode(path: String, mode: mode_t) throws {
         guard chmod(path, mode) == 0 else {
             throw error("set the mode of", path: path, code: errno, permissionNeeded: "only the file's owner or root can change its mode")

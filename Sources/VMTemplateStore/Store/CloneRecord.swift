@@ -179,6 +179,8 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         if let timings, !timings.isPlausible { return "its timings are out of range" }
         if let attempt = lastEnforcement?.attempt, !(1...1000).contains(attempt) { return "last_enforcement.attempt \(attempt) is out of range" }
         if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
+        if let clock, !["requested", "none", "not-sent"].contains(clock) { return "clock is not one vmtemplate writes" }
+        if let guestSetup, !["running", "done", "failed"].contains(guestSetup) { return "guest_setup is not one vmtemplate writes" }
         if let devices {
             guard devices.count <= MachineSpec.maxHotplugSlots else { return "it lists \(devices.count) devices" }
             if let problem = devices.lazy.compactMap(\.problem).first { return problem }
@@ -463,6 +465,9 @@ public struct CloneLayout: Sendable, Equatable {
     public var deviceLock: String { "\(directory)/devices.lock" }
     /// What the guest answered to its clock and hostname, or why they were not sent.
     public var guestSetupLog: String { "\(directory)/guest-setup.log" }
+    /// The steps a guest agent setup helper runs (``GuestAgentSetup``), 0600: a file, not the
+    /// helper's arguments, which every local user can read.
+    public var guestSetupPlan: String { "\(directory)/guest-setup.json" }
 
     /// The private overlay of an `overlay=on` disk.
     public func overlay(of device: AttachedDevice) -> String { "\(directory)/\(device.overlayFileName)" }

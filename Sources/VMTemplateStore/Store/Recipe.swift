@@ -192,8 +192,14 @@ public enum GuestCommand {
     public static let maxArguments = 64
     public static let maxArgumentBytes = 4096
 
+    /// All commands together, at most (they travel in a manifest and a helper's plan).
+    public static let maxTotalBytes = 64 * 1024
+
     /// Bounds and printable text: a recipe's and a manifest's commands are checked alike.
     public static func check(_ commands: [[String]], key: String) throws {
+        guard commands.joined().reduce(0, { $0 + $1.utf8.count }) <= maxTotalBytes else {
+            throw VMTemplateError(.invalidArgument, "\(key) holds more than \(maxTotalBytes / 1024) KiB of arguments: put the work in a script in the guest.")
+        }
         guard commands.count <= maxCommands else {
             throw VMTemplateError(.invalidArgument, "\(key) has \(commands.count) commands: give at most \(maxCommands) (put more in a script in the guest).")
         }
