@@ -126,7 +126,10 @@ public struct Recipe: Sendable, Codable, Equatable {
         } catch {
             throw VMTemplateError(.invalidArgument, "recipe '\(path)' cannot be read: \(JSONErrorText.describe(error)); fix it, using templates/busybox/template.json as the model.")
         }
-        let directory = URL(fileURLWithPath: path).deletingLastPathComponent()
+        // The recipe's own directory with its links resolved: the recipe's author chose it (the
+        // caller named the file), and a disk below it is then found without following a link
+        // (``DiskImage`` follows none, so that nobody can point root at another file).
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().resolvingSymlinksInPath()
         func absolute(_ file: String) -> String {
             file.hasPrefix("/") ? file : directory.appendingPathComponent(file).standardizedFileURL.path
         }
