@@ -102,14 +102,14 @@ struct GuestBench: AsyncParsableCommand {
             let ticksPerSecond = Double(sysconf(Int32(_SC_CLK_TCK)))
             // What `vmtemplate list --json` reports of them (smaps, measured by the CLI).
             let listed = try await CLI.output(debian, vmtemplate, ["list", "--json", "--store", store])
-            struct Listed: Decodable { var clones: [CloneView] }
-            let views = try JSONDecoder().decode(Listed.self, from: Data(listed.utf8)).clones
+            let clones = (try JSONSerialization.jsonObject(with: Data(listed.utf8)) as? [String: Any])?["clones"] as? [[String: Any]] ?? []
             func idleFigures(_ template: String) -> (cpu: Summary, privateBytes: Summary, cow: Summary) {
                 let indices = idleClones.indices.filter { idleClones[$0].template == template }
                 let cpu = indices.map { Double(after[$0] &- before[$0]) / ticksPerSecond / idleSeconds * 100 }
                 let ids = Set(indices.map { idleClones[$0].clone.id })
-                let measured = views.filter { ids.contains($0.id) }
-                return (Summary(cpu), Summary(measured.compactMap { $0.privateBytes.map(Double.init) }), Summary(measured.compactMap { $0.cowBytes.map(Double.init) }))
+                let measured = clones.filter { ids.contains($0["id"] as? String ?? "") }
+                func figure(_ key: String) -> Summary { Summary(measured.compactMap { ($0[key] as? NSNumber)?.doubleValue }) }
+                return (Summary(cpu), figure("private_bytes"), figure("cow_bytes"))
             }
             let busyboxIdle = idleFigures("busybox"), debianIdle = idleFigures("debian")
             try await CLI.remove(debian, idleClones.map(\.clone))

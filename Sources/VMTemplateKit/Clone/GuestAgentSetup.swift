@@ -135,7 +135,7 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
         // The clone's own record write (`running`) comes right after the connection was handed
         // over: a setup that ended at once (QEMU gone) must not be overwritten by it.
         let recorded = ContinuousClock.now + .seconds(5)
-        while ContinuousClock.now < recorded, store.cloneRecord(cloneID)?.guestSetup != "running" {
+        while ContinuousClock.now < recorded, let record = store.cloneRecord(cloneID), record.guestSetup != "running" {
             try? await Task.sleep(for: .milliseconds(20))
         }
         _ = try? await store.updateClone(cloneID) { $0.guestSetup = succeeded ? "done" : "failed" }
