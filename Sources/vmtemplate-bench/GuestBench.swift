@@ -71,6 +71,7 @@ struct GuestBench: AsyncParsableCommand {
 
             _ = try await CLI.timed(debian, vmtemplate, ["pool", "set", "debian", "--size", "1", "--store", store])
             var busyboxClone: [Double] = [], debianClone: [Double] = [], freshToExec: [Double] = [], pooledToExec: [Double] = []
+            var phases: [String: [CloneTimings]] = [:]
             log.note("\(runs) interleaved runs")
             for run in 0..<runs {
                 let noPool = CloneSettings(arguments: ["--no-pool"])
@@ -80,6 +81,7 @@ struct GuestBench: AsyncParsableCommand {
                     let made = try await CLI.clone(workspace, noPool)
                     try await CLI.remove(workspace, [made.clone])
                     if workspace.template == busybox.template { busyboxClone.append(made.seconds) } else { debianClone.append(made.seconds) }
+                    if let timings = made.clone.timings { phases[workspace.template.value, default: []].append(timings) }
                 }
 
                 freshToExec.append(try await cloneToExec(debian, settings: noPool))
@@ -127,6 +129,11 @@ struct GuestBench: AsyncParsableCommand {
             ]))
             print("cold boot / clone to first answer: fresh \(Format.ratio(cold.median / fresh.median)), from a pool \(Format.ratio(cold.median / pooled.median))")
             print("Debian clone / busybox clone: \(Format.ratio(deb.median / bb.median)) (target <= 1.10)")
+            print("phases inside the CLI (clone --json's timings, medians):")
+            let names: [(String, KeyPath<CloneTimings, Double>)] = [("admission", \.admission), ("spawn", \.spawn), ("restore", \.restore), ("devices", \.devices), ("resume", \.resume), ("records", \.records), ("total", \.total)]
+            print(Format.table(["template"] + names.map(\.0), ["busybox", "debian"].map { template in
+                [template] + names.map { name in Format.milliseconds(Summary((phases[template] ?? []).map { $0[keyPath: name.1] }).median) }
+            }))
             print("")
             print("\(idle) idle clones of each, after \(Int(settle)) s, over \(Int(idleSeconds)) s (medians):")
             print(Format.table(["template", "QEMU CPU %", "QEMU private", "copy-on-write"], [

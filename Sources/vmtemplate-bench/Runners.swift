@@ -182,9 +182,11 @@ struct CLIClone: Decodable, Sendable {
     let id: String
     let pid: Int32?
     let controlSocket: String
+    /// Where the clone's start took its time, as `clone --json` reports it.
+    let timings: CloneTimings?
 
     enum CodingKeys: String, CodingKey {
-        case id, pid
+        case id, pid, timings
         case controlSocket = "control_socket"
     }
 }

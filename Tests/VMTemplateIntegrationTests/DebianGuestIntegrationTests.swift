@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 
+@testable import VMTemplateAPI
 @testable import VMTemplateKit
 @testable import VMTemplateOS
 @testable import VMTemplateQEMU
@@ -60,7 +61,7 @@ extension RealGuests {
                 machineIDs.insert(lines[1])
                 let guest = try #require(Double(lines[2]))
                 #expect(abs(guest - host) < 2, "guest clock \(guest), host \(host)")
-                let record = try #require(try TemplateStore(root: store.root).findClone(name))
+                let record = try TemplateStore(root: store.root).findClone(name)
                 #expect(record.guestSetup == "done", "\(String(decoding: FileManager.default.contents(atPath: store.cloneDirectory(record.id) + "/guest-setup.log") ?? Data(), as: UTF8.self))")
             }
             #expect(machineIDs.count == 3, "every clone has its own machine-id: \(machineIDs)")
@@ -117,7 +118,7 @@ extension RealGuests {
         func devicesAppear() async throws {
             let store = try await Fixture.shared.store()
             let disk = "/tmp/vmt-ddisk-\(UUID().uuidString.prefix(8)).raw"
-            FileManager.default.createFile(atPath: disk, contents: nil)
+            #expect(FileManager.default.createFile(atPath: disk, contents: nil))
             #expect(truncate(disk, 8 << 20) == 0)
             defer { unlink(disk); _ = try? CLI.run(["rm", "dev-1"] + store.arguments) }
             let cloned = try CLI.run(["clone", "debian", "--name", "dev-1", "--no-pool", "--nic", "user", "--disk", "path=\(disk),overlay=on"] + store.arguments)
@@ -130,6 +131,27 @@ extension RealGuests {
                 return words.contains { $0 != "lo" && !$0.hasPrefix("vd") } && words.contains("vdb")
             }
             #expect(appeared, "the guest lists: \(seen)")
+        }
+
+        @Test("through the API: a Debian clone created by serve gets its setup from the server itself (done, its hostname its name)")
+        func throughTheAPI() async throws {
+            let store = try await Fixture.shared.store()
+            let server = try CLI.start(["serve", "--socket", "\(store.root)/d.sock"] + store.arguments)
+            defer {
+                server.process.terminate()
+                server.process.waitUntilExit()
+                _ = try? CLI.run(["rm", "api-1"] + store.arguments)
+            }
+            let client = UnixHTTPClient(socketPath: "\(store.root)/d.sock")
+            #expect(await eventually { (try? client.request("GET", "/v1/health"))?.status == 200 })
+            let reply = try client.request("POST", "/v1/clones", body: Data(#"{"template": "debian", "name": "api-1", "no_pool": true}"#.utf8))
+            try #require(reply.status == 201, "\(String(decoding: reply.body, as: UTF8.self))")
+            let view = try #require(try JSONSerialization.jsonObject(with: reply.body) as? [String: Any])
+            #expect(view["guest_setup"] as? String == "running")
+            #expect((view["agent_socket"] as? String)?.hasSuffix("/agent.sock") == true)
+            let answer = try exec("api-1", ["hostname"], store)
+            #expect(answer.status == 0 && answer.stdout == "api-1\n", "\(answer.stdout)\(answer.stderr)")
+            #expect(await eventually { (try? TemplateStore(root: store.root).findClone("api-1"))?.guestSetup == "done" })
         }
     }
 }
