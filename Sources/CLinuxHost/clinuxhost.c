@@ -238,3 +238,53 @@ long long clinuxhost_seek_data(int fd, long long offset, int data) {
     off_t found = lseek(fd, offset, data ? SEEK_DATA : SEEK_HOLE);
     return found < 0 ? -errno : (long long)found;
 }
+
+#include <string.h>
+#include <sys/socket.h>
+
+/* Sends `length` bytes and, with them, a copy of descriptor `fd` (SCM_RIGHTS). Returns the bytes
+ * sent, or -errno. */
+long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length, int fd) {
+    struct iovec iov = { (void *)data, length };
+    union { char buffer[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr message = {0};
+    message.msg_iov = &iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &fd, sizeof(int));
+    ssize_t sent;
+    do { sent = sendmsg(socket, &message, MSG_NOSIGNAL); } while (sent < 0 && errno == EINTR);
+    return sent < 0 ? -errno : (long)sent;
+}
+
+/* Receives up to `capacity` bytes and, if one came with them, a descriptor (close-on-exec) into
+ * *fd (else -1; a second one is closed). Returns the bytes received (0 at the end), or -errno. */
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd) {
+    struct iovec iov = { data, capacity };
+    union { char buffer[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
+    struct msghdr message = {0};
+    message.msg_iov = &iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+    *fd = -1;
+    ssize_t received;
+    do { received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (received < 0 && errno == EINTR);
+    if (received < 0) return -errno;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count; i++) {
+            int received_fd;
+            memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
+            if (*fd < 0) *fd = received_fd; else close(received_fd);
+        }
+    }
+    return (long)received;
+}

@@ -56,26 +56,23 @@ struct Exec: AsyncParsableCommand {
     }
 }
 
-/// Runs a clone's per-clone steps through its guest agent (``GuestAgentSetup``) on the connection
-/// `clone` made and passed as fd 3. Started by `clone` itself, detached; not for people.
+/// Runs a clone's per-clone steps through its guest agent (``GuestAgentSetup``): started by
+/// `clone` before the restore, sent the steps and the agent connection on fd 3. Not for people.
 struct GuestSetupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "guest-setup", abstract: "Run a new clone's guest agent steps (started by clone).", shouldDisplay: false)
-
-    @Argument(help: "The clone's ID.")
-    var clone: String
 
     @OptionGroup var store: StoreOptions
 
     func run() async throws {
         try await reportingErrors {
-            let store = try store.open()
-            let id = try EntityName(clone, kind: "clone ID").value
-            let setup = try GuestAgentSetup.takePlan(of: id, in: store)
             var info = stat()
             guard fstat(GuestAgentSetup.helperDescriptor, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK else {
-                throw VMTemplateError(.invalidArgument, "guest-setup runs on the connection clone passes it as fd 3, and fd 3 is no socket: it is started by clone, not by hand.")
+                throw VMTemplateError(.invalidArgument, "guest-setup reads the channel clone passes it as fd 3, and fd 3 is no socket: it is started by clone, not by hand.")
             }
-            await setup.runAndRecord(fd: GuestAgentSetup.helperDescriptor, path: store.cloneLayout(id).instance.agentSocket, store: store)
+            let store = try store.open()
+            // Nothing sent: the clone failed before it resumed.
+            guard let (setup, agent) = try GuestAgentSetup.receive(on: GuestAgentSetup.helperDescriptor) else { return }
+            await setup.runAndRecord(fd: agent, path: store.cloneLayout(setup.cloneID).instance.agentSocket, store: store)
         }
     }
 }

@@ -51,6 +51,8 @@ long clinuxhost_filesystem_type(int fd);
 int clinuxhost_o_path(void);
 long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
 long long clinuxhost_seek_data(int fd, long long offset, int data);
+long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length, int fd);
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd);
 
 /// Forks a child that waits (at most `timeout_ms`) until `lines` newline-ended lines have arrived
 /// on `fd`, then exits; it keeps only `fd` and `log_fd` (where it says so when the lines did not

@@ -26,6 +26,16 @@ public struct CloneEngine: Sendable {
         if let existing = try retried(request, template: template) {
             return (existing, nil, false)
         }
+        // A guest agent's steps need a process that outlives the CLI: started now, so that its
+        // start-up overlaps the restore (when this process only waits for QEMU), not the resumed
+        // guest's first moments. Closing the channel without handing it anything ends it.
+        var request = request
+        var helperChannel: Int32 = -1
+        if template.manifest.guestClock == .guestAgent, request.guestRepliesInChild, let executable = request.guestSetupHelper {
+            helperChannel = (try? GuestAgentSetup.startHelper(executable: executable, store: store)) ?? -1
+            request.guestSetupChannel = helperChannel >= 0 ? helperChannel : nil
+        }
+        defer { if helperChannel >= 0 { close(helperChannel) } }
         // A pool belongs to a store's own templates.
         if request.usePool, launcher.templates.root == store.root,
            let record = try await pool.handOut(request, template: template, started: started) {

@@ -38,6 +38,8 @@ public struct CloneRequest: Sendable, Equatable {
     /// A vmtemplate executable that runs a guest agent's per-clone steps (`guest-setup`) when
     /// ``guestRepliesInChild`` (the CLI passes itself); without one a task of this process does.
     public var guestSetupHelper: String?
+    /// The channel of a helper already started for this request (``CloneEngine`` starts it).
+    var guestSetupChannel: Int32?
     /// The API caller (uid) the clone is made for: it may remove what it made. Set by the server.
     public var requestedBy: uid_t?
 

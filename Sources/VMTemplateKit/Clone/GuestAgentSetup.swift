@@ -1,3 +1,4 @@
+import CLinuxHost
 import VMTemplateOS
 import VMTemplateQEMU
 import VMTemplateStore
@@ -43,22 +44,7 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
         case hostname, commands
     }
 
-    /// The plan `clone` wrote for the helper of clone `id` (the store owner's file, bounded,
-    /// checked), removed once read.
-    public static func takePlan(of id: String, in store: TemplateStore) throws -> GuestAgentSetup {
-        let path = store.cloneLayout(id).guestSetupPlan
-        defer { unlink(path) }
-        switch StoredJSON.read(GuestAgentSetup.self, at: path, owner: store.ownerUID) {
-        case .success(let setup):
-            try setup.check()
-            guard setup.cloneID == id else { throw VMTemplateError(.invalidArgument, "the guest setup plan of clone \(id) is for clone \(setup.cloneID).") }
-            return setup
-        case .failure(let failure):
-            throw VMTemplateError(.invalidArgument, "clone \(id) has no readable guest setup plan (\(failure)): guest-setup is started by clone, not by hand.")
-        }
-    }
-
-    /// The checks a plan from outside this process (a helper's file) must pass.
+    /// The checks steps from outside this process (a helper's channel) must pass.
     public func check() throws {
         _ = try EntityName(hostname, kind: "clone")
         _ = try EntityName(cloneID, kind: "clone")
@@ -145,37 +131,94 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
 extension GuestAgentSetup {
     /// How the steps are run once `clone` has the connection.
     public enum Runner: Sendable {
-        /// A helper process, `EXECUTABLE guest-setup --store ROOT ID` with the connection as its
-        /// fd 3 and the steps in the clone's `guest-setup.json`, in a session of its own: it
-        /// outlives a CLI that exits right after the clone.
-        case helper(executable: String)
+        /// A helper process started before the clone was restored (``startHelper(executable:store:)``),
+        /// waiting on `channel`: it is sent the steps and the connection (SCM_RIGHTS) and runs them
+        /// in a session of its own, so it outlives a CLI that exits right after the clone. Started
+        /// early, its start-up (a second copy of the CLI) overlaps QEMU's restore, when the CLI only
+        /// waits, instead of the resumed guest's first moments.
+        case helper(channel: Int32)
         /// A task of this process (a long-lived one, such as `vmtemplate serve`, or a test).
         case task
     }
 
-    /// The fd a helper finds its connection on.
+    /// The fd a helper finds its channel on.
     public static let helperDescriptor: Int32 = 3
+    /// The most a helper reads from its channel: the steps are at most ``GuestCommand/maxTotalBytes``.
+    static let maxPlanBytes = 256 * 1024
+
+    /// Starts `EXECUTABLE guest-setup --store ROOT`, its fd 3 one end of a socket pair; returns the
+    /// other end (close-on-exec), which the caller closes once it has handed the helper its steps,
+    /// or when it gives up (the helper then reads an empty channel and exits).
+    public static func startHelper(executable: String, store: TemplateStore) throws -> Int32 {
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+            throw VMTemplateError(.ioError, "cannot make the guest setup helper's channel: \(errnoText()).", cause: SystemCallError("socketpair"))
+        }
+        defer { close(ends[1]) }
+        do {
+            var request = SpawnRequest(executable: executable, arguments: ["guest-setup", "--store", store.root], stdoutPath: "/dev/null")
+            request.newSession = true
+            request.inherited = [(ends[1], helperDescriptor)]
+            _ = try ProcessHandle.spawn(request)
+            return ends[0]
+        } catch {
+            close(ends[0])
+            throw error
+        }
+    }
+
+    /// In the helper: the steps and the agent connection `clone` sent on `channel`, or nil when it
+    /// sent none (the clone failed before it resumed). Bounded; the steps are checked.
+    public static func receive(on channel: Int32) throws -> (setup: GuestAgentSetup, agent: Int32)? {
+        var data: [UInt8] = []
+        var agent: Int32 = -1
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            var descriptor: Int32 = -1
+            let count = buffer.withUnsafeMutableBytes { clinuxhost_receive_with_fd(channel, $0.baseAddress, UInt($0.count), &descriptor) }
+            if descriptor >= 0 {
+                if agent < 0 { agent = descriptor } else { close(descriptor) }
+            }
+            guard count > 0 else {
+                if count < 0 { if agent >= 0 { close(agent) }; throw VMTemplateError(.ioError, "cannot read the guest setup channel: \(errnoText(Int32(-count))).") }
+                break
+            }
+            data += buffer[..<count]
+            guard data.count <= maxPlanBytes else {
+                if agent >= 0 { close(agent) }
+                throw VMTemplateError(.invalidArgument, "the guest setup channel carried more than \(maxPlanBytes) bytes.")
+            }
+        }
+        guard agent >= 0 else { return nil }
+        do {
+            let setup = try JSONDecoder().decode(GuestAgentSetup.self, from: Data(data))
+            try setup.check()
+            return (setup, agent)
+        } catch {
+            close(agent)
+            throw error
+        }
+    }
 
     /// Connects to the clone's agent now and leaves the steps to `runner`. Returns what the record
     /// says of it: `running`, or `failed` (why: in the log).
     static func start(_ setup: GuestAgentSetup, store: TemplateStore, runner: Runner) -> String {
         let layout = store.cloneLayout(setup.cloneID)
         let socket = layout.instance.agentSocket
-        let fd: Int32
         do {
             let agent = try GuestAgentConnection.connect(path: socket)
-            fd = agent.descriptor
+            let fd = agent.descriptor
             switch runner {
             case .task:
                 Task.detached { await setup.runAndRecord(fd: fd, path: socket, store: store) }
-            case .helper(let executable):
+            case .helper(let channel):
+                // The helper keeps its own copy of the connection; this one is closed.
                 defer { agent.close() }
-                // Its file is read (and removed) by the helper.
-                try FileSystem.writeFileAtomically(path: layout.guestSetupPlan, data: Array(try JSONEncoder().encode(setup)), mode: 0o600, durable: false)
-                var request = SpawnRequest(executable: executable, arguments: ["guest-setup", "--store", store.root, setup.cloneID], stdoutPath: layout.guestSetupLog)
-                request.newSession = true
-                request.inherited = [(fd, helperDescriptor)]
-                _ = try ProcessHandle.spawn(request)
+                let plan = Array(try JSONEncoder().encode(setup))
+                let sent = plan.withUnsafeBytes { clinuxhost_send_with_fd(channel, $0.baseAddress, UInt($0.count), fd) }
+                guard sent == plan.count else {
+                    throw VMTemplateError(.ioError, "the guest setup helper did not take its steps (\(sent < 0 ? errnoText(Int32(-sent)) : "short write")): it may have failed to start.")
+                }
             }
             return "running"
         } catch {

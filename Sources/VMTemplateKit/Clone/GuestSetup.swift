@@ -91,7 +91,7 @@ extension GuestSetup {
             return
         }
         let setup = GuestAgentSetup(cloneID: record.id, hostname: record.name, commands: template.guestCommands ?? [])
-        let runner: GuestAgentSetup.Runner = request.guestRepliesInChild ? request.guestSetupHelper.map { .helper(executable: $0) } ?? .task : .task
+        let runner: GuestAgentSetup.Runner = request.guestSetupChannel.map { .helper(channel: $0) } ?? .task
         record.guestSetup = GuestAgentSetup.start(setup, store: store, runner: runner)
         record.clock = record.guestSetup == "running" ? "requested" : "not-sent"
     }

@@ -465,9 +465,6 @@ public struct CloneLayout: Sendable, Equatable {
     public var deviceLock: String { "\(directory)/devices.lock" }
     /// What the guest answered to its clock and hostname, or why they were not sent.
     public var guestSetupLog: String { "\(directory)/guest-setup.log" }
-    /// The steps a guest agent setup helper runs (``GuestAgentSetup``), 0600: a file, not the
-    /// helper's arguments, which every local user can read.
-    public var guestSetupPlan: String { "\(directory)/guest-setup.json" }
 
     /// The private overlay of an `overlay=on` disk.
     public func overlay(of device: AttachedDevice) -> String { "\(directory)/\(device.overlayFileName)" }
