@@ -507,6 +507,9 @@ extension RealGuests {
             let paths = try #require(document["paths"] as? [String: [String: Any]])
             let documented = Set(paths.flatMap { path, operations in operations.keys.filter { $0 != "parameters" }.map { "\($0.uppercased()) \(path)" } })
             #expect(documented == Set(APIServer.routes))
+            // Every operation has an operationId, unique: what code generators name methods by.
+            let operationIDs = paths.values.flatMap { $0.compactMap { key, operation in key == "parameters" ? nil : (operation as? [String: Any])?["operationId"] as? String ?? "" } }
+            #expect(!operationIDs.contains("") && Set(operationIDs).count == operationIDs.count && operationIDs.count == documented.count, "\(operationIDs)")
             for (method, route, status) in server.seen {
                 let responses = (paths[route]?[method.lowercased()] as? [String: Any])?["responses"] as? [String: Any]
                 #expect(responses?[String(status)] != nil, "\(method) \(route) answered \(status), which docs/api.openapi.json does not list")
