@@ -40,6 +40,7 @@ package struct APIServer: Sendable {
     /// list (a test compares them).
     package static let routes = [
         "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
+        "POST /v1/clones/{id}/pause", "POST /v1/clones/{id}/resume",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
         "GET /v1/version", "GET /v1/health",
     ]
@@ -57,6 +58,17 @@ package struct APIServer: Sendable {
             }
             return matches ? String(parts[0]) : nil
         }.sorted()
+    }
+
+    /// Clone `reference` (an exact ID or name) if the caller may change it: a group member only the
+    /// clones it asked for; one of a template it may not read is not found.
+    static func changeableClone(_ reference: String, by context: APIContext, in store: TemplateStore, doing action: String) throws -> CloneRecord {
+        let record = try store.findCloneExactly(reference)
+        guard context.readableTemplates(in: store)(record.template) else { throw TemplateStore.noCloneExactly(reference) }
+        guard context.callerIsOwner || (record.requestedBy != nil && record.requestedBy == context.callerUID) else {
+            throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may \(action) it.")
+        }
+        return record
     }
 
     /// The default socket: inside the store, next to its lock.
@@ -199,13 +211,19 @@ package struct APIServer: Sendable {
             return try Self.json(await lifecycle.status(of: record))
         }
         router.delete("/v1/clones/:id") { _, context -> Response in
-            let record = try store.findCloneExactly(try Self.parameter("id", of: context))
-            // A group member removes only the clones it asked for.
-            guard context.callerIsOwner || (record.requestedBy != nil && record.requestedBy == context.callerUID) else {
-                throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may remove it.")
-            }
+            let record = try Self.changeableClone(try Self.parameter("id", of: context), by: context, in: store, doing: "remove")
             let how = try await lifecycle.remove(record)
             return try Self.json(["id": record.id, "stopped": how.rawValue])
+        }
+        // Pause and resume: the requester's, or the owner's (as removal). A clone the scheduler
+        // paused over its limit is resumed here as with `vmtemplate resume` (its limit kept).
+        router.post("/v1/clones/:id/pause") { _, context -> Response in
+            let record = try Self.changeableClone(try Self.parameter("id", of: context), by: context, in: store, doing: "pause")
+            return try Self.json(await lifecycle.status(of: try await lifecycle.pause(record)))
+        }
+        router.post("/v1/clones/:id/resume") { _, context -> Response in
+            let record = try Self.changeableClone(try Self.parameter("id", of: context), by: context, in: store, doing: "resume")
+            return try Self.json(await lifecycle.status(of: try await lifecycle.resume(record)))
         }
         router.get("/v1/templates") { _, context -> Response in
             // Templates the caller may not read are not its to know of.

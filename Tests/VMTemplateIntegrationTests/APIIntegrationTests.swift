@@ -432,8 +432,20 @@ extension RealGuests {
             #expect(try CLI.run(["clone", "busybox", "--name", "api-1", "--cow-limit", "8M"] + server.store.arguments).status == 73)
             _ = try CLI.run(["settings", "--max-clones", "64"] + server.store.arguments)
 
+            // Pause and resume, as the CLI's: the clone's live state says so, and QEMU agrees.
+            let paused = try server.request("POST", "/v1/clones/\(freshClone.id)/pause", route: "/v1/clones/{id}/pause")
+            #expect(paused.status == 200, "\(String(decoding: paused.body, as: UTF8.self))")
+            let pausedView = try JSONCoding.decoder().decode(CloneView.self, from: paused.body)
+            #expect(pausedView.state == .paused && pausedView.pausedBy == .user)
+            let resumed = try server.request("POST", "/v1/clones/\(freshClone.id)/resume", route: "/v1/clones/{id}/resume")
+            let resumedView = try JSONCoding.decoder().decode(CloneView.self, from: resumed.body)
+            #expect(resumed.status == 200 && resumedView.state == .running)
+            #expect(try CLI.run(["send", freshClone.id, "ping"] + server.store.arguments).stdout == "pong\n", "the guest runs again")
+            try expectError("POST", "/v1/clones/no-such-clone/pause", route: "/v1/clones/{id}/pause", status: 404, code: "notFound")
+
             let removed = try server.request("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}")
             #expect(removed.status == 200 && String(decoding: removed.body, as: UTF8.self).contains(freshClone.id))
+            try expectError("POST", "/v1/clones/\(freshClone.id)/resume", route: "/v1/clones/{id}/resume", status: 404, code: "notFound")
             try expectError("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}", status: 404, code: "notFound")
 
             // The pool gave a member away: the server fills it again; a bigger size is filled too.
@@ -487,6 +499,7 @@ extension RealGuests {
                 (["POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 64}"#], "/v1/clones"),
                 (["PUT", "/v1/pools/busybox", #"{"size": 1}"#], "/v1/pools/{template}"),
                 (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
+                (["POST", "/v1/clones/\(clone.id)/pause"], "/v1/clones/{id}/pause"),
             ] {
                 let refused = try asUser("nobody", group: "nogroup", arguments)
                 #expect(refused.status != 0 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")
