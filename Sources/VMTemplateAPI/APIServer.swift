@@ -41,6 +41,7 @@ package struct APIServer: Sendable {
     package static let routes = [
         "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
         "POST /v1/clones/{id}/pause", "POST /v1/clones/{id}/resume",
+        "POST /v1/templates/{name}/verify", "POST /v1/gc",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
         "GET /v1/version", "GET /v1/health",
     ]
@@ -232,6 +233,22 @@ package struct APIServer: Sendable {
             return try Self.json(readable.map { template in
                 TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
             })
+        }
+        router.post("/v1/templates/:name/verify") { _, context -> Response in
+            let name = try EntityName(try Self.parameter("name", of: context))
+            // A template the caller may not read is not its to know of.
+            guard let template = try? store.template(named: name), context.mayRead(template) else {
+                throw VMTemplateError(.notFound, "no template named '\(name)': see GET /v1/templates.")
+            }
+            // Every byte hashed again: seconds per GiB, on a thread of its own.
+            let verification = try await onOwnThread { try store.verify(name) }
+            return try Self.json(verification)
+        }
+        router.post("/v1/gc") { _, context -> Response in
+            guard context.callerIsOwner else {
+                throw VMTemplateError(.permissionDenied, "only the store's owner or root may collect garbage: it stops QEMUs and removes files.")
+            }
+            return try Self.json(await GarbageCollector(store: store).collect())
         }
         router.get("/v1/pools") { _, context -> Response in
             let readable = context.readableTemplates(in: store)

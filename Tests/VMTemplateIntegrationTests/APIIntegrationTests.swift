@@ -443,6 +443,14 @@ extension RealGuests {
             #expect(try CLI.run(["send", freshClone.id, "ping"] + server.store.arguments).stdout == "pong\n", "the guest runs again")
             try expectError("POST", "/v1/clones/no-such-clone/pause", route: "/v1/clones/{id}/pause", status: 404, code: "notFound")
 
+            // verify and gc, as the CLI's.
+            let verified = try server.request("POST", "/v1/templates/busybox/verify", route: "/v1/templates/{name}/verify")
+            let verification = server.json(verified) as? [String: Any]
+            #expect(verified.status == 200 && verification?["ok"] as? Bool == true && (verification?["files"] as? [Any])?.count == 2, "\(String(decoding: verified.body, as: UTF8.self))")
+            try expectError("POST", "/v1/templates/nope/verify", route: "/v1/templates/{name}/verify", status: 404, code: "notFound")
+            let collected = try server.request("POST", "/v1/gc")
+            #expect(collected.status == 200 && (server.json(collected) as? [String: Any])?["problems"] != nil, "\(String(decoding: collected.body, as: UTF8.self))")
+
             let removed = try server.request("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}")
             #expect(removed.status == 200 && String(decoding: removed.body, as: UTF8.self).contains(freshClone.id))
             try expectError("POST", "/v1/clones/\(freshClone.id)/resume", route: "/v1/clones/{id}/resume", status: 404, code: "notFound")
@@ -500,6 +508,7 @@ extension RealGuests {
                 (["PUT", "/v1/pools/busybox", #"{"size": 1}"#], "/v1/pools/{template}"),
                 (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
                 (["POST", "/v1/clones/\(clone.id)/pause"], "/v1/clones/{id}/pause"),
+                (["POST", "/v1/gc"], "/v1/gc"),
             ] {
                 let refused = try asUser("nobody", group: "nogroup", arguments)
                 #expect(refused.status != 0 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")
