@@ -41,7 +41,7 @@ package struct APIServer: Sendable {
     package static let routes = [
         "POST /v1/clones", "GET /v1/clones", "GET /v1/clones/{id}", "DELETE /v1/clones/{id}",
         "POST /v1/clones/{id}/pause", "POST /v1/clones/{id}/resume",
-        "POST /v1/templates/{name}/verify", "POST /v1/gc",
+        "POST /v1/clones/{id}/exec", "POST /v1/templates/{name}/verify", "POST /v1/gc",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
         "GET /v1/version", "GET /v1/health",
     ]
@@ -234,6 +234,14 @@ package struct APIServer: Sendable {
                 TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
             })
         }
+        // A command through the clone's guest agent, as `vmtemplate exec`: waits behind the
+        // clone's own setup on the agent's one channel, within `timeout`.
+        router.post("/v1/clones/:id/exec") { request, context -> Response in
+            let record = try Self.changeableClone(try Self.parameter("id", of: context), by: context, in: store, doing: "run commands in")
+            let body = try await Self.decode(ExecBody.self, from: request)
+            let result = try await lifecycle.exec(body.command, in: record, timeout: .seconds(fractional: body.timeout ?? 60))
+            return try Self.json(ExecAnswer(exitCode: result.exitCode, signal: result.signal, stdout: result.output, stderr: result.errorOutput))
+        }
         router.post("/v1/templates/:name/verify") { _, context -> Response in
             let name = try EntityName(try Self.parameter("name", of: context))
             // A template the caller may not read is not its to know of.
@@ -314,6 +322,39 @@ package struct APIServer: Sendable {
     static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
         let data = try JSONCoding.encode(value)
         return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// `POST /v1/clones/{id}/exec`'s body: the command (argv) and how long to wait, in seconds.
+struct ExecBody: Decodable, Sendable {
+    var command: [String]
+    var timeout: Double?
+
+    init(from decoder: any Decoder) throws {
+        try JSONCoding.refuseUnknownKeys(decoder, known: ["command", "timeout"], in: "the exec body")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        command = try c.decode([String].self, forKey: .command)
+        timeout = try c.decodeIfPresent(Double.self, forKey: .timeout)
+        if let timeout, !(timeout > 0 && timeout <= 3600) {
+            throw VMTemplateError(.invalidArgument, "timeout \(timeout) is out of range: give 0 < timeout <= 3600 seconds.")
+        }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case command, timeout
+    }
+}
+
+/// What a command run through the guest agent did; its output as the guest wrote it (JSON escapes it).
+struct ExecAnswer: Encodable, Sendable {
+    var exitCode: Int?
+    var signal: Int?
+    var stdout: String
+    var stderr: String
+
+    enum CodingKeys: String, CodingKey {
+        case exitCode = "exit_code"
+        case signal, stdout, stderr
     }
 }
 

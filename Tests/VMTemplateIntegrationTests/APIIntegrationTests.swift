@@ -443,6 +443,10 @@ extension RealGuests {
             #expect(try CLI.run(["send", freshClone.id, "ping"] + server.store.arguments).stdout == "pong\n", "the guest runs again")
             try expectError("POST", "/v1/clones/no-such-clone/pause", route: "/v1/clones/{id}/pause", status: 404, code: "notFound")
 
+            // exec needs a guest agent, which the busybox guest has not.
+            try expectError("POST", "/v1/clones/\(freshClone.id)/exec", route: "/v1/clones/{id}/exec", #"{"command": ["true"]}"#, status: 501, code: "unsupported")
+            try expectError("POST", "/v1/clones/\(freshClone.id)/exec", route: "/v1/clones/{id}/exec", #"{"command": ["true"], "shell": true}"#, status: 400, code: "invalidArgument")
+
             // verify and gc, as the CLI's.
             let verified = try server.request("POST", "/v1/templates/busybox/verify", route: "/v1/templates/{name}/verify")
             let verification = server.json(verified) as? [String: Any]

@@ -151,6 +151,10 @@ extension RealGuests {
             #expect((view["agent_socket"] as? String)?.hasSuffix("/agent.sock") == true)
             let answer = try exec("api-1", ["hostname"], store)
             #expect(answer.status == 0 && answer.stdout == "api-1\n", "\(answer.stdout)\(answer.stderr)")
+            // The same through the API.
+            let ran = try client.request("POST", "/v1/clones/api-1/exec", body: Data(#"{"command": ["sh", "-c", "hostname; exit 3"]}"#.utf8))
+            let result = try JSONSerialization.jsonObject(with: ran.body) as? [String: Any]
+            #expect(ran.status == 200 && result?["stdout"] as? String == "api-1\n" && result?["exit_code"] as? Int == 3, "\(String(decoding: ran.body, as: UTF8.self))")
             #expect(await eventually { (try? TemplateStore(root: store.root).findClone("api-1"))?.guestSetup == "done" })
         }
     }
