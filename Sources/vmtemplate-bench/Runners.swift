@@ -266,20 +266,20 @@ enum CLI {
 
     /// What `executable arguments` printed on stdout; it must succeed.
     static func output(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> String {
-        let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/o-\(UUID().uuidString.prefix(8))")
-        let (status, _) = try await child.wait()
-        defer { child.removeOutput() }
-        guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
-        return child.stdout
+        try await run(workspace, executable, arguments).stdout
     }
 
     /// How long `executable arguments` takes, from spawn to exit; it must succeed.
     static func timed(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> Double {
+        try await run(workspace, executable, arguments).seconds
+    }
+
+    private static func run(_ workspace: Workspace, _ executable: String, _ arguments: [String]) async throws -> (seconds: Double, stdout: String) {
         let child = try ChildProcess.spawn(executable, arguments, outputBase: "\(workspace.scratch)/t-\(UUID().uuidString.prefix(8))")
         let (status, ended) = try await child.wait()
         defer { child.removeOutput() }
         guard status == 0 else { throw BenchError("\(executable) \(arguments.prefix(2)) failed: \(child.stderr)") }
-        return child.started.duration(to: ended).seconds
+        return (child.started.duration(to: ended).seconds, child.stdout)
     }
 
     /// `list --json` against `cat` of the same clones' smaps, `runs` each, interleaved (which goes

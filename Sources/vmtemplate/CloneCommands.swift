@@ -180,20 +180,7 @@ struct Send: AsyncParsableCommand {
         try await reportingErrors {
             let store = try store.open(.readOnly)
             let record = try store.findClone(clone)
-            // A pool member's guest is paused until it is handed out.
-            if let refusal = CloneLifecycle.refusalBeforeHandOut(record) { throw refusal }
-            // A paused guest never answers: say so instead of waiting out the timeout.
-            let state = await CloneLifecycle(store: store).liveState(of: record)
-            switch state {
-            case .paused:
-                throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused\(record.lastEnforcement.map { " by the scheduler (copy-on-write \(ByteSize(bytes: $0.cowBytes)) over its limit)" } ?? ""): resume it first (vmtemplate resume \(record.id)).")
-            case .exited:
-                throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has exited: remove it (vmtemplate rm \(record.id)) and clone again.")
-            case .notYours:
-                throw VMTemplateError(.permissionDenied, "clone \(record.id) (\(record.name)) is not yours: only its owner (or root) may talk to it.")
-            default:
-                break
-            }
+            try await CloneLifecycle(store: store).refuseUnlessAnswering(record)
             // The store may be another user's: no link below it is followed to another socket.
             let reply = try ControlChannel(path: store.clonePaths(record.id).controlSocket, storeRoot: store.root).exchange(request.joined(separator: " "), timeout: .seconds(fractional: timeout))
             print(TerminalText.escape(reply))

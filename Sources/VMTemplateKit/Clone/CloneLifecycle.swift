@@ -141,6 +141,22 @@ public struct CloneLifecycle: Sendable {
         } ?? record
     }
 
+    /// Refuses a clone whose guest cannot answer a request now: a pool member not handed out, a
+    /// paused or exited clone, another user's. Said at once instead of waiting out a timeout.
+    public func refuseUnlessAnswering(_ record: CloneRecord) async throws {
+        if let refusal = Self.refusalBeforeHandOut(record) { throw refusal }
+        switch await liveState(of: record) {
+        case .paused:
+            throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused\(record.lastEnforcement.map { " by the scheduler (copy-on-write \(ByteSize(bytes: $0.cowBytes)) over its limit)" } ?? ""): resume it first (vmtemplate resume \(record.id)).")
+        case .exited:
+            throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has exited: remove it (vmtemplate rm \(record.id)) and clone again.")
+        case .notYours:
+            throw VMTemplateError(.permissionDenied, "clone \(record.id) (\(record.name)) is not yours: only its owner (or root) may talk to it.")
+        default:
+            break
+        }
+    }
+
     /// Runs `command` in the clone's guest through its guest agent and waits for it. The agent
     /// serves one client at a time: this waits behind the clone's own setup steps and any other
     /// client, within `timeout`.
@@ -150,12 +166,7 @@ public struct CloneLifecycle: Sendable {
         guard record.guestAgent == true else {
             throw VMTemplateError(.unsupported, "clone \(record.id) (\(record.name)) has no guest agent port: its template was made without \"ready_when\" or \"guest_setup\" set to \"guest-agent\" (docs/guests.md).")
         }
-        switch await liveState(of: record) {
-        case .paused: throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) is paused: resume it first (vmtemplate resume \(record.id)).")
-        case .exited: throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has exited: remove it (vmtemplate rm \(record.id)) and clone again.")
-        case .notYours: throw VMTemplateError(.permissionDenied, "clone \(record.id) (\(record.name)) is not yours: only its owner (or root) may talk to it.")
-        default: break
-        }
+        try await refuseUnlessAnswering(record)
         let socket = store.cloneLayout(record.id).instance.agentSocket
         let root = store.root
         let deadline = ContinuousClock.now + timeout

@@ -83,15 +83,8 @@ public struct ControlChannel: Sendable {
     /// A connection to the channel (close-on-exec). QEMU serves one client at a time: a second
     /// connection is accepted only when the first has closed, so what it sends is read after.
     public func connect() throws -> Int32 {
-        guard let address = UnixSocketAddress(path: path) else {
+        guard let connected = UnixSocketAddress.connectStream(path: path, storeRoot: storeRoot, until: .now + Self.connectTimeout) else {
             throw VMTemplateError(.invalidArgument, "control socket path '\(path)' is empty or too long for a Unix socket.")
-        }
-        let deadline = ContinuousClock.now + Self.connectTimeout
-        let connected: Result<Int32, SystemCallError>
-        if let storeRoot, path.hasPrefix(storeRoot + "/") {
-            connected = UnixSocketAddress.connectStream(beneath: storeRoot, relativePath: String(path.dropFirst(storeRoot.count + 1)), until: deadline)
-        } else {
-            connected = address.connectStream(until: deadline)
         }
         switch connected {
         case .success(let fd):

@@ -44,12 +44,7 @@ public final class GuestAgentConnection {
     /// connection waits in the backlog until this one closes.
     public static func connect(path: String, storeRoot: String? = nil, timeout: Duration = .seconds(5)) throws -> GuestAgentConnection {
         let deadline = ContinuousClock.now + timeout
-        let connected: Result<Int32, SystemCallError>
-        if let storeRoot, path.hasPrefix(storeRoot + "/") {
-            connected = UnixSocketAddress.connectStream(beneath: storeRoot, relativePath: String(path.dropFirst(storeRoot.count + 1)), until: deadline)
-        } else if let address = UnixSocketAddress(path: path) {
-            connected = address.connectStream(until: deadline)
-        } else {
+        guard let connected = UnixSocketAddress.connectStream(path: path, storeRoot: storeRoot, until: deadline) else {
             throw VMTemplateError(.invalidArgument, "guest agent socket path '\(TerminalText.escape(path))' is empty or too long for a Unix socket.")
         }
         switch connected {
@@ -146,6 +141,14 @@ public final class GuestAgentConnection {
         public var output: String
         public var errorOutput: String
         public var succeeded: Bool { exitCode == 0 && signal == nil }
+        /// How it ended, in words: `exited N` or `killed by signal N`.
+        public var ending: String { signal.map { "killed by signal \($0)" } ?? "exited \(exitCode ?? -1)" }
+        /// Its last three lines of output (stdout, then stderr), escaped, at most 300 characters:
+        /// what an error names of a command that failed.
+        public var lastWords: String {
+            let said = (output + errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
+            return TerminalText.escape(String(said.prefix(300)))
+        }
     }
 
     /// Runs `arguments` (the first is the program, looked up in the guest's PATH) through

@@ -66,9 +66,9 @@ public struct GuestAgentSetup: Sendable, Codable, Equatable {
             steps.append((command.joined(separator: " "), { agent, deadline in
                 let random = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
                 let result = try agent.run(GuestCommand.expand(command, hostname: hostname, id: cloneID, random: random), shown: command, until: deadline)
-                let said = (result.output + result.errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
                 guard result.succeeded else {
-                    throw VMTemplateError(.qemuFailed, "\(result.signal.map { "killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)")\(said.isEmpty ? "" : ": \(TerminalText.escape(String(said.prefix(300))))")")
+                    let said = result.lastWords
+                    throw VMTemplateError(.qemuFailed, "\(result.ending)\(said.isEmpty ? "" : ": \(said)")")
                 }
                 return "ok (exit 0)"
             }))

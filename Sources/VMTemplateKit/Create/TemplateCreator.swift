@@ -322,8 +322,7 @@ public struct TemplateCreator: Sendable {
                 for command in commands {
                     let result = try agent.run(command, until: deadline)
                     guard result.succeeded else {
-                        let said = (result.output + result.errorOutput).split(whereSeparator: \.isNewline).suffix(3).joined(separator: " | ")
-                        throw VMTemplateError(.qemuFailed, "ready_commands entry '\(TerminalText.escape(command.joined(separator: " ")))' \(result.signal.map { "was killed by signal \($0)" } ?? "exited \(result.exitCode ?? -1)") in the guest (it said: '\(TerminalText.escape(String(said.prefix(300))))'): fix the guest or the command; the guest must be quiet before it is paused (docs/guests.md).")
+                        throw VMTemplateError(.qemuFailed, "ready_commands entry '\(TerminalText.escape(command.joined(separator: " ")))' \(result.ending) in the guest (it said: '\(result.lastWords)'): fix the guest or the command; the guest must be quiet before it is paused (docs/guests.md).")
                     }
                 }
             }

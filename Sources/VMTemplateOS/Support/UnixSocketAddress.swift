@@ -44,6 +44,17 @@ package struct UnixSocketAddress: Sendable {
         return .success(fd)
     }
 
+    /// `path` connected as ``connectStream(beneath:relativePath:until:)`` when it lies below
+    /// `storeRoot` (a store that may be another user's: no link followed), else directly; nil when
+    /// `path` cannot be a Unix socket address. What every client of a clone's sockets uses.
+    package static func connectStream(path: String, storeRoot: String?, until deadline: ContinuousClock.Instant) -> Result<Int32, SystemCallError>? {
+        guard let address = UnixSocketAddress(path: path) else { return nil }
+        if let storeRoot, path.hasPrefix(storeRoot + "/") {
+            return connectStream(beneath: storeRoot, relativePath: String(path.dropFirst(storeRoot.count + 1)), until: deadline)
+        }
+        return address.connectStream(until: deadline)
+    }
+
     /// Connects to the socket at `relativePath` below the directory `root`, following no link
     /// anywhere below `root` (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), and refusing
     /// what is not a socket: a directory below `root` that someone else may change cannot point
