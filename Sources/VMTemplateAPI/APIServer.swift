@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import Synchronization
 import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
@@ -26,6 +27,8 @@ package struct APIServer: Sendable {
     /// Members of this group may use the API too (the socket is made 0660 for it).
     package let socketGroup: gid_t?
     package let metrics: APIMetrics
+    /// Templates being made through the API (``TemplateCreations``).
+    let creations = TemplateCreations()
 
     package var store: TemplateStore { engine.store }
 
@@ -43,7 +46,10 @@ package struct APIServer: Sendable {
         "POST /v1/clones/{id}/pause", "POST /v1/clones/{id}/resume",
         "POST /v1/clones/{id}/exec", "POST /v1/templates/{name}/verify", "POST /v1/gc",
         "GET /v1/templates", "GET /v1/pools", "PUT /v1/pools/{template}", "GET /metrics",
-        "GET /v1/version", "GET /v1/health",
+        "GET /v1/version", "GET /v1/health", "GET /v1/events",
+        "GET /v1/clones/{id}/devices", "POST /v1/clones/{id}/devices", "DELETE /v1/clones/{id}/devices/{device}",
+        "GET /v1/templates/{name}", "POST /v1/templates", "DELETE /v1/templates/{name}",
+        "GET /v1/settings", "PUT /v1/settings",
     ]
 
     /// The methods ``routes`` has for `path` (`{name}` matches one segment), sorted.
@@ -70,6 +76,16 @@ package struct APIServer: Sendable {
             throw VMTemplateError(.permissionDenied, "clone \(record.id) was not made by uid \(context.callerUID.map(String.init) ?? "?"): only its requester, the store's owner or root may \(action) it.")
         }
         return record
+    }
+
+    /// Refuses a template that is not published because it is being made through the API, or its
+    /// making failed: it is known, so not 404, but in no state to be used (409).
+    static func refuseUnpublished(_ name: String, in store: TemplateStore, creations: TemplateCreations) throws {
+        guard let entity = try? EntityName(name), !store.templateExists(entity), let creation = creations.status(of: name) else { return }
+        if let reason = creation.reason {
+            throw VMTemplateError(.invalidState, "template '\(name)' could not be made (\(reason)): remove it (DELETE /v1/templates/\(name)) and create it again.")
+        }
+        throw VMTemplateError(.invalidState, "template '\(name)' is still being made: wait for template.added in GET /v1/events?since=\(creation.since).")
     }
 
     /// The default socket: inside the store, next to its lock.
@@ -100,6 +116,9 @@ package struct APIServer: Sendable {
         let router = Router(context: APIContext.self)
         router.add(middleware: CallerCheck(ownerUID: store.ownerUID, group: socketGroup, metrics: metrics))
         addRoutes(to: router)
+        addDeviceRoutes(to: router)
+        addTemplateRoutes(to: router)
+        addSettingsRoutes(to: router)
         let publish: @Sendable (any Channel) async -> Void = { _ in
             do {
                 try self.publishSocket(from: boundPath)
@@ -166,6 +185,8 @@ package struct APIServer: Sendable {
         let lifecycle = CloneLifecycle(store: store)
         let pool = engine.pool
         let metrics = self.metrics
+        let followers = EventFollowers()
+        let creations = self.creations
         router.post("/v1/clones") { request, context -> Response in
             let options = try await Self.decode(CloneOptions.self, from: request)
             // Devices name files and namespaces that the server opens with the owner's rights, a
@@ -178,6 +199,7 @@ package struct APIServer: Sendable {
                     throw VMTemplateError(.permissionDenied, "only the store's owner or root may set '\(field)' through the API: NICs and disks name files and namespaces the server opens with the owner's rights, and the others spend what is the host's to give.")
                 }
             }
+            try Self.refuseUnpublished(options.template, in: store, creations: creations)
             var cloneRequest = try options.request()
             // The server clones with the owner's rights: only what the caller may read itself.
             try context.requireReadable(try store.template(named: cloneRequest.template))
@@ -244,6 +266,7 @@ package struct APIServer: Sendable {
         }
         router.post("/v1/templates/:name/verify") { _, context -> Response in
             let name = try EntityName(try Self.parameter("name", of: context))
+            if context.callerIsOwner { try Self.refuseUnpublished(name.value, in: store, creations: creations) }
             // A template the caller may not read is not its to know of.
             guard let template = try? store.template(named: name), context.mayRead(template) else {
                 throw VMTemplateError(.notFound, "no template named '\(name)': see GET /v1/templates.")
@@ -267,10 +290,75 @@ package struct APIServer: Sendable {
                 throw VMTemplateError(.permissionDenied, "only the store's owner or root may size pools: a pool holds the host's memory.")
             }
             let name = try EntityName(try Self.parameter("template", of: context))
+            try Self.refuseUnpublished(name.value, in: store, creations: creations)
             let body = try await Self.decode(PoolSizeBody.self, from: request)
             try await pool.setSize(name, body.size)
             let status = pool.status().first { $0.template == name.value } ?? WarmPool.Status(template: name.value, size: 0, ready: 0, filling: 0)
             return try Self.json(status)
+        }
+        // The store's event journal, one JSON object per line: what is kept after `since`, then
+        // (with `follow`) each event as it is written, a blank line every 15 s keeping the
+        // connection open. A `since` older than what is kept is 410: the caller lists again.
+        router.get("/v1/events") { request, context -> Response in
+            let query = request.uri.queryParameters
+            let follow = try Self.booleanQuery("follow", query["follow"]) ?? false
+            let journal = store.events
+            var since: UInt64 = 0
+            if let raw = query["since"] {
+                guard let value = UInt64(raw), value <= UInt64(Int64.max) else {
+                    throw VMTemplateError(.invalidArgument, "since must be an event's seq (a whole number of 0 or more): the last one you read.")
+                }
+                since = value
+            } else if follow {
+                since = journal.lastSeq()
+            }
+            let backlog: EventJournal.Reading
+            do {
+                backlog = try journal.read(after: since)
+            } catch let error as VMTemplateError where error.cause is EventJournal.Expired {
+                return APIError.response(error, status: .gone)
+            }
+            let caller = context
+            let visible: @Sendable ([StoreEvent]) -> ByteBuffer = { events in
+                let readable = caller.readableTemplates(in: store)
+                var buffer = ByteBuffer()
+                for event in events where caller.callerIsOwner || (event.type != .templateRemoved && readable(event.template ?? "")) {
+                    guard let line = try? JSONCoding.line(event) else { continue }
+                    buffer.writeString(line + "\n")
+                }
+                return buffer
+            }
+            let headers: HTTPFields = [.contentType: "application/x-ndjson"]
+            guard follow else {
+                return Response(status: .ok, headers: headers, body: .init(byteBuffer: visible(backlog.events)))
+            }
+            // Each follower polls the journal ten times a second: their number is bounded.
+            guard followers.enter() else {
+                throw VMTemplateError(.limitExceeded, "\(EventFollowers.limit) clients already follow the events: close one, or read without follow and poll.")
+            }
+            let start = max(since, backlog.lastSeq)
+            let first = visible(backlog.events)
+            return Response(status: .ok, headers: headers, body: ResponseBody { writer in
+                defer { followers.leave() }
+                if first.readableBytes > 0 { try await writer.write(first) }
+                var tail = EventJournal.Tail(journal, after: start)
+                var quiet = ContinuousClock.now
+                while !Task.isCancelled {
+                    let events = tail.next()
+                    let buffer = visible(events)
+                    if buffer.readableBytes > 0 {
+                        try await writer.write(buffer)
+                        quiet = .now
+                    } else if quiet.duration(to: .now) > .seconds(15) {
+                        // Keeps the connection (and its idle timeout) alive, and finds a reader
+                        // that has gone: its write fails.
+                        try await writer.write(ByteBuffer(string: "\n"))
+                        quiet = .now
+                    }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                try await writer.finish(nil)
+            })
         }
         router.get("/v1/version") { _, _ -> Response in
             try Self.json(["version": VMTemplateVersion.current, "api": VMTemplateVersion.api])
@@ -287,6 +375,16 @@ package struct APIServer: Sendable {
         router.get("/metrics") { _, _ -> Response in
             let text = await metrics.text(store: store)
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        }
+    }
+
+    /// A query parameter that is `true` or `false` (nil when absent).
+    static func booleanQuery(_ name: String, _ raw: Substring?) throws -> Bool? {
+        guard let raw else { return nil }
+        switch raw {
+        case "true": return true
+        case "false": return false
+        default: throw VMTemplateError(.invalidArgument, "\(name) must be true or false, not '\(TerminalText.escape(String(raw.prefix(40))))'.")
         }
     }
 
@@ -325,6 +423,23 @@ package struct APIServer: Sendable {
     }
 }
 
+/// How many clients follow `GET /v1/events` now.
+final class EventFollowers: Sendable {
+    static let limit = 64
+    private let count = Mutex(0)
+
+    /// Counts one more, unless ``limit`` follow already.
+    func enter() -> Bool {
+        count.withLock { count in
+            guard count < Self.limit else { return false }
+            count += 1
+            return true
+        }
+    }
+
+    func leave() { count.withLock { $0 -= 1 } }
+}
+
 /// `POST /v1/clones/{id}/exec`'s body: the command (argv) and how long to wait, in seconds.
 struct ExecBody: Decodable, Sendable {
     var command: [String]
@@ -334,6 +449,10 @@ struct ExecBody: Decodable, Sendable {
         try JSONCoding.refuseUnknownKeys(decoder, known: ["command", "timeout"], in: "the exec body")
         let c = try decoder.container(keyedBy: CodingKeys.self)
         command = try c.decode([String].self, forKey: .command)
+        try GuestCommand.check([command], key: "command")
+        guard !command.contains(where: \.isEmpty) else {
+            throw VMTemplateError(.invalidArgument, "command holds an empty argument: give the program and each argument as non-empty strings.")
+        }
         timeout = try c.decodeIfPresent(Double.self, forKey: .timeout)
         if let timeout, !(timeout > 0 && timeout <= 3600) {
             throw VMTemplateError(.invalidArgument, "timeout \(timeout) is out of range: give 0 < timeout <= 3600 seconds.")

@@ -28,6 +28,8 @@ package struct StoreServer: Sendable {
         package var explicitQEMU: String?
         /// Per-clone metric series (``APIMetrics/perClone``).
         package var perCloneMetrics = false
+        /// How long an exited clone is kept before it is removed (nil: until somebody removes it).
+        package var exitedRetention: Duration? = CloneWatcher.defaultRetention
 
         package init(socketPath: String) {
             self.socketPath = socketPath
@@ -57,6 +59,7 @@ package struct StoreServer: Sendable {
         let server = APIServer(engine: engine, socketPath: configuration.socketPath, socketGroup: configuration.socketGroup, metrics: APIMetrics(perClone: configuration.perCloneMetrics))
         let keeper = PoolKeeper(pool: engine.pool, fillPause: configuration.fillPause)
         let scheduler = Scheduler(store: store)
+        let watcher = CloneWatcher(store: store, retention: configuration.exitedRetention)
         let interval = configuration.schedulerInterval
         let metrics = server.metrics
         let store = self.store
@@ -68,6 +71,7 @@ package struct StoreServer: Sendable {
         let metricsInterval = configuration.metricsInterval
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { await keeper.run(log: log) }
+            tasks.addTask { await watcher.run(log: log) }
             tasks.addTask {
                 // Only its start can fail (another scheduler holds the store, the settings are
                 // broken): said once, and tried again every 5 s, so limits are enforced again as

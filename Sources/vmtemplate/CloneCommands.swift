@@ -52,6 +52,9 @@ struct Clone: AsyncParsableCommand {
     @Flag(name: .customLong("no-pool"), help: "Restore a fresh clone even when the template's warm pool has a ready member.")
     var noPool = false
 
+    @Flag(help: "Return only once the guest sees every --nic and --disk (asked over its control channel or guest agent), within --timeout; if it does not, the clone is printed and kept, and the exit status is 75.")
+    var waitDevices = false
+
     @Flag(help: "Print the clone as one JSON object on stdout.")
     var json = false
 
@@ -63,7 +66,7 @@ struct Clone: AsyncParsableCommand {
 
     /// The same options the API's `POST /v1/clones` takes, parsed and checked by the library.
     var options: CloneOptions {
-        CloneOptions(template: template, name: name, vmgenid: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeoutSeconds: timeout, cowLimit: cowLimit, overLimit: overLimit, nics: nic, disks: disk, noPool: noPool)
+        CloneOptions(template: template, name: name, vmgenid: !noVMGenID, allowWritableTemplate: allowWritableTemplate, tcgTranslationCacheMiB: tcgTranslationCacheMiB, timeoutSeconds: timeout, cowLimit: cowLimit, overLimit: overLimit, nics: nic, disks: disk, noPool: noPool, waitDevices: waitDevices)
     }
 
     func run() async throws {
@@ -93,6 +96,8 @@ struct Clone: AsyncParsableCommand {
                 } else {
                     print(record.id)
                 }
+                // Asked to wait and not seen: printed (the clone runs), and said by the status.
+                if request2.waitForDevices && record.devicesReady == false { throw ExitCode(ExitStatus.code(for: .timeout)) }
             }
         }
     }

@@ -40,6 +40,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds between two writes of --metrics-file.", valueName: "seconds"))
     var metricsInterval: Double = 15
 
+    @Option(help: ArgumentHelp("Seconds an exited clone is kept (its record and logs, for its exit to be read) before the server removes it; 0 keeps it until it is removed.", valueName: "seconds"))
+    var exitedRetention: Double = CloneWatcher.defaultRetention.seconds
+
     @Flag(help: "Give each live clone metric series of its own (clone and name labels); off by default, since every clone would leave series behind in Prometheus.")
     var perCloneMetrics = false
 
@@ -49,6 +52,7 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         try SecondsOption.checkInterval(interval)
         if !(0...60_000).contains(fillPause) { throw ValidationError("--fill-pause must be 0 to 60000 ms.") }
+        if !(exitedRetention >= 0 && exitedRetention <= 604_800) { throw ValidationError("--exited-retention must be 0 to 604800 seconds (a week).") }
         if !(metricsInterval >= 1 && metricsInterval <= 3600) { throw ValidationError("--metrics-interval must be 1 to 3600 seconds.") }
         if let metricsFile, metricsFile.isEmpty || metricsFile.hasSuffix("/") { throw ValidationError("--metrics-file takes a file path, e.g. /var/lib/node_exporter/textfile/vmtemplate.prom.") }
     }
@@ -67,6 +71,7 @@ struct Serve: AsyncParsableCommand {
             configuration.metricsInterval = .seconds(fractional: metricsInterval)
             configuration.explicitQEMU = qemu.explicitPath
             configuration.perCloneMetrics = perCloneMetrics
+            configuration.exitedRetention = exitedRetention == 0 ? nil : .seconds(fractional: exitedRetention)
             try await StoreServer(store: store, configuration: configuration).run { line in
                 FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8))
             }

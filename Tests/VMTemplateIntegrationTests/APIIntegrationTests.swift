@@ -330,7 +330,7 @@ extension RealGuests {
             #expect(clone.fromPool && clone.name == "api-1")
             #expect(try ControlChannel(path: clone.controlSocket).request("ping", timeout: .seconds(30)) == "pong")
             #expect(try ControlChannel(path: clone.controlSocket).request("hostname") == "api-1")
-            let fresh = try server.request("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true, "nics": ["user"]}"#)
+            let fresh = try server.request("POST", "/v1/clones", #"{"template": "busybox", "no_pool": true, "nics": [{"backend": "user"}]}"#)
             #expect(fresh.status == 201)
             let freshClone = try JSONCoding.decoder().decode(CloneView.self, from: fresh.body)
             #expect(!freshClone.fromPool && freshClone.devices.map(\.id) == ["nic0"])
@@ -404,7 +404,10 @@ extension RealGuests {
             #expect(plain.stdout.hasPrefix("HTTP/1.1 415"), "\(plain.stdout) \(plain.stderr)")
             try expectError("POST", "/v1/clones", #"{"template": "nope"}"#, status: 404, code: "notFound")
             try expectError("POST", "/v1/clones", #"{"name": "x"}"#, status: 400, code: "invalidArgument")
-            try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["tap="]}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": [{"backend": "tap"}]}"#, status: 400, code: "invalidArgument")
+            // The CLI's spec strings are the CLI's: the API takes objects, and says so.
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "nics": ["user"]}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones", #"{"template": "busybox", "disks": [{"path": "/x.img,readonly=off"}]}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "name": "api-1", "no_pool": true, "cow_limit": "8M"}"#, status: 409, code: "exists")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "cow_limt": "64M"}"#, status: 400, code: "invalidArgument")
             try expectError("POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 0}"#, status: 400, code: "invalidArgument")
@@ -444,7 +447,7 @@ extension RealGuests {
             try expectError("POST", "/v1/clones/no-such-clone/pause", route: "/v1/clones/{id}/pause", status: 404, code: "notFound")
 
             // exec needs a guest agent, which the busybox guest has not.
-            try expectError("POST", "/v1/clones/\(freshClone.id)/exec", route: "/v1/clones/{id}/exec", #"{"command": ["true"]}"#, status: 501, code: "unsupported")
+            try expectError("POST", "/v1/clones/\(freshClone.id)/exec", route: "/v1/clones/{id}/exec", #"{"command": ["true"]}"#, status: 409, code: "invalidState")
             try expectError("POST", "/v1/clones/\(freshClone.id)/exec", route: "/v1/clones/{id}/exec", #"{"command": ["true"], "shell": true}"#, status: 400, code: "invalidArgument")
 
             // verify and gc, as the CLI's.
@@ -454,6 +457,73 @@ extension RealGuests {
             try expectError("POST", "/v1/templates/nope/verify", route: "/v1/templates/{name}/verify", status: 404, code: "notFound")
             let collected = try server.request("POST", "/v1/gc")
             #expect(collected.status == 200 && (server.json(collected) as? [String: Any])?["problems"] != nil, "\(String(decoding: collected.body, as: UTF8.self))")
+
+            // Devices, as device list/add/rm: objects (or the CLI's strings), checked by one parser.
+            let devicesRoute = "/v1/clones/{id}/devices"
+            let listedDevices = try server.request("GET", "/v1/clones/\(freshClone.id)/devices", route: devicesRoute)
+            #expect(listedDevices.status == 200 && (server.json(listedDevices) as? [Any])?.count == 1)
+            let images = try TestImages()
+            defer { images.remove() }
+            let plugged = try server.request("POST", "/v1/clones/\(freshClone.id)/devices", route: devicesRoute, #"{"disks": [{"path": "\#(images.raw)", "readonly": true}], "nics": [{"backend": "user"}], "wait": true}"#)
+            #expect(plugged.status == 201, "\(String(decoding: plugged.body, as: UTF8.self))")
+            #expect((try? JSONCoding.decoder().decode([AttachedDevice].self, from: plugged.body))?.map(\.id).sorted() == ["disk0", "nic1"])
+            let afterPlug = try JSONCoding.decoder().decode(CloneView.self, from: try server.request("GET", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}").body)
+            #expect(afterPlug.devicesReady == true, "wait: true answered once the guest saw them")
+            let deviceRoute = "/v1/clones/{id}/devices/{device}"
+            #expect(try server.request("DELETE", "/v1/clones/\(freshClone.id)/devices/disk0", route: deviceRoute).status == 200)
+            try expectError("DELETE", "/v1/clones/\(freshClone.id)/devices/disk0", route: deviceRoute, status: 404, code: "notFound")
+            try expectError("DELETE", "/v1/clones/\(freshClone.id)/devices/..%2Fx", route: deviceRoute, status: 404, code: "notFound")
+            try expectError("POST", "/v1/clones/\(freshClone.id)/devices", route: devicesRoute, #"{"disks": [{"path": "/x.img,readonly=off"}]}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones/\(freshClone.id)/devices", route: devicesRoute, #"{}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/clones/\(freshClone.id)/devices", route: devicesRoute, #"{"nics": [{"backend": "user"}], "colour": "red"}"#, status: 400, code: "invalidArgument")
+            try expectError("GET", "/v1/clones/nope/devices", route: devicesRoute, status: 404, code: "notFound")
+
+            // Settings, whole: what settings --json shows, replaced by a PUT.
+            let settings = try server.request("GET", "/v1/settings")
+            #expect(settings.status == 200 && (server.json(settings) as? [String: Any])?["max_clones"] as? Int == 64)
+            let put = try server.request("PUT", "/v1/settings", #"{"max_clones": 32, "over_limit_action": "kill"}"#)
+            #expect(put.status == 200 && (server.json(put) as? [String: Any])?["over_limit_action"] as? String == "kill")
+            #expect(try CLI.run(["settings", "--json"] + server.store.arguments).stdout.contains("\"max_clones\":32"), "the CLI sees what the API set")
+            try expectError("PUT", "/v1/settings", #"{"max_clonez": 1}"#, status: 400, code: "invalidArgument")
+            try expectError("PUT", "/v1/settings", #"{"max_clones": -1}"#, status: 400, code: "invalidArgument")
+            #expect(try server.request("PUT", "/v1/settings", #"{"max_clones": 64}"#).status == 200)
+
+            // Templates: made in the background and announced in the events, removed, refused.
+            var recipe = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Checkout.busyboxRecipe))) as? [String: Any])
+            let recipeDirectory = URL(fileURLWithPath: Checkout.busyboxRecipe).deletingLastPathComponent().path
+            recipe["kernel"] = "\(recipeDirectory)/\(recipe["kernel"] as? String ?? "")"
+            recipe["initrd"] = "\(recipeDirectory)/\(recipe["initrd"] as? String ?? "")"
+            func templateBody(_ name: String, _ recipe: [String: Any]) throws -> String {
+                String(decoding: try JSONSerialization.data(withJSONObject: ["name": name, "recipe": recipe]), as: UTF8.self)
+            }
+            let creating = try server.request("POST", "/v1/templates", try templateBody("api-made", recipe))
+            #expect(creating.status == 202 && creating.headers["location"] == "/v1/templates/api-made", "\(creating.status) \(String(decoding: creating.body, as: UTF8.self))")
+            let since = (server.json(creating) as? [String: Any])?["since"] as? Int ?? 0
+            var broken = recipe
+            broken["kernel"] = "/nonexistent/vmlinuz"
+            #expect(try server.request("POST", "/v1/templates", try templateBody("api-fails", broken)).status == 202)
+            let outcomes = await eventually(timeout: .seconds(120)) {
+                let events = (try? TemplateStore(root: server.store.root).events.read(after: UInt64(since)).events) ?? []
+                return events.contains { $0.type == .templateAdded && $0.template == "api-made" } && events.contains { $0.type == .templateFailed && $0.template == "api-fails" }
+            }
+            #expect(outcomes, "template.added for the one made, template.failed for the one that could not be")
+            let failure = try TemplateStore(root: server.store.root).events.read(after: UInt64(since)).events.first { $0.type == .templateFailed }
+            #expect(failure?.reason?.contains("vmlinuz") == true, "\(String(describing: failure))")
+            #expect(try server.request("GET", "/v1/templates/api-made", route: "/v1/templates/{name}").status == 200)
+            let failed = try server.request("GET", "/v1/templates/api-fails", route: "/v1/templates/{name}")
+            #expect(failed.status == 202 && (server.json(failed) as? [String: Any])?["state"] as? String == "failed", "a failed creation says so: \(String(decoding: failed.body, as: UTF8.self))")
+            #expect(try server.request("DELETE", "/v1/templates/api-fails", route: "/v1/templates/{name}").status == 200, "and is forgotten once removed")
+            try expectError("GET", "/v1/templates/api-fails", route: "/v1/templates/{name}", status: 404, code: "notFound")
+            try expectError("POST", "/v1/templates", try templateBody("api-made", recipe), status: 409, code: "exists")
+            var relative = recipe
+            relative["kernel"] = "out/vmlinuz"
+            try expectError("POST", "/v1/templates", try templateBody("api-relative", relative), status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/templates", #"{"name": "x", "recipe": {"kernel": "/k"}, "colour": 1}"#, status: 400, code: "invalidArgument")
+            try expectError("POST", "/v1/templates", #"{"name": "../x", "recipe": {"kernel": "/k"}}"#, status: 400, code: "invalidArgument")
+            let removedTemplate = try server.request("DELETE", "/v1/templates/api-made", route: "/v1/templates/{name}")
+            #expect(removedTemplate.status == 200 && (server.json(removedTemplate) as? [String: Any])?["removed_clones"] as? [Any] != nil)
+            try expectError("DELETE", "/v1/templates/api-made", route: "/v1/templates/{name}", status: 404, code: "notFound")
+            try expectError("DELETE", "/v1/templates/busybox", route: "/v1/templates/{name}", status: 409, code: "busy")
 
             let removed = try server.request("DELETE", "/v1/clones/\(freshClone.id)", route: "/v1/clones/{id}")
             #expect(removed.status == 200 && String(decoding: removed.body, as: UTF8.self).contains(freshClone.id))
@@ -507,12 +577,16 @@ extension RealGuests {
             server.seen.append(("POST", "/v1/clones", 201))
             let memberClone = try JSONCoding.decoder().decode(CloneView.self, from: Data(member.stdout.utf8))
             for (arguments, route) in [
-                (["POST", "/v1/clones", #"{"template": "busybox", "nics": ["user"]}"#], "/v1/clones"),
+                (["POST", "/v1/clones", #"{"template": "busybox", "nics": [{"backend": "user"}]}"#], "/v1/clones"),
                 (["POST", "/v1/clones", #"{"template": "busybox", "tcg_tb_size": 64}"#], "/v1/clones"),
                 (["PUT", "/v1/pools/busybox", #"{"size": 1}"#], "/v1/pools/{template}"),
                 (["DELETE", "/v1/clones/\(clone.id)"], "/v1/clones/{id}"),
                 (["POST", "/v1/clones/\(clone.id)/pause"], "/v1/clones/{id}/pause"),
                 (["POST", "/v1/gc"], "/v1/gc"),
+                (["POST", "/v1/clones/\(memberClone.id)/devices", #"{"nics": [{"backend": "user"}]}"#], "/v1/clones/{id}/devices"),
+                (["PUT", "/v1/settings", #"{"max_clones": 1}"#], "/v1/settings"),
+                (["POST", "/v1/templates", #"{"name": "m", "recipe": {"kernel": "/k"}}"#], "/v1/templates"),
+                (["DELETE", "/v1/templates/busybox"], "/v1/templates/{name}"),
             ] {
                 let refused = try asUser("nobody", group: "nogroup", arguments)
                 #expect(refused.status != 0 && refused.stdout.contains("permissionDenied"), "\(arguments): \(refused.stdout) \(refused.stderr)")

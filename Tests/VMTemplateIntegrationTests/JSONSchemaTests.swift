@@ -227,6 +227,10 @@ extension RealGuests {
             try check(["api", "GET", "/v1/clones/nosuch"] + arguments, "error", status: 66)
             try check(["api", "POST", "/v1/clones", #"{"template": "nosuch"}"#] + arguments, "error", status: 66)
             try check(["api", "POST", "/v1/clones", #"{"template": "busybox", "cow_limt": "1M"}"#] + arguments, "error", status: 64)
+            // Every event so far (template, clones, pool members, devices, pauses, removals), from
+            // the journal and from the API.
+            try check(["events", "--json"] + arguments, "event", lines: true)
+            try check(["api", "GET", "/v1/events?since=0"] + arguments, "event", lines: true)
             if let running = server {
                 running.process.terminate()
                 running.process.waitUntilExit()

@@ -14,13 +14,20 @@ struct CloneOptionsTests {
 
     @Test("the API's JSON and the CLI's options make the same request")
     func sameRequest() throws {
-        let fromJSON = try decode(#"{"template": "busybox", "name": "web-1", "vmgenid": false, "tcg_tb_size": 8, "timeout": 12.5, "cow_limit": "64M", "over_limit": "kill", "nics": ["user"], "disks": [], "no_pool": true}"#).request()
+        let fromJSON = try decode(#"{"template": "busybox", "name": "web-1", "vmgenid": false, "tcg_tb_size": 8, "timeout": 12.5, "cow_limit": "64M", "over_limit": "kill", "nics": [{"backend": "user"}], "disks": [], "no_pool": true}"#).request()
         let fromOptions = try CloneOptions(template: "busybox", name: "web-1", vmgenid: false, allowWritableTemplate: false, tcgTranslationCacheMiB: 8, timeoutSeconds: 12.5, cowLimit: "64M", overLimit: .kill, nics: ["user"], disks: [], noPool: true).request()
         #expect(fromJSON == fromOptions)
         #expect(fromJSON.cowLimitBytes == 64 << 20 && fromJSON.timeout == .milliseconds(12_500) && !fromJSON.usePool && !fromJSON.freshGenerationID && fromJSON.devices.nics.count == 1)
         // What a caller leaves out is the CLI's default.
         let plain = try decode(#"{"template": "busybox"}"#).request()
         #expect(plain == CloneRequest(template: try EntityName("busybox")))
+    }
+
+    @Test("a NIC or disk object is the CLI's spec, parsed by the same parser")
+    func deviceObjects() throws {
+        let objects = try decode(#"{"template": "t", "nics": [{"backend": "tap", "tap": "tap0", "netns": "/run/netns/n1", "mac": "02:00:00:00:00:07"}, {"backend": "user", "hostfwd": ["tcp:127.0.0.1:2222-:22", "udp::5353-:53"]}], "disks": [{"path": "/srv/a.img", "format": "qcow2", "readonly": true, "overlay": false}]}"#).request()
+        let specs = try CloneOptions(template: "t", nics: ["tap=tap0,netns=/run/netns/n1,mac=02:00:00:00:00:07", "user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53"], disks: ["path=/srv/a.img,format=qcow2,readonly=on,overlay=off"]).request()
+        #expect(objects.devices == specs.devices)
     }
 
     @Test("bad requests are refused with one sentence that names the option and the field", arguments: [
@@ -30,7 +37,13 @@ struct CloneOptionsTests {
         (#"{"template": "busybox", "timeout": 0}"#, "--timeout, timeout"),
         (#"{"template": "busybox", "timeout": 86401}"#, "--timeout, timeout"),
         (#"{"template": "busybox", "cow_limit": "8192G"}"#, "--cow-limit"),
-        ("{\"template\": \"busybox\", \"nics\": [" + Array(repeating: "\"user\"", count: 33).joined(separator: ", ") + "]}", "--nic/--disk, nics/disks"),
+        ("{\"template\": \"busybox\", \"nics\": [" + Array(repeating: "{\"backend\": \"user\"}", count: 33).joined(separator: ", ") + "]}", "--nic/--disk, nics/disks"),
+        (#"{"template": "busybox", "nics": ["user"]}"#, "as an object"),
+        (#"{"template": "busybox", "disks": [{"path": "/a.img,readonly=off"}]}"#, "holds ',' or '='"),
+        (#"{"template": "busybox", "nics": [{"backend": "tap"}]}"#, "--nic"),
+        (#"{"template": "busybox", "nics": [{"backend": "user", "hostfwd": ["tcp::8080-:80", "tcp::08080-:81"]}]}"#, "same host port"),
+        ("{\"template\": \"busybox\", \"nics\": [{\"backend\": \"user\", \"hostfwd\": [\"tcp:\u{0663}:8080-:80\"]}]}", "not a forwarding rule"),
+        (#"{"template": "busybox", "timeout": 0.5}"#, "--timeout, timeout"),
         (#"{"template": "../etc"}"#, "name"),
     ])
     func refused(json: String, says: String) throws {

@@ -136,7 +136,15 @@ public struct CloneDevices: Sendable {
                     attached.append(done)
                     let recorded = attached
                     do {
-                        try await store.updateClone(record.id) { $0.devices = (record.devices ?? []) + recorded }
+                        try await store.withLock { locked in
+                            let updated = try locked.updateClone(record.id) { updated in
+                                updated.devices = (record.devices ?? []) + recorded
+                                updated.devicesReady = false
+                            }
+                            var event = StoreEvent(.cloneDeviceAdded, of: updated ?? record)
+                            event.devices = [done.id]
+                            locked.record(event)
+                        }
                     } catch {
                         // Attached but not recorded would be a device nobody can remove.
                         await uncancellable { try? await qmp.detach(done, timeout: timeout) }
@@ -161,6 +169,10 @@ public struct CloneDevices: Sendable {
                 let known = (record.devices ?? []).map(\.id)
                 throw VMTemplateError(.notFound, "clone \(record.id) has no device '\(TerminalText.escape(id))'\(known.isEmpty ? " (it has none)" : ": it has \(known.joined(separator: ", "))").")
             }
+            // A paused guest cannot release it: said now, not after the timeout.
+            if case .paused = await CloneLifecycle(store: store).liveState(of: record) {
+                throw VMTemplateError(.invalidState, "clone \(record.id) is paused, so its guest cannot release \(id): resume it first (vmtemplate resume \(record.id)).")
+            }
             let qmp = try await qemu.connectQMP(timeout: timeout, phase: "device rm")
             defer { qmp.close() }
             try await qmp.detach(device, timeout: timeout)
@@ -168,7 +180,18 @@ public struct CloneDevices: Sendable {
                 // The name comes from the checked device ID, the directory from the store layout.
                 unlink(store.cloneLayout(record.id).overlay(of: device))
             }
-            try await store.updateClone(record.id) { $0.devices?.removeAll { $0.id == id } }
+            try await store.withLock { locked in
+                let updated = try locked.updateClone(record.id) { updated in
+                    updated.devices?.removeAll { $0.id == id }
+                    if updated.devices?.isEmpty == true {
+                        updated.devices = nil
+                        updated.devicesReady = nil
+                    }
+                }
+                var event = StoreEvent(.cloneDeviceRemoved, of: updated ?? record)
+                event.devices = [id]
+                locked.record(event)
+            }
             return device
         }
     }

@@ -18,7 +18,21 @@ public struct CloneEngine: Sendable {
 
     /// Starts a clone and returns once its guest runs; `created` is false when the request was a
     /// retry of one that had succeeded (``retried(_:template:)``): the clone it made is returned.
+    /// With ``CloneRequest/waitForDevices``, it returns once the guest also sees its devices, or
+    /// the request's timeout has passed: the clone was made either way, and its `devicesReady`
+    /// says which (false: not seen yet; the warning says so).
     public func clone(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?, created: Bool) {
+        var result = try await start(request)
+        guard request.waitForDevices, result.record.devicesReady == false else { return result }
+        do {
+            result.record = try await DeviceReadiness(store: store).wait(for: result.record, timeout: request.timeout)
+        } catch let error as VMTemplateError where error.code == .timeout {
+            result.warning = [result.warning, "clone \(result.record.id) runs, but \(error.message) It was kept; its devices_ready stays false until its guest sees them."].compactMap { $0 }.joined(separator: "\n")
+        }
+        return result
+    }
+
+    private func start(_ request: CloneRequest) async throws -> (record: CloneRecord, warning: String?, created: Bool) {
         let started = ContinuousClock.now
         try request.validate()
         let template = try launcher.template(request.template)
@@ -49,7 +63,7 @@ public struct CloneEngine: Sendable {
             launched.timings.resume = launched.lap.next()
             launched.record.state = .running
             launched.record.restoreSeconds = started.duration(to: .now).seconds
-            try store.saveTimed(&launched.record, timings: launched.timings, lap: &launched.lap, started: started)
+            try await store.saveTimed(&launched.record, timings: launched.timings, lap: &launched.lap, started: started)
             return (launched.record, launched.warning, true)
         } catch {
             await launcher.discard(launched)

@@ -113,6 +113,7 @@ public struct CloneLauncher: Sendable {
                     try await qmp.addFrontend(device, timeout: request.timeout)
                 }
                 record.devices = attached.isEmpty ? nil : attached
+                record.devicesReady = attached.isEmpty ? nil : false
                 timings.devices = backends + lap.next()
             } catch {
                 qmp.close()
@@ -137,7 +138,7 @@ public struct CloneLauncher: Sendable {
     private func discard(_ record: CloneRecord, qemu: QEMUInstance?) async {
         await uncancellable {
             if let qemu { _ = try? await qemu.stop(grace: .milliseconds(500), politely: false) }
-            try? await store.withLock { try $0.removeCloneDirectory(record.id, record: record) }
+            try? await store.withLock { try $0.removeCloneDirectory(record.id, record: record, reason: "failed-start") }
         }
     }
 
@@ -308,8 +309,10 @@ public struct CloneLauncher: Sendable {
                 try locked.claimNames(of: record)
                 try locked.enterLive(id, committedBytes: committed)
                 try store.save(record)
+                // A pool member is announced once it is ready (pool.member-ready), not as it warms.
+                if state == .starting { locked.record(StoreEvent(.cloneCreated, of: record)) }
             } catch {
-                try? locked.removeCloneDirectory(id, record: record)
+                try? locked.removeCloneDirectory(id, record: record, reason: "failed-start")
                 throw error
             }
             return record
@@ -391,11 +394,16 @@ extension TemplateStore {
     /// Saves `record` with `timings` and returns it with the save counted in them (`records`,
     /// `total`). The record on disk keeps the figures known when it was written (its own write
     /// not in them): writing it twice to hold them all would cost the clone a second write.
-    func saveTimed(_ record: inout CloneRecord, timings: CloneTimings, lap: inout Lap, started: ContinuousClock.Instant) throws {
+    /// Writes the record of a clone that now runs, and says so in the journal (`clone.running`).
+    func saveTimed(_ record: inout CloneRecord, timings: CloneTimings, lap: inout Lap, started: ContinuousClock.Instant) async throws {
         var timings = timings
         timings.total = started.duration(to: .now).seconds
         record.timings = timings
-        try save(record)
+        let running = record
+        try await withLock { locked in
+            try save(running)
+            locked.record(StoreEvent(.cloneRunning, of: running))
+        }
         timings.records = lap.next()
         timings.total = started.duration(to: .now).seconds
         record.timings = timings

@@ -64,10 +64,10 @@ public struct CloneLifecycle: Sendable {
     /// lock; a concurrent caller (another `rm`, the API) is told the clone is not found, as it
     /// will be, so exactly one reports the removal.
     @discardableResult
-    public func remove(_ record: CloneRecord, grace: Duration = .seconds(3)) async throws -> QEMUInstance.StopResult {
+    public func remove(_ record: CloneRecord, grace: Duration = .seconds(3), reason: String = "removed") async throws -> QEMUInstance.StopResult {
         try await store.withLock { try $0.claimRemoval(of: record.id) }
         do {
-            return try await stopAndRemove(record, grace: grace)
+            return try await stopAndRemove(record, grace: grace, reason: reason)
         } catch {
             // Not removed: the next caller may try again.
             store.releaseRemoval(of: record.id)
@@ -75,7 +75,7 @@ public struct CloneLifecycle: Sendable {
         }
     }
 
-    private func stopAndRemove(_ record: CloneRecord, grace: Duration) async throws -> QEMUInstance.StopResult {
+    private func stopAndRemove(_ record: CloneRecord, grace: Duration, reason: String) async throws -> QEMUInstance.StopResult {
         var how = QEMUInstance.StopResult.alreadyExited
         switch qemu(of: record) {
         case .running(let instance):
@@ -87,12 +87,43 @@ public struct CloneLifecycle: Sendable {
         }
         try await store.withLock { locked in
             do {
-                try locked.removeCloneDirectory(record.id, record: record)
+                try locked.removeCloneDirectory(record.id, record: record, reason: reason)
             } catch let error as VMTemplateError {
                 throw VMTemplateError(.ioError, "clone \(record.id) stopped but its directory could not be removed: \(error.message)", cause: error.cause)
             }
         }
         return how
+    }
+
+    /// Records, once, that clone `record`'s QEMU has ended: its record's state and `exit` (how:
+    /// `waitStatus` when this process was its parent, the last lines of its log), and the journal's
+    /// `clone.exited`. Returns the record as written (nil: gone, or it could not be written).
+    @discardableResult
+    public func markExited(_ record: CloneRecord, reason: String = "exited", waitStatus: Int32? = nil) async -> CloneRecord? {
+        let words = TerminalText.escape(LogTail.lastLines(ofFile: store.clonePaths(record.id).qemuLog, count: 3, maxBytes: 4096))
+        var exit = CloneExit(reason: reason, lastWords: words.isEmpty ? nil : String(words.prefix(300)))
+        if let waitStatus {
+            if waitStatus & 0x7f == 0 { exit.exitStatus = (waitStatus >> 8) & 0xff } else { exit.signal = waitStatus & 0x7f }
+        }
+        let noticed = exit
+        return try? await store.withLock { locked -> CloneRecord? in
+            var first = false
+            let updated = try locked.updateClone(record.id) { updated in
+                guard updated.exit == nil else { return }
+                first = true
+                updated.state = .exited
+                updated.pausedBy = nil
+                updated.exit = noticed
+            }
+            if first, let updated {
+                var event = StoreEvent(.cloneExited, of: updated, reason: reason)
+                event.exitStatus = noticed.exitStatus
+                event.signal = noticed.signal
+                event.lastWords = noticed.lastWords
+                locked.record(event)
+            }
+            return updated
+        }
     }
 
     /// Continues a paused clone (QMP `cont`), optionally with a new copy-on-write limit so the
@@ -117,11 +148,15 @@ public struct CloneLifecycle: Sendable {
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "resume")
         defer { qmp.close() }
         try await qmp.cont()
-        return try await store.updateClone(record.id) { updated in
-            updated.state = .running
-            updated.pausedBy = nil
-            if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
-        } ?? record
+        return try await store.withLock { locked in
+            let resumed = try locked.updateClone(record.id) { updated in
+                updated.state = .running
+                updated.pausedBy = nil
+                if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
+            }
+            locked.record(StoreEvent(.cloneResumed, of: resumed ?? record))
+            return resumed ?? record
+        }
     }
 
     /// Pauses a running clone (QMP `stop`) for its user: its guest freezes, its memory stays, and
@@ -135,10 +170,14 @@ public struct CloneLifecycle: Sendable {
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "pause")
         defer { qmp.close() }
         try await qmp.stop()
-        return try await store.updateClone(record.id) { updated in
-            updated.state = .paused
-            updated.pausedBy = .user
-        } ?? record
+        return try await store.withLock { locked in
+            let paused = try locked.updateClone(record.id) { updated in
+                updated.state = .paused
+                updated.pausedBy = .user
+            }
+            locked.record(StoreEvent(.clonePaused, of: paused ?? record, reason: PausedBy.user.rawValue))
+            return paused ?? record
+        }
     }
 
     /// Refuses a clone whose guest cannot answer a request now: a pool member not handed out, a
@@ -164,7 +203,8 @@ public struct CloneLifecycle: Sendable {
         try GuestCommand.check([command], key: "the command")
         if let refusal = Self.refusalBeforeHandOut(record) { throw refusal }
         guard record.guestAgent == true else {
-            throw VMTemplateError(.unsupported, "clone \(record.id) (\(record.name)) has no guest agent port: its template was made without \"ready_when\" or \"guest_setup\" set to \"guest-agent\" (docs/guests.md).")
+            // The clone's state (its machine has no agent port), not a missing feature: 409, not 501.
+            throw VMTemplateError(.invalidState, "clone \(record.id) (\(record.name)) has no guest agent port: its template was made without \"ready_when\" or \"guest_setup\" set to \"guest-agent\" (docs/guests.md).")
         }
         try await refuseUnlessAnswering(record)
         let socket = store.cloneLayout(record.id).instance.agentSocket

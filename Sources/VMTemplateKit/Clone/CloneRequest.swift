@@ -31,6 +31,9 @@ public struct CloneRequest: Sendable, Equatable {
     public var devices = DeviceRequest()
     /// Take a ready member of the template's warm pool when there is one (docs/pools.md).
     public var usePool = true
+    /// Return only once the guest sees every hot-plugged device, within ``timeout``
+    /// (``DeviceReadiness``): for callers that prefer blocking to following events.
+    public var waitForDevices = false
     /// Who waits for the guest's answers to its clock and hostname (``GuestSetup``): a thread of
     /// this process (the default, for long-lived callers), or a forked child (`clone` of the CLI,
     /// which exits at once). Set by the caller's process, not by what it was asked.
@@ -49,6 +52,9 @@ public struct CloneRequest: Sendable, Equatable {
     public static let translationCacheRangeMiB = 1...65_536
     /// The longest a clone may be given to start: a day.
     public static let maxTimeoutSeconds = 86_400
+    /// A second: a restore takes ~50 ms under TCG, so less than this can only fail, and a
+    /// caller's deadline below it is a mistake said at once rather than a timeout found later.
+    public static let minTimeoutSeconds = 1.0
 
     public init(template: EntityName, name: EntityName? = nil, freshGenerationID: Bool = true, allowWritableTemplate: Bool = false, tcgTranslationCacheMiB: Int? = nil, timeout: Duration = .seconds(30), cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil) {
         self.cowLimitBytes = cowLimitBytes
@@ -67,13 +73,13 @@ public struct CloneRequest: Sendable, Equatable {
         if let tcgTranslationCacheMiB, !Self.translationCacheRangeMiB.contains(tcgTranslationCacheMiB) {
             throw VMTemplateError(.invalidArgument, "the TCG translation cache (--tcg-tb-size, tcg_tb_size) must be \(Self.translationCacheRangeMiB.lowerBound) to \(Self.translationCacheRangeMiB.upperBound) MiB, not \(tcgTranslationCacheMiB).")
         }
-        guard timeout > .zero, timeout <= .seconds(Self.maxTimeoutSeconds) else { throw Self.timeoutRefused }
+        guard timeout >= .seconds(Self.minTimeoutSeconds), timeout <= .seconds(Self.maxTimeoutSeconds) else { throw Self.timeoutRefused }
         try Admission.checkLimit(cowLimitBytes)
         guard devices.count <= MachineSpec.maxHotplugSlots else { throw Self.tooManyDevices(devices.count) }
     }
 
     /// The refusals ``CloneOptions/request()`` also makes before it parses anything, in the same words.
-    static let timeoutRefused = VMTemplateError(.invalidArgument, "the timeout (--timeout, timeout) must be more than 0 and at most \(maxTimeoutSeconds) seconds.")
+    static let timeoutRefused = VMTemplateError(.invalidArgument, "the timeout (--timeout, timeout) must be at least \(minTimeoutSeconds) and at most \(maxTimeoutSeconds) seconds.")
 
     static func tooManyDevices(_ count: Int) -> VMTemplateError {
         VMTemplateError(.invalidArgument, "at most \(MachineSpec.maxHotplugSlots) NICs and disks together (--nic/--disk, nics/disks), not \(count).")
@@ -97,13 +103,15 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
     /// A size (`64M`).
     public var cowLimit: String?
     public var overLimit: OverLimitAction?
-    /// `--nic` specs.
-    public var nics: [String]?
-    /// `--disk` specs.
-    public var disks: [String]?
+    /// `--nic` specs, or the API's NIC objects (``DeviceObject``).
+    public var nics: [DeviceObject]?
+    /// `--disk` specs, or the API's disk objects.
+    public var disks: [DeviceObject]?
     public var noPool: Bool?
+    /// Return only once the guest sees every device (``DeviceReadiness``).
+    public var waitDevices: Bool?
 
-    public init(template: String, name: String? = nil, vmgenid: Bool? = nil, allowWritableTemplate: Bool? = nil, tcgTranslationCacheMiB: Int? = nil, timeoutSeconds: Double? = nil, cowLimit: String? = nil, overLimit: OverLimitAction? = nil, nics: [String]? = nil, disks: [String]? = nil, noPool: Bool? = nil) {
+    public init(template: String, name: String? = nil, vmgenid: Bool? = nil, allowWritableTemplate: Bool? = nil, tcgTranslationCacheMiB: Int? = nil, timeoutSeconds: Double? = nil, cowLimit: String? = nil, overLimit: OverLimitAction? = nil, nics: [String]? = nil, disks: [String]? = nil, noPool: Bool? = nil, waitDevices: Bool? = nil) {
         self.template = template
         self.name = name
         self.vmgenid = vmgenid
@@ -112,9 +120,10 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
         self.timeoutSeconds = timeoutSeconds
         self.cowLimit = cowLimit
         self.overLimit = overLimit
-        self.nics = nics
-        self.disks = disks
+        self.nics = nics?.map(DeviceObject.spec)
+        self.disks = disks?.map(DeviceObject.spec)
         self.noPool = noPool
+        self.waitDevices = waitDevices
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
@@ -125,6 +134,7 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
         case cowLimit = "cow_limit"
         case overLimit = "over_limit"
         case noPool = "no_pool"
+        case waitDevices = "wait_devices"
     }
 
     /// An unknown field is refused, not ignored: a misspelt `cow_limt` would otherwise make a
@@ -140,16 +150,17 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
         timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds)
         cowLimit = try c.decodeIfPresent(String.self, forKey: .cowLimit)
         overLimit = try c.decodeIfPresent(OverLimitAction.self, forKey: .overLimit)
-        nics = try c.decodeIfPresent([String].self, forKey: .nics)
-        disks = try c.decodeIfPresent([String].self, forKey: .disks)
+        nics = try c.decodeIfPresent([DeviceObject].self, forKey: .nics)
+        disks = try c.decodeIfPresent([DeviceObject].self, forKey: .disks)
         noPool = try c.decodeIfPresent(Bool.self, forKey: .noPool)
+        waitDevices = try c.decodeIfPresent(Bool.self, forKey: .waitDevices)
     }
 
     /// The request these options ask for, parsed and checked (``CloneRequest/validate()``).
     public func request() throws -> CloneRequest {
         // Before anything is parsed or converted: a NaN or huge number makes no Duration, and a
         // thousand specs are not parsed to be refused.
-        if let timeoutSeconds, !(timeoutSeconds > 0 && timeoutSeconds <= Double(CloneRequest.maxTimeoutSeconds)) {
+        if let timeoutSeconds, !(timeoutSeconds >= CloneRequest.minTimeoutSeconds && timeoutSeconds <= Double(CloneRequest.maxTimeoutSeconds)) {
             throw CloneRequest.timeoutRefused
         }
         let deviceCount = (nics?.count ?? 0) + (disks?.count ?? 0)
@@ -163,8 +174,9 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
             timeout: timeoutSeconds.map { .seconds(fractional: $0) } ?? .seconds(30),
             cowLimitBytes: try cowLimit.map { try ByteSize(parsing: $0).bytes },
             overLimitAction: overLimit)
-        request.devices = try DeviceRequest(parsingNICs: nics ?? [], disks: disks ?? [])
+        request.devices = try DeviceObject.request(nics: nics ?? [], disks: disks ?? [])
         request.usePool = noPool != true
+        request.waitForDevices = waitDevices == true
         try request.validate()
         return request
     }

@@ -47,6 +47,11 @@ public struct CloneView: Sendable, Codable, Equatable {
     /// In the answer to a create: false when it was a retry and this is the clone it had made.
     /// Null elsewhere.
     public var created: Bool?
+    /// How its QEMU ended, once noticed (null while it runs).
+    public var exit: CloneExit?
+    /// Whether the guest has been seen to have every device: false until then, null without
+    /// devices (``DeviceReadiness``).
+    public var devicesReady: Bool?
 
     /// The clone as its record says, memory unmeasured.
     public init(_ record: CloneRecord, paths: InstancePaths, overLimitDefault: OverLimitAction? = nil) {
@@ -71,10 +76,12 @@ public struct CloneView: Sendable, Codable, Equatable {
         overLimitAction = record.cowLimitBytes == nil ? nil : record.overLimitAction ?? overLimitDefault
         lastEnforcement = record.lastEnforcement
         pausedBy = record.state == .paused ? record.pausedBy : nil
+        exit = record.exit
+        devicesReady = record.devicesReady
     }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, template, pid, state, clock, devices, vmgenid, timings, created
+        case id, name, template, pid, state, clock, devices, vmgenid, timings, created, exit
         case createdAt = "created_at"
         case uptimeSeconds = "uptime_seconds"
         case cowBytes = "cow_bytes"
@@ -87,6 +94,7 @@ public struct CloneView: Sendable, Codable, Equatable {
         case agentSocket = "agent_socket"
         case guestSetup = "guest_setup"
         case fromPool = "from_pool"
+        case devicesReady = "devices_ready"
         case cowLimitBytes = "cow_limit_bytes"
         case overLimitAction = "over_limit_action"
         case lastEnforcement = "last_enforcement"

@@ -108,7 +108,7 @@ public struct GarbageCollector: Sendable {
 
     private func removeDirectory(of id: String, into report: inout GarbageReport) async {
         do {
-            try await store.withLock { try $0.removeCloneDirectory(id, record: nil) }
+            try await store.withLock { try $0.removeCloneDirectory(id, record: nil, reason: "gc") }
             report.removedClones.append(id)
         } catch {
             report.problems.append("\(store.cloneDirectory(id)): \(VMTemplateError.oneLine(error))")

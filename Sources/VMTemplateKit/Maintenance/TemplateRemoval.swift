@@ -31,7 +31,7 @@ public struct TemplateRemoval: Sendable {
         }
         for record in users {
             do {
-                try await CloneLifecycle(store: store).remove(record, grace: grace)
+                try await CloneLifecycle(store: store).remove(record, grace: grace, reason: "template-removed")
             } catch let error as VMTemplateError where error.code == .notFound {
                 // Removed meanwhile by somebody else: gone either way.
             }

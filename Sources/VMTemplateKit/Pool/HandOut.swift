@@ -53,11 +53,16 @@ extension WarmPool {
                         named.name = wanted
                         try locked.claimNames(of: named)
                         try store.save(named)
+                        locked.record(StoreEvent(.cloneCreated, of: named))
                         return named
                     }
                     record = named
                 } else {
-                    try store.save(record)
+                    let handedOut = record
+                    try await store.withLock { locked in
+                        try store.save(handedOut)
+                        locked.record(StoreEvent(.cloneCreated, of: handedOut))
+                    }
                 }
             } catch {
                 // Nothing was changed: the member goes back to its pool.
@@ -78,6 +83,7 @@ extension WarmPool {
                     attached.append(try await qmp.attach(device, timeout: request.timeout))
                 }
                 record.devices = attached.isEmpty ? nil : attached
+                record.devicesReady = attached.isEmpty ? nil : false
                 timings.devices = opened + lap.next()
                 if !devices.isEmpty { try await qmp.cont() }
                 GuestSetup.begin(&record, template: template.manifest, store: store, request: request)
@@ -85,7 +91,7 @@ extension WarmPool {
                 timings.resume = connected + lap.next()
                 record.state = .running
                 record.restoreSeconds = started.duration(to: .now).seconds
-                try store.saveTimed(&record, timings: timings, lap: &lap, started: started)
+                try await store.saveTimed(&record, timings: timings, lap: &lap, started: started)
                 return record
             } catch {
                 // Half handed out: removed like a fresh clone that failed.

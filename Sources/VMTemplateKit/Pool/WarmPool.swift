@@ -107,13 +107,14 @@ public struct WarmPool: Sendable {
             // to start. Checked, recorded and listed under the lock that template removal takes,
             // so a removal sees either no member or a listed one.
             let member = record
-            try await store.withLock { _ in
+            try await store.withLock {
                 guard (store.pools.sizes()[template.value] ?? 0) > 0,
                       (try? store.template(named: template))?.manifest.identity == member.templateDigest else {
                     throw VMTemplateError(.invalidState, "the pool of '\(template)' was drained or its template removed while member \(member.id) warmed.")
                 }
                 try store.save(member)
                 try store.pools.markReady(member.id, template: template)
+                $0.record(StoreEvent(.poolMemberReady, of: member))
             }
             return record
         } catch {

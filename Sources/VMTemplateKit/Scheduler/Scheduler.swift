@@ -38,7 +38,7 @@ public struct Scheduler: Sendable {
         guard let qemu = record.qemu, !record.isBeingSetUp, record.state != .exited, record.state != .pooled else { return nil }
         guard qemu.isAlive else {
             // Marked here so `list` and `inspect` tell the story even before `gc` runs.
-            _ = try? await store.updateClone(record.id) { $0.state = .exited }
+            await lifecycle.markExited(record)
             return nil
         }
         guard let limit = record.cowLimitBytes, record.state != .paused else { return nil }
@@ -79,12 +79,24 @@ public struct Scheduler: Sendable {
         }
         let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure,
                                       attempt: action == .pause ? failedPauses + 1 : nil, escalated: escalated ? true : nil)
-        _ = try? await store.updateClone(record.id) { updated in
-            updated.lastEnforcement = enforcement
-            if failure == nil {
-                updated.state = action == .pause ? .paused : .exited
-                if action == .pause { updated.pausedBy = .scheduler }
+        let updated = try? await store.withLock { locked in
+            let updated = try locked.updateClone(record.id) { updated in
+                updated.lastEnforcement = enforcement
+                if failure == nil && action == .pause {
+                    updated.state = .paused
+                    updated.pausedBy = .scheduler
+                }
             }
+            if failure == nil, action == .pause, let updated {
+                var event = StoreEvent(.clonePaused, of: updated, reason: PausedBy.scheduler.rawValue)
+                event.cowBytes = cowBytes
+                event.limitBytes = limit
+                locked.record(event)
+            }
+            return updated
+        }
+        if failure == nil, action == .kill, let updated {
+            await lifecycle.markExited(updated, reason: "killed over its copy-on-write limit")
         }
         return enforcement
     }

@@ -29,7 +29,13 @@ package enum ChildReaper {
         var children: [Child] = []
         /// The write end of a pipe that wakes the thread when a child is added.
         var wake: Int32 = -1
+        /// How the last children reaped ended (wait statuses), oldest first: what `serve` tells
+        /// of a clone whose QEMU exited. Bounded: a status nobody asked for is forgotten.
+        var reaped: [(pid: Int32, status: Int32)] = []
     }
+
+    /// The most statuses kept.
+    static let maxReaped = 1024
 
     private static let state = Mutex(State())
 
@@ -71,6 +77,23 @@ package enum ChildReaper {
     /// How many children wait to be reaped (exited or not).
     package static var adoptedCount: Int { state.withLock { $0.children.count } }
 
+    /// What became of child `pid`: `.pending` while it is adopted and not reaped yet, its wait
+    /// status once reaped (taken: asked once), `.unknown` when it is no child handed here.
+    package enum Outcome: Sendable, Equatable {
+        case pending
+        case reaped(Int32)
+        case unknown
+    }
+
+    package static func outcome(of pid: Int32) -> Outcome {
+        state.withLock { state in
+            if let index = state.reaped.lastIndex(where: { $0.pid == pid }) {
+                return .reaped(state.reaped.remove(at: index).status)
+            }
+            return state.children.contains { $0.pid == pid } ? .pending : .unknown
+        }
+    }
+
     private static func run(woken wake: Int32) {
         while true {
             let children = state.withLock { $0.children }
@@ -85,11 +108,13 @@ package enum ChildReaper {
                 while read(wake, &drained, drained.count) > 0 {}
             }
             var reaped: [Child] = []
+            var statuses: [(pid: Int32, status: Int32)] = []
             for child in children {
                 var status: Int32 = 0
                 let result = waitpid(child.pid, &status, WNOHANG)
                 // ECHILD: somebody else reaped it (or it was never ours): nothing left to wait for.
                 if result == child.pid || (result < 0 && errno == ECHILD) { reaped.append(child) }
+                if result == child.pid { statuses.append((child.pid, status)) }
             }
             guard !reaped.isEmpty else { continue }
             // The very entries reaped, by PID and pidfd: once waitpid has freed a PID, a new child
@@ -98,6 +123,8 @@ package enum ChildReaper {
             state.withLock { state in
                 for child in reaped where child.pidfd >= 0 { close(child.pidfd) }
                 state.children.removeAll { reaped.contains($0) }
+                state.reaped.append(contentsOf: statuses)
+                if state.reaped.count > maxReaped { state.reaped.removeFirst(state.reaped.count - maxReaped) }
             }
         }
     }

@@ -53,6 +53,12 @@ public struct NICSpec: Sendable, Equatable {
         case (nil, true):
             guard namespacePath == nil else { throw options.error("netns= goes with tap=, not with user") }
             guard forwards.count <= 16 else { throw options.error("at most 16 hostfwd= rules") }
+            // One host port (per protocol and address) takes one rule: QEMU would fail the second.
+            let hostSides = forwards.map { rule in
+                let host = rule.split(separator: "-", maxSplits: 1)[0].split(separator: ":", omittingEmptySubsequences: false)
+                return "\(host[0].isEmpty ? "tcp" : host[0]):\(host[1]):\(host[2].drop { $0 == "0" })"
+            }
+            guard Set(hostSides).count == hostSides.count else { throw options.error("two hostfwd= rules forward the same host port: give each port once") }
             backend = .user(hostForwards: forwards)
         default:
             throw options.error("say either tap=IFNAME or user")
@@ -67,7 +73,8 @@ public struct NICSpec: Sendable, Equatable {
         let host = halves[0].split(separator: ":", omittingEmptySubsequences: false)
         let guest = halves[1].split(separator: ":", omittingEmptySubsequences: false)
         guard host.count == 3, ["", "tcp", "udp"].contains(host[0]), guest.count == 2 else { return false }
-        func isAddress(_ part: Substring) -> Bool { part.allSatisfy { $0.isNumber || $0 == "." } }
+        // ASCII digits: isNumber alone takes any script's digits, which QEMU would not.
+        func isAddress(_ part: Substring) -> Bool { part.allSatisfy { ($0.isASCII && $0.isNumber) || $0 == "." } }
         func isPort(_ part: Substring) -> Bool { UInt16(part).map { $0 > 0 } ?? false }
         return isAddress(host[1]) && isPort(host[2]) && isAddress(guest[0]) && isPort(guest[1])
     }

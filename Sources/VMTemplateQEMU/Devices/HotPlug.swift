@@ -228,6 +228,11 @@ extension QMPClient {
             }
             return VMTemplateError(.busy, "\(what) is open in another process (another clone?), so this clone cannot write it: attach it with overlay=on (a copy-on-write overlay of its own) or readonly=on.", cause: qmp)
         }
+        if qmp.desc.contains("host forwarding rule") {
+            // The host's port is taken (by another clone's rule, or any program): the host's
+            // state, not QEMU failing.
+            return VMTemplateError(.busy, "\(what): \(VMTemplateError.phrase(TerminalText.escape(qmp.desc))), its host port is in use: pick another port in hostfwd.", cause: qmp)
+        }
         return VMTemplateError(.qemuFailed, "QEMU could not attach \(what): \(VMTemplateError.phrase(TerminalText.escape(qmp.desc))).", cause: qmp)
     }
 }

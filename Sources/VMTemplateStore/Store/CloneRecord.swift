@@ -27,6 +27,43 @@ public enum CloneState: String, Sendable, Codable, CaseIterable {
     }
 }
 
+/// How a clone's QEMU ended: a record's and a clone object's `exit`, and what a `clone.exited`
+/// event says.
+public struct CloneExit: Sendable, Codable, Equatable {
+    /// When vmtemplate noticed (within a second of the exit while `serve` runs).
+    public var time: Date
+    /// QEMU's exit status, or the signal that ended it: known only to the process that started it
+    /// (a clone made through the API); null otherwise.
+    public var exitStatus: Int32?
+    public var signal: Int32?
+    /// Why, in a few words: `exited`, `killed over its copy-on-write limit`, ...
+    public var reason: String
+    /// The last lines of its QEMU log, escaped, at most 300 characters.
+    public var lastWords: String?
+
+    public init(time: Date = Date(), exitStatus: Int32? = nil, signal: Int32? = nil, reason: String, lastWords: String? = nil) {
+        self.time = time
+        self.exitStatus = exitStatus
+        self.signal = signal
+        self.reason = reason
+        self.lastWords = lastWords
+    }
+
+    /// Why a record's `exit` is not to be believed, or nil.
+    var problem: String? {
+        if let exitStatus, !(0...255).contains(exitStatus) { return "exit.exit_status \(exitStatus) is out of range" }
+        if let signal, !(1...64).contains(signal) { return "exit.signal \(signal) is out of range" }
+        if reason.utf8.count > 200 || (lastWords?.utf8.count ?? 0) > 600 { return "exit says too much" }
+        return nil
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case time, signal, reason
+        case exitStatus = "exit_status"
+        case lastWords = "last_words"
+    }
+}
+
 /// `clones/ID/record.json`: everything needed to find, inspect and stop one clone.
 public struct CloneRecord: Sendable, Codable, Equatable {
     public init(id: String, name: String, template: String, qemu: ProcessIdentity? = nil, qemuExecutable: String? = nil, creator: ProcessIdentity? = nil, createdAt: Date, state: CloneState, templateStore: String? = nil, memoryFile: String, writableTemplate: Bool, vmgenid: String? = nil, qemuArguments: [String], restoreSeconds: Double? = nil, guestMemoryBytes: UInt64? = nil, cowLimitBytes: UInt64? = nil, overLimitAction: OverLimitAction? = nil, lastEnforcement: Enforcement? = nil) {
@@ -108,9 +145,16 @@ public struct CloneRecord: Sendable, Codable, Equatable {
     /// The ``TemplateManifest/identity`` of the template it was made from: a template removed and
     /// made again under the same name is another template, whose pool never hands this one out.
     public var templateDigest: String?
+    /// How its QEMU ended, once vmtemplate noticed (`serve`'s watcher, the scheduler).
+    public var exit: CloneExit?
+    /// Whether its guest has been seen to have every hot-plugged device (``devices``): false from
+    /// the moment one is plugged until `serve` or `clone --wait-devices` sees it; nil without
+    /// devices.
+    public var devicesReady: Bool?
 
     enum CodingKeys: String, CodingKey {
-        case id, name, template, qemu, creator
+        case id, name, template, qemu, creator, exit
+        case devicesReady = "devices_ready"
         case qemuExecutable = "qemu_executable"
         case createdAt = "created_at"
         case state
@@ -181,6 +225,7 @@ public struct CloneRecord: Sendable, Codable, Equatable {
         if let hotplugSlots, !(0...MachineSpec.maxHotplugSlots).contains(hotplugSlots) { return "hotplug_slots \(hotplugSlots) is out of range" }
         if let clock, !["requested", "none", "not-sent"].contains(clock) { return "clock is not one vmtemplate writes" }
         if let guestSetup, !["running", "done", "failed"].contains(guestSetup) { return "guest_setup is not one vmtemplate writes" }
+        if let exit, let problem = exit.problem { return problem }
         if let devices {
             guard devices.count <= MachineSpec.maxHotplugSlots else { return "it lists \(devices.count) devices" }
             if let problem = devices.lazy.compactMap(\.problem).first { return problem }

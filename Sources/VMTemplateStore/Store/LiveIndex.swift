@@ -129,10 +129,15 @@ extension LockedStore {
 
     /// Removes clone `id`'s directory, its index entry and (given its record) its names: under the
     /// store lock, so no `clone` can be reserving the same names meanwhile.
-    public func removeCloneDirectory(_ id: String, record: CloneRecord?) throws {
+    /// `reason` is what the journal's `clone.removed` (or `pool.member-removed`) says.
+    public func removeCloneDirectory(_ id: String, record: CloneRecord?, reason: String = "removed") throws {
         try FileSystem.removeTree(path: store.cloneDirectory(id))
         leaveLive(id)
         if let record { releaseNames(of: record) }
+        let pooled = record.map { $0.state == .pooled || $0.state == .warming } ?? false
+        var event = StoreEvent(pooled ? .poolMemberRemoved : .cloneRemoved, clone: id, name: record?.name, template: record?.template, reason: reason)
+        event.fromPool = nil
+        self.record(event)
     }
 }
 

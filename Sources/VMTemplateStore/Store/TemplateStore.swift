@@ -517,5 +517,6 @@ extension LockedStore {
         chmod(target, directoryMode)
         try FileSystem.fsyncDirectory(path: store.templatesDirectory)
         try FileSystem.fsyncDirectory(path: store.stagingDirectory)
+        record(StoreEvent(.templateAdded, template: staging.name.value))
     }
 }

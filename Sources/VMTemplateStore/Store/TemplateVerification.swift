@@ -74,7 +74,7 @@ extension TemplateStore {
     /// Takes template `name` out of `templates/` under the lock (renamed aside, so no `clone`
     /// starts from it from now on) and removes its files. The caller has dealt with its clones.
     package func removeTemplateFiles(_ name: EntityName) async throws {
-        let aside: String = try await withLock { _ in
+        let aside: String = try await withLock { locked in
             let directory = templateFiles(name).directory
             var info = stat()
             guard lstat(directory, &info) == 0 else {
@@ -85,6 +85,7 @@ extension TemplateStore {
                 throw VMTemplateError(.ioError, "cannot remove template '\(name)': \(errnoText()).", cause: SystemCallError("rename"))
             }
             try? FileSystem.fsyncDirectory(path: templatesDirectory)
+            locked.record(StoreEvent(.templateRemoved, template: name.value))
             return aside
         }
         try FileSystem.removeTree(path: aside)
