@@ -67,3 +67,34 @@ struct ShellSupportTests {
         #expect(verified.status == 0 && verified.stderr.isEmpty, "\(verified.stderr)")
     }
 }
+
+/// Lints run by tools nobody here wrote: what a packager runs.
+@Suite("the unit, the man page and the scripts under their linters")
+struct LinterTests {
+    @Test("systemd-analyze security rates the unit 3.0 or better", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"), "needs systemd-analyze"))
+    func unitExposure() throws {
+        let result = try ShortCommand.run("/usr/bin/systemd-analyze", ["security", "--offline=yes", "--no-pager", "\(Checkout.root)/dist/systemd/vmtemplate.service"])
+        let line = result.stdout.split(separator: "\n").first { $0.contains("Overall exposure level") }.map(String.init) ?? ""
+        let score = line.split(separator: ":").last.flatMap { Double($0.split(separator: " ").first ?? "") }
+        #expect((score ?? 99) <= 3.0, "\(line)\n\(result.stderr)")
+    }
+
+    @Test("mandoc -Tlint finds nothing at warning level in the man page", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/mandoc"), "scripts/setup --for-tests installs mandoc"))
+    func manPageLint() throws {
+        let result = try ShortCommand.run("/usr/bin/mandoc", ["-Tlint", "-Wwarning", "\(Checkout.root)/dist/man/vmtemplate.1"])
+        #expect(result.status == 0 && result.stdout.isEmpty && result.stderr.isEmpty, "\(result.stdout)\(result.stderr)")
+    }
+
+    @Test("shellcheck finds nothing at warning level in the scripts, the template builds and the busybox guest's init", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/shellcheck"), "scripts/setup --for-tests installs shellcheck"))
+    func shellcheck() throws {
+        let candidates = try FileManager.default.contentsOfDirectory(atPath: "\(Checkout.root)/scripts").map { "scripts/\($0)" }
+            + ["templates/busybox/build", "templates/debian/build", "templates/busybox/init", ".ci/run"]
+        let shells = candidates.sorted().filter { path in
+            let first = (try? String(contentsOfFile: "\(Checkout.root)/\(path)", encoding: .utf8))?.split(separator: "\n").first ?? ""
+            return first.hasPrefix("#!") && (first.hasSuffix("bash") || first.hasSuffix("/sh") || first.hasSuffix("busybox sh"))
+        }
+        #expect(shells.count >= 8, "\(shells)")
+        let result = try ShortCommand.run("/usr/bin/shellcheck", ["-S", "warning"] + shells.map { "\(Checkout.root)/\($0)" })
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    }
+}

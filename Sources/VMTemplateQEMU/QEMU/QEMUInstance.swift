@@ -216,7 +216,7 @@ public enum QEMUIdentity {
     /// Why `pid` is not the QEMU called `name`, or nil when it is.
     package static func problem(pid: Int32, name: String, executable: String?) -> String? {
         guard let running = readExecutable(pid: pid) else {
-            return "cannot read /proc/\(pid)/exe (another user's process?)"
+            return problemWithoutExecutable(pid: pid, name: name, executable: executable)
         }
         let base = running.split(separator: "/").last.map(String.init) ?? running
         guard base.hasPrefix("qemu-system-") || base == "qemu-kvm" else {
@@ -229,6 +229,29 @@ public enum QEMUIdentity {
         }
         guard case .success(let bytes) = FileSystem.readContents(path: "/proc/\(pid)/cmdline") else {
             return "cannot read /proc/\(pid)/cmdline"
+        }
+        return problem(commandLine: bytes, name: name).map { "process \(pid) \($0)" }
+    }
+
+    /// Without CAP_SYS_PTRACE (vmtemplate.service's bounding set leaves it out) root may not read
+    /// the `exe` link of a QEMU that dropped to ``QEMUConfinement/systemUser``. Such a process can
+    /// only have been started by root, so it is recognised by its owner, the program its command
+    /// line ran, and its `-name` (its start time was checked through the caller's pidfd).
+    static func problemWithoutExecutable(pid: Int32, name: String, executable: String?) -> String? {
+        let unreadable = "cannot read /proc/\(pid)/exe (another user's process?)"
+        var buffer = [CChar](repeating: 0, count: 8)
+        guard readlink("/proc/\(pid)/exe", &buffer, buffer.count) < 0, errno == EACCES,
+              let qemuUser = getpwnam(QEMUConfinement.systemUser)?.pointee.pw_uid else { return unreadable }
+        var info = stat()
+        guard stat("/proc/\(pid)", &info) == 0, info.st_uid == qemuUser,
+              case .success(let bytes) = FileSystem.readContents(path: "/proc/\(pid)/cmdline") else { return unreadable }
+        let program = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        let base = program.split(separator: "/").last.map(String.init) ?? program
+        guard base.hasPrefix("qemu-system-") || base == "qemu-kvm" else {
+            return "process \(pid) of \(QEMUConfinement.systemUser) runs \(TerminalText.escape(String(program.prefix(80)))), not a QEMU system emulator"
+        }
+        if let executable, program != executable, program != FileSystem.resolvedPath(executable) {
+            return "process \(pid) runs \(TerminalText.escape(String(program.prefix(80)))), not \(executable)"
         }
         return problem(commandLine: bytes, name: name).map { "process \(pid) \($0)" }
     }
