@@ -24,6 +24,12 @@ let package = Package(
         // because VMTemplateAPI imports them itself (scripts/check-imports holds every target to that).
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
+        // HTTP field names of its own (X-Request-Id): the types Hummingbird's requests and
+        // responses are made of, already in the graph through it.
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+        // The server's graceful shutdown, seen from inside a response (a followed event stream
+        // ends when the server stops): Hummingbird runs on it, so it is already in the graph.
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
         // The few Linux calls Swift cannot import (variadic prctl(2) and syscall(2)).
@@ -51,6 +57,8 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .executableTarget(
@@ -62,6 +70,8 @@ let package = Package(
                 "VMTemplateKit",
                 "VMTemplateAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // serve hands the API its logger (ServeLogHandler, --log-format).
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // Benchmarks against real QEMU guests (docs/benchmarks.md); not part of the product.

@@ -1,8 +1,10 @@
 import CLinuxHost
 import Foundation
+import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import ServiceLifecycle
 import Synchronization
 import VMTemplateKit
 import VMTemplateOS
@@ -95,9 +97,7 @@ package struct APIServer: Sendable {
     /// replaced; a live one means another server runs for this store, which is refused.
     /// `onListening` runs once the socket is published and accepts: only then may a start be
     /// announced.
-    package func run(onListening: @escaping @Sendable () -> Void = {}) async throws {
-        var logger = Logger(label: "vmtemplate.serve")
-        logger.logLevel = .info
+    package func run(logger: Logger = Logger(label: "vmtemplate.serve") { _ in ServeLogHandler(format: .text) }, onListening: @escaping @Sendable () -> Void = {}) async throws {
         try checkSocketPath()
         // What a killed server left beside the socket (identity-checked: a running one keeps it).
         _ = ServerFiles.removeStale(beside: socketPath)
@@ -343,7 +343,9 @@ package struct APIServer: Sendable {
                 if first.readableBytes > 0 { try await writer.write(first) }
                 var tail = EventJournal.Tail(journal, after: start)
                 var quiet = ContinuousClock.now
-                while !Task.isCancelled {
+                // A stopping server ends the stream (graceful shutdown would otherwise wait for
+                // every follower to hang up).
+                while !Task.isCancelled && !Task.isShuttingDownGracefully {
                     let events = tail.next()
                     let buffer = visible(events)
                     if buffer.readableBytes > 0 {
@@ -543,21 +545,30 @@ struct CallerCheck: RouterMiddleware {
     let group: gid_t?
     let metrics: APIMetrics
 
+    /// The request ID a caller may send (and gets back): a short token, else the server's own.
+    static let requestIDField = HTTPField.Name("X-Request-Id")
+
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
-        let response: Response
+        let started = ContinuousClock.now
+        var context = context
+        if let name = Self.requestIDField, let given = request.headers[name], given.utf8.count <= 64,
+           given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }), !given.isEmpty {
+            context.logger[metadataKey: ServeLogHandler.requestIDKey] = .string(given)
+        }
+        // Paths are the caller's text: bounded and escaped before they reach a log.
+        let path = TerminalText.escape(String(request.uri.path.prefix(256)))
+        var response: Response
+        var caller: Credentials?
         do {
-            let caller = try await Self.peerCredentials(of: context.channel)
-            let isOwner = caller.uid == 0 || caller.uid == ownerUID
-            let callerGroups = await Self.supplementaryGroups(of: context.channel, pid: caller.pid).union([caller.gid])
-            // Paths are the caller's text: bounded and escaped before they reach a log.
-            let path = TerminalText.escape(String(request.uri.path.prefix(256)))
+            let credentials = try await Self.peerCredentials(of: context.channel)
+            caller = credentials
+            let isOwner = credentials.uid == 0 || credentials.uid == ownerUID
+            let callerGroups = await Self.supplementaryGroups(of: context.channel, pid: credentials.pid).union([credentials.gid])
             guard isOwner || (group.map { callerGroups.contains($0) } ?? false) else {
-                context.logger.info("refused \(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
-                throw VMTemplateError(.permissionDenied, "uid \(caller.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
+                context.logger.info("refused \(request.method) \(path) from uid \(credentials.uid) pid \(credentials.pid)")
+                throw VMTemplateError(.permissionDenied, "uid \(credentials.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
             }
-            context.logger.info("\(request.method) \(path) from uid \(caller.uid) pid \(caller.pid)")
-            var context = context
-            context.callerUID = caller.uid
+            context.callerUID = credentials.uid
             context.callerGroups = callerGroups
             context.callerIsOwner = isOwner
             if let refusal = Self.refusal(of: request) {
@@ -571,6 +582,15 @@ struct CallerCheck: RouterMiddleware {
             response = APIError.response(failure, status: status)
         }
         metrics.recordRequest(status: response.status.code)
+        // One access line per request, when its answer starts (a followed event stream goes on).
+        let milliseconds = started.duration(to: .now).seconds * 1000
+        context.logger.info("\(request.method) \(path) from uid \(caller.map { String($0.uid) } ?? "?") pid \(caller.map { String($0.pid) } ?? "?")", metadata: [
+            "status": .stringConvertible(response.status.code),
+            "duration_ms": .string(String(format: "%.1f", milliseconds)),
+        ])
+        if let name = Self.requestIDField, let id = context.logger[metadataKey: ServeLogHandler.requestIDKey] {
+            response.headers[name] = "\(id)"
+        }
         return response
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import VMTemplateKit
 import VMTemplateOS
 import VMTemplateStore
@@ -45,8 +46,9 @@ package struct StoreServer: Sendable {
     }
 
     /// Serves until the API ends; the pool keeper, the scheduler and the metrics writer end with
-    /// it. `log` takes one line at a time.
-    package func run(log: @escaping @Sendable (String) -> Void) async throws {
+    /// it. Every line goes through `logger` (``ServeLogHandler``: one format for all of them).
+    package func run(logger: Logger) async throws {
+        let log: @Sendable (String) -> Void = { logger.info("\($0)") }
         // One server per store, whatever its socket: two would fill pools twice and answer for
         // the same clones. Held until this process exits.
         let lock = try store.openLockFile("\(store.root)/serve.lock")
@@ -96,7 +98,7 @@ package struct StoreServer: Sendable {
                     }
                 }
             }
-            try await server.run(onListening: {
+            try await server.run(logger: logger, onListening: {
                 log("vmtemplate serve: store \(store.root), API on \(server.socketPath)")
                 // Type=notify: systemd starts what depends on the server once it accepts.
                 ServiceNotification.ready(status: "API on \(server.socketPath)", environment: ProcessInfo.processInfo.environment)

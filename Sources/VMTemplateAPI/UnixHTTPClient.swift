@@ -31,7 +31,7 @@ package struct UnixHTTPClient: Sendable {
         package var body: Data
     }
 
-    package func request(_ method: String, _ path: String, body: Data? = nil, timeout: Duration = .seconds(60)) throws -> Reply {
+    package func request(_ method: String, _ path: String, body: Data? = nil, headers extra: [String: String] = [:], timeout: Duration = .seconds(60)) throws -> Reply {
         guard let address = UnixSocketAddress(path: socketPath) else {
             throw VMTemplateError(.invalidArgument, "'\(socketPath)' is too long for a Unix socket.")
         }
@@ -53,6 +53,9 @@ package struct UnixHTTPClient: Sendable {
         try checkServer(fd)
         var head = "\(method) \(path) HTTP/1.1\r\nHost: vmtemplate\r\nConnection: close\r\n"
         if let body { head += "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n" }
+        for (name, value) in extra.sorted(by: { $0.key < $1.key }) where !(name + value).contains(where: { $0 == "\r" || $0 == "\n" }) {
+            head += "\(name): \(value)\r\n"
+        }
         let bytes = Array((head + "\r\n").utf8) + Array(body ?? Data())
         var sent = 0
         while sent < bytes.count {

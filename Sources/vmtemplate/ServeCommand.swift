@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import VMTemplateAPI
 import VMTemplateKit
 import VMTemplateOS
@@ -43,6 +44,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds an exited clone is kept (its record and logs, for its exit to be read) before the server removes it; 0 keeps it until it is removed.", valueName: "seconds"))
     var exitedRetention: Double = CloneWatcher.defaultRetention.seconds
 
+    @Option(help: ArgumentHelp("How lines are logged to stderr: text (TIME LEVEL MESSAGE key=value...) or json (one object per line).", valueName: "format"))
+    var logFormat: LogFormat = .text
+
+    enum LogFormat: String, ExpressibleByArgument, CaseIterable {
+        case text, json
+    }
+
     @Flag(help: "Give each live clone metric series of its own (clone and name labels); off by default, since every clone would leave series behind in Prometheus.")
     var perCloneMetrics = false
 
@@ -72,9 +80,8 @@ struct Serve: AsyncParsableCommand {
             configuration.explicitQEMU = qemu.explicitPath
             configuration.perCloneMetrics = perCloneMetrics
             configuration.exitedRetention = exitedRetention == 0 ? nil : .seconds(fractional: exitedRetention)
-            try await StoreServer(store: store, configuration: configuration).run { line in
-                FileHandle.standardError.write(Data((TerminalText.escape(line) + "\n").utf8))
-            }
+            let format: ServeLogHandler.Format = logFormat == .json ? .json : .text
+            try await StoreServer(store: store, configuration: configuration).run(logger: Logger(label: "vmtemplate.serve") { _ in ServeLogHandler(format: format) })
         }
     }
 }

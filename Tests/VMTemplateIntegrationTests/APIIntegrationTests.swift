@@ -614,7 +614,19 @@ extension RealGuests {
                 let responses = (paths[route]?[method.lowercased()] as? [String: Any])?["responses"] as? [String: Any]
                 #expect(responses?[String(status)] != nil, "\(method) \(route) answered \(status), which docs/api.openapi.json does not list")
             }
+            // A request ID: the caller's (a short token) echoed, else the server's own; both logged.
+            let traced = try server.client.request("GET", "/v1/version", headers: ["X-Request-Id": "trace-42"])
+            #expect(traced.headers["x-request-id"] == "trace-42")
+            let untraced = try server.client.request("GET", "/v1/version", headers: ["X-Request-Id": "not a token; drop table"])
+            let ownID = try #require(untraced.headers["x-request-id"])
+            #expect(ownID != "not a token; drop table" && !ownID.isEmpty, "a value that is no short token is not echoed")
             stopped = server.stop()
+            // One format: every line TIME LEVEL MESSAGE key=value; each request with its status,
+            // duration and ID.
+            let lines = stopped?.stderr.split(separator: "\n") ?? []
+            #expect(lines.allSatisfy { $0.split(separator: " ").count >= 3 && $0.hasPrefix("20") && ($0.contains(" info ") || $0.contains(" warning ") || $0.contains(" error ")) }, "\(lines.filter { !$0.hasPrefix("20") }.prefix(5))")
+            #expect(lines.contains { $0.contains("GET /v1/version from uid 0") && $0.contains("request_id=trace-42") && $0.contains("status=200") && $0.contains("duration_ms=") })
+            #expect(lines.contains { $0.contains("request_id=\(ownID)") })
             #expect(stopped?.stderr.contains("from uid 0") == true, "requests are logged with the caller's uid")
             #expect(stopped?.stderr.contains("from uid 65534") == true)
             #expect(stopped?.stderr.contains("refused GET /v1/pools from uid 1 ") == true, "a refused caller is logged")

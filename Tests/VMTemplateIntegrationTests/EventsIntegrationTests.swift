@@ -79,8 +79,9 @@ extension RealGuests {
             defer { store.remove() }
             let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
             try #require(created.status == 0, "\(created.stderr)")
-            let server = try CLI.start(["serve", "--exited-retention", "2"] + store.arguments)
-            defer { server.process.terminate(); server.process.waitUntilExit(); _ = try? CLI.run(["rm", "--all"] + store.arguments) }
+            let server = try CLI.start(["serve", "--exited-retention", "2", "--log-format", "json"] + store.arguments)
+            var stopped = false
+            defer { if !stopped { server.process.terminate(); server.process.waitUntilExit() }; _ = try? CLI.run(["rm", "--all"] + store.arguments) }
             let socket = "\(store.root)/serve.sock"
             let client = UnixHTTPClient(socketPath: socket)
             #expect(await eventually(timeout: .seconds(20)) { (try? client.request("GET", "/v1/health"))?.status == 200 })
@@ -137,6 +138,15 @@ extension RealGuests {
             #expect(String(decoding: gone.body, as: UTF8.self).contains("no longer kept"))
             let cliGone = try CLI.run(["events", "--since", "1"] + store.arguments)
             #expect(cliGone.status == 66 && cliGone.stderr.contains("no longer kept"), "\(cliGone.stderr)")
+
+            // --log-format json: every line of the server's log is a JSON object, the exit among them.
+            server.process.terminate()
+            server.process.waitUntilExit()
+            stopped = true
+            let logged = server.result().stderr.split(separator: "\n").map { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            #expect(!logged.isEmpty && logged.allSatisfy { $0?["time"] != nil && $0?["level"] != nil && $0?["message"] != nil }, "\(logged.prefix(3))")
+            #expect(logged.contains { ($0?["message"] as? String)?.contains("exited: status 0") == true })
+            #expect(logged.contains { $0?["status"] as? String == "410" && $0?["request_id"] != nil })
         }
 
         @Test("devices ready: clone --wait-devices returns once the guest sees its NIC, which it then uses at once; serve reports a CLI clone's NIC ready with an event; a hot-plugged disk too")
