@@ -17,7 +17,7 @@ struct Exec: AsyncParsableCommand {
         discussion: "For templates whose guest runs qemu-guest-agent (docs/guests.md). The command's own exit status becomes vmtemplate's; its output is printed escaped.\n\nExample: vmtemplate exec web-1 -- cat /etc/machine-id"
     )
 
-    @Argument(help: "Clone ID or name.")
+    @Argument(help: "Clone ID or name.", completion: NameCompletion.clones)
     var clone: String
 
     @Argument(parsing: .postTerminator, help: "The program (looked up in the guest's PATH) and its arguments, after --.")

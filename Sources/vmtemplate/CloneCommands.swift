@@ -19,7 +19,7 @@ struct Clone: AsyncParsableCommand {
             """
     )
 
-    @Argument(help: "Template to clone.")
+    @Argument(help: "Template to clone.", completion: NameCompletion.templates)
     var template: String
 
     @Option(help: "Name for the clone (default: its ID).")
@@ -110,7 +110,7 @@ struct Remove: AsyncParsableCommand {
         discussion: "Each clone is asked to quit over QMP, then sent SIGTERM, then SIGKILL after the grace period.\n\nExamples:\n  vmtemplate rm web-1\n  vmtemplate rm --all"
     )
 
-    @Argument(help: "Clone IDs (or unambiguous prefixes) or names.")
+    @Argument(help: "Clone IDs (or unambiguous prefixes) or names.", completion: NameCompletion.clones)
     var clones: [String] = []
 
     @Flag(help: "Remove every clone in the store.")
@@ -166,7 +166,7 @@ struct Send: AsyncParsableCommand {
         discussion: "The built-in busybox guest answers ping, dirty N, free, random N and hash N (templates/busybox/README.md).\n\nExample: vmtemplate send web-1 ping"
     )
 
-    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
     var clone: String
 
     @Argument(help: "The request line, e.g. 'ping' or 'dirty 64'.")

@@ -26,7 +26,7 @@ struct DeviceCommand: AsyncParsableCommand {
     struct Add: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "add", abstract: "Hot-plug NICs and disks into a running clone.", discussion: "Examples:\n  vmtemplate device add web-1 --nic tap=tap1,netns=/run/netns/pod1\n  vmtemplate device add web-1 --disk path=/srv/base.qcow2,format=qcow2,overlay=on --json")
 
-        @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+        @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
         var clone: String
 
         @Option(help: ArgumentHelp("tap=IFNAME[,netns=PATH][,mac=MAC] or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
@@ -71,7 +71,7 @@ struct DeviceCommand: AsyncParsableCommand {
             discussion: "The guest is asked to release the device and must do so within --timeout; then its backend is removed and a disk's overlay deleted.\n\nExample: vmtemplate device rm web-1 disk0"
         )
 
-        @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+        @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
         var clone: String
 
         @Argument(help: "Device ID, as 'device list' shows it (nic0, disk1, ...).")
@@ -103,7 +103,7 @@ struct DeviceCommand: AsyncParsableCommand {
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "list", abstract: "List a clone's hot-plugged devices.", discussion: "Example: vmtemplate device list web-1 --json")
 
-        @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+        @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
         var clone: String
 
         @Flag(help: "Print JSON.")

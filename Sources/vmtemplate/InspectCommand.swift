@@ -8,7 +8,7 @@ import VMTemplateStore
 struct Inspect: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "inspect", abstract: "Show one template or clone in full.", discussion: "Examples:\n  vmtemplate inspect busybox\n  vmtemplate inspect web-1 --json")
 
-    @Argument(help: "A template name, or a clone ID (or unambiguous prefix) or name.")
+    @Argument(help: "A template name, or a clone ID (or unambiguous prefix) or name.", completion: NameCompletion.templatesAndClones)
     var reference: String
 
     @Flag(help: "Print one JSON object.")

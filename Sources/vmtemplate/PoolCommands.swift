@@ -25,7 +25,7 @@ struct PoolCommand: AsyncParsableCommand {
     struct SetSize: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "set", abstract: "Set how many members a template's pool holds (0 drains it).", discussion: "Examples:\n  vmtemplate pool set busybox --size 8\n  vmtemplate pool set busybox --size 0")
 
-        @Argument(help: "Template name.")
+        @Argument(help: "Template name.", completion: NameCompletion.templates)
         var template: String
 
         @Option(help: "Members to keep ready (0 to \(PoolIndex.maxPoolSize)).")
@@ -53,7 +53,7 @@ struct PoolCommand: AsyncParsableCommand {
     struct Fill: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "fill", abstract: "Fill a template's pool to its size once, then return.", discussion: "Example: vmtemplate pool fill busybox")
 
-        @Argument(help: "Template name.")
+        @Argument(help: "Template name.", completion: NameCompletion.templates)
         var template: String
 
         @Option(help: ArgumentHelp("Seconds each member may take to restore and warm.", valueName: "seconds"))

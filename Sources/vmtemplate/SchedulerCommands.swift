@@ -54,7 +54,7 @@ struct SchedulerCommand: AsyncParsableCommand {
 struct Pause: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause a running clone (its guest freezes, its memory stays) until 'resume'.", discussion: "list and inspect show it as paused by the user; the scheduler never resumes a clone.\n\nExample: vmtemplate pause web-1")
 
-    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
     var clone: String
 
     @OptionGroup var store: StoreOptions
@@ -71,7 +71,7 @@ struct Pause: AsyncParsableCommand {
 struct Resume: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resume", abstract: "Continue a paused clone.", discussion: "Example: vmtemplate resume web-1 --cow-limit 128M")
 
-    @Argument(help: "Clone ID (or unambiguous prefix) or name.")
+    @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
     var clone: String
 
     @Option(help: ArgumentHelp("A new copy-on-write limit, so the scheduler does not pause it again at once.", valueName: "size"))

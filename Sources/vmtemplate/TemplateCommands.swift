@@ -18,7 +18,7 @@ struct Verify: AsyncParsableCommand {
             """
     )
 
-    @Argument(help: "Template to verify.")
+    @Argument(help: "Template to verify.", completion: NameCompletion.templates)
     var template: String
 
     @Flag(help: "Print the result as one JSON object.")
@@ -63,7 +63,7 @@ struct RemoveTemplate: AsyncParsableCommand {
             """
     )
 
-    @Argument(help: "Template to remove.")
+    @Argument(help: "Template to remove.", completion: NameCompletion.templates)
     var template: String
 
     @Flag(help: "Stop the clones that use it first.")

@@ -195,3 +195,25 @@ enum Terminal {
         print(TerminalText.escapeJSON(try JSONCoding.line(value)))
     }
 }
+
+/// The names shell completion offers for a template or clone argument: read from the store the
+/// command line names (`--store PATH`), else the default one; nothing when it cannot be read.
+enum NameCompletion {
+    static func store(in words: [String]) -> TemplateStore? {
+        let explicit = Array(zip(words, words.dropFirst())).last { $0.0 == "--store" }?.1
+        return try? TemplateStore(root: TemplateStore.defaultRoot(explicit: explicit), mode: .readOnly)
+    }
+
+    static let templates: CompletionKind = .custom { words, _, _ in
+        store(in: words)?.templates().templates.map(\.manifest.name).sorted() ?? []
+    }
+
+    static let clones: CompletionKind = .custom { words, _, _ in
+        store(in: words)?.clones().records.filter { $0.state != .pooled && $0.state != .warming }.map(\.name).sorted() ?? []
+    }
+
+    static let templatesAndClones: CompletionKind = .custom { words, _, _ in
+        guard let store = store(in: words) else { return [] }
+        return (store.templates().templates.map(\.manifest.name) + store.clones().records.filter { $0.state != .pooled && $0.state != .warming }.map(\.name)).sorted()
+    }
+}

@@ -201,5 +201,23 @@ extension RealGuests {
             #expect(made.status == 201, "\(String(decoding: made.body, as: UTF8.self))")
             #expect(try JSONCoding.decoder().decode(CloneView.self, from: made.body).devicesReady == true)
         }
+
+        @Test("shell completion offers the store's template names and clone names (not pool members), read from the --store on the command line")
+        func nameCompletion() throws {
+            let store = try TemporaryStore("complete")
+            defer { store.remove() }
+            try #require(try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments).status == 0)
+            try #require(try CLI.run(["clone", "busybox", "--name", "web-7"] + store.arguments).status == 0)
+            defer { _ = try? CLI.run(["rm", "--all"] + store.arguments) }
+            // What the generated scripts run: ---completion SUBCOMMAND -- ARGUMENT INDEX CURSOR WORDS...
+            func offered(_ command: String, _ argument: String) throws -> [String] {
+                let words = ["vmtemplate", command] + store.arguments + [""]
+                return try CLI.run(["---completion", command, "--", argument, String(words.count - 1), "0"] + words).stdout.split(separator: "\n").map(String.init)
+            }
+            #expect(try offered("clone", "positional@0") == ["busybox"])
+            #expect(try offered("rm", "positional@0") == ["web-7"])
+            #expect(try offered("inspect", "positional@0") == ["busybox", "web-7"])
+            #expect(try offered("verify", "positional@0") == ["busybox"])
+        }
     }
 }
