@@ -185,7 +185,9 @@ package struct APIServer: Sendable {
         let lifecycle = CloneLifecycle(store: store)
         let pool = engine.pool
         let metrics = self.metrics
-        let followers = EventFollowers()
+        // Followers poll the journal ten times a second; a read of it decodes up to 8 MiB.
+        let followers = EventReaders(limit: 64)
+        let readers = EventReaders(limit: 8)
         let creations = self.creations
         router.post("/v1/clones") { request, context -> Response in
             let options = try await Self.decode(CloneOptions.self, from: request)
@@ -199,7 +201,8 @@ package struct APIServer: Sendable {
                     throw VMTemplateError(.permissionDenied, "only the store's owner or root may set '\(field)' through the API: NICs and disks name files and namespaces the server opens with the owner's rights, and the others spend what is the host's to give.")
                 }
             }
-            try Self.refuseUnpublished(options.template, in: store, creations: creations)
+            // What the owner is making is the owner's to know of.
+            if context.callerIsOwner { try Self.refuseUnpublished(options.template, in: store, creations: creations) }
             var cloneRequest = try options.request()
             // The server clones with the owner's rights: only what the caller may read itself.
             try context.requireReadable(try store.template(named: cloneRequest.template))
@@ -312,17 +315,24 @@ package struct APIServer: Sendable {
             } else if follow {
                 since = journal.lastSeq()
             }
+            let uid = context.callerUID ?? uid_t.max
+            guard let readSlot = readers.take(uid: uid, isOwner: context.callerIsOwner) else {
+                throw VMTemplateError(.limitExceeded, "\(readers.limit) reads of the events run already: try again in a moment.")
+            }
             let backlog: EventJournal.Reading
             do {
                 backlog = try journal.read(after: since)
             } catch let error as VMTemplateError where error.cause is EventJournal.Expired {
                 return APIError.response(error, status: .gone)
             }
+            _ = readSlot
             let caller = context
             let visible: @Sendable ([StoreEvent]) -> ByteBuffer = { events in
-                let readable = caller.readableTemplates(in: store)
+                let readable = caller.readableExistingTemplates(in: store)
                 var buffer = ByteBuffer()
-                for event in events where caller.callerIsOwner || (event.type != .templateRemoved && readable(event.template ?? "")) {
+                // The owner sees everything; anybody else the events of templates it may read
+                // now, never one of a template that is gone, failed or unnamed (a gc's removal).
+                for event in events where caller.callerIsOwner || (event.type != .templateRemoved && event.type != .templateFailed && readable(event.template)) {
                     guard let line = try? JSONCoding.line(event) else { continue }
                     buffer.writeString(line + "\n")
                 }
@@ -332,20 +342,21 @@ package struct APIServer: Sendable {
             guard follow else {
                 return Response(status: .ok, headers: headers, body: .init(byteBuffer: visible(backlog.events)))
             }
-            // Each follower polls the journal ten times a second: their number is bounded.
-            guard followers.enter() else {
-                throw VMTemplateError(.limitExceeded, "\(EventFollowers.limit) clients already follow the events: close one, or read without follow and poll.")
+            // Each follower polls the journal ten times a second: their number is bounded. The
+            // slot goes with the answer, written or not (a caller that hung up before it started).
+            guard let slot = followers.take(uid: uid, isOwner: context.callerIsOwner) else {
+                throw VMTemplateError(.limitExceeded, "\(followers.limit) clients follow the events already (\(EventReaders.perCaller) at most per user): close one, or read without follow and poll.")
             }
             let start = max(since, backlog.lastSeq)
             let first = visible(backlog.events)
             return Response(status: .ok, headers: headers, body: ResponseBody { writer in
-                defer { followers.leave() }
+                _ = slot
                 if first.readableBytes > 0 { try await writer.write(first) }
                 var tail = EventJournal.Tail(journal, after: start)
                 var quiet = ContinuousClock.now
                 // A stopping server ends the stream (graceful shutdown would otherwise wait for
                 // every follower to hang up).
-                while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                while !Task.isCancelled && !Task.isShuttingDownGracefully && !tail.gap {
                     let events = tail.next()
                     let buffer = visible(events)
                     if buffer.readableBytes > 0 {
@@ -425,21 +436,38 @@ package struct APIServer: Sendable {
     }
 }
 
-/// How many clients follow `GET /v1/events` now.
-final class EventFollowers: Sendable {
-    static let limit = 64
-    private let count = Mutex(0)
+/// How many clients read `GET /v1/events` now: at most ``limit`` in all, ``perCaller`` of one
+/// uid other than the owner's, so that one member of the socket's group cannot take them all.
+final class EventReaders: Sendable {
+    let limit: Int
+    static let perCaller = 8
+    private let counts = Mutex<[uid_t: Int]>([:])
 
-    /// Counts one more, unless ``limit`` follow already.
-    func enter() -> Bool {
-        count.withLock { count in
-            guard count < Self.limit else { return false }
-            count += 1
-            return true
-        }
+    init(limit: Int) {
+        self.limit = limit
     }
 
-    func leave() { count.withLock { $0 -= 1 } }
+    /// A slot, given back when the slot is released (whether or not its answer was ever written).
+    final class Slot: Sendable {
+        let readers: EventReaders
+        let uid: uid_t
+
+        init(readers: EventReaders, uid: uid_t) {
+            self.readers = readers
+            self.uid = uid
+        }
+
+        deinit { readers.counts.withLock { $0[uid, default: 1] -= 1 } }
+    }
+
+    func take(uid: uid_t, isOwner: Bool) -> Slot? {
+        let taken = counts.withLock { counts -> Bool in
+            guard counts.values.reduce(0, +) < limit, isOwner || counts[uid, default: 0] < Self.perCaller else { return false }
+            counts[uid, default: 0] += 1
+            return true
+        }
+        return taken ? Slot(readers: self, uid: uid) : nil
+    }
 }
 
 /// `POST /v1/clones/{id}/exec`'s body: the command (argv) and how long to wait, in seconds.
@@ -518,6 +546,21 @@ package struct APIContext: RequestContext {
         return { name in
             if let known = seen[name] { return known }
             let readable = (try? EntityName(name)).flatMap { try? store.template(named: $0) }.map(mayRead) ?? true
+            seen[name] = readable
+            return readable
+        }
+    }
+
+    /// Whether the caller may read the template named so as it is now: it must exist (unlike
+    /// ``readableTemplates(in:)``, which lists a gone template's clones): for the event history,
+    /// whose templates may long be gone.
+    func readableExistingTemplates(in store: TemplateStore) -> (String?) -> Bool {
+        if callerIsOwner { return { _ in true } }
+        var seen: [String: Bool] = [:]
+        return { name in
+            guard let name, !name.isEmpty else { return false }
+            if let known = seen[name] { return known }
+            let readable = (try? EntityName(name)).flatMap { try? store.template(named: $0) }.map(mayRead) ?? false
             seen[name] = readable
             return readable
         }

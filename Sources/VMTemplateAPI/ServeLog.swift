@@ -38,14 +38,14 @@ package struct ServeLogHandler: LogHandler {
         var fields = metadata.merging(explicit ?? [:]) { _, new in new }
         if let id = fields.removeValue(forKey: Self.requestIDKey), fields["request_id"] == nil { fields["request_id"] = id }
         let time = Self.timestamp(Date())
-        let text = String(TerminalText.escape(message.description).prefix(2048))
+        let text = TerminalText.prefix(TerminalText.escape(message.description), bytes: 2048)
         switch format {
         case .text:
-            let pairs = fields.sorted { $0.key < $1.key }.map { "\($0.key)=\(TerminalText.escape(String("\($0.value)".prefix(256))))" }
+            let pairs = fields.sorted { $0.key < $1.key }.map { "\($0.key)=\(TerminalText.prefix(TerminalText.escape("\($0.value)"), bytes: 256))" }
             write(([time, level.rawValue, text] + pairs).joined(separator: " "))
         case .json:
             var object: [String: String] = ["time": time, "level": level.rawValue, "message": text]
-            for (key, value) in fields { object[key] = String("\(value)".prefix(256)) }
+            for (key, value) in fields { object[key] = TerminalText.prefix("\(value)", bytes: 256) }
             if let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) {
                 write(String(decoding: data, as: UTF8.self))
             }

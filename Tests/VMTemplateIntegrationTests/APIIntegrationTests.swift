@@ -104,6 +104,10 @@ extension RealGuests {
             let hidden = try asNobody(groups: nil, ["GET", "/v1/clones/\(madeID)"])
             #expect(hidden.status == 66 && hidden.stdout.contains("notFound"), "\(hidden.status) \(hidden.stdout)")
             #expect(try asNobody(groups: templateGroup, ["GET", "/v1/clones"]).stdout.contains("gtpl"), "the group's members see them")
+            // The events likewise: a template's history is its readers' to see.
+            let outsiderEvents = try asNobody(groups: nil, ["GET", "/v1/events?since=0"])
+            #expect(outsiderEvents.status == 0 && !outsiderEvents.stdout.contains("gtpl") && !outsiderEvents.stdout.contains(madeID), "\(outsiderEvents.stdout)")
+            #expect(try asNobody(groups: templateGroup, ["GET", "/v1/events?since=0"]).stdout.contains(madeID), "the group's members see them")
 
             // A connection outlives the process that made it: the caller's groups are those of that
             // process while it lives, never those of whoever gets its PID next. An outsider

@@ -33,7 +33,7 @@ struct EventJournalTests {
         #expect(journal.lastSeq() == 5)
         #expect(try journal.read(after: 0).events.map(\.seq) == [1, 2, 3, 4, 5])
         #expect(try journal.read(after: 3).events.map(\.seq) == [4, 5])
-        #expect(try journal.read(after: 9).events.isEmpty, "a position ahead of the journal is no error: nothing yet")
+        #expect(throws: VMTemplateError.self, "a position past the last event: the journal was started again") { try journal.read(after: 9) }
         var info = stat()
         #expect(stat(journal.currentPath, &info) == 0 && info.st_mode & 0o777 == 0o600, "the journal is the owner's alone")
         try FileSystem.writeFileAtomically(path: journal.currentPath, data: Array((Self.line(1, "clone.teleported") + "\n").utf8), mode: 0o600, durable: false)
@@ -92,5 +92,32 @@ struct EventJournalTests {
             #expect(error.cause is EventJournal.Expired && error.message.contains("no longer kept"))
         }
         #expect(journal.lastSeq() == 15)
+    }
+
+    @Test("a follower that falls behind a rotation that lost events is told (gap), not fed a hole; a seq no vmtemplate writes is not believed; bounds hold in bytes")
+    func gapsAndBounds() throws {
+        let store = try Self.store()
+        defer { try? FileSystem.removeTree(path: store.root) }
+        let journal = store.events
+        mkdir(journal.directory, 0o700)
+        func write(_ path: String, _ seqs: [UInt64]) throws {
+            try FileSystem.writeFileAtomically(path: path, data: Array((seqs.map { Self.line($0) }.joined(separator: "\n") + "\n").utf8), mode: 0o600, durable: false)
+        }
+        try write(journal.currentPath, [1, 2, 3])
+        var tail = EventJournal.Tail(journal, after: 0)
+        #expect(tail.next().map(\.seq) == [1, 2, 3] && !tail.gap)
+        // Two rotations while the follower slept: 4 to 9 are gone.
+        try write(journal.previousPath, [8, 9])
+        unlink(journal.currentPath)
+        try write(journal.currentPath, [10, 11])
+        _ = tail.next()
+        #expect(tail.gap, "events 4 to 7 were never handed out")
+        // A tail that starts reads the previous file too: nothing after its position is skipped.
+        var fresh = EventJournal.Tail(journal, after: 8)
+        #expect(fresh.next().map(\.seq) == [9, 10, 11] && !fresh.gap)
+        try FileSystem.writeFileAtomically(path: journal.currentPath, data: Array((Self.line(UInt64.max) + "\n").utf8), mode: 0o600, durable: false)
+        #expect(journal.lastSeq() == 9, "a seq of UInt64.max is no vmtemplate's: the next append would overflow")
+        #expect(TerminalText.prefix("ab\u{e9}\u{e9}\u{1F600}", bytes: 5) == "ab\u{e9}", "whole characters within the bytes")
+        #expect(TerminalText.prefix("abc", bytes: 10) == "abc")
     }
 }

@@ -101,7 +101,7 @@ public struct CloneLifecycle: Sendable {
     @discardableResult
     public func markExited(_ record: CloneRecord, reason: String = "exited", waitStatus: Int32? = nil) async -> CloneRecord? {
         let words = TerminalText.escape(LogTail.lastLines(ofFile: store.clonePaths(record.id).qemuLog, count: 3, maxBytes: 4096))
-        var exit = CloneExit(reason: reason, lastWords: words.isEmpty ? nil : String(words.prefix(300)))
+        var exit = CloneExit(reason: reason, lastWords: words.isEmpty ? nil : TerminalText.prefix(words, bytes: 600))
         if let waitStatus {
             if waitStatus & 0x7f == 0 { exit.exitStatus = (waitStatus >> 8) & 0xff } else { exit.signal = waitStatus & 0x7f }
         }

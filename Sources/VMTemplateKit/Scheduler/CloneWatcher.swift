@@ -74,7 +74,7 @@ public struct CloneWatcher: Sendable {
                         live[record.id] = (record, held.qemu)
                     } else if let handle = ProcessHandle.open(identity) {
                         live[record.id] = (record, handle)
-                    } else if !record.isBeingSetUp || record.creator?.isAlive != true {
+                    } else if identity.isKnownGone, !record.isBeingSetUp || record.creator?.isAlive != true {
                         // Ended while nobody watched (no server ran): noticed now.
                         await lifecycle.markExited(record)
                     }
@@ -84,7 +84,8 @@ public struct CloneWatcher: Sendable {
                 let ids = Set(store.clones().records.map(\.id))
                 probes.withLock { $0 = $0.filter { ids.contains(String($0.prefix { $0 != " " })) } }
             }
-            for (id, held) in watched where !held.qemu.isRunning {
+            // An exit is what the pidfd says, confirmed by /proc: a failed read is no exit.
+            for (id, held) in watched where !held.qemu.isRunning && held.qemu.identity.isKnownGone {
                 // Its parent (this process, for clones made through the API or its pools) reaps
                 // it on a thread of its own: a few rounds for its status, then without it.
                 var status: Int32?
@@ -112,7 +113,7 @@ public struct CloneWatcher: Sendable {
     private func removeIfExpired(_ record: CloneRecord, lifecycle: CloneLifecycle, log: (String) -> Void) async {
         guard let retention, let exit = record.exit, Date().timeIntervalSince(exit.time) >= retention.seconds else { return }
         // Its QEMU must be gone: a record that says exited of a running QEMU is not acted on.
-        guard case .exited = lifecycle.qemu(of: record) else { return }
+        guard case .exited = lifecycle.qemu(of: record), record.qemu?.isKnownGone ?? true else { return }
         do {
             try await lifecycle.remove(record, grace: .milliseconds(200), reason: "retention")
         } catch let error as VMTemplateError where error.code == .notFound {

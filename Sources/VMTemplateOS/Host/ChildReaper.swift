@@ -65,6 +65,8 @@ package enum ChildReaper {
     static func adopt(pid: Int32, pidfd: Int32) -> Bool {
         let wake: Int32? = state.withLock { state -> Int32? in
             guard state.enabled else { return nil }
+            // A status kept for an earlier child of this PID is not this one's.
+            state.reaped.removeAll { $0.pid == pid }
             state.children.append(Child(pid: pid, pidfd: pidfd))
             return state.wake
         }
@@ -87,10 +89,11 @@ package enum ChildReaper {
 
     package static func outcome(of pid: Int32) -> Outcome {
         state.withLock { state in
+            if state.children.contains(where: { $0.pid == pid }) { return .pending }
             if let index = state.reaped.lastIndex(where: { $0.pid == pid }) {
                 return .reaped(state.reaped.remove(at: index).status)
             }
-            return state.children.contains { $0.pid == pid } ? .pending : .unknown
+            return .unknown
         }
     }
 

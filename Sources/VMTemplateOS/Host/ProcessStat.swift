@@ -126,6 +126,17 @@ public struct ProcessIdentity: Sendable, Codable, Hashable {
         isAlive(given: ProcessStat.read(pid: pid))
     }
 
+    /// Whether the process is known to be gone: no `/proc/PID` (ENOENT), or one that holds another
+    /// process (a reused PID) or a zombie. A read that fails otherwise (out of descriptors) proves
+    /// nothing, unlike `!isAlive`: what records an exit or removes a clone asks this.
+    public var isKnownGone: Bool {
+        let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return errno == ENOENT || errno == ESRCH }
+        close(fd)
+        guard let stat = ProcessStat.read(pid: pid) else { return false }
+        return !isAlive(given: stat)
+    }
+
     /// The decision behind `isAlive`, given what `/proc/PID/stat` said (nil: it did not exist).
     public func isAlive(given stat: ProcessStat?) -> Bool {
         guard let stat else { return false }

@@ -4,6 +4,19 @@
 /// that rewrite the operator's screen or hide a line. Control characters (C0, DEL and C1) and
 /// backslashes are shown as `\xNN`-style escapes; everything else is left as it is.
 package enum TerminalText {
+    /// The longest start of `text` that is at most `bytes` bytes of UTF-8, whole characters
+    /// only: a bound that holds whatever the text's script.
+    package static func prefix(_ text: String, bytes: Int) -> String {
+        var count = 0
+        var end = text.startIndex
+        for character in text {
+            count += character.utf8.count
+            guard count <= bytes else { break }
+            end = text.index(after: end)
+        }
+        return String(text[..<end])
+    }
+
     package static func escape(_ text: String) -> String {
         var result = ""
         result.reserveCapacity(text.utf8.count)

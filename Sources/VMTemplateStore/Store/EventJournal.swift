@@ -98,6 +98,9 @@ public struct EventJournal: Sendable {
     public let directory: String
     let ownerUID: uid_t
 
+    /// The largest position believed: a line claiming more is no vmtemplate's (and its successor
+    /// would not fit).
+    static let maxSeq = UInt64(Int64.max)
     /// The size at which the journal file is rotated.
     public static let maxFileBytes = 4 << 20
     /// The longest line read (an event is a few hundred bytes).
@@ -125,18 +128,34 @@ public struct EventJournal: Sendable {
     /// were already rotated away: the caller has missed some and must list the store again.
     public func read(after: UInt64) throws -> Reading {
         var reading = Reading()
-        for path in [previousPath, currentPath] {
-            guard let bytes = Self.contents(of: path, owner: ownerUID) else { continue }
-            for event in Self.events(in: bytes[...]) where event.seq > reading.lastSeq {
-                if reading.firstSeq == nil { reading.firstSeq = event.seq }
-                reading.lastSeq = event.seq
-                if event.seq > after { reading.events.append(event) }
+        // Read again when the journal rotated meanwhile: the file read first would have been
+        // renamed between the two reads, and its events missed.
+        for _ in 0..<4 {
+            reading = Reading()
+            let before = Self.inode(of: currentPath)
+            for path in [previousPath, currentPath] {
+                guard let bytes = Self.contents(of: path, owner: ownerUID) else { continue }
+                for event in Self.events(in: bytes[...]) where event.seq > reading.lastSeq {
+                    if reading.firstSeq == nil { reading.firstSeq = event.seq }
+                    reading.lastSeq = event.seq
+                    if event.seq > after { reading.events.append(event) }
+                }
             }
+            if Self.inode(of: currentPath) == before { break }
         }
         if after > 0, let first = reading.firstSeq, after + 1 < first {
             throw VMTemplateError(.notFound, "events \(after + 1) to \(first - 1) are no longer kept (the journal holds \(first) to \(reading.lastSeq)): list the clones again (GET /v1/clones), then follow from \(reading.lastSeq).", cause: Expired())
         }
+        // A position past the last event: the journal was started again (its directory removed).
+        if after > reading.lastSeq {
+            throw VMTemplateError(.notFound, "event \(after) is past the journal's last (\(reading.lastSeq)): the journal was started again; list the clones again (GET /v1/clones), then follow from \(reading.lastSeq).", cause: Expired())
+        }
         return reading
+    }
+
+    static func inode(of path: String) -> ino_t? {
+        var info = stat()
+        return lstat(path, &info) == 0 ? info.st_ino : nil
     }
 
     /// The cause of the error ``read(after:)`` throws for a position no longer kept: the API
@@ -160,6 +179,9 @@ public struct EventJournal: Sendable {
         let journal: EventJournal
         /// The last event handed out.
         public private(set) var lastSeq: UInt64
+        /// Set once an event was found missing between two handed out (the journal rotated past a
+        /// reader that fell behind): the reader must read again from its position, or list.
+        public private(set) var gap = false
         private var inode: ino_t = 0
         private var offset: off_t = 0
         private var partial: [UInt8] = []
@@ -176,16 +198,34 @@ public struct EventJournal: Sendable {
             guard lstat(journal.currentPath, &info) == 0 else { return [] }
             var events: [StoreEvent] = []
             if info.st_ino != inode {
-                // Rotated: what was appended to the old file before it was renamed is read first.
-                if inode != 0 { events += read(journal.previousPath) }
+                if inode != 0 {
+                    // Rotated: what was appended to the old file before it was renamed is read first.
+                    events += drain(journal.previousPath)
+                } else if let bytes = EventJournal.contents(of: journal.previousPath, owner: journal.ownerUID) {
+                    // The first call: the previous file may hold events after the position too.
+                    events += EventJournal.events(in: bytes[...])
+                }
                 inode = info.st_ino
                 offset = 0
                 partial = []
             }
-            events += read(journal.currentPath)
+            events += drain(journal.currentPath)
             let fresh = events.filter { $0.seq > lastSeq }
+            if let first = fresh.first, first.seq != lastSeq + 1 { gap = true }
             if let last = fresh.last { lastSeq = last.seq }
             return fresh
+        }
+
+        /// Every complete line appended to `path` since the offset, 1 MiB at a time, at most a
+        /// journal file's worth.
+        private mutating func drain(_ path: String) -> [StoreEvent] {
+            var events: [StoreEvent] = []
+            for _ in 0..<8 {
+                let before = offset
+                events += read(path)
+                if offset == before { break }
+            }
+            return events
         }
 
         /// Complete lines of file `path` (it must still be the file followed) from the offset on.
@@ -236,7 +276,7 @@ public struct EventJournal: Sendable {
             defer { start = end + 1 }
             guard end - start <= maxLineBytes, end > start,
                   let event = try? decoder.decode(StoreEvent.self, from: Data(bytes[start..<end])),
-                  event.seq > (events.last?.seq ?? 0) else { continue }
+                  event.seq > (events.last?.seq ?? 0), event.seq <= maxSeq else { continue }
             events.append(event)
         }
         return events
@@ -257,7 +297,7 @@ public struct EventJournal: Sendable {
         let lines = tail.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: true)
         let decoder = JSONCoding.decoder()
         for line in lines.reversed() {
-            if let event = try? decoder.decode(StoreEvent.self, from: Data(line)) { return event.seq }
+            if let event = try? decoder.decode(StoreEvent.self, from: Data(line)), event.seq <= maxSeq { return event.seq }
         }
         return nil
     }
