@@ -197,7 +197,9 @@ public struct EventJournal: Sendable {
             var info = stat()
             guard lstat(journal.currentPath, &info) == 0 else { return [] }
             var events: [StoreEvent] = []
-            if info.st_ino != inode {
+            // A new file, or one shorter than what was read of it: an inode number can be reused
+            // once two rotations have deleted the file it named.
+            if info.st_ino != inode || info.st_size < offset {
                 if inode != 0 {
                     // Rotated: what was appended to the old file before it was renamed is read first.
                     events += drain(journal.previousPath)
