@@ -70,7 +70,9 @@ package struct TapDevice: Sendable {
         guard handle >= 0 else {
             let code = errno
             if code == ENOENT {
-                throw VMTemplateError(.notFound, "network namespace '\(shown)' does not exist: create it (ip netns add NAME) or fix netns=.", cause: SystemCallError("open", code: code))
+                // The host's state, not a missing template or clone (which is what notFound, 404,
+                // tells a runtime): its sandbox's network was not set up.
+                throw VMTemplateError(.invalidState, "network namespace '\(shown)' does not exist: create it (ip netns add NAME) or fix netns=.", cause: SystemCallError("open", code: code))
             }
             throw VMTemplateError(.ioError, "network namespace '\(shown)' cannot be opened: \(errnoText(code)).", cause: SystemCallError("open", code: code))
         }
