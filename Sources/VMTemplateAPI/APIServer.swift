@@ -90,6 +90,11 @@ package struct APIServer: Sendable {
         throw VMTemplateError(.invalidState, "template '\(name)' is still being made: wait for template.added in GET /v1/events?since=\(creation.since).")
     }
 
+    /// A template as the API shows it, with the live clones of it among `records`.
+    static func view(of template: PublishedTemplate, records: [CloneRecord], in store: TemplateStore) -> TemplateView {
+        TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
+    }
+
     /// The default socket: inside the store, next to its lock.
     package static func defaultSocketPath(store: TemplateStore) -> String { "\(store.root)/serve.sock" }
 
@@ -255,9 +260,7 @@ package struct APIServer: Sendable {
             // Templates the caller may not read are not its to know of.
             let readable = store.templates().templates.filter(context.mayRead)
             let records = store.clones().records
-            return try Self.json(readable.map { template in
-                TemplateView(template, clones: records.filter { $0.template == template.manifest.name && $0.isLive }.count, missingFiles: store.missingFiles(of: template))
-            })
+            return try Self.json(readable.map { Self.view(of: $0, records: records, in: store) })
         }
         // A command through the clone's guest agent, as `vmtemplate exec`: waits behind the
         // clone's own setup on the agent's one channel, within `timeout`.
@@ -347,12 +350,12 @@ package struct APIServer: Sendable {
             guard let slot = followers.take(uid: uid, isOwner: context.callerIsOwner) else {
                 throw VMTemplateError(.limitExceeded, "\(followers.limit) clients follow the events already (\(EventReaders.perCaller) at most per user): close one, or read without follow and poll.")
             }
-            let start = max(since, backlog.lastSeq)
             let first = visible(backlog.events)
+            let position = since
             return Response(status: .ok, headers: headers, body: ResponseBody { writer in
                 _ = slot
                 if first.readableBytes > 0 { try await writer.write(first) }
-                var tail = EventJournal.Tail(journal, after: start)
+                var tail = EventJournal.Tail(journal, after: position, continuing: backlog)
                 var quiet = ContinuousClock.now
                 // A stopping server ends the stream (graceful shutdown would otherwise wait for
                 // every follower to hang up).

@@ -66,8 +66,7 @@ extension APIServer {
                 }
                 throw VMTemplateError(.notFound, "no template named '\(name)': see GET /v1/templates.")
             }
-            let clones = store.clones().records.filter { $0.template == name.value && $0.isLive }.count
-            return try Self.json(TemplateView(template, clones: clones, missingFiles: store.missingFiles(of: template)))
+            return try Self.json(Self.view(of: template, records: store.clones().records, in: store))
         }
         // A template takes seconds to minutes to make: 202 at once, then template.added (or
         // template.failed with the reason) in the events, from the position the answer names.

@@ -40,7 +40,7 @@ struct Events: AsyncParsableCommand {
             let reading = try journal.read(after: after)
             print(reading.events)
             guard follow else { return }
-            var tail = EventJournal.Tail(journal, after: max(after, reading.lastSeq))
+            var tail = EventJournal.Tail(journal, after: after, continuing: reading)
             while !Task.isCancelled {
                 print(tail.next())
                 try await Task.sleep(for: .milliseconds(100))

@@ -136,14 +136,13 @@ public struct CloneDevices: Sendable {
                     attached.append(done)
                     let recorded = attached
                     do {
-                        try await store.withLock { locked in
-                            let updated = try locked.updateClone(record.id) { updated in
-                                updated.devices = (record.devices ?? []) + recorded
-                                updated.devicesReady = false
-                            }
+                        try await store.updateClone(record.id, reporting: { updated in
                             var event = StoreEvent(.cloneDeviceAdded, of: updated ?? record)
                             event.devices = [done.id]
-                            locked.record(event)
+                            return event
+                        }) { updated in
+                            updated.devices = (record.devices ?? []) + recorded
+                            updated.devicesReady = false
                         }
                     } catch {
                         // Attached but not recorded would be a device nobody can remove.
@@ -180,17 +179,16 @@ public struct CloneDevices: Sendable {
                 // The name comes from the checked device ID, the directory from the store layout.
                 unlink(store.cloneLayout(record.id).overlay(of: device))
             }
-            try await store.withLock { locked in
-                let updated = try locked.updateClone(record.id) { updated in
-                    updated.devices?.removeAll { $0.id == id }
-                    if updated.devices?.isEmpty == true {
-                        updated.devices = nil
-                        updated.devicesReady = nil
-                    }
-                }
+            try await store.updateClone(record.id, reporting: { updated in
                 var event = StoreEvent(.cloneDeviceRemoved, of: updated ?? record)
                 event.devices = [id]
-                locked.record(event)
+                return event
+            }) { updated in
+                updated.devices?.removeAll { $0.id == id }
+                if updated.devices?.isEmpty == true {
+                    updated.devices = nil
+                    updated.devicesReady = nil
+                }
             }
             return device
         }

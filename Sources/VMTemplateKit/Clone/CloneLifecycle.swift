@@ -106,23 +106,20 @@ public struct CloneLifecycle: Sendable {
             if waitStatus & 0x7f == 0 { exit.exitStatus = (waitStatus >> 8) & 0xff } else { exit.signal = waitStatus & 0x7f }
         }
         let noticed = exit
-        return try? await store.withLock { locked -> CloneRecord? in
-            var first = false
-            let updated = try locked.updateClone(record.id) { updated in
-                guard updated.exit == nil else { return }
-                first = true
-                updated.state = .exited
-                updated.pausedBy = nil
-                updated.exit = noticed
-            }
-            if first, let updated {
-                var event = StoreEvent(.cloneExited, of: updated, reason: reason)
-                event.exitStatus = noticed.exitStatus
-                event.signal = noticed.signal
-                event.lastWords = noticed.lastWords
-                locked.record(event)
-            }
-            return updated
+        var first = false
+        return try? await store.updateClone(record.id, reporting: { updated in
+            guard first, let updated else { return nil }
+            var event = StoreEvent(.cloneExited, of: updated, reason: reason)
+            event.exitStatus = noticed.exitStatus
+            event.signal = noticed.signal
+            event.lastWords = noticed.lastWords
+            return event
+        }) { updated in
+            guard updated.exit == nil else { return }
+            first = true
+            updated.state = .exited
+            updated.pausedBy = nil
+            updated.exit = noticed
         }
     }
 
@@ -148,15 +145,11 @@ public struct CloneLifecycle: Sendable {
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "resume")
         defer { qmp.close() }
         try await qmp.cont()
-        return try await store.withLock { locked in
-            let resumed = try locked.updateClone(record.id) { updated in
-                updated.state = .running
-                updated.pausedBy = nil
-                if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
-            }
-            locked.record(StoreEvent(.cloneResumed, of: resumed ?? record))
-            return resumed ?? record
-        }
+        return try await store.updateClone(record.id, reporting: { StoreEvent(.cloneResumed, of: $0 ?? record) }) { updated in
+            updated.state = .running
+            updated.pausedBy = nil
+            if let cowLimitBytes { updated.cowLimitBytes = cowLimitBytes }
+        } ?? record
     }
 
     /// Pauses a running clone (QMP `stop`) for its user: its guest freezes, its memory stays, and
@@ -170,14 +163,10 @@ public struct CloneLifecycle: Sendable {
         let qmp = try await qemu.connectQMP(timeout: .seconds(5), phase: "pause")
         defer { qmp.close() }
         try await qmp.stop()
-        return try await store.withLock { locked in
-            let paused = try locked.updateClone(record.id) { updated in
-                updated.state = .paused
-                updated.pausedBy = .user
-            }
-            locked.record(StoreEvent(.clonePaused, of: paused ?? record, reason: PausedBy.user.rawValue))
-            return paused ?? record
-        }
+        return try await store.updateClone(record.id, reporting: { StoreEvent(.clonePaused, of: $0 ?? record, reason: PausedBy.user.rawValue) }) { updated in
+            updated.state = .paused
+            updated.pausedBy = .user
+        } ?? record
     }
 
     /// Refuses a clone whose guest cannot answer a request now: a pool member not handed out, a

@@ -46,21 +46,18 @@ public struct DeviceReadiness: Sendable {
             }
             try await Task.sleep(for: Self.pollInterval)
         }
-        return try await store.withLock { locked -> CloneRecord in
-            var first = false
-            let updated = try locked.updateClone(record.id) { updated in
-                // Devices added or removed meanwhile are another round's.
-                guard (updated.devices ?? []).map(\.id) == devices.map(\.id), updated.devicesReady != true else { return }
-                updated.devicesReady = true
-                first = true
-            }
-            if first, let updated {
-                var event = StoreEvent(.cloneDevicesReady, of: updated)
-                event.devices = devices.map(\.id)
-                locked.record(event)
-            }
-            return updated ?? record
-        }
+        var first = false
+        return try await store.updateClone(record.id, reporting: { updated in
+            guard first, let updated else { return nil }
+            var event = StoreEvent(.cloneDevicesReady, of: updated)
+            event.devices = devices.map(\.id)
+            return event
+        }) { updated in
+            // Devices added or removed meanwhile are another round's.
+            guard (updated.devices ?? []).map(\.id) == devices.map(\.id), updated.devicesReady != true else { return }
+            updated.devicesReady = true
+            first = true
+        } ?? record
     }
 
     /// The IDs of the clone's devices its guest sees, asked once (blocking: for a thread of its

@@ -79,21 +79,19 @@ public struct Scheduler: Sendable {
         }
         let enforcement = Enforcement(time: Date(), clone: record.id, name: record.name, cowBytes: cowBytes, limitBytes: limit, action: action, done: failure == nil, error: failure,
                                       attempt: action == .pause ? failedPauses + 1 : nil, escalated: escalated ? true : nil)
-        let updated = try? await store.withLock { locked in
-            let updated = try locked.updateClone(record.id) { updated in
-                updated.lastEnforcement = enforcement
-                if failure == nil && action == .pause {
-                    updated.state = .paused
-                    updated.pausedBy = .scheduler
-                }
+        let paused = failure == nil && action == .pause
+        let updated = try? await store.updateClone(record.id, reporting: { updated in
+            guard paused, let updated else { return nil }
+            var event = StoreEvent(.clonePaused, of: updated, reason: PausedBy.scheduler.rawValue)
+            event.cowBytes = cowBytes
+            event.limitBytes = limit
+            return event
+        }) { updated in
+            updated.lastEnforcement = enforcement
+            if paused {
+                updated.state = .paused
+                updated.pausedBy = .scheduler
             }
-            if failure == nil, action == .pause, let updated {
-                var event = StoreEvent(.clonePaused, of: updated, reason: PausedBy.scheduler.rawValue)
-                event.cowBytes = cowBytes
-                event.limitBytes = limit
-                locked.record(event)
-            }
-            return updated
         }
         if failure == nil, action == .kill, let updated {
             await lifecycle.markExited(updated, reason: "killed over its copy-on-write limit")

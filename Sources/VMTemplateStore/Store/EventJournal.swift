@@ -122,6 +122,9 @@ public struct EventJournal: Sendable {
         public var firstSeq: UInt64?
         /// The last event the journal holds (0: none yet).
         public var lastSeq: UInt64 = 0
+        /// The current file as read: its inode and the bytes up to its last complete line, where a
+        /// ``Tail`` that goes on from this reading starts.
+        var current: (inode: ino_t, offset: off_t)?
     }
 
     /// The events after `after` (0: every event kept). Throws `gone` when events after `after`
@@ -134,7 +137,10 @@ public struct EventJournal: Sendable {
             reading = Reading()
             let before = Self.inode(of: currentPath)
             for path in [previousPath, currentPath] {
-                guard let bytes = Self.contents(of: path, owner: ownerUID) else { continue }
+                guard let (bytes, inode) = Self.contents(of: path, owner: ownerUID) else { continue }
+                if path == currentPath {
+                    reading.current = (inode, off_t(bytes.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0))
+                }
                 for event in Self.events(in: bytes[...]) where event.seq > reading.lastSeq {
                     if reading.firstSeq == nil { reading.firstSeq = event.seq }
                     reading.lastSeq = event.seq
@@ -192,6 +198,16 @@ public struct EventJournal: Sendable {
             lastSeq = after
         }
 
+        /// A tail that goes on where `reading` ended, without reading the journal again: the
+        /// events after the later of `after` and the reading's last.
+        public init(_ journal: EventJournal, after: UInt64, continuing reading: Reading) {
+            self.init(journal, after: max(after, reading.lastSeq))
+            if let current = reading.current {
+                inode = current.inode
+                offset = current.offset
+            }
+        }
+
         /// The events appended since the last call, oldest first (at most about 1 MiB of them).
         public mutating func next() -> [StoreEvent] {
             var info = stat()
@@ -203,7 +219,7 @@ public struct EventJournal: Sendable {
                 if inode != 0 {
                     // Rotated: what was appended to the old file before it was renamed is read first.
                     events += drain(journal.previousPath)
-                } else if let bytes = EventJournal.contents(of: journal.previousPath, owner: journal.ownerUID) {
+                } else if let (bytes, _) = EventJournal.contents(of: journal.previousPath, owner: journal.ownerUID) {
                     // The first call: the previous file may hold events after the position too.
                     events += EventJournal.events(in: bytes[...])
                 }
@@ -232,12 +248,9 @@ public struct EventJournal: Sendable {
 
         /// Complete lines of file `path` (it must still be the file followed) from the offset on.
         private mutating func read(_ path: String) -> [StoreEvent] {
-            let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-            guard fd >= 0 else { return [] }
+            guard let (fd, info) = EventJournal.openOwned(path, owner: journal.ownerUID) else { return [] }
             defer { close(fd) }
-            var info = stat()
-            guard fstat(fd, &info) == 0, info.st_ino == inode, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == journal.ownerUID,
-                  info.st_size > offset else { return [] }
+            guard info.st_ino == inode, info.st_size > offset else { return [] }
             let length = min(Int(info.st_size - offset), 1 << 20)
             var chunk = [UInt8](repeating: 0, count: length)
             let count = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, offset) }
@@ -255,17 +268,27 @@ public struct EventJournal: Sendable {
         }
     }
 
-    /// The file's bytes, if it is a regular file of the store's owner no larger than a journal
-    /// file may grow (a line more than ``maxFileBytes``).
-    static func contents(of path: String, owner: uid_t) -> [UInt8]? {
+    /// A journal file opened for reading, with its status, if it is a regular file (never
+    /// reached through a link) of the store's owner: anybody else's file is not the journal.
+    static func openOwned(_ path: String, owner: uid_t) -> (fd: Int32, info: stat)? {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else { return nil }
-        defer { close(fd) }
         var info = stat()
-        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == owner,
-              info.st_size <= maxFileBytes + maxLineBytes * 4 else { return nil }
-        guard case .success(let bytes) = FileSystem.readAll(descriptor: fd) else { return nil }
-        return bytes
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == owner else {
+            close(fd)
+            return nil
+        }
+        return (fd, info)
+    }
+
+    /// The file's bytes and inode, if it is a journal file (``openOwned(_:owner:)``) no larger than a
+    /// journal file may grow (a line more than ``maxFileBytes``).
+    static func contents(of path: String, owner: uid_t) -> (bytes: [UInt8], inode: ino_t)? {
+        guard let (fd, info) = openOwned(path, owner: owner) else { return nil }
+        defer { close(fd) }
+        guard info.st_size <= maxFileBytes + maxLineBytes * 4,
+              case .success(let bytes) = FileSystem.readAll(descriptor: fd) else { return nil }
+        return (bytes, info.st_ino)
     }
 
     /// The events in `bytes`, in order; a line that is too long, does not decode or does not
@@ -286,11 +309,9 @@ public struct EventJournal: Sendable {
 
     /// The `seq` of the file's last complete line, read from its tail.
     static func lastSeq(in path: String, owner: uid_t) -> UInt64? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        guard fd >= 0 else { return nil }
+        guard let (fd, info) = openOwned(path, owner: owner) else { return nil }
         defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == owner, info.st_size > 0 else { return nil }
+        guard info.st_size > 0 else { return nil }
         let length = min(Int(info.st_size), maxLineBytes + 1)
         var tail = [UInt8](repeating: 0, count: length)
         let read = tail.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(info.st_size) - off_t(length)) }

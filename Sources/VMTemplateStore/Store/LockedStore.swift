@@ -39,4 +39,16 @@ extension TemplateStore {
     public func updateClone(_ id: String, isolation: isolated (any Actor)? = #isolation, _ change: (inout CloneRecord) throws -> Void) async throws -> CloneRecord? {
         try await withLock { try $0.updateClone(id, change) }
     }
+
+    /// Changes one clone's record and appends the event `report` makes of the record as written
+    /// (nil: the clone is gone; no event when `report` gives none), under one hold of the lock, so
+    /// the event stands in the journal where the change happened.
+    @discardableResult
+    public func updateClone(_ id: String, isolation: isolated (any Actor)? = #isolation, reporting report: (CloneRecord?) -> StoreEvent?, _ change: (inout CloneRecord) throws -> Void) async throws -> CloneRecord? {
+        try await withLock { locked in
+            let updated = try locked.updateClone(id, change)
+            if let event = report(updated) { locked.record(event) }
+            return updated
+        }
+    }
 }
