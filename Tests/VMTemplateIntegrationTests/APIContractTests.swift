@@ -15,13 +15,9 @@ extension RealGuests {
         func thirdPartyTools() async throws {
             let python = "\(Checkout.root)/.build/test-tools/bin/python"
             try #require(FileManager.default.isExecutableFile(atPath: python), "scripts/setup --for-tests installs schemathesis and openapi-python-client into .build/test-tools")
-            let store = try TemporaryStore("contract")
-            defer { store.remove() }
             // busybox for every operation to clone; spare for the fuzzed removal to take.
-            for name in ["busybox", "spare"] {
-                let created = try CLI.run(["create", name, "--recipe", Checkout.busyboxRecipe] + store.arguments)
-                try #require(created.status == 0, "\(created.stderr)")
-            }
+            let store = try TemporaryStore.withTemplates("contract", ["busybox", "spare"])
+            defer { store.remove() }
             // A bound on what the fuzzer can start: it sizes pools and clones at will.
             _ = try CLI.run(["settings", "--max-clones", "6"] + store.arguments)
             let server = try CLI.start(["serve"] + store.arguments)

@@ -75,10 +75,8 @@ extension RealGuests {
 
         @Test("a clone's life as events, followed live: created, running, paused, resumed, exited by itself with its status, removed after the retention; a reconnect misses nothing; the CLI prints the same; a position no longer kept is 410")
         func lifeAsEvents() async throws {
-            let store = try TemporaryStore("events")
+            let store = try TemporaryStore.withTemplates("events")
             defer { store.remove() }
-            let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
-            try #require(created.status == 0, "\(created.stderr)")
             let server = try CLI.start(["serve", "--exited-retention", "2", "--log-format", "json"] + store.arguments)
             var stopped = false
             defer { if !stopped { server.process.terminate(); server.process.waitUntilExit() }; _ = try? CLI.run(["rm", "--all"] + store.arguments) }
@@ -151,10 +149,8 @@ extension RealGuests {
 
         @Test("devices ready: clone --wait-devices returns once the guest sees its NIC, which it then uses at once; serve reports a CLI clone's NIC ready with an event; a hot-plugged disk too")
         func devicesReady() async throws {
-            let store = try TemporaryStore("ready")
+            let store = try TemporaryStore.withTemplates("ready")
             defer { store.remove() }
-            let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
-            try #require(created.status == 0, "\(created.stderr)")
 
             // Blocking: the NIC is there when clone returns; the guest configures and uses it with
             // no loop of its own.
@@ -204,9 +200,8 @@ extension RealGuests {
 
         @Test("shell completion offers the store's template names and clone names (not pool members), read from the --store on the command line")
         func nameCompletion() throws {
-            let store = try TemporaryStore("complete")
+            let store = try TemporaryStore.withTemplates("complete")
             defer { store.remove() }
-            try #require(try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments).status == 0)
             try #require(try CLI.run(["clone", "busybox", "--name", "web-7"] + store.arguments).status == 0)
             defer { _ = try? CLI.run(["rm", "--all"] + store.arguments) }
             // What the generated scripts run: ---completion SUBCOMMAND -- ARGUMENT INDEX CURSOR WORDS...

@@ -26,10 +26,7 @@ extension RealGuests {
         /// A store of its own with the busybox template (pools must not leave members behind in
         /// the shared store, whose other tests count its clones).
         func poolStore(_ label: String) throws -> TemporaryStore {
-            let store = try TemporaryStore(label)
-            let created = try CLI.run(["create", "busybox", "--recipe", Checkout.busyboxRecipe] + store.arguments)
-            try #require(created.status == 0, "\(created.stderr)")
-            return store
+            try TemporaryStore.withTemplates(label)
         }
 
         func run(_ arguments: [String], _ store: TemporaryStore) throws -> CommandResult {

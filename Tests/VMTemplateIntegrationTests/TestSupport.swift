@@ -123,6 +123,20 @@ struct TemporaryStore {
     }
 }
 
+extension TemporaryStore {
+    /// A store of its own with templates of these names, each made from the busybox recipe: for
+    /// tests that run a server on it, size its pools or count its clones (which the shared store's
+    /// other tests would disturb).
+    static func withTemplates(_ label: String, _ names: [String] = ["busybox"]) throws -> TemporaryStore {
+        let store = try TemporaryStore(label)
+        for name in names {
+            let created = try CLI.run(["create", name, "--recipe", Checkout.busyboxRecipe] + store.arguments)
+            try #require(created.status == 0, "\(created.stderr)")
+        }
+        return store
+    }
+}
+
 /// QEMU processes found through /proc, for checking that nothing was left running.
 enum QEMUProcesses {
     /// PIDs of live processes whose command line mentions `path`.

@@ -22,6 +22,18 @@ struct EventJournalTests {
         #"{"seq":\#(seq),"time":"2026-12-05T12:00:00Z","type":"\#(type)","clone":"0123456789ab","name":"n","template":"t"}"#
     }
 
+    /// Writes `text` into the file as it is (no rename: the same inode), opened with `flags`.
+    static func writeInPlace(_ path: String, _ text: String, flags: Int32) {
+        let fd = open(path, O_WRONLY | flags)
+        _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+
+    /// A journal file of one event line per seq, as vmtemplate writes them.
+    static func write(_ path: String, _ seqs: [UInt64]) throws {
+        try FileSystem.writeFileAtomically(path: path, data: Array((seqs.map { line($0) }.joined(separator: "\n") + "\n").utf8), mode: 0o600, durable: false)
+    }
+
     @Test("appends get increasing positions; read(after:) gives what follows; an unknown type is kept as unknown")
     func appendAndRead() async throws {
         let store = try Self.store()
@@ -55,9 +67,7 @@ struct EventJournalTests {
         // The next append goes after the last complete line it can read.
         try await store.withLock { locked in
             // The half line is completed first, as a writer that was cut short would have left it.
-            let fd = open(journal.currentPath, O_WRONLY | O_APPEND)
-            _ = write(fd, "\n", 1)
-            close(fd)
+            Self.writeInPlace(journal.currentPath, "\n", flags: O_APPEND)
             locked.record(StoreEvent(.templateRemoved, template: "t"))
         }
         #expect(tail.next().map(\.seq) == [6, 7])
@@ -69,19 +79,13 @@ struct EventJournalTests {
         defer { try? FileSystem.removeTree(path: store.root) }
         let journal = store.events
         mkdir(journal.directory, 0o700)
-        func write(_ path: String, _ seqs: ClosedRange<UInt64>) throws {
-            try FileSystem.writeFileAtomically(path: path, data: Array((seqs.map { Self.line($0) }.joined(separator: "\n") + "\n").utf8), mode: 0o600, durable: false)
-        }
-        try write(journal.currentPath, 10...12)
+        try Self.write(journal.currentPath, Array(10...12))
         var tail = EventJournal.Tail(journal, after: 10)
         #expect(tail.next().map(\.seq) == [11, 12])
         // 13 lands in the old file just before it is renamed, 14 and 15 in the new one.
-        let fd = open(journal.currentPath, O_WRONLY | O_APPEND)
-        let extra = Self.line(13) + "\n"
-        _ = extra.withCString { Glibc.write(fd, $0, strlen($0)) }
-        close(fd)
+        Self.writeInPlace(journal.currentPath, Self.line(13) + "\n", flags: O_APPEND)
         #expect(rename(journal.currentPath, journal.previousPath) == 0)
-        try write(journal.currentPath, 14...15)
+        try Self.write(journal.currentPath, Array(14...15))
         #expect(tail.next().map(\.seq) == [13, 14, 15])
         #expect(try journal.read(after: 12).events.map(\.seq) == [13, 14, 15])
         #expect(try journal.read(after: 9).events.count == 6, "the first event kept follows at once: nothing was missed")
@@ -100,28 +104,22 @@ struct EventJournalTests {
         defer { try? FileSystem.removeTree(path: store.root) }
         let journal = store.events
         mkdir(journal.directory, 0o700)
-        func write(_ path: String, _ seqs: [UInt64]) throws {
-            try FileSystem.writeFileAtomically(path: path, data: Array((seqs.map { Self.line($0) }.joined(separator: "\n") + "\n").utf8), mode: 0o600, durable: false)
-        }
-        try write(journal.currentPath, [1, 2, 3])
+        try Self.write(journal.currentPath, [1, 2, 3])
         var tail = EventJournal.Tail(journal, after: 0)
         #expect(tail.next().map(\.seq) == [1, 2, 3] && !tail.gap)
         // Two rotations while the follower slept: 4 to 9 are gone.
-        try write(journal.previousPath, [8, 9])
+        try Self.write(journal.previousPath, [8, 9])
         unlink(journal.currentPath)
-        try write(journal.currentPath, [10, 11])
+        try Self.write(journal.currentPath, [10, 11])
         _ = tail.next()
         #expect(tail.gap, "events 4 to 7 were never handed out")
         // The same inode number for a new, shorter file (numbers are reused once two rotations
         // deleted a file): seen as a new file, and its hole as a hole.
         var sameInode = EventJournal.Tail(journal, after: 9)
         #expect(sameInode.next().map(\.seq) == [10, 11])
-        let fd = open(journal.currentPath, O_WRONLY | O_TRUNC)
-        let shorter = Self.line(20) + "\n"
-        _ = shorter.withCString { Glibc.write(fd, $0, strlen($0)) }
-        close(fd)
+        Self.writeInPlace(journal.currentPath, Self.line(20) + "\n", flags: O_TRUNC)
         #expect(sameInode.next().map(\.seq) == [20] && sameInode.gap)
-        try write(journal.currentPath, [10, 11])
+        try Self.write(journal.currentPath, [10, 11])
         // A tail that starts reads the previous file too: nothing after its position is skipped.
         var fresh = EventJournal.Tail(journal, after: 8)
         #expect(fresh.next().map(\.seq) == [9, 10, 11] && !fresh.gap)

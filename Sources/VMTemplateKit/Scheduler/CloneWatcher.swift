@@ -50,7 +50,8 @@ public struct CloneWatcher: Sendable {
                 journalSeen = journal
                 lastScan = .now
                 var live: [String: (record: CloneRecord, qemu: ProcessHandle)] = [:]
-                for record in store.clones().records {
+                let records = store.clones().records
+                for record in records {
                     if record.exit != nil {
                         await removeIfExpired(record, lifecycle: lifecycle, log: log)
                         continue
@@ -81,7 +82,7 @@ public struct CloneWatcher: Sendable {
                 }
                 watched = live
                 // Checks of clones that are gone are forgotten: the set stays as big as the store.
-                let ids = Set(store.clones().records.map(\.id))
+                let ids = Set(records.map(\.id))
                 probes.withLock { $0 = $0.filter { ids.contains(String($0.prefix { $0 != " " })) } }
             }
             // An exit is what the pidfd says, confirmed by /proc: a failed read is no exit.
