@@ -264,8 +264,9 @@ long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length,
 }
 
 /* Receives up to `capacity` bytes and, if one came with them, a descriptor (close-on-exec) into
- * *fd (else -1; a second one is closed). Returns the bytes received (0 at the end), or -errno. */
-long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd) {
+ * *fd (else -1; any further one is closed, and counted in *count with the first, when count is
+ * not NULL). Returns the bytes received (0 at the end), or -errno. */
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd, int *count) {
     struct iovec iov = { data, capacity };
     union { char buffer[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
     struct msghdr message = {0};
@@ -274,17 +275,44 @@ long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, 
     message.msg_control = control.buffer;
     message.msg_controllen = sizeof(control.buffer);
     *fd = -1;
+    if (count) *count = 0;
     ssize_t received;
     do { received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (received < 0 && errno == EINTR);
     if (received < 0) return -errno;
     for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
         if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        int count = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        for (int i = 0; i < count; i++) {
+        int found = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < found; i++) {
             int received_fd;
             memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
             if (*fd < 0) *fd = received_fd; else close(received_fd);
         }
+        if (count) *count += found;
     }
     return (long)received;
+}
+
+#include <linux/if_tun.h>
+
+/* TUNGETIFF: the interface a tun/tap descriptor is attached to, and its flags. */
+int clinuxhost_tap_info(int fd, char *name, int *flags) {
+    struct ifreq request;
+    memset(&request, 0, sizeof(request));
+    if (ioctl(fd, TUNGETIFF, &request) != 0) return -errno;
+    memcpy(name, request.ifr_name, IFNAMSIZ);
+    name[IFNAMSIZ - 1] = 0;
+    *flags = (unsigned short)request.ifr_flags;
+    return 0;
+}
+
+/* accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK (a GNU call Swift does not see): no moment in
+ * which a process started by another thread could inherit the connection. */
+int clinuxhost_accept_nonblocking(int listener) {
+    int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    return fd < 0 ? -errno : fd;
+}
+
+/* pipe2(2) with O_CLOEXEC | O_NONBLOCK. */
+int clinuxhost_pipe_nonblocking(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0 ? 0 : -errno;
 }

@@ -31,14 +31,20 @@ package struct APIServer: Sendable {
     package let metrics: APIMetrics
     /// Templates being made through the API (``TemplateCreations``).
     let creations = TemplateCreations()
+    /// What callers deposited on the descriptor socket (``DescriptorSocket``).
+    package let deposits: DescriptorDeposits
 
     package var store: TemplateStore { engine.store }
+    var callers: CallerPolicy { CallerPolicy(ownerUID: store.ownerUID, group: socketGroup) }
+    /// Where callers deposit descriptors: beside the API's socket.
+    package var descriptorSocketPath: String { ServerFiles.descriptorSocketPath(beside: socketPath) }
 
-    package init(engine: CloneEngine, socketPath: String, socketGroup: gid_t?, metrics: APIMetrics = APIMetrics()) {
+    package init(engine: CloneEngine, socketPath: String, socketGroup: gid_t?, metrics: APIMetrics = APIMetrics(), deposits: DescriptorDeposits = DescriptorDeposits()) {
         self.engine = engine
         self.socketPath = socketPath
         self.socketGroup = socketGroup
         self.metrics = metrics
+        self.deposits = deposits
     }
 
     /// Every route, as `METHOD PATH` with `{name}` parameters: what the OpenAPI document must
@@ -80,6 +86,16 @@ package struct APIServer: Sendable {
         return record
     }
 
+    /// Refuses NICs and disks that the server would open with the owner's rights (a path, a tap
+    /// by name, a namespace, a user-mode network's host ports) to a caller that is not the owner
+    /// or root: a member of the socket's group hands over descriptors it opened itself (`fd`).
+    static func requireOwnDevices(nics: [DeviceObject], disks: [DeviceObject], context: APIContext) throws {
+        guard !context.callerIsOwner else { return }
+        if let field = [("nics", nics), ("disks", disks)].first(where: { !$0.1.allSatisfy(\.isGivenDescriptor) })?.0 {
+            throw VMTemplateError(.permissionDenied, "only the store's owner or root may give \(field) by path, tap name or user-mode network: those name files, namespaces and ports the server opens with the owner's rights. Deposit a descriptor you opened yourself and give its token as \"fd\" (docs/api.md, \"Descriptors\").")
+        }
+    }
+
     /// Refuses a template that is not published because it is being made through the API, or its
     /// making failed: it is known, so not 404, but in no state to be used (409).
     static func refuseUnpublished(_ name: String, in store: TemplateStore, creations: TemplateCreations) throws {
@@ -118,15 +134,18 @@ package struct APIServer: Sendable {
         }
         defer { try? FileSystem.removeTree(path: privateDirectory) }
         let boundPath = "\(privateDirectory)/serve.sock"
+        let descriptorSocket = try DescriptorSocket(boundAt: "\(privateDirectory)/fds.sock")
         let router = Router(context: APIContext.self)
-        router.add(middleware: CallerCheck(ownerUID: store.ownerUID, group: socketGroup, metrics: metrics))
+        router.add(middleware: CallerCheck(callers: callers, metrics: metrics))
         addRoutes(to: router)
         addDeviceRoutes(to: router)
         addTemplateRoutes(to: router)
         addSettingsRoutes(to: router)
         let publish: @Sendable (any Channel) async -> Void = { _ in
             do {
-                try self.publishSocket(from: boundPath)
+                // The descriptor socket first: a caller that finds the API finds it too.
+                try self.publishSocket(from: descriptorSocket.boundPath, to: self.descriptorSocketPath)
+                try self.publishSocket(from: boundPath, to: self.socketPath)
                 onListening()
             } catch {
                 // A socket that cannot be secured must not be served: stop at once.
@@ -143,7 +162,18 @@ package struct APIServer: Sendable {
             onServerRunning: publish,
             logger: logger
         )
-        defer { unlink(socketPath) }
+        defer {
+            unlink(socketPath)
+            unlink(descriptorSocketPath)
+        }
+        // Its own thread: it blocks in poll(2). It ends with the API.
+        let deposits = self.deposits
+        let callers = self.callers
+        let depositLog = logger
+        let depositThread = Thread { descriptorSocket.serve(deposits: deposits, callers: callers, log: { depositLog.info("\($0)") }) }
+        depositThread.stackSize = 1 << 20
+        depositThread.start()
+        defer { descriptorSocket.stop() }
         try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
     }
 
@@ -161,11 +191,13 @@ package struct APIServer: Sendable {
             throw VMTemplateError(.busy, "a server already answers on '\(TerminalText.escape(socketPath))': run one 'vmtemplate serve' per store.")
         }
         unlink(socketPath)
+        // A killed server's descriptor socket, when it is one (never another kind of file).
+        if lstat(descriptorSocketPath, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK { unlink(descriptorSocketPath) }
     }
 
     /// Sets the bound socket's mode and group, checks it is still the socket (never a link), and
     /// renames it to where clients look for it.
-    private func publishSocket(from boundPath: String) throws {
+    private func publishSocket(from boundPath: String, to socketPath: String) throws {
         let fd = open(boundPath, clinuxhost_o_path() | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot open the bound socket: \(errnoText()).") }
         defer { close(fd) }
@@ -194,38 +226,41 @@ package struct APIServer: Sendable {
         let followers = EventReaders(limit: 64)
         let readers = EventReaders(limit: 8)
         let creations = self.creations
+        let deposits = self.deposits
         router.post("/v1/clones") { request, context -> Response in
             let options = try await Self.decode(CloneOptions.self, from: request)
             // Devices name files and namespaces that the server opens with the owner's rights, a
             // writable template and a bigger translation cache are the host's to give: only the
             // owner (or root) may ask for them, not every member of the socket's group.
             if !context.callerIsOwner {
-                let ownersOnly = [("nics", !(options.nics ?? []).isEmpty), ("disks", !(options.disks ?? []).isEmpty),
-                                  ("allow_writable_template", options.allowWritableTemplate == true), ("tcg_tb_size", options.tcgTranslationCacheMiB != nil)]
+                let ownersOnly = [("allow_writable_template", options.allowWritableTemplate == true), ("tcg_tb_size", options.tcgTranslationCacheMiB != nil)]
                 if let field = ownersOnly.first(where: \.1)?.0 {
-                    throw VMTemplateError(.permissionDenied, "only the store's owner or root may set '\(field)' through the API: NICs and disks name files and namespaces the server opens with the owner's rights, and the others spend what is the host's to give.")
+                    throw VMTemplateError(.permissionDenied, "only the store's owner or root may set '\(field)' through the API: it spends what is the host's to give.")
                 }
             }
+            try Self.requireOwnDevices(nics: options.nics ?? [], disks: options.disks ?? [], context: context)
             // What the owner is making is the owner's to know of.
             if context.callerIsOwner { try Self.refuseUnpublished(options.template, in: store, creations: creations) }
-            var cloneRequest = try options.request()
-            // The server clones with the owner's rights: only what the caller may read itself.
-            try context.requireReadable(try store.template(named: cloneRequest.template))
-            cloneRequest.requestedBy = context.callerUID
-            // This process outlives the clone's start: a thread of it waits for the guest.
-            cloneRequest.guestRepliesInChild = false
-            let started = ContinuousClock.now
-            let (record, _, created) = try await engine.clone(cloneRequest)
-            var view = lifecycle.view(of: record)
-            view.created = created
-            // A retry gets the clone it made, 200 instead of 201: it is not counted again.
-            guard created else { return try Self.json(view, status: .ok) }
-            metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
-            // pools.json is read only for a fresh clone: never on the hand-out path.
-            let fromPool = record.fromPool == true
-            metrics.recordCreate(template: record.template, fromPool: fromPool,
-                                 hasPool: !fromPool && cloneRequest.usePool && (store.pools.sizes()[record.template] ?? 0) > 0)
-            return try Self.json(view, status: .created)
+            return try await deposits.withClaims(uid: context.callerUID) { descriptors in
+                var cloneRequest = try options.request(descriptors: descriptors)
+                // The server clones with the owner's rights: only what the caller may read itself.
+                try context.requireReadable(try store.template(named: cloneRequest.template))
+                cloneRequest.requestedBy = context.callerUID
+                // This process outlives the clone's start: a thread of it waits for the guest.
+                cloneRequest.guestRepliesInChild = false
+                let started = ContinuousClock.now
+                let (record, _, created) = try await engine.clone(cloneRequest)
+                var view = lifecycle.view(of: record)
+                view.created = created
+                // A retry gets the clone it made, 200 instead of 201: it is not counted again.
+                guard created else { return try Self.json(view, status: .ok) }
+                metrics.recordClone(fromPool: record.fromPool == true, seconds: started.duration(to: .now).seconds)
+                // pools.json is read only for a fresh clone: never on the hand-out path.
+                let fromPool = record.fromPool == true
+                metrics.recordCreate(template: record.template, fromPool: fromPool,
+                                     hasPool: !fromPool && cloneRequest.usePool && (store.pools.sizes()[record.template] ?? 0) > 0)
+                return try Self.json(view, status: .created)
+            }
         }
         router.get("/v1/clones") { _, context -> Response in
             // Live, as `list` shows them: a clone whose QEMU was killed is `exited`, not `running`.
@@ -376,8 +411,9 @@ package struct APIServer: Sendable {
                 try await writer.finish(nil)
             })
         }
+        let descriptorSocketPath = self.descriptorSocketPath
         router.get("/v1/version") { _, _ -> Response in
-            try Self.json(["version": VMTemplateVersion.current, "api": VMTemplateVersion.api])
+            try Self.json(["version": VMTemplateVersion.current, "api": VMTemplateVersion.api, "descriptor_socket": descriptorSocketPath])
         }
         router.get("/v1/health") { _, _ -> Response in
             // Answering at all is the health: the store is checked so that a server whose store
@@ -582,13 +618,26 @@ package struct APIContext: RequestContext {
     }
 }
 
+/// Who may use the server's sockets (the API's and the descriptor socket): root, the store's
+/// owner, and the members of the socket's group.
+package struct CallerPolicy: Sendable {
+    let ownerUID: uid_t
+    let group: gid_t?
+
+    /// Whether the caller is root or the owner (true), a member of the group (false), or refused.
+    func admit(uid: uid_t, groups: Set<gid_t>) -> Result<Bool, VMTemplateError> {
+        if uid == 0 || uid == ownerUID { return .success(true) }
+        if let group, groups.contains(group) { return .success(false) }
+        return .failure(VMTemplateError(.permissionDenied, "uid \(uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "")."))
+    }
+}
+
 /// Reads the caller's uid and gid from the socket (SO_PEERCRED), logs the request with them, and
 /// refuses callers who are not root, the store's owner or in the socket's group. Library errors
 /// become `{"error": {"code", "message"}}` with their HTTP status.
 struct CallerCheck: RouterMiddleware {
     typealias Context = APIContext
-    let ownerUID: uid_t
-    let group: gid_t?
+    let callers: CallerPolicy
     let metrics: APIMetrics
 
     /// The request ID a caller may send (and gets back): a short token, else the server's own.
@@ -608,11 +657,14 @@ struct CallerCheck: RouterMiddleware {
         do {
             let credentials = try await Self.peerCredentials(of: context.channel)
             caller = credentials
-            let isOwner = credentials.uid == 0 || credentials.uid == ownerUID
             let callerGroups = await Self.supplementaryGroups(of: context.channel, pid: credentials.pid).union([credentials.gid])
-            guard isOwner || (group.map { callerGroups.contains($0) } ?? false) else {
+            let isOwner: Bool
+            switch callers.admit(uid: credentials.uid, groups: callerGroups) {
+            case .success(let owner):
+                isOwner = owner
+            case .failure(let refusal):
                 context.logger.info("refused \(request.method) \(path) from uid \(credentials.uid) pid \(credentials.pid)")
-                throw VMTemplateError(.permissionDenied, "uid \(credentials.uid) may not use this server: it answers root, the store's owner (uid \(ownerUID))\(group.map { " and group \($0)" } ?? "").")
+                throw refusal
             }
             context.callerUID = credentials.uid
             context.callerGroups = callerGroups
@@ -701,6 +753,12 @@ struct CallerCheck: RouterMiddleware {
               let pidfd: Int32 = try? await provider.unsafeGetSocketOption(level: .init(rawValue: SOL_SOCKET), name: .init(rawValue: peerPIDFDOption)).get(),
               pidfd >= 0 else { return [] }
         defer { close(pidfd) }
+        return groups(of: pid, through: pidfd)
+    }
+
+    /// The groups of `pid` read from /proc, believed only if `pidfd` (taken when it connected)
+    /// says that process is still alive after the read.
+    static func groups(of pid: Int32, through pidfd: Int32) -> Set<gid_t> {
         let groups = groups(of: pid)
         return clinuxhost_pidfd_send_signal(pidfd, 0) == 0 ? groups : []
     }

@@ -20,20 +20,22 @@ extension APIServer {
             guard context.readableTemplates(in: store)(record.template) else { throw TemplateStore.noCloneExactly(reference) }
             return try Self.json(record.devices ?? [])
         }
-        // Hot-plug, as `device add`: the devices name host files and namespaces that the server
-        // opens with the owner's rights, so the owner's (or root's) alone, as at create.
+        // Hot-plug, as `device add`. Devices by path or tap name name host files and namespaces
+        // the server opens with the owner's rights, so the owner's (or root's) alone, as at
+        // create; descriptors the caller deposited (`fd`) are the caller's own.
+        let deposits = self.deposits
         router.post("/v1/clones/:id/devices") { request, context -> Response in
             let record = try Self.changeableClone(try Self.parameter("id", of: context), by: context, in: store, doing: "add devices to")
             let body = try await Self.decode(DeviceBody.self, from: request)
-            guard context.callerIsOwner else {
-                throw VMTemplateError(.permissionDenied, "only the store's owner or root may add devices through the API: NICs and disks name files and namespaces the server opens with the owner's rights.")
-            }
-            let wanted = try DeviceObject.request(nics: body.nics ?? [], disks: body.disks ?? [])
-            guard !wanted.nics.isEmpty || !wanted.disks.isEmpty else {
-                throw VMTemplateError(.invalidArgument, "give at least one device: {\"nics\": [...]} or {\"disks\": [...]}.")
-            }
+            try Self.requireOwnDevices(nics: body.nics ?? [], disks: body.disks ?? [], context: context)
             let timeout = Duration.seconds(fractional: try Self.checkedTimeout(body.timeout, default: 10))
-            var added = try await devices.add(wanted, to: record, timeout: timeout)
+            var added = try await deposits.withClaims(uid: context.callerUID) { descriptors in
+                let wanted = try DeviceObject.request(nics: body.nics ?? [], disks: body.disks ?? [], descriptors: descriptors)
+                guard !wanted.nics.isEmpty || !wanted.disks.isEmpty else {
+                    throw VMTemplateError(.invalidArgument, "give at least one device: {\"nics\": [...]} or {\"disks\": [...]}.")
+                }
+                return try await devices.add(wanted, to: record, timeout: timeout)
+            }
             if body.wait == true, let current = store.cloneRecord(record.id) {
                 // Not seen in time is no failure of the hot-plug, which is done: the clone's
                 // devices_ready (false) and its later clone.devices-ready say the rest.

@@ -85,6 +85,10 @@ package struct UnixHTTPClient: Sendable {
     /// connect): whoever else listens on the path (a socket swapped in a directory they could
     /// change) gets no request, and its answer is not believed.
     private func checkServer(_ fd: Int32) throws {
+        try Self.checkServer(fd, of: socketPath, trusting: trustedServers)
+    }
+
+    static func checkServer(_ fd: Int32, of socketPath: String, trusting trustedServers: Set<uid_t>) throws {
         var credentials = clinuxhost_ucred()
         var length = socklen_t(MemoryLayout<clinuxhost_ucred>.size)
         guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {

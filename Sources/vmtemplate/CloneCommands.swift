@@ -43,10 +43,10 @@ struct Clone: AsyncParsableCommand {
     @Option(help: "What the scheduler does over the limit: pause or kill (default: the store's setting).")
     var overLimit: OverLimitAction?
 
-    @Option(help: ArgumentHelp("A NIC, hot-plugged before the guest runs: tap=IFNAME[,netns=PATH][,mac=MAC] or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
+    @Option(help: ArgumentHelp("A NIC, hot-plugged before the guest runs: tap=IFNAME[,netns=PATH][,mac=MAC], fd=N[,mac=MAC] (a tap this command inherited open) or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
     var nic: [String] = []
 
-    @Option(help: ArgumentHelp("A disk, hot-plugged before the guest runs: path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
+    @Option(help: ArgumentHelp("A disk, hot-plugged before the guest runs: path=FILE or fd=N (an image this command inherited open)[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
     var disk: [String] = []
 
     @Flag(name: .customLong("no-pool"), help: "Restore a fresh clone even when the template's warm pool has a ready member.")
@@ -71,7 +71,7 @@ struct Clone: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingErrors {
-            var request = try options.request()
+            var request = try options.request(descriptors: .inherited)
             let store = try store.open()
             let templatesRoot = templateStore ?? ProcessInfo.processInfo.environment[TemplateStore.templateStoreEnvironmentVariable].flatMap { $0.isEmpty ? nil : $0 }
             let templates = try templatesRoot.map { try TemplateStore(root: $0, mode: .readOnly) }

@@ -29,10 +29,10 @@ struct DeviceCommand: AsyncParsableCommand {
         @Argument(help: "Clone ID (or unambiguous prefix) or name.", completion: NameCompletion.clones)
         var clone: String
 
-        @Option(help: ArgumentHelp("tap=IFNAME[,netns=PATH][,mac=MAC] or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
+        @Option(help: ArgumentHelp("tap=IFNAME[,netns=PATH][,mac=MAC], fd=N[,mac=MAC] (a tap this command inherited open) or user[,hostfwd=RULE][,mac=MAC]. Repeatable.", valueName: "spec"))
         var nic: [String] = []
 
-        @Option(help: ArgumentHelp("path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
+        @Option(help: ArgumentHelp("path=FILE or fd=N (an image this command inherited open)[,format=raw|qcow2][,readonly=on][,overlay=on]. Repeatable.", valueName: "spec"))
         var disk: [String] = []
 
         @Option(help: ArgumentHelp("Seconds to wait for QEMU.", valueName: "seconds"))
@@ -50,7 +50,7 @@ struct DeviceCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingErrors {
-                let request = try DeviceRequest(parsingNICs: nic, disks: disk)
+                let request = try DeviceRequest(parsingNICs: nic, disks: disk, descriptors: .inherited)
                 let store = try store.open()
                 let record = try store.findClone(clone)
                 let timeout = Duration.seconds(fractional: timeout)

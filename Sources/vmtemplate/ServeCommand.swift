@@ -114,13 +114,7 @@ struct APIRequest: ParsableCommand {
     }
 
     func run() throws {
-        let root = TemplateStore.defaultRoot(explicit: store.storePath)
-        let defaultSocket = "\(root)/serve.sock"
-        let socketPath = socket ?? defaultSocket
-        // The store's owner serves it; a member of its socket's group is another user.
-        var info = stat()
-        // Only for the store's own socket: a --socket elsewhere is not the store owner's to serve.
-        let owner: uid_t? = socketPath == defaultSocket && lstat(root, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? info.st_uid : nil
+        let (socketPath, owner) = ServerSocket.find(socket, store: store)
         let reply: UnixHTTPClient.Reply
         do {
             reply = try UnixHTTPClient(socketPath: socketPath, alsoTrusting: owner).request(method, path, body: body.map { Data($0.utf8) })
@@ -136,6 +130,61 @@ struct APIRequest: ParsableCommand {
             // and the CLI alike.
             let code = (try? JSONCoding.decoder().decode(ErrorBody.self, from: reply.body))?.code
             throw ExitCode(code.map(ExitStatus.code(for:)) ?? 1)
+        }
+    }
+}
+
+/// The server a client command talks to: its API socket and the store owner it may trust.
+enum ServerSocket {
+    static func find(_ socket: String?, store: StoreOptions) -> (path: String, owner: uid_t?) {
+        let root = TemplateStore.defaultRoot(explicit: store.storePath)
+        let defaultSocket = "\(root)/serve.sock"
+        let socketPath = socket ?? defaultSocket
+        // The store's owner serves it; a member of its socket's group is another user. Only for
+        // the store's own socket: a --socket elsewhere is not the store owner's to serve.
+        var info = stat()
+        let owner: uid_t? = socketPath == defaultSocket && lstat(root, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? info.st_uid : nil
+        return (socketPath, owner)
+    }
+}
+
+/// Hands a descriptor to the server: what a member of the socket's group does to attach a tap or
+/// an image it opened itself (HTTP carries no descriptors).
+struct Deposit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "deposit",
+        abstract: "Hand an open tap or disk image to 'vmtemplate serve'; print the token that names it in an API request.",
+        discussion: "The descriptor goes over the server's descriptor socket (beside its API socket: STORE/serve-fds.sock) with SCM_RIGHTS; the token answered serves this user, in one successful request, for 60 seconds (docs/api.md, \"Descriptors\"). A tap must be open on /dev/net/tun with IFF_TAP | IFF_NO_PI; an image O_RDONLY (for readonly or overlay disks) or O_RDWR.\n\nExamples:\n  vmtemplate deposit 3 3</srv/images/base.raw\n  vmtemplate api POST /v1/clones '{\"template\": \"busybox\", \"disks\": [{\"fd\": \"fd-…\", \"overlay\": true}]}'"
+    )
+
+    @Argument(help: ArgumentHelp("The number of a descriptor this command inherited open, 3 or more.", valueName: "fd"))
+    var descriptor: Int32
+
+    @Option(help: "What the descriptor must be: tap or disk (the server checks it either way).")
+    var kind: DescriptorKind?
+
+    @Option(help: ArgumentHelp("The API's socket (default: STORE/serve.sock); the descriptor socket is beside it.", valueName: "path"))
+    var socket: String?
+
+    @OptionGroup var store: StoreOptions
+
+    enum DescriptorKind: String, ExpressibleByArgument, CaseIterable {
+        case tap, disk
+    }
+
+    func validate() throws {
+        guard descriptor >= 3 else { throw ValidationError("give a descriptor number of 3 or more (0 to 2 are the terminal's), e.g. 'vmtemplate deposit 3 3</srv/disk.img'.") }
+        guard fcntl(descriptor, F_GETFD) >= 0 else { throw ValidationError("descriptor \(descriptor) is not open in this command: open it in the shell, e.g. 'vmtemplate deposit \(descriptor) \(descriptor)</srv/disk.img'.") }
+    }
+
+    func run() throws {
+        let (socketPath, owner) = ServerSocket.find(socket, store: store)
+        let client = DescriptorClient(socketPath: ServerFiles.descriptorSocketPath(beside: socketPath), alsoTrusting: owner)
+        do {
+            try Terminal.printJSON(try client.deposit(descriptor, kind: kind.flatMap { GivenDescriptor.Kind(rawValue: $0.rawValue) }))
+        } catch let error as VMTemplateError {
+            Terminal.error(error.message)
+            throw ExitCode(ExitStatus.code(for: error.code))
         }
     }
 }

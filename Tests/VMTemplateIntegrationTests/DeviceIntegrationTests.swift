@@ -283,7 +283,7 @@ extension RealGuests {
                 (["--nic", "user,hostfwd=tcp:1.2.3.4"], "not a forwarding rule"),
                 (["--nic", "tap=t0,mac=01:00:00:00:00:01"], "multicast"),
                 (["--nic", "tap=t0,mac=zz"], "not a MAC address"),
-                (["--disk", "format=raw"], "path=FILE is missing"),
+                (["--disk", "format=raw"], "path=FILE (or fd=N) is missing"),
                 (["--disk", "path=relative.img"], "absolute path"),
                 (["--disk", "path=/a,readonly=on,overlay=on"], "pick one"),
                 (["--disk", "path=/a,,b"], "comma"),

@@ -219,6 +219,12 @@ extension RealGuests {
             try check(["api", "GET", "/v1/pools"] + arguments, "pools")
             try check(["api", "GET", "/v1/version"] + arguments, "version")
             try check(["api", "GET", "/v1/health"] + arguments, "health")
+            // A descriptor handed over (a read-only image), as `deposit` prints its token.
+            let deposited = try ShortCommand.run("/bin/sh", ["-c", "exec \"$0\" deposit 3 --store \"$1\" 3<\"$0\"", Checkout.binary, store.root])
+            checked.insert("deposit")
+            #expect(deposited.status == 0, "\(deposited.stderr)")
+            let depositProblems = try JSONSchemas.violations(of: deposited.stdout, against: "deposit")
+            #expect(depositProblems == nil, "vmtemplate deposit does not match docs/schemas/deposit.schema.json:\n\(depositProblems ?? "")\noutput: \(deposited.stdout)")
             try check(["api", "PUT", "/v1/pools/busybox", #"{"size": 0}"#] + arguments, "pool")
             let made = try check(["api", "POST", "/v1/clones", #"{"template": "busybox", "name": "d", "no_pool": true}"#] + arguments, "clone")
             if let id = Self.object(made.stdout)?["id"] as? String {

@@ -52,7 +52,12 @@ int clinuxhost_o_path(void);
 long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
 long long clinuxhost_seek_data(int fd, long long offset, int data);
 long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length, int fd);
-long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd);
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd, int *count);
+
+/// TUNGETIFF on `fd`: the tun/tap interface it is attached to (`name`, 16 bytes, NUL-ended) and
+/// its flags (IFF_TAP 0x2, IFF_NO_PI 0x1000, IFF_VNET_HDR 0x4000). Returns 0 or -errno (a
+/// descriptor of anything else: EBADFD, ENOTTY or EINVAL).
+int clinuxhost_tap_info(int fd, char *name, int *flags);
 
 /// Forks a child that waits (at most `timeout_ms`) until `lines` newline-ended lines have arrived
 /// on `fd`, then exits; it keeps only `fd` and `log_fd` (where it says so when the lines did not
@@ -60,6 +65,12 @@ long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, 
 /// a machine whose cores the just-resumed guest is using. For short-lived processes only: the
 /// child is not reaped here. Returns its PID or -errno.
 int clinuxhost_fork_reply_waiter(int fd, int lines, int timeout_ms, int log_fd);
+
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK: the connection or -errno.
+int clinuxhost_accept_nonblocking(int listener);
+
+/// pipe2(2) with O_CLOEXEC | O_NONBLOCK: 0 or -errno.
+int clinuxhost_pipe_nonblocking(int fds[2]);
 
 /// struct ucred (SO_PEERCRED), which Swift does not see without _GNU_SOURCE; the same layout.
 struct clinuxhost_ucred {

@@ -22,9 +22,10 @@ public struct DeviceRequest: Sendable, Equatable {
     public var count: Int { nics.count + disks.count }
 
     /// From the specs `--nic`/`--disk` (and the API's `nics`/`disks`) take; the first bad one
-    /// is the error.
-    public init(parsingNICs nics: [String], disks: [String]) throws {
-        self.init(nics: try nics.map(NICSpec.init(parsing:)), disks: try disks.map(DiskSpec.init(parsing:)))
+    /// is the error. `fd=` finds its descriptor with `descriptors`.
+    public init(parsingNICs nics: [String], disks: [String], descriptors: DescriptorLookup = .none) throws {
+        self.init(nics: try nics.map { try NICSpec(parsing: $0, descriptors: descriptors) },
+                  disks: try disks.map { try DiskSpec(parsing: $0, descriptors: descriptors) })
     }
 }
 
@@ -74,6 +75,11 @@ public struct CloneDevices: Sendable {
                     device.netns = namespacePath
                     device.tapCreated = tap.created
                     pending.append(PreparedDevice(device: device, descriptors: [tap.descriptor]))
+                case .descriptor(let given):
+                    device.backend = "tap"
+                    device.tap = given.tapName
+                    device.fromFD = true
+                    pending.append(PreparedDevice(device: device, descriptors: [try given.duplicate()]))
                 case .user(let forwards):
                     device.backend = "user"
                     device.hostForwards = forwards
@@ -83,12 +89,17 @@ public struct CloneDevices: Sendable {
             for disk in request.disks {
                 var device = try next(.disk)
                 device.path = disk.path
+                device.fromFD = disk.path == nil ? true : nil
                 device.format = disk.format
                 device.readOnly = disk.readOnly
                 device.overlay = disk.overlay
                 // At most 20 bytes reach the guest (VIRTIO_BLK_ID_BYTES): 12 for the ID, 1, 7 left.
                 device.serial = String("\(cloneID)-\(device.id)".prefix(20))
-                let image = try DiskImage.open(path: disk.path, format: disk.format, writable: !disk.readOnly && !disk.overlay)
+                let writable = !disk.readOnly && !disk.overlay
+                let image = switch disk.source {
+                case .path(let path): try DiskImage.open(path: path, format: disk.format, writable: writable)
+                case .descriptor(let given): try DiskImage.adopt(given, format: disk.format, writable: writable)
+                }
                 if disk.overlay {
                     // The overlay first, then its base, as ``QMPClient/attach(_:timeout:)`` expects.
                     let overlay: Int32

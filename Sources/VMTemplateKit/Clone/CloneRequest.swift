@@ -156,8 +156,9 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
         waitDevices = try c.decodeIfPresent(Bool.self, forKey: .waitDevices)
     }
 
-    /// The request these options ask for, parsed and checked (``CloneRequest/validate()``).
-    public func request() throws -> CloneRequest {
+    /// The request these options ask for, parsed and checked (``CloneRequest/validate()``);
+    /// `descriptors` finds what a NIC's or disk's `fd` names.
+    public func request(descriptors: DescriptorLookup = .none) throws -> CloneRequest {
         // Before anything is parsed or converted: a NaN or huge number makes no Duration, and a
         // thousand specs are not parsed to be refused.
         if let timeoutSeconds, !(timeoutSeconds >= CloneRequest.minTimeoutSeconds && timeoutSeconds <= Double(CloneRequest.maxTimeoutSeconds)) {
@@ -174,7 +175,7 @@ public struct CloneOptions: Sendable, Equatable, Decodable {
             timeout: timeoutSeconds.map { .seconds(fractional: $0) } ?? .seconds(30),
             cowLimitBytes: try cowLimit.map { try ByteSize(parsing: $0).bytes },
             overLimitAction: overLimit)
-        request.devices = try DeviceObject.request(nics: nics ?? [], disks: disks ?? [])
+        request.devices = try DeviceObject.request(nics: nics ?? [], disks: disks ?? [], descriptors: descriptors)
         request.usePool = noPool != true
         request.waitForDevices = waitDevices == true
         try request.validate()

@@ -40,8 +40,8 @@ public enum DeviceObject: Sendable, Equatable, Decodable {
         self = .fields(fields)
     }
 
-    /// The CLI's spec for this object: `backend` picks `tap=IF` or `user` for a NIC; every other
-    /// field is `key=value`.
+    /// The CLI's spec for this object: `backend` picks `tap=IF`, `fd=TOKEN` or `user` for a NIC
+    /// (`tap` and `fd` are said by their own fields); every other field is `key=value`.
     func specText(kind: String) -> String {
         switch self {
         case .spec(let text):
@@ -50,7 +50,7 @@ public enum DeviceObject: Sendable, Equatable, Decodable {
             var parts: [String] = []
             if kind == "nic", let backend = fields.first(where: { $0.0 == "backend" })?.1 {
                 if backend == "user" { parts.append("user") }
-                else if backend != "tap" { parts.append("backend=\(backend)") }
+                else if backend != "tap" && backend != "fd" { parts.append("backend=\(backend)") }
             }
             parts += fields.filter { $0.0 != "backend" }.map { "\($0.0)=\($0.1)" }
             return parts.joined(separator: ",")
@@ -69,10 +69,19 @@ public enum DeviceObject: Sendable, Equatable, Decodable {
         }
     }
 
-    /// The device request for these NICs and disks, checked like `--nic` and `--disk`.
-    public static func request(nics: [DeviceObject], disks: [DeviceObject]) throws -> DeviceRequest {
+    /// Whether the object names a descriptor its caller handed over (`fd`), so that the server
+    /// opens nothing for it: the parser refuses `fd` beside a path, a tap name, a namespace or a
+    /// user-mode backend.
+    public var isGivenDescriptor: Bool {
+        guard case .fields(let fields) = self else { return false }
+        return fields.contains { $0.0 == "fd" }
+    }
+
+    /// The device request for these NICs and disks, checked like `--nic` and `--disk`; `fd`
+    /// fields are found with `descriptors`.
+    public static func request(nics: [DeviceObject], disks: [DeviceObject], descriptors: DescriptorLookup = .none) throws -> DeviceRequest {
         try nics.forEach { try $0.check(kind: "nic") }
         try disks.forEach { try $0.check(kind: "disk") }
-        return try DeviceRequest(parsingNICs: nics.map { $0.specText(kind: "nic") }, disks: disks.map { $0.specText(kind: "disk") })
+        return try DeviceRequest(parsingNICs: nics.map { $0.specText(kind: "nic") }, disks: disks.map { $0.specText(kind: "disk") }, descriptors: descriptors)
     }
 }

@@ -28,9 +28,14 @@ package struct UnixSocketAddress: Sendable {
     /// With a `deadline`, a listener whose backlog is full (a server that stopped accepting) is
     /// tried again until then instead of blocking without end; after it, `EAGAIN`.
     package func connectStream(until deadline: ContinuousClock.Instant? = nil) -> Result<Int32, SystemCallError> {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | (deadline == nil ? 0 : Int32(SOCK_NONBLOCK.rawValue)), 0)
+        connect(type: Int32(SOCK_STREAM.rawValue), until: deadline)
+    }
+
+    /// ``connectStream(until:)`` for a socket of another `type` (`SOCK_SEQPACKET`).
+    package func connect(type: Int32, until deadline: ContinuousClock.Instant? = nil) -> Result<Int32, SystemCallError> {
+        let fd = socket(AF_UNIX, type | Int32(SOCK_CLOEXEC.rawValue) | (deadline == nil ? 0 : Int32(SOCK_NONBLOCK.rawValue)), 0)
         guard fd >= 0 else { return .failure(SystemCallError("socket")) }
-        while withSockaddr({ connect(fd, $0, $1) }) != 0 {
+        while withSockaddr({ Glibc.connect(fd, $0, $1) }) != 0 {
             let code = errno
             // A Unix socket's non-blocking connect fails with EAGAIN while the backlog is full.
             if code == EINTR || (code == EAGAIN && deadline.map { ContinuousClock.now < $0 } == true) {

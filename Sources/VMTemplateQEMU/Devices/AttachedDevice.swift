@@ -34,12 +34,16 @@ public struct AttachedDevice: Sendable, Codable, Equatable {
     public var serial: String?
     /// The fd sets QEMU holds the disk's descriptors in, released when the disk is removed.
     public var fdsets: [Int]?
+    /// The tap or image was handed over as a descriptor (`fd=`), opened by the caller: a NIC's
+    /// `tap` is then what the kernel says it is attached to, and a disk has no `path`.
+    public var fromFD: Bool?
 
     enum CodingKeys: String, CodingKey {
         case id, kind, bus, mac, backend, tap, netns, path, format, overlay, serial, fdsets
         case tapCreated = "tap_created"
         case hostForwards = "hostfwd"
         case readOnly = "readonly"
+        case fromFD = "from_fd"
     }
 
     public init(id: String, kind: Kind, bus: String) {
@@ -82,9 +86,11 @@ public struct AttachedDevice: Sendable, Codable, Equatable {
         case .nic:
             if let mac { parts.append(mac.description) }
             if let tap { parts.append("tap \(tap)\(netns.map { " in \($0)" } ?? "")\(tapCreated == true ? " (made for this clone)" : "")") }
+            if fromFD == true { parts.append(tap == nil ? "tap (given as a descriptor)" : "(given as a descriptor)") }
             if backend == "user" { parts.append("user-mode" + (hostForwards.map { $0.isEmpty ? "" : " hostfwd " + $0.joined(separator: " ") } ?? "")) }
         case .disk:
             if let path { parts.append(path) }
+            if fromFD == true { parts.append("image given as a descriptor") }
             if let format { parts.append(format.rawValue) }
             if overlay == true { parts.append("overlay \(overlayFileName)") }
             if readOnly == true { parts.append("read-only") }

@@ -1,13 +1,39 @@
 import VMTemplateOS
 
+/// Where `fd=` in a NIC or disk spec finds its descriptor: for the CLI, a descriptor number the
+/// command inherited (``inherited``); for the API, a token its caller got from `serve`'s
+/// descriptor socket. Without one, `fd=` is refused.
+public struct DescriptorLookup: Sendable {
+    let find: @Sendable (String, GivenDescriptor.Kind) throws -> GivenDescriptor
+
+    public init(_ find: @escaping @Sendable (_ reference: String, _ kind: GivenDescriptor.Kind) throws -> GivenDescriptor) {
+        self.find = find
+    }
+
+    public static let none = DescriptorLookup { _, _ in
+        throw VMTemplateError(.invalidArgument, "fd= is not taken here: pass a descriptor token from the server's descriptor socket (docs/api.md, \"Descriptors\").")
+    }
+
+    /// `fd=N`: descriptor N of this process, as its caller left it open.
+    public static let inherited = DescriptorLookup { reference, kind in
+        let given = try GivenDescriptor.inherited(reference)
+        guard given.kind == kind else {
+            throw VMTemplateError(.invalidArgument, "\(given.label) is a \(given.kind.rawValue), not a \(kind.rawValue): pass it as --\(given.kind == .tap ? "nic" : "disk") fd=\(reference).")
+        }
+        return given
+    }
+}
+
 /// A NIC as asked for on the command line (`--nic SPEC`).
 ///
 /// - `tap=IFNAME[,netns=PATH][,mac=MAC]`: the tap device in that network namespace, opened by
 ///   vmtemplate (made if it does not exist) and passed to QEMU as a descriptor;
+/// - `fd=N[,mac=MAC]`: a tap the caller opened (``GivenDescriptor``), passed on as it is;
 /// - `user[,hostfwd=RULE]...[,mac=MAC]`: QEMU's user-mode network, for hosts without privileges.
 public struct NICSpec: Sendable, Equatable {
     public enum Backend: Sendable, Equatable {
         case tap(name: String, namespacePath: String?)
+        case descriptor(GivenDescriptor)
         case user(hostForwards: [String])
     }
 
@@ -20,9 +46,10 @@ public struct NICSpec: Sendable, Equatable {
         self.mac = mac
     }
 
-    public init(parsing text: String) throws {
+    public init(parsing text: String, descriptors: DescriptorLookup = .none) throws {
         let options = try DeviceOptions(text, what: "--nic", example: "--nic tap=tap0,netns=/run/netns/ns1 or --nic user,hostfwd=tcp:127.0.0.1:2222-:22")
         var tap: String?
+        var descriptorReference: String?
         var namespacePath: String?
         var user = false
         var forwards: [String] = []
@@ -35,6 +62,8 @@ public struct NICSpec: Sendable, Equatable {
             case ("netns", let path?):
                 guard path.hasPrefix("/") else { throw options.error("netns= takes the path of a namespace file, such as /run/netns/NAME") }
                 namespacePath = path
+            case ("fd", let reference?):
+                descriptorReference = reference
             case ("user", nil):
                 user = true
             case ("hostfwd", let rule?):
@@ -43,8 +72,17 @@ public struct NICSpec: Sendable, Equatable {
             case ("mac", let address?):
                 mac = try MACAddress(parsing: address)
             default:
-                throw options.error("unknown or incomplete option '\(key)\(value.map { "=\($0)" } ?? "")' (tap=IFNAME, netns=PATH, user, hostfwd=RULE, mac=MAC)")
+                throw options.error("unknown or incomplete option '\(key)\(value.map { "=\($0)" } ?? "")' (tap=IFNAME, netns=PATH, fd=N, user, hostfwd=RULE, mac=MAC)")
             }
+        }
+        if let descriptorReference {
+            // Checked before the lookup, which takes the descriptor.
+            guard tap == nil, namespacePath == nil, !user, forwards.isEmpty else {
+                throw options.error("fd= is the tap itself: give it alone (with mac= if wanted), without tap=, netns=, user or hostfwd=")
+            }
+            backend = .descriptor(try descriptors.find(descriptorReference, .tap))
+            self.mac = mac
+            return
         }
         switch (tap, user) {
         case (let name?, false):
@@ -61,7 +99,7 @@ public struct NICSpec: Sendable, Equatable {
             guard Set(hostSides).count == hostSides.count else { throw options.error("two hostfwd= rules forward the same host port: give each port once") }
             backend = .user(hostForwards: forwards)
         default:
-            throw options.error("say either tap=IFNAME or user")
+            throw options.error("say either tap=IFNAME, fd=N or user")
         }
         self.mac = mac
     }
@@ -88,9 +126,20 @@ public enum DiskFormat: String, Sendable, Codable, CaseIterable {
 }
 
 /// A disk as asked for on the command line (`--disk SPEC`):
-/// `path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]`.
+/// `path=FILE[,format=raw|qcow2][,readonly=on][,overlay=on]`, or `fd=N` instead of `path=` for an
+/// image the caller opened (``GivenDescriptor``).
 public struct DiskSpec: Sendable, Equatable {
-    public var path: String
+    public enum Source: Sendable, Equatable {
+        case path(String)
+        case descriptor(GivenDescriptor)
+    }
+
+    public var source: Source
+    /// The image's path, when it was given by path.
+    public var path: String? {
+        if case .path(let path) = source { return path }
+        return nil
+    }
     public var format: DiskFormat
     /// The guest may not write it.
     public var readOnly: Bool
@@ -98,15 +147,20 @@ public struct DiskSpec: Sendable, Equatable {
     public var overlay: Bool
 
     public init(path: String, format: DiskFormat = .raw, readOnly: Bool = false, overlay: Bool = false) {
-        self.path = path
+        self.init(source: .path(path), format: format, readOnly: readOnly, overlay: overlay)
+    }
+
+    public init(source: Source, format: DiskFormat = .raw, readOnly: Bool = false, overlay: Bool = false) {
+        self.source = source
         self.format = format
         self.readOnly = readOnly
         self.overlay = overlay
     }
 
-    public init(parsing text: String) throws {
+    public init(parsing text: String, descriptors: DescriptorLookup = .none) throws {
         let options = try DeviceOptions(text, what: "--disk", example: "--disk path=/var/lib/images/base.qcow2,format=qcow2,overlay=on")
         var path: String?
+        var descriptorReference: String?
         var format = DiskFormat.raw
         var readOnly = false
         var overlay = false
@@ -116,6 +170,8 @@ public struct DiskSpec: Sendable, Equatable {
                 guard file.hasPrefix("/") else { throw options.error("path= takes an absolute path") }
                 guard file.utf8.count <= 4096 else { throw options.error("path= is longer than 4096 bytes") }
                 path = file
+            case ("fd", let reference?):
+                descriptorReference = reference
             case ("format", let name?):
                 guard let known = DiskFormat(rawValue: name) else { throw options.error("format=\(name) is not raw or qcow2") }
                 format = known
@@ -124,12 +180,21 @@ public struct DiskSpec: Sendable, Equatable {
             case ("overlay", let flag?):
                 overlay = try options.flag(flag, key)
             default:
-                throw options.error("unknown or incomplete option '\(key)\(value.map { "=\($0)" } ?? "")' (path=FILE, format=raw|qcow2, readonly=on, overlay=on)")
+                throw options.error("unknown or incomplete option '\(key)\(value.map { "=\($0)" } ?? "")' (path=FILE or fd=N, format=raw|qcow2, readonly=on, overlay=on)")
             }
         }
-        guard let path else { throw options.error("path=FILE is missing") }
         if readOnly && overlay { throw options.error("readonly=on and overlay=on together: an overlay exists to take the clone's writes; pick one") }
-        self.init(path: path, format: format, readOnly: readOnly, overlay: overlay)
+        switch (path, descriptorReference) {
+        case (let path?, nil):
+            self.init(path: path, format: format, readOnly: readOnly, overlay: overlay)
+        case (nil, let reference?):
+            // Last: the lookup takes the descriptor, so nothing may fail after it.
+            self.init(source: .descriptor(try descriptors.find(reference, .disk)), format: format, readOnly: readOnly, overlay: overlay)
+        case (nil, nil):
+            throw options.error("path=FILE (or fd=N) is missing")
+        case (.some, .some):
+            throw options.error("path= and fd= together: give the image one way")
+        }
     }
 }
 

@@ -17,7 +17,8 @@ import Musl
 package struct DiskImage: Sendable {
     /// Open, close-on-exec; the caller closes it once QEMU has its copy.
     package let descriptor: Int32
-    package let path: String
+    /// Its path, or nil for an image its caller opened (``GivenDescriptor``).
+    package let path: String?
     package let format: DiskFormat
     /// The size the guest sees.
     package let virtualSizeBytes: UInt64
@@ -73,51 +74,79 @@ package struct DiskImage: Sendable {
             }
             let flags = fcntl(descriptor, F_GETFL)
             _ = fcntl(descriptor, F_SETFL, flags & ~O_NONBLOCK)
-            var header = [UInt8](repeating: 0, count: 512)
-            let read = header.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, 512, 0) }
-            guard read >= 0 else { throw VMTemplateError(.ioError, "cannot read disk image '\(shown)': \(errnoText()).") }
-            let isQCOW2 = read >= 104 && Array(header[0..<4]) == qcow2Magic
-            let size: UInt64
-            switch format {
-            case .raw:
-                if isQCOW2 {
-                    throw VMTemplateError(.invalidArgument, "disk image '\(shown)' starts like a qcow2 image but format=raw was given: pass format=qcow2 if it is one.")
-                }
-                let end = lseek(descriptor, 0, SEEK_END)
-                guard end >= 0 else { throw VMTemplateError(.ioError, "cannot find the size of '\(shown)': \(errnoText()).") }
-                size = UInt64(end)
-            case .qcow2:
-                guard isQCOW2 else { throw VMTemplateError(.invalidArgument, "disk image '\(shown)' is not a qcow2 image: pass format=raw, or convert it (qemu-img convert -O qcow2).") }
-                func bigEndian(_ offset: Int, _ count: Int) -> UInt64 {
-                    header[offset..<(offset + count)].reduce(0) { $0 << 8 | UInt64($1) }
-                }
-                guard [2, 3].contains(bigEndian(4, 4)) else { throw VMTemplateError(.unsupported, "disk image '\(shown)' is qcow2 version \(bigEndian(4, 4)); versions 2 and 3 are supported.") }
-                guard bigEndian(8, 8) == 0 else {
-                    throw VMTemplateError(.unsupported, "qcow2 image '\(shown)' has a backing file of its own, which vmtemplate does not follow (its name is the image author's to choose): flatten it with 'qemu-img convert -O qcow2 IN OUT' and use that.")
-                }
-                guard bigEndian(32, 4) == 0 else {
-                    throw VMTemplateError(.unsupported, "qcow2 image '\(shown)' is encrypted: vmtemplate attaches unencrypted images only.")
-                }
-                if bigEndian(4, 4) == 3 {
-                    // Incompatible features: 0 dirty, 3 compression type, 4 extended L2 are
-                    // QEMU's to handle; 1 (corrupt), 2 (an external data file, opened by a name
-                    // the image's author chose) and any unknown bit are refused.
-                    let incompatible = bigEndian(72, 8)
-                    guard incompatible & ~UInt64(0b11001) == 0 else {
-                        let reason = incompatible & 0b10 != 0 ? "is marked corrupt" : incompatible & 0b100 != 0 ? "keeps its data in an external file, which vmtemplate does not follow" : "uses features vmtemplate does not know (incompatible feature bits \(String(incompatible, radix: 2)))"
-                        throw VMTemplateError(.unsupported, "qcow2 image '\(shown)' \(reason): convert it to a plain image (qemu-img convert -O qcow2 IN OUT).")
-                    }
-                }
-                size = bigEndian(24, 8)
-            }
-            guard size > 0, size <= maxSizeBytes else {
-                throw VMTemplateError(.invalidArgument, "disk image '\(shown)' is \(size) bytes: a disk must be more than 0 bytes and at most 64 TiB.")
-            }
-            return DiskImage(descriptor: descriptor, path: path, format: format, virtualSizeBytes: size, writable: writable)
+            return try checked(descriptor, path: path, shown: "disk image '\(shown)'", format: format, writable: writable)
         } catch {
             close(descriptor)
             throw error
         }
+    }
+
+    /// The image its caller opened (``GivenDescriptor``), as a copy of its descriptor, checked as
+    /// ``open(path:format:writable:)`` checks a path's. Its access mode must be the one QEMU
+    /// opens the node with (QEMU's fd sets match on it): read-write to be written, read-only for
+    /// `readonly=on` and an overlay's base.
+    package static func adopt(_ given: GivenDescriptor, format: DiskFormat, writable: Bool) throws -> DiskImage {
+        guard given.kind == .disk else {
+            throw VMTemplateError(.invalidArgument, "\(given.label) is a tap, not a disk image.")
+        }
+        guard given.writable == writable else {
+            throw VMTemplateError(.invalidArgument, writable
+                ? "\(given.label) is open read-only, and the disk would be written: open it O_RDWR, or attach it with readonly=on or overlay=on."
+                : "\(given.label) is open read-write, and the disk is read-only or an overlay's base: open it O_RDONLY (QEMU takes a descriptor only in the mode it opens the image in).")
+        }
+        let descriptor = try given.duplicate()
+        do {
+            return try checked(descriptor, path: nil, shown: "disk image \(given.label)", format: format, writable: writable)
+        } catch {
+            close(descriptor)
+            throw error
+        }
+    }
+
+    /// Reads the header of the image open as `descriptor` and checks it is in `format`, without a
+    /// backing file of its own; `shown` names it in errors.
+    private static func checked(_ descriptor: Int32, path: String?, shown: String, format: DiskFormat, writable: Bool) throws -> DiskImage {
+        var header = [UInt8](repeating: 0, count: 512)
+        let read = header.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, 512, 0) }
+        guard read >= 0 else { throw VMTemplateError(.ioError, "cannot read \(shown): \(errnoText()).") }
+        let isQCOW2 = read >= 104 && Array(header[0..<4]) == qcow2Magic
+        let size: UInt64
+        switch format {
+        case .raw:
+            if isQCOW2 {
+                throw VMTemplateError(.invalidArgument, "\(shown) starts like a qcow2 image but format=raw was given: pass format=qcow2 if it is one.")
+            }
+            let end = lseek(descriptor, 0, SEEK_END)
+            guard end >= 0 else { throw VMTemplateError(.ioError, "cannot find the size of \(shown): \(errnoText()).") }
+            size = UInt64(end)
+        case .qcow2:
+            guard isQCOW2 else { throw VMTemplateError(.invalidArgument, "\(shown) is not a qcow2 image: pass format=raw, or convert it (qemu-img convert -O qcow2).") }
+            func bigEndian(_ offset: Int, _ count: Int) -> UInt64 {
+                header[offset..<(offset + count)].reduce(0) { $0 << 8 | UInt64($1) }
+            }
+            guard [2, 3].contains(bigEndian(4, 4)) else { throw VMTemplateError(.unsupported, "\(shown) is qcow2 version \(bigEndian(4, 4)); versions 2 and 3 are supported.") }
+            guard bigEndian(8, 8) == 0 else {
+                throw VMTemplateError(.unsupported, "\(shown) has a backing file of its own, which vmtemplate does not follow (its name is the image author's to choose): flatten it with 'qemu-img convert -O qcow2 IN OUT' and use that.")
+            }
+            guard bigEndian(32, 4) == 0 else {
+                throw VMTemplateError(.unsupported, "\(shown) is encrypted: vmtemplate attaches unencrypted images only.")
+            }
+            if bigEndian(4, 4) == 3 {
+                // Incompatible features: 0 dirty, 3 compression type, 4 extended L2 are
+                // QEMU's to handle; 1 (corrupt), 2 (an external data file, opened by a name
+                // the image's author chose) and any unknown bit are refused.
+                let incompatible = bigEndian(72, 8)
+                guard incompatible & ~UInt64(0b11001) == 0 else {
+                    let reason = incompatible & 0b10 != 0 ? "is marked corrupt" : incompatible & 0b100 != 0 ? "keeps its data in an external file, which vmtemplate does not follow" : "uses features vmtemplate does not know (incompatible feature bits \(String(incompatible, radix: 2)))"
+                    throw VMTemplateError(.unsupported, "\(shown) \(reason): convert it to a plain image (qemu-img convert -O qcow2 IN OUT).")
+                }
+            }
+            size = bigEndian(24, 8)
+        }
+        guard size > 0, size <= maxSizeBytes else {
+            throw VMTemplateError(.invalidArgument, "\(shown) is \(size) bytes: a disk must be more than 0 bytes and at most 64 TiB.")
+        }
+        return DiskImage(descriptor: descriptor, path: path, format: format, virtualSizeBytes: size, writable: writable)
     }
 
     /// Creates an empty qcow2 overlay at `overlayPath` whose backing file is this image, and
@@ -148,9 +177,12 @@ package struct DiskImage: Sendable {
 /// backing file's name) in cluster 0, the refcount table in cluster 1, one refcount block in
 /// cluster 2, the L1 table (all zeros: nothing allocated, every read goes to the backing file)
 /// from cluster 3. `qemu-img check` accepts it (DeviceIntegrationTests).
+///
+/// An overlay of an image its caller opened (no path) names no backing file at all: QEMU is given
+/// the base node explicitly either way, and no name is better than one nobody could open.
 package struct QCOW2Overlay: Sendable {
     package let sizeBytes: UInt64
-    package let backingFile: String
+    package let backingFile: String?
     package let backingFormat: DiskFormat
 
     static let clusterBits: UInt64 = 16
@@ -158,8 +190,8 @@ package struct QCOW2Overlay: Sendable {
     /// QEMU's own limit on a backing file name.
     package static let maxBackingFileBytes = 1023
 
-    package init(sizeBytes: UInt64, backingFile: String, backingFormat: DiskFormat) throws {
-        guard backingFile.utf8.count <= Self.maxBackingFileBytes else {
+    package init(sizeBytes: UInt64, backingFile: String?, backingFormat: DiskFormat) throws {
+        guard (backingFile?.utf8.count ?? 0) <= Self.maxBackingFileBytes else {
             throw VMTemplateError(.invalidArgument, "the path of an overlay's base may be at most \(Self.maxBackingFileBytes) bytes (qcow2's limit): move the image to a shorter path.")
         }
         // Whole sectors, as qemu-img rounds them.
@@ -185,14 +217,15 @@ package struct QCOW2Overlay: Sendable {
         func put(_ value: UInt64, _ width: Int) {
             for shift in stride(from: (width - 1) * 8, through: 0, by: -8) { header.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
         }
-        let format = Array(backingFormat.rawValue.utf8)
+        let backingName = Array((backingFile ?? "").utf8)
+        let format = backingFile == nil ? [] : Array(backingFormat.rawValue.utf8)
         let paddedFormat = (format.count + 7) / 8 * 8
         let headerLength: UInt64 = 112
-        let backingOffset = headerLength + 8 + UInt64(paddedFormat) + 8
+        let backingOffset = backingFile == nil ? 0 : headerLength + 8 + UInt64(paddedFormat) + 8
         put(0x5146_49fb, 4)                      // magic "QFI\xfb"
         put(3, 4)                                // version
         put(backingOffset, 8)                    // backing_file_offset
-        put(UInt64(backingFile.utf8.count), 4)   // backing_file_size
+        put(UInt64(backingName.count), 4)        // backing_file_size
         put(Self.clusterBits, 4)                 // cluster_bits
         put(sizeBytes, 8)                        // size
         put(0, 4)                                // crypt_method
@@ -208,11 +241,13 @@ package struct QCOW2Overlay: Sendable {
         put(4, 4)                                // refcount_order: 16-bit refcounts
         put(headerLength, 4)                     // header_length
         put(0, 8)                                // compression_type (zlib) and padding
-        put(0xe279_2aca, 4)                      // extension: backing file format
-        put(UInt64(format.count), 4)
-        header += format + [UInt8](repeating: 0, count: paddedFormat - format.count)
+        if !format.isEmpty {
+            put(0xe279_2aca, 4)                  // extension: backing file format
+            put(UInt64(format.count), 4)
+            header += format + [UInt8](repeating: 0, count: paddedFormat - format.count)
+        }
         put(0, 8)                                // end of extensions
-        header += Array(backingFile.utf8)
+        header += backingName
 
         var image = [UInt8](repeating: 0, count: Int(l1Offset + l1Entries * 8))
         image.replaceSubrange(0..<header.count, with: header)

@@ -21,6 +21,12 @@ package enum ServerFiles {
         return "\(FileSystem.split(socketPath).directory)/\(prefix)\(pid)-\(start)"
     }
 
+    /// The descriptor socket of the server whose API is on `socketPath`: `DIR/NAME-fds.sock` for
+    /// `DIR/NAME.sock` (`STORE/serve-fds.sock` for the default), `PATH-fds` for any other name.
+    package static func descriptorSocketPath(beside socketPath: String) -> String {
+        socketPath.hasSuffix(".sock") ? "\(socketPath.dropLast(5))-fds.sock" : "\(socketPath)-fds"
+    }
+
     /// Removes the private directories of servers that no longer run from the directory of
     /// `socketPath`, and the socket when it is this user's and nobody answers on it. Only this
     /// user's entries, never through a link. Returns the paths removed.
@@ -44,6 +50,11 @@ package enum ServerFiles {
                 close(fd)
             case .failure(let error) where error.code == ECONNREFUSED:
                 if unlink(socketPath) == 0 { removed.append(socketPath) }
+                // Its descriptor socket went with it.
+                let descriptors = descriptorSocketPath(beside: socketPath)
+                if lstat(descriptors, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK, info.st_uid == geteuid(), unlink(descriptors) == 0 {
+                    removed.append(descriptors)
+                }
             case .failure:
                 break
             }
