@@ -263,33 +263,17 @@ long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length,
     return sent < 0 ? -errno : (long)sent;
 }
 
+static long receive_descriptors(int socket, void *data, unsigned long capacity, int *fds, int max, int *count, int flags);
+
 /* Receives up to `capacity` bytes and, if one came with them, a descriptor (close-on-exec) into
- * *fd (else -1; any further one is closed, and counted in *count with the first, when count is
- * not NULL). Returns the bytes received (0 at the end), or -errno. */
-long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd, int *count) {
-    struct iovec iov = { data, capacity };
-    union { char buffer[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
-    struct msghdr message = {0};
-    message.msg_iov = &iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.buffer;
-    message.msg_controllen = sizeof(control.buffer);
-    *fd = -1;
-    if (count) *count = 0;
-    ssize_t received;
-    do { received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (received < 0 && errno == EINTR);
-    if (received < 0) return -errno;
-    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
-        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        int found = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        for (int i = 0; i < found; i++) {
-            int received_fd;
-            memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
-            if (*fd < 0) *fd = received_fd; else close(received_fd);
-        }
-        if (count) *count += found;
-    }
-    return (long)received;
+ * *fd (else -1; any further one is closed). Returns the bytes received (0 at the end), or -errno. */
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd) {
+    int fds[253];
+    int count = 0;
+    long received = receive_descriptors(socket, data, capacity, fds, 253, &count, 0);
+    *fd = count > 0 ? fds[0] : -1;
+    for (int i = 1; i < count; i++) close(fds[i]);
+    return received;
 }
 
 #include <linux/if_tun.h>
@@ -315,4 +299,38 @@ int clinuxhost_accept_nonblocking(int listener) {
 /* pipe2(2) with O_CLOEXEC | O_NONBLOCK. */
 int clinuxhost_pipe_nonblocking(int fds[2]) {
     return pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0 ? 0 : -errno;
+}
+
+/* Receives up to `capacity` bytes and every descriptor that came with them (close-on-exec), up
+ * to `max` into `fds` (*count says how many; the control buffer holds 253, SCM_MAX_FD, so the
+ * kernel never drops any itself). Closes none: a descriptor from another user may block its
+ * closer (a FUSE file's flush), so closing is the caller's choice of thread. Returns the bytes
+ * received (0 at the end), or -errno. */
+long clinuxhost_receive_descriptors(int socket, void *data, unsigned long capacity, int *fds, int max, int *count) {
+    return receive_descriptors(socket, data, capacity, fds, max, count, MSG_DONTWAIT);
+}
+
+static long receive_descriptors(int socket, void *data, unsigned long capacity, int *fds, int max, int *count, int flags) {
+    struct iovec iov = { data, capacity };
+    union { char buffer[CMSG_SPACE(sizeof(int) * 253)]; struct cmsghdr align; } control;
+    struct msghdr message = {0};
+    message.msg_iov = &iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+    *count = 0;
+    ssize_t received;
+    do { received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC | flags); } while (received < 0 && errno == EINTR);
+    if (received < 0) return -errno;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        int found = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < found; i++) {
+            int received_fd;
+            memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
+            // More than `max` cannot come (the buffer holds 253); closed here only if it did.
+            if (*count < max) fds[(*count)++] = received_fd; else close(received_fd);
+        }
+    }
+    return (long)received;
 }

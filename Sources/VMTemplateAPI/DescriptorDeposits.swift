@@ -51,20 +51,30 @@ package final class DescriptorDeposits: Sendable {
         text.utf8.count == 35 && text.hasPrefix("fd-") && text.utf8.dropFirst(3).allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
     }
 
-    /// Keeps `descriptor` for `uid` and returns its token.
+    /// Keeps `descriptor` for `uid` under `token`. The last ``perOwner`` places are the owner's:
+    /// the group's members together cannot fill them.
     package func deposit(_ descriptor: GivenDescriptor, token: String, uid: uid_t, isOwner: Bool) throws {
-        try deposits.withLock { deposits in
-            Self.sweep(&deposits)
+        let expired = try deposits.withLock { deposits in
+            let expired = Self.sweep(&deposits)
             let held = deposits.values.count { $0.uid == uid }
             let allowed = isOwner ? Self.perOwner : Self.perCaller
             guard held < allowed else {
                 throw VMTemplateError(.limitExceeded, "uid \(uid) holds \(held) deposited descriptors, the most one caller may: use them or wait until they expire (\(lifetime.shortText)).")
             }
-            guard deposits.count < Self.limit else {
-                throw VMTemplateError(.limitExceeded, "the server holds \(Self.limit) deposited descriptors, the most it keeps: try again once some are used or expired (\(lifetime.shortText)).")
+            guard deposits.count < (isOwner ? Self.limit : Self.limit - Self.perOwner) else {
+                throw VMTemplateError(.limitExceeded, "the server holds \(deposits.count) deposited descriptors, the most it keeps: try again once some are used or expired (\(lifetime.shortText)).")
             }
             deposits[token] = Deposit(uid: uid, descriptor: descriptor, expires: .now + lifetime)
+            return expired
         }
+        _ = expired
+    }
+
+    /// Takes back a deposit whose token never reached its depositor (the answer could not be
+    /// sent).
+    package func withdraw(_ token: String) {
+        let withdrawn = deposits.withLock { $0.removeValue(forKey: token) }
+        _ = withdrawn
     }
 
     /// The descriptor deposited under `token` by `uid`, if it is a `kind`, marked claimed until
@@ -73,8 +83,10 @@ package final class DescriptorDeposits: Sendable {
         guard Self.isToken(token) else {
             throw VMTemplateError(.invalidArgument, "fd '\(TerminalText.escape(String(token.prefix(40))))' is not a descriptor token: deposit the descriptor on the server's descriptor socket and give the token it answers (fd-…; docs/api.md, \"Descriptors\").")
         }
+        var expired: [Deposit] = []
+        defer { _ = expired }
         return try deposits.withLock { deposits in
-            Self.sweep(&deposits)
+            expired = Self.sweep(&deposits)
             // Another uid's token is answered as an unknown one: whether it exists is its owner's.
             guard var deposit = deposits[token], deposit.uid == uid else {
                 throw VMTemplateError(.invalidArgument, "descriptor token \(token.prefix(11))… is not held for uid \(uid) (a token serves the uid that deposited it, once, for \(lifetime.shortText)): deposit the descriptor again.")
@@ -91,29 +103,44 @@ package final class DescriptorDeposits: Sendable {
         }
     }
 
-    /// Ends the claims on `tokens`: spent (the request succeeded: the tokens are gone, their
-    /// descriptors closed once nothing else holds them) or given back for a retry.
+    /// Ends the claims on `tokens`: spent (the request succeeded, or QEMU got a copy of the
+    /// descriptor before it failed: the token is gone) or given back for a retry.
     func settle(_ tokens: [String], spent: Bool) {
-        deposits.withLock { deposits in
+        let released = deposits.withLock { deposits in
+            var released: [Deposit] = []
             for token in tokens {
-                if spent { deposits[token] = nil } else { deposits[token]?.claimed = false }
+                guard let deposit = deposits[token] else { continue }
+                if spent || deposit.descriptor.isAttached {
+                    released.append(deposit)
+                    deposits[token] = nil
+                } else {
+                    deposits[token]?.claimed = false
+                }
             }
+            return released
         }
+        // Their descriptors close here, when these go, outside the lock.
+        _ = released
     }
 
-    /// Forgets expired deposits that no request holds (their descriptors close with them).
+    /// Forgets expired deposits that no request holds (their descriptors close with them, on the
+    /// caller's thread, outside the lock).
     package func sweep() {
-        deposits.withLock { Self.sweep(&$0) }
+        let expired = deposits.withLock { Self.sweep(&$0) }
+        _ = expired
     }
 
     /// How many deposits are held now.
     package var count: Int { deposits.withLock { $0.count } }
 
-    private static func sweep(_ deposits: inout [String: Deposit]) {
+    private static func sweep(_ deposits: inout [String: Deposit]) -> [Deposit] {
         let now = ContinuousClock.now
+        var expired: [Deposit] = []
         for (token, deposit) in deposits where deposit.expires <= now && !deposit.claimed {
+            expired.append(deposit)
             deposits[token] = nil
         }
+        return expired
     }
 }
 

@@ -1,5 +1,6 @@
 import CLinuxHost
 import Foundation
+import Synchronization
 import VMTemplateOS
 import VMTemplateQEMU
 import VMTemplateStore
@@ -18,18 +19,35 @@ import Musl
 /// (``DescriptorDeposits``). HTTP (and SwiftNIO under Hummingbird) carries no descriptors, hence
 /// a socket of its own; message boundaries keep each descriptor with its message.
 ///
-/// One thread serves it with poll(2): every call is non-blocking, each connection has
-/// ``idleLimit`` between messages, and connections are bounded in all and per caller.
+/// One thread serves it with poll(2), and never touches a received descriptor: a descriptor from
+/// another user may make whoever inspects or closes it wait (a file on the sender's FUSE mount),
+/// so each message is handled by a worker thread of its own, at most ``maxWorkers`` at once and
+/// ``maxWorkersPerCaller`` per caller other than the owner; a connection is not read while its
+/// caller has none free (its messages wait in the socket). Each connection has ``idleLimit``
+/// between messages and ``lifetime`` in all; connections are bounded in all and per caller.
 package final class DescriptorSocket: Sendable {
     static let maxConnections = 32
     static let maxConnectionsPerCaller = 8
+    static let maxWorkers = 16
+    static let maxWorkersPerCaller = 2
     static let idleLimit: Duration = .seconds(10)
+    static let lifetime: Duration = .seconds(60)
     static let maxMessageBytes = 1024
 
     let listener: Int32
-    /// A pipe: ``stop()`` writes to `wake[1]`, ``serve(deposits:callers:log:)`` polls `wake[0]`.
+    /// A pipe: a byte on `wake[1]` wakes the poll loop (a worker finished, or ``stop()``).
     let wake: [Int32]
     package let boundPath: String
+    private let state = Mutex<State>(State())
+
+    struct State {
+        var stopping = false
+        /// Workers running, per caller.
+        var workers: [uid_t: Int] = [:]
+        /// Connections a worker answers on now: not read, not closed by the loop.
+        var busy: Set<Int32> = []
+        var total: Int { workers.values.reduce(0, +) }
+    }
 
     /// Binds a new socket at `boundPath` (in the server's private directory; published later).
     package init(boundAt boundPath: String) throws {
@@ -63,6 +81,11 @@ package final class DescriptorSocket: Sendable {
 
     /// Makes ``serve(deposits:callers:log:)`` return.
     package func stop() {
+        state.withLock { $0.stopping = true }
+        poke()
+    }
+
+    private func poke() {
         var one: UInt8 = 1
         _ = write(wake[1], &one, 1)
     }
@@ -70,31 +93,56 @@ package final class DescriptorSocket: Sendable {
     struct Connection {
         let uid: uid_t
         let isOwner: Bool
-        var deadline: ContinuousClock.Instant
+        var idleDeadline: ContinuousClock.Instant
+        let deadline: ContinuousClock.Instant
     }
 
     /// Serves until ``stop()``: blocks its thread (run it on one of its own, not a task's).
-    package func serve(deposits: DescriptorDeposits, callers: CallerPolicy, log: @Sendable (String) -> Void) {
+    package func serve(deposits: DescriptorDeposits, callers: CallerPolicy, log: @escaping @Sendable (String) -> Void) {
         var connections: [Int32: Connection] = [:]
-        defer { for fd in connections.keys { close(fd) } }
+        let refusals = RefusalLog(log: log)
+        // After accept(2) failed for want of descriptors: the listener rests a moment instead of
+        // waking the loop at once, again and again.
+        var listenerRestsUntil = ContinuousClock.now
+        defer {
+            // A connection a worker still answers on is the worker's to close.
+            let busy = state.withLock { $0.busy }
+            for fd in connections.keys where !busy.contains(fd) { close(fd) }
+        }
         while true {
-            var watched = [pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0), pollfd(fd: listener, events: Int16(POLLIN), revents: 0)]
-            watched += connections.keys.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            let (stopping, busy, workers) = state.withLock { ($0.stopping, $0.busy, $0.workers) }
+            if stopping { return }
+            let now = ContinuousClock.now
+            var watched = [pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)]
+            if now >= listenerRestsUntil { watched.append(pollfd(fd: listener, events: Int16(POLLIN), revents: 0)) }
+            // Read only where a worker could take the message.
+            let total = workers.values.reduce(0, +)
+            for (fd, connection) in connections where !busy.contains(fd) {
+                let free = total < Self.maxWorkers && (connection.isOwner || workers[connection.uid, default: 0] < Self.maxWorkersPerCaller)
+                watched.append(pollfd(fd: fd, events: free ? Int16(POLLIN) : 0, revents: 0))
+            }
             let ready = poll(&watched, nfds_t(watched.count), 1000)
             if ready < 0 && errno != EINTR { log("descriptor socket: poll failed: \(errnoText()); no more deposits."); return }
-            if watched[0].revents != 0 { return }
-            if watched[1].revents & Int16(POLLIN) != 0 { accept(into: &connections, callers: callers, log: log) }
-            for entry in watched.dropFirst(2) where entry.revents != 0 {
+            if watched[0].revents != 0 {
+                var drain = [UInt8](repeating: 0, count: 64)
+                while read(wake[0], &drain, drain.count) > 0 {}
+            }
+            for entry in watched.dropFirst() where entry.revents != 0 {
+                if entry.fd == listener {
+                    if !accept(into: &connections, callers: callers, refusals: refusals) { listenerRestsUntil = .now + .milliseconds(100) }
+                    continue
+                }
                 guard let connection = connections[entry.fd] else { continue }
                 if entry.revents & Int16(POLLIN) != 0, receive(on: entry.fd, from: connection, deposits: deposits, log: log) {
-                    connections[entry.fd]?.deadline = .now + Self.idleLimit
-                } else {
+                    connections[entry.fd]?.idleDeadline = .now + Self.idleLimit
+                } else if !state.withLock({ $0.busy.contains(entry.fd) }) {
                     close(entry.fd)
                     connections[entry.fd] = nil
                 }
             }
-            let now = ContinuousClock.now
-            for (fd, connection) in connections where connection.deadline <= now {
+            let later = ContinuousClock.now
+            let busyNow = state.withLock { $0.busy }
+            for (fd, connection) in connections where !busyNow.contains(fd) && (connection.idleDeadline <= later || connection.deadline <= later) {
                 close(fd)
                 connections[fd] = nil
             }
@@ -103,15 +151,15 @@ package final class DescriptorSocket: Sendable {
     }
 
     /// Accepts one connection and admits its caller as the API would (``CallerPolicy``); a
-    /// refused one is told why and closed.
-    private func accept(into connections: inout [Int32: Connection], callers: CallerPolicy, log: (String) -> Void) {
+    /// refused one is told why and closed. False when accept(2) failed for want of descriptors.
+    private func accept(into connections: inout [Int32: Connection], callers: CallerPolicy, refusals: RefusalLog) -> Bool {
         let fd = clinuxhost_accept_nonblocking(listener)
-        guard fd >= 0 else { return }
+        guard fd >= 0 else { return !(fd == -EMFILE || fd == -ENFILE || fd == -ENOBUFS || fd == -ENOMEM) }
         var credentials = clinuxhost_ucred()
         var length = socklen_t(MemoryLayout<clinuxhost_ucred>.size)
         guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {
             close(fd)
-            return
+            return true
         }
         var pidfd: Int32 = -1
         var pidfdLength = socklen_t(MemoryLayout<Int32>.size)
@@ -133,56 +181,94 @@ package final class DescriptorSocket: Sendable {
         case .success: nil
         }
         if let refusal {
-            log("descriptor socket: refused uid \(credentials.uid) pid \(credentials.pid): \(refusal.message)")
-            reply(ErrorBody(code: refusal.code, message: refusal.message), on: fd)
+            refusals.note("descriptor socket: refused uid \(credentials.uid) pid \(credentials.pid): \(refusal.message)")
+            Self.reply(ErrorBody(code: refusal.code, message: refusal.message), on: fd)
             close(fd)
-            return
+            return true
         }
         if case .success(let isOwner) = caller {
-            connections[fd] = Connection(uid: credentials.uid, isOwner: isOwner, deadline: .now + Self.idleLimit)
+            let now = ContinuousClock.now
+            connections[fd] = Connection(uid: credentials.uid, isOwner: isOwner, idleDeadline: now + Self.idleLimit, deadline: now + Self.lifetime)
         }
+        return true
     }
 
-    /// Reads one message and answers it; false when the connection is to be closed (its end, or
-    /// an error reading it).
-    private func receive(on fd: Int32, from connection: Connection, deposits: DescriptorDeposits, log: (String) -> Void) -> Bool {
+    /// Reads one message and hands it, with its descriptors, to a worker thread, which answers it;
+    /// false when the connection is to be closed (its end, or an error reading it).
+    private func receive(on fd: Int32, from connection: Connection, deposits: DescriptorDeposits, log: @escaping @Sendable (String) -> Void) -> Bool {
         var buffer = [UInt8](repeating: 0, count: Self.maxMessageBytes + 1)
-        var descriptor: Int32 = -1
+        var descriptors = [Int32](repeating: -1, count: 253)
         var count: Int32 = 0
-        let received = buffer.withUnsafeMutableBytes { clinuxhost_receive_with_fd(fd, $0.baseAddress, UInt($0.count), &descriptor, &count) }
+        let received = buffer.withUnsafeMutableBytes { raw in
+            descriptors.withUnsafeMutableBufferPointer { clinuxhost_receive_descriptors(fd, raw.baseAddress, UInt(raw.count), $0.baseAddress, 253, &count) }
+        }
         if received == -Int(EAGAIN) || received == -Int(EINTR) { return true }
+        let message = received > 0 ? Array(buffer[0..<Int(received)]) : []
+        let given = Array(descriptors[0..<Int(count)])
         guard received > 0 else {
-            if descriptor >= 0 { close(descriptor) }
+            // The end (or an error): descriptors that came anyway are closed by a worker.
+            if !given.isEmpty { Self.closing(given) }
             return false
         }
+        state.withLock { state in
+            state.workers[connection.uid, default: 0] += 1
+            state.busy.insert(fd)
+        }
+        let thread = Thread { [self] in
+            self.answer(message, descriptors: given, on: fd, from: connection, deposits: deposits, log: log)
+            self.state.withLock { state in
+                state.workers[connection.uid, default: 1] -= 1
+                if state.workers[connection.uid] == 0 { state.workers[connection.uid] = nil }
+                state.busy.remove(fd)
+            }
+            self.poke()
+        }
+        thread.stackSize = 1 << 20
+        thread.start()
+        return true
+    }
+
+    /// Closes descriptors on a thread of its own (a close may wait on another user's file system).
+    static func closing(_ descriptors: [Int32]) {
+        let thread = Thread { for descriptor in descriptors { close(descriptor) } }
+        thread.stackSize = 64 << 10
+        thread.start()
+    }
+
+    /// A worker: inspects the one descriptor, deposits it, answers on `fd`.
+    private func answer(_ message: [UInt8], descriptors: [Int32], on fd: Int32, from connection: Connection, deposits: DescriptorDeposits, log: (String) -> Void) {
+        var unused = descriptors
+        defer { for descriptor in unused { close(descriptor) } }
         let answer: any Encodable
+        var token: String?
         do {
-            guard received <= Self.maxMessageBytes else {
+            guard message.count <= Self.maxMessageBytes else {
                 throw VMTemplateError(.invalidArgument, "a message is at most \(Self.maxMessageBytes) bytes: send {} or {\"kind\": \"tap\"} with the descriptor.")
             }
-            let request = try Self.request(Array(buffer[0..<Int(received)]))
-            guard descriptor >= 0 else {
+            let request = try Self.request(message)
+            guard let descriptor = descriptors.first else {
                 throw VMTemplateError(.invalidArgument, "the message came without a descriptor: attach exactly one (SCM_RIGHTS) to each message.")
             }
-            guard count == 1 else {
-                throw VMTemplateError(.invalidArgument, "the message came with \(count) descriptors: attach exactly one to each message; none was kept.")
+            guard descriptors.count == 1 else {
+                throw VMTemplateError(.invalidArgument, "the message came with \(descriptors.count) descriptors: attach exactly one to each message; none was kept.")
             }
-            let token = DescriptorDeposits.newToken()
-            let given = try GivenDescriptor.adopting(descriptor, label: "descriptor \(token.prefix(11))…")
+            let newToken = DescriptorDeposits.newToken()
+            let given = try GivenDescriptor.adopting(descriptor, label: "descriptor \(newToken.prefix(11))…", fromOwner: connection.isOwner)
             // The object owns it now, and closes it when it goes.
-            descriptor = -1
+            unused = []
             if let request, request != given.kind {
                 throw VMTemplateError(.invalidArgument, "the descriptor is a \(given.kind.rawValue), not the \(request.rawValue) the message says: nothing was kept.")
             }
-            try deposits.deposit(given, token: token, uid: connection.uid, isOwner: connection.isOwner)
-            log("descriptor socket: uid \(connection.uid) deposited a \(given.kind.rawValue)\(given.tapName.map { " (tap \($0))" } ?? "") as \(token.prefix(11))…")
-            answer = Deposited(token: token, given: given, lifetime: deposits.lifetime)
+            try deposits.deposit(given, token: newToken, uid: connection.uid, isOwner: connection.isOwner)
+            token = newToken
+            log("descriptor socket: uid \(connection.uid) deposited a \(given.kind.rawValue)\(given.tapName.map { " (tap \($0))" } ?? "") as \(newToken.prefix(11))…")
+            answer = Deposited(token: newToken, given: given, lifetime: deposits.lifetime)
         } catch {
-            if descriptor >= 0 { close(descriptor) }
             let failure = error as? VMTemplateError ?? VMTemplateError(.internalError, VMTemplateError.oneLine(error))
             answer = ErrorBody(code: failure.code, message: failure.message)
         }
-        return reply(answer, on: fd)
+        // A token its depositor never got would only hold a place until it expires.
+        if !Self.reply(answer, on: fd), let token { deposits.withdraw(token) }
     }
 
     /// The kind a message asks for (nil: whatever the descriptor is).
@@ -203,7 +289,7 @@ package final class DescriptorSocket: Sendable {
 
     /// Sends `body` as one message; false if it could not be (the peer went, or does not read).
     @discardableResult
-    private func reply(_ body: some Encodable, on fd: Int32) -> Bool {
+    static func reply(_ body: some Encodable, on fd: Int32) -> Bool {
         guard var data = try? JSONCoding.encode(body) else { return false }
         data.append(0x0a)
         let sent = data.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT)) }
@@ -235,5 +321,30 @@ package struct Deposited: Codable, Sendable {
         writable = given.kind == .disk ? given.writable : nil
         blockDevice = given.kind == .disk ? given.isBlockDevice : nil
         expiresInSeconds = Int(lifetime.components.seconds)
+    }
+}
+
+/// Refusal lines for the log, at most one a second (the rest counted): a caller that connects in a
+/// loop cannot flood the server's log.
+final class RefusalLog: Sendable {
+    let log: @Sendable (String) -> Void
+    private let state = Mutex<(last: ContinuousClock.Instant?, skipped: Int)>((nil, 0))
+
+    init(log: @escaping @Sendable (String) -> Void) {
+        self.log = log
+    }
+
+    func note(_ line: String) {
+        let (write, skipped) = state.withLock { state -> (Bool, Int) in
+            let now = ContinuousClock.now
+            if let last = state.last, now < last + .seconds(1) {
+                state.skipped += 1
+                return (false, 0)
+            }
+            let skipped = state.skipped
+            state = (now, 0)
+            return (true, skipped)
+        }
+        if write { log(skipped > 0 ? "\(line) (and \(skipped) refusals not logged)" : line) }
     }
 }

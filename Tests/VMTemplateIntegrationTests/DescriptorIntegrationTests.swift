@@ -46,6 +46,8 @@ extension RealGuests {
                 answers.append(deposit(-1, fds=[]))
                 answers.append(deposit(os.open('/dev/null', os.O_RDONLY), message=b'{"kind": "tap", "x": 1}'))
                 answers.append(deposit(os.open(sys.argv[3].rsplit(':', 1)[0], os.O_RDONLY), message=b'{"kind": "tap"}'))
+                answers.append(deposit(os.open('/proc/self/status', os.O_RDONLY)))
+                answers.append(deposit(os.open(sys.argv[3].rsplit(':', 1)[0], os.O_RDONLY), fds=[os.open('/dev/null', os.O_RDONLY) for _ in range(40)]))
             print(json.dumps(answers))
             """#
 
@@ -136,21 +138,33 @@ extension RealGuests {
             #expect(try channel.request("read \(disk) 0 8") == hex("CLONE-FD"))
             #expect(try sha256(images.raw) == before, "the image the member handed over read-only never changes")
 
-            // `vmtemplate deposit`, for scripts: a read-write image, hot-plugged into the clone.
-            let shell = try ShortCommand.run("/usr/bin/setpriv", identity + ["/bin/sh", "-c", "exec \"$0\" deposit 3 --kind disk --socket \"$1\" 3<>\"$2\"", Checkout.binary, socket, images.qcow2])
+            // `vmtemplate deposit`, for scripts: a read-write image, hot-plugged into the clone. A
+            // member's qcow2 is refused: it could rewrite the header after it was checked (an
+            // external data file QEMU would open); raw has no header QEMU reads.
+            func depositByShell(_ path: String, kind: String = "disk", redirect: String = "<>") throws -> ShortCommand.Output {
+                try ShortCommand.run("/usr/bin/setpriv", identity + ["/bin/sh", "-c", "exec \"$0\" deposit 3 --kind \(kind) --socket \"$1\" 3\(redirect)\"$2\"", Checkout.binary, socket, path])
+            }
+            let qcow2 = try depositByShell(images.qcow2)
+            try #require(qcow2.status == 0, "\(qcow2.stdout) \(qcow2.stderr)")
+            let qcow2Token = try token(try #require(try JSONSerialization.jsonObject(with: Data(qcow2.stdout.utf8)) as? [String: Any]))
+            let refusedQCOW2 = try asMember(["POST", "/v1/clones/fd-1/devices", #"{"disks": [{"fd": "\#(qcow2Token)", "format": "qcow2"}]}"#])
+            #expect(refusedQCOW2.status == 64 && refusedQCOW2.stdout.contains("could change the header"), "\(refusedQCOW2.stdout)")
+            let extra = "\(images.directory)/extra.raw"
+            try Shell.run("truncate -s 4M \(extra) && chown nobody \(extra)")
+            let shell = try depositByShell(extra)
             try #require(shell.status == 0, "\(shell.stdout) \(shell.stderr)")
             let scripted = try #require(try JSONSerialization.jsonObject(with: Data(shell.stdout.utf8)) as? [String: Any])
             #expect(scripted["writable"] as? Bool == true)
-            let added = try asMember(["POST", "/v1/clones/fd-1/devices", #"{"disks": [{"fd": "\#(try token(scripted))", "format": "qcow2"}], "wait": true}"#])
+            let added = try asMember(["POST", "/v1/clones/fd-1/devices", #"{"disks": [{"fd": "\#(try token(scripted))"}], "wait": true}"#])
             #expect(added.status == 0 && added.stdout.contains("\"from_fd\" : true"), "\(added.stdout)")
-            let wrongMode = try ShortCommand.run("/usr/bin/setpriv", identity + ["/bin/sh", "-c", "exec \"$0\" deposit 3 --kind tap --socket \"$1\" 3<\"$2\"", Checkout.binary, socket, images.raw])
+            let wrongMode = try depositByShell(images.raw, kind: "tap", redirect: "<")
             #expect(wrongMode.status == 64 && wrongMode.stderr.contains("is a disk, not the tap"), "\(wrongMode.stderr)")
 
             // What is not a tap or an image is refused where it arrives, in one line each.
             let probes = try deposit(tap: nil, images: ["\(images.raw):rw"], probe: true)
             let messages = probes.dropFirst().map { (($0["error"] as? [String: Any])?["message"] as? String) ?? "accepted: \($0)" }
-            #expect(messages.count == 6)
-            for (message, expected) in zip(messages, ["a character device, not a tap", "O_PATH handle", "neither a tap nor", "without a descriptor", "may hold only \"kind\"", "is a disk, not the tap"]) {
+            #expect(messages.count == 8)
+            for (message, expected) in zip(messages, ["a character device, not a tap", "O_PATH handle", "neither a tap nor", "without a descriptor", "may hold only \"kind\"", "is a disk, not the tap", "not a local disk or memory one", "came with 40 descriptors"]) {
                 #expect(message.contains(expected), "\(message)")
             }
             // A read-write descriptor for an overlay's base: QEMU would refuse it; said first.
@@ -219,7 +233,7 @@ struct DescriptorDepositsTests {
         defer { unlink(path) }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         defer { close(fd) }
-        return try GivenDescriptor.inspecting(fd, label: "test image")
+        return try GivenDescriptor.inspecting(fd, label: "test image", fromOwner: false)
     }
 
     @Test("a token serves its uid once; a failed request gives it back; a claimed token is not lent twice; an expired one is gone; each caller is bounded")
@@ -246,6 +260,18 @@ struct DescriptorDepositsTests {
         #expect(spec.path == nil)
         #expect(deposits.count == 0, "spent by the request that succeeded")
         #expect(throws: VMTemplateError.self) { try deposits.claim(token, uid: 1000, kind: .disk) }
+
+        // A request that fails after QEMU got a copy (a second device failed) spends the token of
+        // the one attached: it must not attach the same tap or image twice.
+        let attachedToken = DescriptorDeposits.newToken()
+        let attachedImage = try image()
+        try deposits.deposit(attachedImage, token: attachedToken, uid: 1000, isOwner: false)
+        _ = try? await deposits.withClaims(uid: 1000) { lookup -> Int in
+            _ = try DiskSpec(parsing: "fd=\(attachedToken),readonly=on", descriptors: lookup)
+            attachedImage.markAttached()
+            throw VMTemplateError(.limitExceeded, "no free slot for the second device")
+        }
+        #expect(deposits.count == 0, "spent, though the request failed")
 
         let shortLived = DescriptorDeposits(lifetime: .zero)
         try shortLived.deposit(try image(), token: DescriptorDeposits.newToken(), uid: 1000, isOwner: false)

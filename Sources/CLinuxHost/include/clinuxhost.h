@@ -52,7 +52,12 @@ int clinuxhost_o_path(void);
 long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
 long long clinuxhost_seek_data(int fd, long long offset, int data);
 long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length, int fd);
-long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd, int *count);
+long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd);
+
+/// recvmsg(2) without waiting (MSG_DONTWAIT) of up to `capacity` bytes and every descriptor
+/// attached (close-on-exec), up to `max` (253 suffice) into `fds`, `*count` of them. Closes none.
+/// Returns the bytes received (0 at the end) or -errno.
+long clinuxhost_receive_descriptors(int socket, void *data, unsigned long capacity, int *fds, int max, int *count);
 
 /// TUNGETIFF on `fd`: the tun/tap interface it is attached to (`name`, 16 bytes, NUL-ended) and
 /// its flags (IFF_TAP 0x2, IFF_NO_PI 0x1000, IFF_VNET_HDR 0x4000). Returns 0 or -errno (a

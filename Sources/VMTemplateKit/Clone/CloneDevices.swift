@@ -79,7 +79,7 @@ public struct CloneDevices: Sendable {
                     device.backend = "tap"
                     device.tap = given.tapName
                     device.fromFD = true
-                    pending.append(PreparedDevice(device: device, descriptors: [try given.duplicate()]))
+                    pending.append(PreparedDevice(device: device, descriptors: [try given.duplicate()], given: given))
                 case .user(let forwards):
                     device.backend = "user"
                     device.hostForwards = forwards
@@ -96,9 +96,14 @@ public struct CloneDevices: Sendable {
                 // At most 20 bytes reach the guest (VIRTIO_BLK_ID_BYTES): 12 for the ID, 1, 7 left.
                 device.serial = String("\(cloneID)-\(device.id)".prefix(20))
                 let writable = !disk.readOnly && !disk.overlay
-                let image = switch disk.source {
-                case .path(let path): try DiskImage.open(path: path, format: disk.format, writable: writable)
-                case .descriptor(let given): try DiskImage.adopt(given, format: disk.format, writable: writable)
+                var given: GivenDescriptor?
+                let image: DiskImage
+                switch disk.source {
+                case .path(let path):
+                    image = try DiskImage.open(path: path, format: disk.format, writable: writable)
+                case .descriptor(let descriptor):
+                    image = try DiskImage.adopt(descriptor, format: disk.format, writable: writable)
+                    given = descriptor
                 }
                 if disk.overlay {
                     // The overlay first, then its base, as ``QMPClient/attach(_:timeout:)`` expects.
@@ -109,9 +114,9 @@ public struct CloneDevices: Sendable {
                         close(image.descriptor)
                         throw error
                     }
-                    pending.append(PreparedDevice(device: device, descriptors: [overlay, image.descriptor]))
+                    pending.append(PreparedDevice(device: device, descriptors: [overlay, image.descriptor], given: given))
                 } else {
-                    pending.append(PreparedDevice(device: device, descriptors: [image.descriptor]))
+                    pending.append(PreparedDevice(device: device, descriptors: [image.descriptor], given: given))
                 }
             }
         } catch {

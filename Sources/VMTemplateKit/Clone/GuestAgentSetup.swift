@@ -175,7 +175,7 @@ extension GuestAgentSetup {
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
             var descriptor: Int32 = -1
-            let count = buffer.withUnsafeMutableBytes { clinuxhost_receive_with_fd(channel, $0.baseAddress, UInt($0.count), &descriptor, nil) }
+            let count = buffer.withUnsafeMutableBytes { clinuxhost_receive_with_fd(channel, $0.baseAddress, UInt($0.count), &descriptor) }
             if descriptor >= 0 {
                 if agent < 0 { agent = descriptor } else { close(descriptor) }
             }

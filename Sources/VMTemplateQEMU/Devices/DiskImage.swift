@@ -89,6 +89,12 @@ package struct DiskImage: Sendable {
         guard given.kind == .disk else {
             throw VMTemplateError(.invalidArgument, "\(given.label) is a tap, not a disk image.")
         }
+        // Its sender keeps it open and may rewrite the header after it was read here: a qcow2
+        // header then names an external data file or features QEMU would act on. Raw images
+        // have no header QEMU reads.
+        guard format == .raw || given.fromOwner else {
+            throw VMTemplateError(.invalidArgument, "\(given.label) is given as qcow2 by a caller that is not the store's owner, which is refused: its sender could change the header after vmtemplate checked it. Hand over a raw image (overlay=on gives the clone a qcow2 overlay of its own).")
+        }
         guard given.writable == writable else {
             throw VMTemplateError(.invalidArgument, writable
                 ? "\(given.label) is open read-only, and the disk would be written: open it O_RDWR, or attach it with readonly=on or overlay=on."

@@ -12,10 +12,13 @@ import Musl
 public struct PreparedDevice: Sendable {
     public var device: AttachedDevice
     public var descriptors: [Int32]
+    /// What its caller handed over, when it did (`fd=`): marked once QEMU has a copy.
+    public var given: GivenDescriptor?
 
-    public init(device: AttachedDevice, descriptors: [Int32]) {
+    public init(device: AttachedDevice, descriptors: [Int32], given: GivenDescriptor? = nil) {
         self.device = device
         self.descriptors = descriptors
+        self.given = given
     }
 
     /// This process's copies; QEMU keeps its own.
@@ -66,6 +69,8 @@ extension QMPClient {
                 let blockDevices = prepared.descriptors.map(Self.isBlockDevice)
                 try await execute("blockdev-add", arguments: Self.blockdev(for: device, blockDevices: blockDevices), timeout: timeout)
             }
+            // QEMU holds a copy now: a token that named it is spent, whatever happens next.
+            prepared.given?.markAttached()
             return device
         } catch {
             // Undo what was done, even when the task was cancelled (an interrupted command): each
