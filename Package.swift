@@ -30,10 +30,20 @@ let package = Package(
         // The server's graceful shutdown, seen from inside a response (a followed event stream
         // ends when the server stops): Hummingbird runs on it, so it is already in the graph.
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        // Templates pushed to and pulled from OCI registries (`push`, `pull`): a maintained HTTP
+        // client on SwiftNIO, with TLS (swift-nio-ssl), redirects, streaming bodies and
+        // timeouts, rather than a hand-written one.
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        // --ca-file: the registry's CA as a TLS trust root (NIOSSL's types, which AsyncHTTPClient
+        // takes; already in the graph through it).
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         // The few Linux calls Swift cannot import (variadic prctl(2) and syscall(2)).
         .target(name: "CLinuxHost"),
+        // zstd, the system's (Debian's libzstd-dev, installed by scripts/setup): the codec OCI
+        // registries and tools know for layers (`+zstd`), fast at level 3, streaming both ways.
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // Host and OS plumbing: errors, sizes, JSON, /proc readers, files and locks, processes.
         .target(name: "VMTemplateOS", dependencies: ["CLinuxHost"]),
         // QEMU: binaries, the command line as a value, QMP, one QEMUInstance per process,
@@ -61,6 +71,19 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // Templates between nodes: the OCI artifact a template travels as (chunked, compressed,
+        // verified), registries (push, pull) and OCI image layouts (export, import).
+        .target(
+            name: "VMTemplateDistribution",
+            dependencies: [
+                "CLinuxHost", "CZstd", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
         .executableTarget(
             name: "vmtemplate",
             dependencies: [
@@ -69,6 +92,7 @@ let package = Package(
                 "VMTemplateStore",
                 "VMTemplateKit",
                 "VMTemplateAPI",
+                "VMTemplateDistribution",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 // serve hands the API its logger (ServeLogHandler, --log-format).
                 .product(name: "Logging", package: "swift-log"),
@@ -94,7 +118,7 @@ let package = Package(
         // Real QEMU, real guests, the CLI and the server: everything a user would run.
         .testTarget(
             name: "VMTemplateIntegrationTests",
-            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", "VMTemplateAPI"]
+            dependencies: ["VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", "VMTemplateAPI", "VMTemplateDistribution"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -27,7 +27,7 @@ struct VMTemplateCommand: AsyncParsableCommand {
               vmtemplate list --json
             """,
         version: "vmtemplate \(VMTemplateVersion.current)",
-        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, Exec.self, GuestSetupCommand.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Deposit.self, Events.self, Completion.self, Pause.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
+        subcommands: [Create.self, Clone.self, List.self, Inspect.self, Remove.self, Send.self, Exec.self, GuestSetupCommand.self, DeviceCommand.self, PoolCommand.self, Serve.self, APIRequest.self, Deposit.self, Push.self, Pull.self, Export.self, Import.self, Events.self, Completion.self, Pause.self, Resume.self, Verify.self, RemoveTemplate.self, SchedulerCommand.self, Settings.self, Explain.self, Doctor.self, GC.self]
     )
 
     /// The argument parser's own `main`, except that a usage error (a bad option, a failed

@@ -46,6 +46,8 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     /// What each clone's guest agent runs after its clock and hostname (``GuestCommand``).
     public var guestCommands: [[String]]?
     public var migration: MigrationInfo
+    /// Where the template came from when it was pulled or imported rather than made here.
+    public var origin: Origin?
     /// The exact QEMU arguments the template VM ran with, for diagnosis.
     public var templateArguments: [String]
     public var timings: CreateTimings
@@ -83,7 +85,23 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
         case readyWhen = "ready_when"
         case guestCommands = "guest_commands"
         case templateArguments = "template_arguments"
-        case timings
+        case timings, origin
+    }
+
+    /// A pulled (or imported) template's source: the reference asked for and the manifest digest
+    /// that was published, which names exactly these bytes in any registry.
+    public struct Origin: Sendable, Codable, Equatable {
+        public var reference: String
+        public var digest: String
+
+        public init(reference: String, digest: String = "") {
+            self.reference = reference
+            self.digest = digest
+        }
+
+        public func with(digest: String) -> Origin {
+            Origin(reference: reference, digest: digest)
+        }
     }
 
     public struct QEMUInfo: Sendable, Codable, Equatable {

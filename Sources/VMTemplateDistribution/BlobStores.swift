@@ -1,0 +1,229 @@
+import Crypto
+import Foundation
+import VMTemplateKit
+import VMTemplateOS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Where a template's blobs go: a registry (``RegistryClient``) or an OCI image layout
+/// (``OCILayout``).
+protocol BlobTarget: Sendable {
+    /// Whether the target has the blob already (a push then skips it).
+    func hasBlob(_ descriptor: OCIDescriptor) async throws -> Bool
+    func putBlob(_ bytes: [UInt8], descriptor: OCIDescriptor) async throws
+    /// Stores the manifest and, with a tag, names it.
+    func putManifest(_ bytes: [UInt8], digest: String, tag: String?) async throws
+}
+
+/// Where a template's blobs come from.
+protocol BlobOrigin: Sendable {
+    /// The manifest's bytes and digest, for a tag or a digest (`sha256:…`); its bytes are checked
+    /// against a digest asked for.
+    func manifest(_ reference: String) async throws -> (bytes: [UInt8], digest: String)
+    /// A small blob (the config), checked against its descriptor.
+    func smallBlob(_ descriptor: OCIDescriptor, limit: Int) async throws -> [UInt8]
+    /// Writes the blob to `path` (a new file), checked against its descriptor's size and digest
+    /// while it arrives: a blob that is not what it says leaves nothing there.
+    func fetchBlob(_ descriptor: OCIDescriptor, to path: String) async throws
+    /// How the origin names itself in messages.
+    var label: String { get }
+}
+
+/// An OCI image layout (image-spec `image-layout.md`): `oci-layout`, `index.json` and
+/// `blobs/sha256/HEX`, in a directory; what `export` writes and `import` reads.
+struct OCILayout: BlobTarget, BlobOrigin {
+    let directory: String
+    var label: String { "OCI layout '\(TerminalText.escape(directory))'" }
+
+    /// Makes the layout's directories (the directory may exist, and hold other images).
+    static func create(at directory: String) throws -> OCILayout {
+        for path in [directory, "\(directory)/blobs", "\(directory)/blobs/sha256"] {
+            guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
+                throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("mkdir"))
+            }
+        }
+        let layout = OCILayout(directory: directory)
+        try FileSystem.writeFileAtomically(path: "\(directory)/oci-layout", data: Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
+        return layout
+    }
+
+    /// An existing layout, checked to be one.
+    static func open(_ directory: String) throws -> OCILayout {
+        guard let text = try? String(contentsOfFile: "\(directory)/oci-layout", encoding: .utf8), text.contains("imageLayoutVersion") else {
+            throw VMTemplateError(.notFound, "'\(TerminalText.escape(directory))' is not an OCI image layout (no oci-layout file): give the directory 'vmtemplate export' wrote.")
+        }
+        return OCILayout(directory: directory)
+    }
+
+    func blobPath(_ digest: String) throws -> String {
+        guard Digest.isSHA256(digest) else { throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(String(digest.prefix(80))))' is not a sha256 digest.") }
+        return "\(directory)/blobs/sha256/\(digest.dropFirst(7))"
+    }
+
+    func hasBlob(_ descriptor: OCIDescriptor) async throws -> Bool {
+        var info = stat()
+        return lstat(try blobPath(descriptor.digest), &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG && Int64(info.st_size) == descriptor.size
+    }
+
+    func putBlob(_ bytes: [UInt8], descriptor: OCIDescriptor) async throws {
+        try FileSystem.writeFileAtomically(path: try blobPath(descriptor.digest), data: bytes)
+    }
+
+    func putManifest(_ bytes: [UInt8], digest: String, tag: String?) async throws {
+        try FileSystem.writeFileAtomically(path: try blobPath(digest), data: bytes)
+        var index = (try? JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(directory)/index.json")))) ?? OCIIndex(manifests: [])
+        let annotations = tag.map { ["org.opencontainers.image.ref.name": $0] }
+        index.manifests.removeAll { $0.digest == digest || (tag != nil && $0.annotations?["org.opencontainers.image.ref.name"] == tag) }
+        index.manifests.append(OCIDescriptor(mediaType: TemplateArtifact.manifestMediaType, digest: digest, size: Int64(bytes.count), annotations: annotations, artifactType: TemplateArtifact.artifactType))
+        try FileSystem.writeFileAtomically(path: "\(directory)/index.json", data: try JSONCoding.encode(index))
+    }
+
+    func manifest(_ reference: String) async throws -> (bytes: [UInt8], digest: String) {
+        let digest: String
+        if Digest.isSHA256(reference) {
+            digest = reference
+        } else {
+            let index = try JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(directory)/index.json")))
+            let templates = index.manifests.filter { $0.mediaType == TemplateArtifact.manifestMediaType }
+            let named = reference.isEmpty ? templates : templates.filter { $0.annotations?["org.opencontainers.image.ref.name"] == reference }
+            guard named.count == 1, let only = named.first else {
+                throw VMTemplateError(named.isEmpty ? .notFound : .invalidArgument, named.isEmpty
+                    ? "\(label) has no image\(reference.isEmpty ? "" : " named '\(TerminalText.escape(reference))'"): see its index.json."
+                    : "\(label) holds \(named.count) images: name one (PATH:NAME or PATH@sha256:…).")
+            }
+            digest = only.digest
+        }
+        let bytes = try readBounded(try blobPath(digest), limit: TemplateArtifact.maxManifestBytes)
+        guard Digest.hex(SHA256.hash(data: bytes)) == digest else {
+            throw VMTemplateError(.integrityFailure, "the manifest \(digest) in \(label) does not hash to its digest: the layout is damaged.")
+        }
+        return (bytes, digest)
+    }
+
+    func smallBlob(_ descriptor: OCIDescriptor, limit: Int) async throws -> [UInt8] {
+        guard descriptor.size >= 0, descriptor.size <= Int64(limit) else {
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) is \(descriptor.size) bytes, more than the \(limit) accepted.")
+        }
+        let bytes = try readBounded(try blobPath(descriptor.digest), limit: limit)
+        try BlobCheck.verify(bytes, against: descriptor, from: label)
+        return bytes
+    }
+
+    func fetchBlob(_ descriptor: OCIDescriptor, to path: String) async throws {
+        let source = try blobPath(descriptor.digest)
+        try await onOwnThread {
+            let input = Glibc.open(source, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+            guard input >= 0 else {
+                throw VMTemplateError(.notFound, "\(label) lacks blob \(descriptor.digest): the layout is incomplete.", cause: SystemCallError("open"))
+            }
+            defer { close(input) }
+            let writer = try VerifyingWriter(path: path, descriptor: descriptor, origin: label)
+            var buffer = [UInt8](repeating: 0, count: 1 << 20)
+            while true {
+                let count = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
+                if count < 0 && errno == EINTR { continue }
+                guard count >= 0 else { writer.abandon(); throw VMTemplateError(.ioError, "cannot read \(source): \(errnoText()).") }
+                if count == 0 { break }
+                try buffer.withUnsafeBytes { try writer.write(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+            }
+            try writer.finish()
+        }
+    }
+
+    private func readBounded(_ path: String, limit: Int) throws -> [UInt8] {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { throw VMTemplateError(.notFound, "\(label) lacks '\(TerminalText.escape(FileSystem.split(path).name))': the layout is incomplete.", cause: SystemCallError("open")) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: limit + 1)
+        var total = 0
+        while total <= limit {
+            let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress.map { $0 + total }, limit + 1 - total) }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))': \(errnoText()).") }
+            if count == 0 { break }
+            total += count
+        }
+        guard total <= limit else { throw VMTemplateError(.integrityFailure, "'\(TerminalText.escape(path))' is larger than the \(limit) bytes accepted.") }
+        return Array(bytes[0..<total])
+    }
+}
+
+enum BlobCheck {
+    static func verify(_ bytes: [UInt8], against descriptor: OCIDescriptor, from origin: String) throws {
+        guard Int64(bytes.count) == descriptor.size else {
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) is \(bytes.count) bytes, not the \(descriptor.size) its manifest says: nothing was published.")
+        }
+        guard Digest.hex(SHA256.hash(data: bytes)) == descriptor.digest else {
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) does not hash to its digest: nothing was published.")
+        }
+    }
+}
+
+/// Writes a blob as it arrives into `PATH.partial`, hashing it and counting its bytes, and
+/// renames it to `PATH` only if both are what its descriptor says: what is at `PATH` is always a
+/// verified blob (a later pull reuses it), and a partial one never stays.
+final class VerifyingWriter {
+    let path: String
+    let descriptor: OCIDescriptor
+    let origin: String
+    private let fd: Int32
+    private var hasher = SHA256()
+    private var written: Int64 = 0
+
+    init(path: String, descriptor: OCIDescriptor, origin: String) throws {
+        self.path = path
+        self.descriptor = descriptor
+        self.origin = origin
+        unlink("\(path).partial")
+        fd = Glibc.open("\(path).partial", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path)).partial': \(errnoText()).", cause: SystemCallError("open")) }
+    }
+
+    deinit {
+        close(fd)
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) throws {
+        written += Int64(bytes.count)
+        guard written <= descriptor.size else {
+            abandon()
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) is longer than the \(descriptor.size) bytes its manifest says: nothing was published.")
+        }
+        hasher.update(bufferPointer: bytes)
+        var offset = 0
+        while offset < bytes.count {
+            let count = Glibc.write(fd, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else {
+                let code = errno
+                abandon()
+                throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path)).partial': \(errnoText(code)).", cause: SystemCallError("write", code: code))
+            }
+            offset += count
+        }
+    }
+
+    func finish() throws {
+        guard written == descriptor.size else {
+            abandon()
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) ended after \(written) of \(descriptor.size) bytes: nothing was published.")
+        }
+        guard Digest.hex(hasher.finalize()) == descriptor.digest else {
+            abandon()
+            throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) does not hash to its digest (a damaged or tampered blob): nothing was published.")
+        }
+        guard fsync(fd) == 0, rename("\(path).partial", path) == 0 else {
+            let code = errno
+            abandon()
+            throw VMTemplateError(.ioError, "cannot keep blob \(descriptor.digest): \(errnoText(code)).")
+        }
+    }
+
+    func abandon() {
+        unlink("\(path).partial")
+    }
+}

@@ -1,0 +1,205 @@
+import Crypto
+import Foundation
+import VMTemplateKit
+import VMTemplateOS
+import VMTemplateQEMU
+import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What a pull or an import did.
+public struct ReceiveResult: Codable, Sendable {
+    public var template: String
+    public var digest: String
+    /// Chunks fetched now, and chunks found verified from an earlier, interrupted pull.
+    public var fetchedChunks: Int
+    public var reusedChunks: Int
+    public var fetchedBytes: UInt64
+    /// The template was there already, the same (a repeated pull).
+    public var existed: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case template, digest, existed
+        case fetchedChunks = "fetched_chunks"
+        case reusedChunks = "reused_chunks"
+        case fetchedBytes = "fetched_bytes"
+    }
+}
+
+/// Takes a template's OCI artifact from an origin and publishes it in the store, trusting nothing
+/// that arrives: the manifest is bounded and (by digest) checked, the config is checked and read
+/// first and a template this node's QEMU cannot run is refused before any chunk moves, every blob
+/// is verified while it streams into the store's blob cache (`STORE/pulls/blobs`, where a verified
+/// blob stays for the next attempt), each chunk's bytes again once decompressed, and every
+/// reassembled file against the portable manifest before one rename publishes it. Files are
+/// written sparse: a chunk left out, or a zero page in one, stays a hole.
+struct TemplateReceiver: Sendable {
+    let store: TemplateStore
+    let explicitQEMU: String?
+
+    var pullsDirectory: String { "\(store.root)/pulls" }
+    var blobsDirectory: String { "\(pullsDirectory)/blobs" }
+
+    func receive(_ reference: String, from origin: any BlobOrigin, name wanted: EntityName?, source: TemplateManifest.Origin) async throws -> ReceiveResult {
+        let (manifestBytes, digest) = try await origin.manifest(reference)
+        let image: OCIImageManifest
+        do {
+            image = try JSONDecoder().decode(OCIImageManifest.self, from: Data(manifestBytes))
+        } catch {
+            throw VMTemplateError(.invalidArgument, "\(origin.label): '\(TerminalText.escape(reference))' is not an OCI image manifest (\(JSONErrorText.describe(error))).")
+        }
+        guard image.artifactType == TemplateArtifact.artifactType, image.config.mediaType == TemplateArtifact.configMediaType else {
+            throw VMTemplateError(.invalidArgument, "\(origin.label): '\(TerminalText.escape(reference))' is an artifact of type '\(TerminalText.escape(String((image.artifactType ?? image.config.mediaType).prefix(80))))', not a vmtemplate template (\(TemplateArtifact.artifactType)).")
+        }
+        guard image.layers.count <= TemplateArtifact.maxLayers else {
+            throw VMTemplateError(.invalidArgument, "\(origin.label): the manifest has \(image.layers.count) layers, more than a template has (\(TemplateArtifact.maxLayers)).")
+        }
+        let configBytes = try await origin.smallBlob(image.config, limit: TemplateArtifact.maxConfigBytes)
+        let portable: PortableManifest
+        do {
+            portable = try JSONCoding.decoder().decode(PortableManifest.self, from: Data(configBytes))
+        } catch {
+            throw VMTemplateError(.invalidArgument, "\(origin.label): the template's config cannot be read (\(JSONErrorText.describe(error))).")
+        }
+        if let problem = portable.problem() {
+            throw VMTemplateError(.invalidArgument, "\(origin.label): the template's config is not one vmtemplate made: \(problem).")
+        }
+        let name = try wanted ?? EntityName(portable.name)
+        let qemu = try checkRunnable(portable)
+        let chunks = try Self.chunks(of: image, files: portable.files, origin: origin.label)
+
+        for directory in [pullsDirectory, blobsDirectory] where mkdir(directory, 0o700) != 0 && errno != EEXIST {
+            throw VMTemplateError(.ioError, "cannot create '\(directory)': \(errnoText()).", cause: SystemCallError("mkdir"))
+        }
+        // One pull of a digest at a time: a second waits, then finds the blobs (and the template).
+        let lock = try store.openLockFile("\(pullsDirectory)/\(digest.dropFirst(7).prefix(32)).lock")
+        return try await lock.withExclusive {
+            if store.templateExists(name) {
+                let existing = try store.template(named: name)
+                if existing.manifest.origin?.digest == digest {
+                    return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, existed: true)
+                }
+                throw VMTemplateError(.exists, "template '\(name)' already exists\(existing.manifest.origin.map { " (pulled from \($0.digest))" } ?? ""): remove it first (vmtemplate rm-template \(name)), or pull with --name NEW.")
+            }
+            var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, existed: false)
+            for chunk in chunks {
+                let path = "\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))"
+                var info = stat()
+                if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, Int64(info.st_size) == chunk.layer.size {
+                    result.reusedChunks += 1
+                    continue
+                }
+                try Task.checkCancellation()
+                try await origin.fetchBlob(chunk.layer, to: path)
+                result.fetchedChunks += 1
+                result.fetchedBytes += UInt64(chunk.layer.size)
+            }
+            let staging = try await store.reserveStaging(name)
+            do {
+                var stored: [TemplateManifest.StoredFile] = []
+                for file in portable.files {
+                    let path = "\(staging.directory)/\(file.name)"
+                    let mine = chunks.filter { $0.file == file.name }
+                    let blobs = blobsDirectory
+                    try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs) }
+                    // Every byte against the digest the config pins (a hole where data belongs too).
+                    let digestNow = try await onOwnThread { try FileDigest.sha256(path: path) }
+                    guard digestNow == file.sha256 else {
+                        throw VMTemplateError(.integrityFailure, "\(origin.label): the template's \(file.name) does not hash to the digest its config pins: nothing was published.")
+                    }
+                    try FileSystem.setMode(path: path, mode: 0o444)
+                    let status = try FileStatus.read(path: path, followingLinks: false)
+                    stored.append(.init(name: file.name, sizeBytes: status.sizeBytes, sha256: digestNow, mode: status.mode, inode: status.inode, modifiedNanoseconds: status.modifiedNanoseconds))
+                }
+                var local = portable.localManifest(name: name.value, qemu: qemu, files: stored)
+                local.origin = source.with(digest: digest)
+                for leftover in ["\(staging.directory)/owner.json"] { unlink(leftover) }
+                try StoredJSON.write(local, to: staging.files.manifestPath, mode: 0o444)
+                try await store.publish(staging)
+            } catch {
+                staging.discard()
+                throw error
+            }
+            // The blobs of a published template are not needed again here.
+            for chunk in chunks { unlink("\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))") }
+            return result
+        }
+    }
+
+    /// Refuses, in one line, a template this node's QEMU cannot run: before any chunk moves.
+    private func checkRunnable(_ portable: PortableManifest) throws -> TemplateManifest.QEMUInfo {
+        let path = try QEMUBinary.locate(explicit: explicitQEMU)
+        let binary = try QEMUBinary.probe(path: path)
+        guard binary.version == portable.qemu.version else {
+            throw VMTemplateError(.unsupported, "the template was made with QEMU \(portable.qemu.version) and this node's \(path) is QEMU \(binary.version): device state only loads into the same QEMU. Pull a template made with QEMU \(binary.version), or pass --qemu with a \(portable.qemu.version) binary.")
+        }
+        guard (try? binary.resolveMachineType(portable.machine.machineType)) == portable.machine.machineType else {
+            throw VMTemplateError(.unsupported, "the template's machine type \(TerminalText.escape(portable.machine.machineType)) is not one this node's QEMU offers: its state cannot load here.")
+        }
+        if portable.machine.accelerator == .kvm, !KVMProbe.probe().usableForStockGuests {
+            throw VMTemplateError(.unsupported, "the template runs under KVM, which this node cannot use for ordinary guests (vmtemplate doctor): pull a TCG template, or make one here.")
+        }
+        return .init(path: path, version: binary.version, package: binary.package, capabilities: binary.capabilities, binary: try? .init(FileStatus.read(path: path)))
+    }
+
+    /// The manifest's layers as chunks, checked to rebuild exactly the config's files: every chunk
+    /// of a listed file, in bounds, at a chunk boundary, each range once.
+    static func chunks(of image: OCIImageManifest, files: [PortableManifest.File], origin: String) throws -> [FileChunk] {
+        var chunks: [FileChunk] = []
+        var seen = Set<String>()
+        let sizes = Dictionary(uniqueKeysWithValues: files.map { ($0.name, $0.sizeBytes) })
+        for layer in image.layers {
+            let chunk = try FileChunk.read(layer).get()
+            guard let size = sizes[chunk.file], chunk.offset < size,
+                  UInt64(chunk.length) == min(UInt64(TemplateArtifact.chunkBytes), size - chunk.offset),
+                  seen.insert("\(chunk.file)@\(chunk.offset)").inserted else {
+                throw VMTemplateError(.invalidArgument, "\(origin): layer \(chunk.layer.digest) claims \(chunk.length) bytes of \(TerminalText.escape(chunk.file)) at \(chunk.offset), which the template's files do not have (or another layer has): not this template's.")
+            }
+            chunks.append(chunk)
+        }
+        return chunks
+    }
+
+    /// Makes `path` the file's size, sparse, and writes each chunk's non-zero pages into it, after
+    /// checking the chunk's bytes against its digest.
+    static func assemble(_ file: PortableManifest.File, at path: String, from chunks: [FileChunk], blobs: String) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("open")) }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(file.sizeBytes)) == 0 else { throw VMTemplateError(.ioError, "cannot size '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("ftruncate")) }
+        var plain = [UInt8](repeating: 0, count: TemplateArtifact.chunkBytes)
+        for chunk in chunks {
+            let compressed = try Data(contentsOf: URL(fileURLWithPath: "\(blobs)/\(chunk.layer.digest.dropFirst(7))"))
+            guard Int64(compressed.count) == chunk.layer.size else {
+                throw VMTemplateError(.integrityFailure, "blob \(chunk.layer.digest) changed in the blob cache: pull again.")
+            }
+            try compressed.withUnsafeBytes { input in
+                try plain.withUnsafeMutableBytes { output in
+                    try Zstd.decompress(input, into: output, expectedBytes: chunk.length)
+                }
+            }
+            guard Digest.hex(SHA256.hash(data: plain[0..<chunk.length])) == chunk.digest else {
+                throw VMTemplateError(.integrityFailure, "chunk \(chunk.file)@\(chunk.offset) decompresses to bytes that do not hash to its digest: nothing was published.")
+            }
+            // Page by page, zero pages skipped: the file stays sparse where the guest's RAM was.
+            let page = 4096
+            var start = 0
+            while start < chunk.length {
+                let end = min(start + page, chunk.length)
+                let isZero = plain.withUnsafeBytes { ZeroCheck.isZero(UnsafeRawBufferPointer(rebasing: $0[start..<end])) }
+                if !isZero {
+                    let written = plain.withUnsafeBytes { pwrite(fd, $0.baseAddress.map { $0 + start }, end - start, off_t(chunk.offset) + off_t(start)) }
+                    guard written == end - start else {
+                        throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("pwrite"))
+                    }
+                }
+                start = end
+            }
+        }
+        guard fsync(fd) == 0 else { throw VMTemplateError(.ioError, "cannot sync '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("fsync")) }
+    }
+}

@@ -1,0 +1,164 @@
+import Foundation
+import Testing
+
+@testable import VMTemplateDistribution
+@testable import VMTemplateKit
+@testable import VMTemplateOS
+@testable import VMTemplateStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Templates between nodes: a second store stands for another node; a real registry (Debian's
+/// docker-registry, the CNCF distribution registry) on loopback; OCI image layouts.
+extension RealGuests {
+    @Suite("templates between nodes", .serialized)
+    struct DistributionIntegrationTests {
+        /// docker-registry on a free loopback port, its storage in a directory of the test's.
+        final class Registry {
+            let root: String
+            let port: UInt16
+            let process: Process
+            var host: String { "127.0.0.1:\(port)" }
+
+            init() async throws {
+                root = "/tmp/vmt-reg-\(UUID().uuidString.prefix(8))"
+                try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+                port = try freeLocalPort()
+                let config = """
+                    version: 0.1
+                    log:
+                      level: error
+                    storage:
+                      filesystem:
+                        rootdirectory: \(root)/data
+                      delete:
+                        enabled: true
+                    http:
+                      addr: 127.0.0.1:\(port)
+                    """
+                try config.write(toFile: "\(root)/config.yml", atomically: true, encoding: .utf8)
+                process = Process()
+                process.executableURL = URL(fileURLWithPath: "/usr/bin/docker-registry")
+                process.arguments = ["serve", "\(root)/config.yml"]
+                process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+                process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+                try process.run()
+                let port = self.port
+                let up = await eventually(timeout: .seconds(20)) { (try? Shell.run("curl -sf http://127.0.0.1:\(port)/v2/")) != nil }
+                try #require(up, "docker-registry did not start")
+            }
+
+            /// The registry's own copy of a blob (its filesystem driver's layout).
+            func blobData(_ digest: String) -> String {
+                let hex = digest.dropFirst(7)
+                return "\(root)/data/docker/registry/v2/blobs/sha256/\(hex.prefix(2))/\(hex)/data"
+            }
+
+            func stop() {
+                process.terminate()
+                process.waitUntilExit()
+                try? FileManager.default.removeItem(atPath: root)
+            }
+        }
+
+        struct Result: Decodable {
+            var digest: String
+        }
+
+        func manifest(_ store: TemporaryStore, _ name: String) throws -> TemplateManifest {
+            try JSONCoding.decoder().decode(TemplateManifest.self, from: Data(contentsOf: URL(fileURLWithPath: "\(store.templateDirectory(name))/manifest.json")))
+        }
+
+        /// The pulled template's files are the original's, and a clone of it answers.
+        func expectSame(_ pulled: TemporaryStore, _ name: String, as original: TemplateManifest) async throws {
+            let copy = try manifest(pulled, name)
+            #expect(copy.storedFiles.map(\.sha256) == original.storedFiles.map(\.sha256), "the files' digests equal the originals")
+            #expect(copy.machine == original.machine && copy.qemu.version == original.qemu.version)
+            let clone = try CLI.run(["clone", name, "--json"] + pulled.arguments)
+            try #require(clone.status == 0, "\(clone.stderr)")
+            let view = try JSONCoding.decoder().decode(CloneView.self, from: Data(clone.stdout.utf8))
+            #expect(try ControlChannel(path: view.controlSocket).request("ping", timeout: .seconds(60)) == "pong", "the pulled template's guest answers")
+            #expect(try CLI.run(["rm", "--all"] + pulled.arguments).status == 0)
+        }
+
+        @Test("export to an OCI image layout, import on another node, clone: the same files, sparse, and the guest answers")
+        func exportImport() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let layout = "/tmp/vmt-layout-\(UUID().uuidString.prefix(8))"
+            defer { try? FileManager.default.removeItem(atPath: layout) }
+            let exported = try CLI.run(["export", SharedTemplate.name, layout, "--json"] + source.arguments)
+            try #require(exported.status == 0, "\(exported.stderr)")
+            let packed = try JSONCoding.decoder().decode(PackResult.self, from: Data(exported.stdout.utf8))
+            #expect(packed.zeroChunks > 0 && packed.compressedBytes < packed.fileBytes / 2, "zero chunks left out, the rest compressed: \(packed)")
+            let node = try TemporaryStore("node2")
+            defer { node.remove() }
+            let imported = try CLI.run(["import", layout, "--json"] + node.arguments)
+            try #require(imported.status == 0, "\(imported.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+            let memory = try FileStatus.read(path: "\(node.templateDirectory(SharedTemplate.name))/memory")
+            var info = stat()
+            stat("\(node.templateDirectory(SharedTemplate.name))/memory", &info)
+            #expect(UInt64(info.st_blocks) * 512 < memory.sizeBytes / 2, "the RAM file stays sparse where the guest's memory was zero")
+            #expect(try manifest(node, SharedTemplate.name).origin?.digest == packed.digest)
+            // A second import of the same image is the template that is there.
+            let again = try CLI.run(["import", layout, "--json"] + node.arguments)
+            #expect(again.status == 0 && again.stdout.contains("\"existed\":true"), "\(again.stdout) \(again.stderr)")
+        }
+
+        @Test("push to a registry, pull by digest on another node, clone; a second pull moves nothing; a registry serving a flipped byte, a wrong size or another artifact is refused with nothing published", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func pushPull() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let push = try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8))
+            #expect(push.sentBytes > push.compressedBytes && push.sentBytes < push.compressedBytes + 65536, "every chunk and the config sent once: \(push)")
+            let again = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
+            let second = try JSONCoding.decoder().decode(PackResult.self, from: Data(again.stdout.utf8))
+            #expect(second.digest == push.digest && second.sentBytes == 0, "the same template: the same digest, nothing sent again")
+
+            let node = try TemporaryStore("node3")
+            defer { node.remove() }
+            let reference = "\(registry.host)/vmt/busybox@\(push.digest)"
+            let pulled = try CLI.run(["pull", reference, "--json"] + node.arguments)
+            try #require(pulled.status == 0, "\(pulled.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+            let repeated = try CLI.run(["pull", reference, "--json"] + node.arguments)
+            #expect(repeated.status == 0 && repeated.stdout.contains("\"existed\":true") && repeated.stdout.contains("\"fetched_chunks\":0"), "\(repeated.stdout)")
+
+            // A flipped byte in one chunk, as the registry serves it: refused, nothing published.
+            let image = try JSONDecoder().decode(OCIImageManifest.self, from: Data(contentsOf: URL(fileURLWithPath: registry.blobData(push.digest))))
+            let victim = registry.blobData(image.layers[image.layers.count / 2].digest)
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: victim))
+            bytes[bytes.count / 2] ^= 0x01
+            try bytes.write(to: URL(fileURLWithPath: victim))
+            let fresh = try TemporaryStore("node4")
+            defer { fresh.remove() }
+            let flipped = try CLI.run(["pull", reference] + fresh.arguments)
+            #expect(flipped.status == 65 && flipped.stderr.contains("does not hash to its digest"), "\(flipped.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: fresh.templateDirectory(SharedTemplate.name)), "nothing published")
+            #expect(fresh.stagingEntries().isEmpty, "no staging left")
+            // Cut short: a wrong size.
+            try bytes.prefix(bytes.count - 10).write(to: URL(fileURLWithPath: victim))
+            let short = try CLI.run(["pull", reference] + fresh.arguments)
+            #expect(short.status == 65 && short.stderr.contains("ended after"), "\(short.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: fresh.templateDirectory(SharedTemplate.name)))
+
+            // A manifest of another artifact type under a tag: refused before any blob.
+            let other = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.example.other","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#
+            _ = try Shell.run("printf '{}' | curl -sf -X POST 'http://\(registry.host)/v2/vmt/other/blobs/uploads/' -D - -o /dev/null | tr -d '\\r' | awk '/^Location:/{print $2}' > \(registry.root)/loc && curl -sf -X PUT -H 'Content-Type: application/octet-stream' \"$(cat \(registry.root)/loc)&digest=sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a\" --data-binary '{}' -o /dev/null && curl -sf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary '\(other)' http://\(registry.host)/v2/vmt/other/manifests/v1 -o /dev/null")
+            let wrongType = try CLI.run(["pull", "\(registry.host)/vmt/other:v1"] + fresh.arguments)
+            #expect(wrongType.status == 64 && wrongType.stderr.contains("not a vmtemplate template"), "\(wrongType.stderr)")
+            // Nothing there: a clear 404; no registry: a clear line.
+            let missing = try CLI.run(["pull", "\(registry.host)/vmt/nothing:v1"] + fresh.arguments)
+            #expect(missing.status == 66 && missing.stderr.contains("(404)"), "\(missing.stderr)")
+            let down = try CLI.run(["pull", "127.0.0.1:\(try freeLocalPort())/vmt/busybox:v1"] + fresh.arguments)
+            #expect(down.status == 74 && down.stderr.contains("cannot be reached"), "\(down.stderr)")
+        }
+    }
+}
