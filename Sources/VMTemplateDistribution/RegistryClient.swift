@@ -97,8 +97,11 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
     let reference: ImageReference
     let options: RegistryOptions
     let http: HTTPClient
-    let base: String
     let credentials: RegistryCredentials?
+    /// `https`, or `http` when asked (`--plain-http`), or for a loopback registry whose TLS
+    /// handshake failed (a registry on this machine without TLS, as docker treats localhost).
+    private let scheme: Mutex<String>
+    private let mayFallBackToPlain: Bool
     private let token = Mutex<String?>(nil)
     let push: Bool
 
@@ -108,11 +111,11 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
         self.reference = reference
         self.options = options
         self.push = push
-        let plain = options.plainHTTP || reference.isLoopback
-        base = "\(plain ? "http" : "https")://\(reference.host)/v2/\(reference.repository)"
+        scheme = Mutex(options.plainHTTP ? "http" : "https")
+        mayFallBackToPlain = !options.plainHTTP && options.caFile == nil && reference.isLoopback
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .follow(max: 5, allowCycles: false)
-        configuration.timeout = .init(connect: .seconds(10), read: .seconds(60))
+        configuration.timeout = .init(connect: .seconds(5), read: .seconds(60))
         if let caFile = options.caFile {
             var tls = TLSConfiguration.makeClientConfiguration()
             do {
@@ -124,6 +127,22 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
         }
         http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         credentials = try RegistryCredentials.find(for: reference.host, file: options.credentialsFile)
+    }
+
+    var base: String { "\(scheme.withLock { $0 })://\(reference.host)/v2/\(reference.repository)" }
+
+    /// For a loopback registry reached without `--plain-http` or `--ca-file`: plain HTTP unless
+    /// it answers that it speaks HTTPS (a TLS handshake with a plain server fails only once the
+    /// client's connect timeout has passed).
+    func chooseScheme() async {
+        guard mayFallBackToPlain else { return }
+        var request = HTTPClientRequest(url: "http://\(reference.host)/v2/")
+        request.method = .GET
+        guard let response = try? await http.execute(request, timeout: .seconds(5)) else { return }
+        let body = (try? await response.body.collect(upTo: 4096)).map { String(buffer: $0) } ?? ""
+        if !(response.status == .badRequest && body.contains("HTTPS")) {
+            scheme.withLock { $0 = "http" }
+        }
     }
 
     func shutdown() async {
@@ -210,6 +229,7 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
     /// answered), mapped to one clear error for every status it does not accept.
     private func send(_ method: HTTPMethod, _ url: String, what: String, body: [UInt8]? = nil, contentType: String? = nil, accept: String? = nil, accepting: Set<UInt>) async throws -> HTTPClientResponse {
         var challenged = false
+        var url = url
         while true {
             var request = HTTPClientRequest(url: url)
             request.method = method
@@ -224,6 +244,16 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
             do {
                 response = try await http.execute(request, timeout: .seconds(Int64(options.timeout.components.seconds)))
             } catch let error as NIOSSLError {
+                // Only a server that does not speak TLS at all; one whose certificate is not
+                // trusted is said so.
+                if mayFallBackToPlain, url.hasPrefix("https://"), !"\(error)".contains("CERTIFICATE_VERIFY_FAILED") {
+                    scheme.withLock { $0 = "http" }
+                    url = "http://" + url.dropFirst("https://".count)
+                    continue
+                }
+                if "\(error)".contains("CERTIFICATE_VERIFY_FAILED") {
+                    throw VMTemplateError(.permissionDenied, "\(label)'s TLS certificate is not signed by a CA this node trusts: pass --ca-file with the CA that signed it.")
+                }
                 throw VMTemplateError(.permissionDenied, "\(label): TLS failed (\(Self.describe(error))): pass --ca-file with the CA that signed its certificate, or --plain-http for a registry without TLS.")
             } catch let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout || error == .connectTimeout {
                 throw VMTemplateError(.timeout, "\(label) did not answer in time (\(what)): check that it runs and is reachable, then try again.")

@@ -21,6 +21,7 @@ public struct TemplateDistribution: Sendable {
             throw VMTemplateError(.invalidArgument, "push to a tag (HOST/REPOSITORY:TAG), not a digest: the digest is what the push prints.")
         }
         let registry = try RegistryClient(reference, options: options, push: true)
+        await registry.chooseScheme()
         do {
             let result = try await TemplatePacker(store: store).pack(name, to: registry, tag: reference.tag)
             await registry.shutdown()
@@ -34,6 +35,7 @@ public struct TemplateDistribution: Sendable {
     /// Pulls `reference` and publishes it as `name` (default: its name where it was made).
     public func pull(_ reference: ImageReference, name: EntityName?, options: RegistryOptions) async throws -> ReceiveResult {
         let registry = try RegistryClient(reference, options: options, push: false)
+        await registry.chooseScheme()
         do {
             let result = try await TemplateReceiver(store: store, explicitQEMU: explicitQEMU).receive(reference.manifestReference, from: registry, name: name, source: .init(reference: reference.description))
             await registry.shutdown()

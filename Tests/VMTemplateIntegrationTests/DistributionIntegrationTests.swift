@@ -22,11 +22,13 @@ extension RealGuests {
             let process: Process
             var host: String { "127.0.0.1:\(port)" }
 
-            init() async throws {
+            /// With `secured`: TLS from a CA the test makes (`ca.pem`) and htpasswd (basic)
+            /// authentication for tester:secret (`creds.json`, as docker login writes it).
+            init(secured: Bool = false) async throws {
                 root = "/tmp/vmt-reg-\(UUID().uuidString.prefix(8))"
                 try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
                 port = try freeLocalPort()
-                let config = """
+                var config = """
                     version: 0.1
                     log:
                       level: error
@@ -37,7 +39,30 @@ extension RealGuests {
                         enabled: true
                     http:
                       addr: 127.0.0.1:\(port)
+
                     """
+                if secured {
+                    try Shell.run("""
+                        set -e
+                        cd \(root)
+                        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=vmt-test-ca 2>/dev/null
+                        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+                        printf 'subjectAltName=IP:127.0.0.1\\n' > ext.cnf
+                        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null
+                        htpasswd -Bbn tester secret > htpasswd
+                        printf '{"auths":{"127.0.0.1:\(port)":{"auth":"%s"}}}' "$(printf tester:secret | base64)" > creds.json
+                        printf '{"auths":{"127.0.0.1:\(port)":{"auth":"%s"}}}' "$(printf tester:wrong | base64)" > wrong.json
+                        """)
+                    config += """
+                          tls:
+                            certificate: \(root)/server.pem
+                            key: \(root)/server.key
+                        auth:
+                          htpasswd:
+                            realm: vmt-test
+                            path: \(root)/htpasswd
+                        """
+                }
                 try config.write(toFile: "\(root)/config.yml", atomically: true, encoding: .utf8)
                 process = Process()
                 process.executableURL = URL(fileURLWithPath: "/usr/bin/docker-registry")
@@ -45,8 +70,8 @@ extension RealGuests {
                 process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
                 process.standardError = FileHandle(forWritingAtPath: "/dev/null")
                 try process.run()
-                let port = self.port
-                let up = await eventually(timeout: .seconds(20)) { (try? Shell.run("curl -sf http://127.0.0.1:\(port)/v2/")) != nil }
+                let probe = secured ? "curl -s --cacert \(root)/ca.pem -o /dev/null -w '%{http_code}' https://127.0.0.1:\(port)/v2/ | grep -q 401" : "curl -sf http://127.0.0.1:\(port)/v2/"
+                let up = await eventually(timeout: .seconds(20)) { (try? Shell.run(probe)) != nil }
                 try #require(up, "docker-registry did not start")
             }
 
@@ -159,6 +184,132 @@ extension RealGuests {
             #expect(missing.status == 66 && missing.stderr.contains("(404)"), "\(missing.stderr)")
             let down = try CLI.run(["pull", "127.0.0.1:\(try freeLocalPort())/vmt/busybox:v1"] + fresh.arguments)
             #expect(down.status == 74 && down.stderr.contains("cannot be reached"), "\(down.stderr)")
+        }
+
+        @Test("TLS from a CA of the test's and basic authentication: pushed and pulled with --ca-file and --creds-file; an untrusted certificate, no credentials and wrong ones each get one line", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func securedRegistry() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry(secured: true)
+            defer { registry.stop() }
+            let target = "\(registry.host)/vmt/busybox:v1"
+            let untrusted = try CLI.run(["push", SharedTemplate.name, target] + source.arguments)
+            #expect(untrusted.status == 77 && untrusted.stderr.contains("not signed by a CA this node trusts"), "\(untrusted.stderr)")
+            let anonymous = try CLI.run(["push", SharedTemplate.name, target, "--ca-file", "\(registry.root)/ca.pem"] + source.arguments)
+            #expect(anonymous.status == 77 && anonymous.stderr.contains("none is known for it"), "\(anonymous.stderr)")
+            let wrong = try CLI.run(["push", SharedTemplate.name, target, "--ca-file", "\(registry.root)/ca.pem", "--creds-file", "\(registry.root)/wrong.json"] + source.arguments)
+            #expect(wrong.status == 77 && wrong.stderr.contains("refused the credentials") && !wrong.stderr.contains("wrong"), "\(wrong.stderr)")
+            let pushed = try CLI.run(["push", SharedTemplate.name, target, "--ca-file", "\(registry.root)/ca.pem", "--creds-file", "\(registry.root)/creds.json"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let node = try TemporaryStore("node5")
+            defer { node.remove() }
+            // The credentials where container tools keep them ($REGISTRY_AUTH_FILE).
+            let pulled = try CLI.run(["pull", "\(registry.host)/vmt/busybox@\(digest)", "--ca-file", "\(registry.root)/ca.pem"] + node.arguments, environment: ["REGISTRY_AUTH_FILE": "\(registry.root)/creds.json"])
+            try #require(pulled.status == 0, "\(pulled.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
+        @Test("an independent OCI client (skopeo) copies what push pushed, byte for byte, and pushes an exported template that vmtemplate pulls and clones", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/skopeo"), "needs skopeo (scripts/setup --for-tests)"))
+        func skopeoInteroperates() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let copied = "\(registry.root)/skopeo-layout"
+            try Shell.run("skopeo copy --src-tls-verify=false docker://\(registry.host)/vmt/busybox@\(digest) oci:\(copied):busybox >/dev/null")
+            let index = try JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(copied)/index.json")))
+            #expect(index.manifests.first?.digest == digest, "skopeo kept the manifest byte for byte")
+            let image = try JSONDecoder().decode(OCIImageManifest.self, from: Data(contentsOf: URL(fileURLWithPath: "\(copied)/blobs/sha256/\(digest.dropFirst(7))")))
+            for blob in image.layers + [image.config] {
+                #expect(try sha256("\(copied)/blobs/sha256/\(blob.digest.dropFirst(7))") == String(blob.digest.dropFirst(7)), "every blob skopeo fetched hashes to its digest")
+            }
+            // The other way: skopeo pushes an exported template; vmtemplate pulls and clones it.
+            let layout = "\(registry.root)/exported"
+            #expect(try CLI.run(["export", SharedTemplate.name, layout] + source.arguments).status == 0)
+            try Shell.run("skopeo copy --dest-tls-verify=false oci:\(layout):\(SharedTemplate.name) docker://\(registry.host)/vmt/by-skopeo:v1 >/dev/null")
+            let node = try TemporaryStore("node6")
+            defer { node.remove() }
+            let pulled = try CLI.run(["pull", "\(registry.host)/vmt/by-skopeo:v1"] + node.arguments)
+            try #require(pulled.status == 0, "\(pulled.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
+        /// Forwards to the registry, but after `passing` blob downloads holds every further one
+        /// (its client then hangs), so a pull can be killed at a known point.
+        static let stallingProxy = #"""
+            import http.server, sys, time, urllib.request
+            upstream, port, passing = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+            served = [0]
+            class Proxy(http.server.BaseHTTPRequestHandler):
+                def forward(self, body):
+                    if '/blobs/sha256:' in self.path and self.command == 'GET':
+                        served[0] += 1
+                        if served[0] > passing + 1:
+                            time.sleep(3600)
+                    request = urllib.request.Request(upstream + self.path, method=self.command, headers={k: v for k, v in self.headers.items() if k.lower() != 'host'})
+                    try:
+                        answer = urllib.request.urlopen(request)
+                    except urllib.error.HTTPError as error:
+                        answer = error
+                    data = answer.read()
+                    self.send_response(answer.status if hasattr(answer, 'status') else answer.code)
+                    for key, value in answer.headers.items():
+                        if key.lower() not in ('transfer-encoding', 'connection', 'content-length'):
+                            self.send_header(key, value)
+                    self.send_header('Content-Length', str(len(data)))
+                    self.end_headers()
+                    if self.command != 'HEAD':
+                        self.wfile.write(data)
+                def do_GET(self): self.forward(None)
+                def do_HEAD(self): self.forward(None)
+                def log_message(self, *args): pass
+            http.server.ThreadingHTTPServer(('127.0.0.1', port), Proxy).serve_forever()
+            """#
+
+        @Test("a pull killed at several points publishes nothing and leaves only verified chunks; the next pull fetches only the chunks it lacks", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func killedPullsResume() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let push = try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8))
+            let node = try TemporaryStore("node7")
+            defer { node.remove() }
+            let blobs = "\(node.root)/pulls/blobs"
+            func verifiedBlobs() -> [String] { ((try? FileManager.default.contentsOfDirectory(atPath: blobs)) ?? []).filter { !$0.hasSuffix(".partial") } }
+            // Killed after 1 chunk, then after 2 more (the config is a download too, not a chunk).
+            var kept = 0
+            for passing in [1, 2] where kept + passing < push.layers {
+                kept += passing
+                let port = try freeLocalPort()
+                let proxy = Process()
+                proxy.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+                proxy.arguments = ["-c", Self.stallingProxy, "http://\(registry.host)", String(port), String(passing)]
+                try proxy.run()
+                // SIGKILL: a test runner may ignore SIGTERM, and Process keeps that for its child.
+                defer { kill(proxy.processIdentifier, SIGKILL); proxy.waitUntilExit() }
+                #expect(await eventually(timeout: .seconds(10)) { (try? Shell.run("curl -sf http://127.0.0.1:\(port)/v2/")) != nil })
+                let pull = try CLI.start(["pull", "127.0.0.1:\(port)/vmt/busybox@\(push.digest)"] + node.arguments)
+                #expect(await eventually(timeout: .seconds(60)) { verifiedBlobs().count >= kept }, "the pull fetched \(passing) more chunks")
+                try await Task.sleep(for: .milliseconds(300))
+                kill(pull.process.processIdentifier, SIGKILL)
+                pull.process.waitUntilExit()
+                #expect(!FileManager.default.fileExists(atPath: node.templateDirectory(SharedTemplate.name)), "nothing published")
+                #expect(node.stagingEntries().isEmpty, "nothing staged")
+                #expect(verifiedBlobs().count == kept, "only the verified chunks stay: \(verifiedBlobs())")
+            }
+            let resumed = try CLI.run(["pull", "\(registry.host)/vmt/busybox@\(push.digest)", "--json"] + node.arguments)
+            try #require(resumed.status == 0, "\(resumed.stderr)")
+            let result = try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(resumed.stdout.utf8))
+            #expect(result.reusedChunks == kept && result.fetchedChunks == push.layers - kept, "\(result)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+            #expect(verifiedBlobs().isEmpty, "a published template's chunks are not kept")
         }
     }
 }
