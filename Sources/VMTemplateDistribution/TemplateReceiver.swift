@@ -41,8 +41,8 @@ struct TemplateReceiver: Sendable {
     let store: TemplateStore
     let explicitQEMU: String?
 
-    var pullsDirectory: String { "\(store.root)/pulls" }
-    var blobsDirectory: String { "\(pullsDirectory)/blobs" }
+    var pullsDirectory: String { store.pullsDirectory }
+    var blobsDirectory: String { store.pullBlobsDirectory }
 
     func receive(_ reference: String, from origin: any BlobOrigin, name wanted: EntityName?, source: TemplateManifest.Origin) async throws -> ReceiveResult {
         let (manifestBytes, digest) = try await origin.manifest(reference)

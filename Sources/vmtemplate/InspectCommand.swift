@@ -44,6 +44,9 @@ struct Inspect: AsyncParsableCommand {
                     ["QEMU", "\(manifest.qemu.version) (\(manifest.qemu.path))"], ["created", ISO8601DateFormatter().string(from: manifest.createdAt)],
                     ["clones", view.clones.isEmpty ? "none" : view.clones.joined(separator: " ")],
                 ]
+                if let origin = manifest.origin {
+                    rows.append(["pulled from", TerminalText.escape("\(origin.reference) (\(origin.digest))")])
+                }
                 for file in manifest.storedFiles {
                     rows.append(["file \(file.name)", "\(ByteSize(bytes: file.sizeBytes)) sha256 \(file.sha256)"])
                 }

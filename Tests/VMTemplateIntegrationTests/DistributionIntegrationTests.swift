@@ -142,6 +142,7 @@ extension RealGuests {
             let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
             try #require(pushed.status == 0, "\(pushed.stderr)")
             let push = try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8))
+            #expect(try JSONSchemas.violations(of: pushed.stdout, against: "push") == nil)
             #expect(push.sentBytes > push.compressedBytes && push.sentBytes < push.compressedBytes + 65536, "every chunk and the config sent once: \(push)")
             let again = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
             let second = try JSONCoding.decoder().decode(PackResult.self, from: Data(again.stdout.utf8))
@@ -152,6 +153,7 @@ extension RealGuests {
             let reference = "\(registry.host)/vmt/busybox@\(push.digest)"
             let pulled = try CLI.run(["pull", reference, "--json"] + node.arguments)
             try #require(pulled.status == 0, "\(pulled.stderr)")
+            #expect(try JSONSchemas.violations(of: pulled.stdout, against: "pull") == nil)
             try await expectSame(node, SharedTemplate.name, as: original)
             let repeated = try CLI.run(["pull", reference, "--json"] + node.arguments)
             #expect(repeated.status == 0 && repeated.stdout.contains("\"existed\":true") && repeated.stdout.contains("\"fetched_chunks\":0"), "\(repeated.stdout)")
@@ -310,6 +312,11 @@ extension RealGuests {
             #expect(result.reusedChunks == kept && result.fetchedChunks == push.layers - kept, "\(result)")
             try await expectSame(node, SharedTemplate.name, as: original)
             #expect(verifiedBlobs().isEmpty, "a published template's chunks are not kept")
+            // What an abandoned pull left: gc removes it once no pull has used it for an hour.
+            try Shell.run("printf stale > \(blobs)/\(String(repeating: "a", count: 64)) && touch -d '2 hours ago' \(blobs)/\(String(repeating: "a", count: 64)) && printf fresh > \(blobs)/\(String(repeating: "b", count: 64))")
+            let collected = try CLI.run(["gc"] + node.arguments)
+            #expect(collected.status == 0, "\(collected.stderr)")
+            #expect(verifiedBlobs() == [String(repeating: "b", count: 64)], "the stale chunk went, the fresh one stays: \(verifiedBlobs())")
         }
     }
 }

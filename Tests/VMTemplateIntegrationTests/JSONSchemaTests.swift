@@ -210,6 +210,14 @@ extension RealGuests {
             try check(["clone", "--json"] + arguments, "error", status: 64)
             try check(["clone", "busybox", "--timeout", "0", "--json"] + arguments, "error", status: 64)
 
+            // A template between nodes: exported to an OCI layout, imported under another name
+            // (push and pull print the same objects; DistributionIntegrationTests checks them).
+            let layout = "\(store.root)/layout"
+            try check(["export", "busybox", layout, "--json"] + arguments, "push")
+            try check(["import", layout, "--name", "imported", "--json"] + arguments, "pull")
+            try check(["inspect", "imported", "--json"] + arguments, "inspect")
+            #expect(try CLI.run(["rm-template", "imported"] + arguments).status == 0)
+
             // The API: the same objects as the CLI where the CLI has them.
             server = try CLI.start(["serve", "--fill-pause", "0"] + arguments)
             #expect(await eventually(timeout: .seconds(30)) { (try? CLI.run(["api", "GET", "/v1/pools"] + arguments))?.status == 0 }, "the server answers")

@@ -26,6 +26,7 @@ public struct GarbageCollector: Sendable {
     public func collect() async -> GarbageReport {
         var report = GarbageReport()
         await store.collectStagingGarbage(into: &report)
+        store.collectPullGarbage(into: &report)
         await collectCloneGarbage(into: &report)
         let pool = WarmPool(launcher: CloneLauncher(store: store))
         report.removedClones += await pool.removeStrays()

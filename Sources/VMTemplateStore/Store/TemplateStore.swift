@@ -48,6 +48,12 @@ public struct TemplateStore: Sendable {
     public var templatesDirectory: String { "\(root)/templates" }
     public var stagingDirectory: String { "\(root)/staging" }
     public var clonesDirectory: String { "\(root)/clones" }
+    /// What pulls keep between attempts: `pulls/blobs/HEX`, each a verified chunk.
+    public var pullsDirectory: String { "\(root)/pulls" }
+    public var pullBlobsDirectory: String { "\(pullsDirectory)/blobs" }
+    /// A pulled chunk not used for this long is garbage (`gc`): an interrupted pull resumed
+    /// within it fetches none of what it verified.
+    public static let pullBlobLifetime: TimeInterval = 3600
     var lockPath: String { "\(root)/lock" }
 
     /// How a command uses the store.
@@ -335,6 +341,21 @@ public struct TemplateStore: Sendable {
             } catch {
                 report.problems.append("\(staging.directory): \(VMTemplateError.oneLine(error))")
             }
+        }
+    }
+}
+
+extension TemplateStore {
+    /// Removes pulled chunks (and partial downloads) that no pull has touched for
+    /// ``pullBlobLifetime``: what interrupted pulls left. Only regular files of this store's
+    /// owner, never through a link.
+    public func collectPullGarbage(into report: inout GarbageReport, now: Date = Date()) {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: pullBlobsDirectory)) ?? [] {
+            let path = "\(pullBlobsDirectory)/\(name)"
+            var info = stat()
+            guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == ownerUID,
+                  now.timeIntervalSince1970 - Double(info.st_mtim.tv_sec) > Self.pullBlobLifetime else { continue }
+            if unlink(path) == 0 { report.removedFiles.append(path) }
         }
     }
 }
