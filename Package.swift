@@ -3,7 +3,8 @@ import PackageDescription
 
 // Layers, each a target so that an upward import does not compile:
 //   CLinuxHost → VMTemplateOS → VMTemplateQEMU → VMTemplateStore → VMTemplateKit (create, clone,
-//   scheduler) → the vmtemplate CLI and vmtemplate-bench.
+//   scheduler) → VMTemplateAPI (serve) and VMTemplateDistribution (push, pull) → the vmtemplate
+//   CLI and vmtemplate-bench.
 let package = Package(
     name: "vmtemplate",
     platforms: [.macOS(.v15)],
