@@ -64,7 +64,7 @@ let package = Package(
         .target(
             name: "VMTemplateAPI",
             dependencies: [
-                "CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit",
+                "CLinuxHost", "VMTemplateOS", "VMTemplateQEMU", "VMTemplateStore", "VMTemplateKit", "VMTemplateDistribution",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -57,7 +57,7 @@ package struct APIServer: Sendable {
         "GET /v1/version", "GET /v1/health", "GET /v1/events",
         "GET /v1/clones/{id}/devices", "POST /v1/clones/{id}/devices", "DELETE /v1/clones/{id}/devices/{device}",
         "GET /v1/templates/{name}", "POST /v1/templates", "DELETE /v1/templates/{name}",
-        "GET /v1/settings", "PUT /v1/settings",
+        "GET /v1/settings", "PUT /v1/settings", "POST /v1/templates/pull",
     ]
 
     /// The methods ``routes`` has for `path` (`{name}` matches one segment), sorted.

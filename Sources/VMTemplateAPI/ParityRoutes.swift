@@ -2,6 +2,7 @@ import Foundation
 import Hummingbird
 import NIOCore
 import Synchronization
+import VMTemplateDistribution
 import VMTemplateKit
 import VMTemplateOS
 import VMTemplateQEMU
@@ -116,6 +117,26 @@ extension APIServer {
             var headers: HTTPFields = [.contentType: "application/json"]
             headers[.location] = "/v1/templates/\(name)"
             return Response(status: .accepted, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: try JSONCoding.encode(answer))))
+        }
+        // As `vmtemplate pull`, blocking: the answer comes once the template is published (a
+        // busybox template from a loopback registry: about a second). A pulled template's
+        // template.added follows in the events as a created one's does.
+        router.post("/v1/templates/pull") { request, context -> Response in
+            guard context.callerIsOwner else {
+                throw VMTemplateError(.permissionDenied, "only the store's owner or root may pull templates: a pull spends the host's disk and network, and names files (ca_file, creds_file) the server opens.")
+            }
+            let body = try await Self.decode(PullBody.self, from: request)
+            let reference = try ImageReference(parsing: body.reference)
+            let name = try body.name.map { try EntityName($0) }
+            var options = RegistryOptions()
+            options.plainHTTP = body.plainHTTP ?? false
+            for path in [body.caFile, body.credsFile].compactMap({ $0 }) where !path.hasPrefix("/") || path.utf8.count > 4096 {
+                throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(String(path.prefix(80))))' is not an absolute path: ca_file and creds_file are paths on the server's host.")
+            }
+            options.caFile = body.caFile
+            options.credentialsFile = body.credsFile
+            let result = try await TemplateDistribution(store: store, explicitQEMU: explicitQEMU).pull(reference, name: name, options: options)
+            return try Self.json(result, status: result.existed ? .ok : .created)
         }
         // As `rm-template`: its pool goes with it; its clones only with force=true.
         router.delete("/v1/templates/:name") { request, context -> Response in
@@ -282,5 +303,31 @@ struct SettingsBody: Decodable, Sendable {
     init(from decoder: any Decoder) throws {
         try JSONCoding.refuseUnknownKeys(decoder, known: ["max_clones", "memory_budget_bytes", "over_limit_action", "interval_seconds", "pause_attempts"], in: "the settings")
         settings = try StoreSettings(from: decoder)
+    }
+}
+
+/// `POST /v1/templates/pull`'s body: `vmtemplate pull`'s argument and options.
+struct PullBody: Decodable {
+    var reference: String
+    var name: String?
+    var plainHTTP: Bool?
+    var caFile: String?
+    var credsFile: String?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case reference, name
+        case plainHTTP = "plain_http"
+        case caFile = "ca_file"
+        case credsFile = "creds_file"
+    }
+
+    init(from decoder: any Decoder) throws {
+        try JSONCoding.refuseUnknownKeys(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "the pull request")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        reference = try c.decode(String.self, forKey: .reference)
+        name = try c.decodeIfPresent(String.self, forKey: .name)
+        plainHTTP = try c.decodeIfPresent(Bool.self, forKey: .plainHTTP)
+        caFile = try c.decodeIfPresent(String.self, forKey: .caFile)
+        credsFile = try c.decodeIfPresent(String.self, forKey: .credsFile)
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 
+@testable import VMTemplateAPI
 @testable import VMTemplateDistribution
 @testable import VMTemplateKit
 @testable import VMTemplateOS
@@ -317,6 +318,43 @@ extension RealGuests {
             let collected = try CLI.run(["gc"] + node.arguments)
             #expect(collected.status == 0, "\(collected.stderr)")
             #expect(verifiedBlobs() == [String(repeating: "b", count: 64)], "the stale chunk went, the fresh one stays: \(verifiedBlobs())")
+        }
+
+        @Test("POST /v1/templates/pull pulls by digest and publishes (201), a second one is the template there (200), and a clone of it answers; a member of the socket's group may not pull", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func pullThroughAPI() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let node = try TemporaryStore("node8")
+            defer { node.remove() }
+            let server = try CLI.start(["serve", "--socket-group", "nogroup"] + node.arguments)
+            defer {
+                server.process.terminate()
+                server.process.waitUntilExit()
+            }
+            let client = UnixHTTPClient(socketPath: "\(node.root)/serve.sock")
+            #expect(await eventually(timeout: .seconds(30)) { (try? client.request("GET", "/v1/version"))?.status == 200 })
+            let body = Data(#"{"reference": "\#(registry.host)/vmt/busybox@\#(digest)", "name": "remote"}"#.utf8)
+            let first = try client.request("POST", "/v1/templates/pull", body: body)
+            #expect(first.status == 201, "\(String(decoding: first.body, as: UTF8.self))")
+            #expect(try JSONSchemas.violations(of: String(decoding: first.body, as: UTF8.self), against: "pull") == nil)
+            let second = try client.request("POST", "/v1/templates/pull", body: body)
+            #expect(second.status == 200 && String(decoding: second.body, as: UTF8.self).contains("\"existed\" : true"), "\(String(decoding: second.body, as: UTF8.self))")
+            let events = String(decoding: try client.request("GET", "/v1/events?since=0").body, as: UTF8.self)
+            #expect(events.contains("\"template.added\"") && events.contains("remote"), "\(events)")
+            let member = try ShortCommand.run("/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", Checkout.binary, "api", "POST", "/v1/templates/pull", String(decoding: body, as: UTF8.self), "--socket", "\(node.root)/serve.sock"])
+            #expect(member.status == 77 && member.stdout.contains("only the store's owner or root may pull"), "\(member.stdout)")
+            let copy = try manifest(node, "remote")
+            #expect(copy.storedFiles.map(\.sha256) == original.storedFiles.map(\.sha256))
+            let clone = try CLI.run(["clone", "remote", "--json"] + node.arguments)
+            try #require(clone.status == 0, "\(clone.stderr)")
+            let view = try JSONCoding.decoder().decode(CloneView.self, from: Data(clone.stdout.utf8))
+            #expect(try ControlChannel(path: view.controlSocket).request("ping", timeout: .seconds(60)) == "pong")
+            #expect(try CLI.run(["rm", "--all"] + node.arguments).status == 0)
         }
     }
 }
