@@ -216,7 +216,9 @@ final class VerifyingWriter {
             abandon()
             throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) does not hash to its digest (a damaged or tampered blob): nothing was published.")
         }
-        guard fsync(fd) == 0, rename("\(path).partial", path) == 0 else {
+        // No fsync: a pull that reuses a chunk from an earlier attempt hashes it again (a crash
+        // may have left it short or torn); the files it rebuilds are synced before publication.
+        guard rename("\(path).partial", path) == 0 else {
             let code = errno
             abandon()
             throw VMTemplateError(.ioError, "cannot keep blob \(descriptor.digest): \(errnoText(code)).")

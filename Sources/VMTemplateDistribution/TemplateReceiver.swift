@@ -88,8 +88,8 @@ struct TemplateReceiver: Sendable {
             var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, existed: false)
             for chunk in chunks {
                 let path = "\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))"
-                var info = stat()
-                if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, Int64(info.st_size) == chunk.layer.size {
+                // A chunk an earlier attempt kept is hashed again before it is believed.
+                if try await onOwnThread({ Self.holdsVerified(path, chunk.layer) }) {
                     result.reusedChunks += 1
                     continue
                 }
@@ -105,9 +105,9 @@ struct TemplateReceiver: Sendable {
                     let path = "\(staging.directory)/\(file.name)"
                     let mine = chunks.filter { $0.file == file.name }
                     let blobs = blobsDirectory
-                    try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs) }
-                    // Every byte against the digest the config pins (a hole where data belongs too).
-                    let digestNow = try await onOwnThread { try FileDigest.sha256(path: path) }
+                    // Every byte against the digest the config pins (a hole where data belongs too),
+                    // hashed as it is written rather than read back.
+                    let digestNow = try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs) }
                     guard digestNow == file.sha256 else {
                         throw VMTemplateError(.integrityFailure, "\(origin.label): the template's \(file.name) does not hash to the digest its config pins: nothing was published.")
                     }
@@ -128,6 +128,18 @@ struct TemplateReceiver: Sendable {
             for chunk in chunks { unlink("\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))") }
             return result
         }
+    }
+
+    /// Whether `path` is a regular file holding exactly the blob `descriptor` names.
+    static func holdsVerified(_ path: String, _ descriptor: OCIDescriptor) -> Bool {
+        var info = stat()
+        guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, Int64(info.st_size) == descriptor.size,
+              let bytes = FileManager.default.contents(atPath: path) else { return false }
+        guard Digest.hex(SHA256.hash(data: bytes)) == descriptor.digest else {
+            unlink(path)
+            return false
+        }
+        return true
     }
 
     /// Refuses, in one line, a template this node's QEMU cannot run: before any chunk moves.
@@ -164,15 +176,28 @@ struct TemplateReceiver: Sendable {
         return chunks
     }
 
-    /// Makes `path` the file's size, sparse, and writes each chunk's non-zero pages into it, after
-    /// checking the chunk's bytes against its digest.
-    static func assemble(_ file: PortableManifest.File, at path: String, from chunks: [FileChunk], blobs: String) throws {
+    /// Makes `path` the file's size, sparse, and writes each chunk's non-zero pages into it; returns
+    /// the SHA-256 (hex) of the whole file, zeros between chunks included, as it was written. A
+    /// chunk's own bytes need no digest of their own here: its compressed bytes were verified as
+    /// they arrived, and the file's digest covers what they decompress to.
+    static func assemble(_ file: PortableManifest.File, at path: String, from chunks: [FileChunk], blobs: String) throws -> String {
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("open")) }
         defer { close(fd) }
         guard ftruncate(fd, off_t(file.sizeBytes)) == 0 else { throw VMTemplateError(.ioError, "cannot size '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("ftruncate")) }
         var plain = [UInt8](repeating: 0, count: TemplateArtifact.chunkBytes)
-        for chunk in chunks {
+        var hasher = SHA256()
+        let zeros = [UInt8](repeating: 0, count: 1 << 20)
+        var position: UInt64 = 0
+        func hashZeros(upTo end: UInt64) {
+            while position < end {
+                let count = Int(min(UInt64(zeros.count), end - position))
+                zeros.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+                position += UInt64(count)
+            }
+        }
+        for chunk in chunks.sorted(by: { $0.offset < $1.offset }) {
+            hashZeros(upTo: chunk.offset)
             let compressed = try Data(contentsOf: URL(fileURLWithPath: "\(blobs)/\(chunk.layer.digest.dropFirst(7))"))
             guard Int64(compressed.count) == chunk.layer.size else {
                 throw VMTemplateError(.integrityFailure, "blob \(chunk.layer.digest) changed in the blob cache: pull again.")
@@ -182,9 +207,8 @@ struct TemplateReceiver: Sendable {
                     try Zstd.decompress(input, into: output, expectedBytes: chunk.length)
                 }
             }
-            guard Digest.hex(SHA256.hash(data: plain[0..<chunk.length])) == chunk.digest else {
-                throw VMTemplateError(.integrityFailure, "chunk \(chunk.file)@\(chunk.offset) decompresses to bytes that do not hash to its digest: nothing was published.")
-            }
+            plain.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<chunk.length])) }
+            position = chunk.offset + UInt64(chunk.length)
             // Page by page, zero pages skipped: the file stays sparse where the guest's RAM was.
             let page = 4096
             var start = 0
@@ -200,6 +224,8 @@ struct TemplateReceiver: Sendable {
                 start = end
             }
         }
+        hashZeros(upTo: file.sizeBytes)
         guard fsync(fd) == 0 else { throw VMTemplateError(.ioError, "cannot sync '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("fsync")) }
+        return String(Digest.hex(hasher.finalize()).dropFirst(7))
     }
 }
