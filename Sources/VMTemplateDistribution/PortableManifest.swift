@@ -15,21 +15,9 @@ public struct PortableManifest: Codable, Sendable, Equatable {
         public var package: String?
     }
 
-    /// A file of the template, as its chunks rebuild it.
+    /// A file by its name, size and digest: one of the template's, as its chunks rebuild it, or a
+    /// boot file's provenance (its name, not the build node's path).
     public struct File: Codable, Sendable, Equatable {
-        public var name: String
-        public var sizeBytes: UInt64
-        public var sha256: String
-
-        enum CodingKeys: String, CodingKey {
-            case name
-            case sizeBytes = "size_bytes"
-            case sha256
-        }
-    }
-
-    /// A boot file's provenance: its name (not the build node's path), size and digest.
-    public struct Source: Codable, Sendable, Equatable {
         public var name: String
         public var sizeBytes: UInt64
         public var sha256: String
@@ -47,9 +35,9 @@ public struct PortableManifest: Codable, Sendable, Equatable {
     public var createdAt: Date
     public var qemu: QEMU
     public var machine: MachineSpec
-    public var kernel: Source
-    public var initrd: Source?
-    public var bootDisks: [Source]?
+    public var kernel: File
+    public var initrd: File?
+    public var bootDisks: [File]?
     public var append: String
     public var readyMarker: String
     public var readyWhen: ReadyCondition?
@@ -79,8 +67,8 @@ public struct PortableManifest: Codable, Sendable, Equatable {
         createdAt = manifest.createdAt
         qemu = QEMU(version: manifest.qemu.version, package: manifest.qemu.package)
         machine = manifest.machine
-        func source(_ reference: TemplateManifest.FileReference) -> Source {
-            Source(name: FileSystem.split(reference.path).name, sizeBytes: reference.sizeBytes, sha256: reference.sha256)
+        func source(_ reference: TemplateManifest.FileReference) -> File {
+            File(name: FileSystem.split(reference.path).name, sizeBytes: reference.sizeBytes, sha256: reference.sha256)
         }
         kernel = source(manifest.boot.kernel)
         initrd = manifest.boot.initrd.map(source)
@@ -121,7 +109,7 @@ public struct PortableManifest: Codable, Sendable, Equatable {
     /// The manifest of the template as this node keeps it: this node's QEMU, and the files as they
     /// lie in `directory` now.
     func localManifest(name: String, qemu local: TemplateManifest.QEMUInfo, files stored: [TemplateManifest.StoredFile]) -> TemplateManifest {
-        func reference(_ source: Source) -> TemplateManifest.FileReference {
+        func reference(_ source: File) -> TemplateManifest.FileReference {
             TemplateManifest.FileReference(path: source.name, sizeBytes: source.sizeBytes, sha256: source.sha256)
         }
         return TemplateManifest(

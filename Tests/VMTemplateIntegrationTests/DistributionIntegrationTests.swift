@@ -93,6 +93,15 @@ extension RealGuests {
             var digest: String
         }
 
+        /// The shared busybox template, its manifest, and the digest of its push to `registry`
+        /// (as `REPOSITORY:v1`).
+        func pushed(to registry: Registry, as repository: String = "vmt/busybox", extra: [String] = []) async throws -> (source: TemporaryStore, original: TemplateManifest, digest: String) {
+            let source = try await SharedTemplate.shared.store()
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/\(repository):v1"] + extra + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            return (source, try manifest(source, SharedTemplate.name), pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+
         func manifest(_ store: TemporaryStore, _ name: String) throws -> TemplateManifest {
             try JSONCoding.decoder().decode(TemplateManifest.self, from: Data(contentsOf: URL(fileURLWithPath: "\(store.templateDirectory(name))/manifest.json")))
         }
@@ -215,13 +224,9 @@ extension RealGuests {
 
         @Test("an independent OCI client (skopeo) copies what push pushed, byte for byte, and pushes an exported template that vmtemplate pulls and clones", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/skopeo"), "needs skopeo (scripts/setup --for-tests)"))
         func skopeoInteroperates() async throws {
-            let source = try await SharedTemplate.shared.store()
-            let original = try manifest(source, SharedTemplate.name)
             let registry = try await Registry()
             defer { registry.stop() }
-            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1"] + source.arguments)
-            try #require(pushed.status == 0, "\(pushed.stderr)")
-            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let (source, original, digest) = try await pushed(to: registry)
             let copied = "\(registry.root)/skopeo-layout"
             try Shell.run("skopeo copy --src-tls-verify=false docker://\(registry.host)/vmt/busybox@\(digest) oci:\(copied):busybox >/dev/null")
             let index = try JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(copied)/index.json")))
@@ -322,13 +327,9 @@ extension RealGuests {
 
         @Test("POST /v1/templates/pull pulls by digest and publishes (201), a second one is the template there (200), and a clone of it answers; a member of the socket's group may not pull", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func pullThroughAPI() async throws {
-            let source = try await SharedTemplate.shared.store()
-            let original = try manifest(source, SharedTemplate.name)
             let registry = try await Registry()
             defer { registry.stop() }
-            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1"] + source.arguments)
-            try #require(pushed.status == 0, "\(pushed.stderr)")
-            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let (_, original, digest) = try await pushed(to: registry)
             let node = try TemporaryStore("node8")
             defer { node.remove() }
             let server = try CLI.start(["serve", "--socket-group", "nogroup"] + node.arguments)
