@@ -198,7 +198,12 @@ extension RealGuests {
             fake.standardOutput = FileHandle.nullDevice
             fake.standardError = FileHandle.nullDevice
             try fake.run()
-            defer { fake.terminate() }
+            // SIGKILL: the test runner may ignore SIGTERM, and its children inherit that (this
+            // stub outlived every run before).
+            defer {
+                kill(fake.processIdentifier, SIGKILL)
+                fake.waitUntilExit()
+            }
             #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: "\(open)/sub/fake.sock") })
             let fooled = try CLI.run(["api", "GET", "/v1/pools", "--socket", "\(open)/sub/fake.sock"] + store.arguments)
             #expect(fooled.status == 77 && fooled.stderr.contains("served by uid 65534"), "\(fooled.status) \(fooled.stdout) \(fooled.stderr)")

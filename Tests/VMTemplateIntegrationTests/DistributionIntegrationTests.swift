@@ -83,7 +83,7 @@ extension RealGuests {
             }
 
             func stop() {
-                process.terminate()
+                kill(process.processIdentifier, SIGKILL)
                 process.waitUntilExit()
                 try? FileManager.default.removeItem(atPath: root)
             }
@@ -356,6 +356,76 @@ extension RealGuests {
             let view = try JSONCoding.decoder().decode(CloneView.self, from: Data(clone.stdout.utf8))
             #expect(try ControlChannel(path: view.controlSocket).request("ping", timeout: .seconds(60)) == "pong")
             #expect(try CLI.run(["rm", "--all"] + node.arguments).status == 0)
+        }
+
+        /// Rewrites the config of the image in an OCI layout (`edit` changes its JSON), then the
+        /// manifest and index.json so that every digest holds again: an artifact any OCI tool
+        /// could have made.
+        static let configEditor = #"""
+            import hashlib, json, os, sys
+            layout, key, value = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+            def blob(digest): return os.path.join(layout, 'blobs', 'sha256', digest.split(':')[1])
+            def put(data):
+                digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+                open(blob(digest), 'wb').write(data)
+                return digest, len(data)
+            index = json.load(open(os.path.join(layout, 'index.json')))
+            manifest = json.load(open(blob(index['manifests'][0]['digest'])))
+            config = json.load(open(blob(manifest['config']['digest'])))
+            target = config
+            *path, last = key.split('.')
+            for part in path: target = target[part]
+            target[last] = value
+            manifest['config']['digest'], manifest['config']['size'] = put(json.dumps(config).encode())
+            index['manifests'][0]['digest'], index['manifests'][0]['size'] = put(json.dumps(manifest).encode())
+            open(os.path.join(layout, 'index.json'), 'w').write(json.dumps(index))
+            """#
+
+        @Test("a template made with another QEMU version, or for another machine type, is refused in one line before any chunk moves, nothing published")
+        func otherQEMURefused() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let layout = "/tmp/vmt-layout-\(UUID().uuidString.prefix(8))"
+            defer { try? FileManager.default.removeItem(atPath: layout) }
+            #expect(try CLI.run(["export", SharedTemplate.name, layout] + source.arguments).status == 0)
+            let node = try TemporaryStore("node9")
+            defer { node.remove() }
+            for (key, value, expected) in [("qemu.version", #""9.2.0""#, "made with QEMU 9.2.0"),
+                                           ("machine.machine_type", #""pc-q35-2.99""#, "machine type pc-q35-2.99")] {
+                let copy = "\(layout)-\(key)"
+                defer { try? FileManager.default.removeItem(atPath: copy) }
+                try Shell.run("cp -r \(layout) \(copy)")
+                let edited = try Python.run(Self.configEditor, arguments: [copy, key, value], input: Data())
+                try #require(edited.status == 0, "\(edited.stderr)")
+                let refused = try CLI.run(["import", copy] + node.arguments)
+                #expect(refused.status == 78 && refused.stderr.contains(expected), "\(refused.stderr)")
+                #expect(!FileManager.default.fileExists(atPath: node.templateDirectory(SharedTemplate.name)), "nothing published")
+                #expect(((try? FileManager.default.contentsOfDirectory(atPath: "\(node.root)/pulls/blobs")) ?? []).isEmpty, "no chunk moved")
+            }
+        }
+
+        @Test("two pulls of one digest at once: both succeed, the chunks are downloaded once", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func concurrentPulls() async throws {
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let (_, original, digest) = try await pushed(to: registry)
+            let node = try TemporaryStore("node10")
+            defer { node.remove() }
+            let reference = "\(registry.host)/vmt/busybox@\(digest)"
+            let pulls = try (0..<2).map { _ in try CLI.start(["pull", reference, "--json"] + node.arguments) }
+            var fetched = 0
+            var existed = 0
+            var layers = 0
+            for pull in pulls {
+                pull.process.waitUntilExit()
+                let result = pull.result()
+                try #require(result.status == 0, "\(result.stderr)")
+                let answer = try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(result.stdout.utf8))
+                fetched += answer.fetchedChunks
+                layers = max(layers, answer.fetchedChunks + answer.reusedChunks)
+                existed += answer.existed ? 1 : 0
+            }
+            #expect(existed == 1 && fetched == layers, "one pull fetched every chunk once, the other found the template: fetched \(fetched), existed \(existed)")
+            try await expectSame(node, SharedTemplate.name, as: original)
         }
     }
 }
