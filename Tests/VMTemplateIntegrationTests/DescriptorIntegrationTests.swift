@@ -141,8 +141,11 @@ extension RealGuests {
             // `vmtemplate deposit`, for scripts: a read-write image, hot-plugged into the clone. A
             // member's qcow2 is refused: it could rewrite the header after it was checked (an
             // external data file QEMU would open); raw has no header QEMU reads.
+            // The shell opens the image (as root: a checkout in a directory only root may enter, as a
+            // fresh clone's is, lets nobody but setpriv itself start the binary), setpriv becomes
+            // the member and starts `deposit` with it.
             func depositByShell(_ path: String, kind: String = "disk", redirect: String = "<>") throws -> ShortCommand.Output {
-                try ShortCommand.run("/usr/bin/setpriv", identity + ["/bin/sh", "-c", "exec \"$0\" deposit 3 --kind \(kind) --socket \"$1\" 3\(redirect)\"$2\"", Checkout.binary, socket, path])
+                try ShortCommand.run("/bin/sh", ["-c", "exec /usr/bin/setpriv \(identity.dropLast().joined(separator: " ")) -- \"$0\" deposit 3 --kind \(kind) --socket \"$1\" 3\(redirect)\"$2\"", Checkout.binary, socket, path])
             }
             let qcow2 = try depositByShell(images.qcow2)
             try #require(qcow2.status == 0, "\(qcow2.stdout) \(qcow2.stderr)")
