@@ -268,6 +268,12 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
             if accepting.contains(response.status.code) { return response }
             switch response.status.code {
             case 401:
+                // A token that holds fewer rights than the request needs, from credentials the
+                // token service accepted: the distribution spec's `insufficient_scope`.
+                if credentials != nil, let challenge = response.headers.first(name: "WWW-Authenticate"),
+                   Self.parseChallenge(challenge).1["error"] == "insufficient_scope" {
+                    throw VMTemplateError(.permissionDenied, "\(label): the credentials found for it do not allow \(push ? "pushing to" : "pulling from") \(reference.repository) (401, insufficient scope): use credentials with that right.")
+                }
                 throw VMTemplateError(.permissionDenied, "\(label) refused \(credentials == nil ? "an anonymous request" : "the credentials found for it") (401) for \(what): log in (docker login, podman login) or pass --creds-file.")
             case 403:
                 throw VMTemplateError(.permissionDenied, "\(label) forbids \(push ? "pushing to" : "pulling from") \(reference.repository) (403) for these credentials.")

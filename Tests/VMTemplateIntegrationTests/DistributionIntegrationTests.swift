@@ -21,11 +21,16 @@ extension RealGuests {
             let root: String
             let port: UInt16
             let process: Process
+            /// The token service of a registry with `tokens`.
+            var tokenService: Process?
             var host: String { "127.0.0.1:\(port)" }
 
             /// With `secured`: TLS from a CA the test makes (`ca.pem`) and htpasswd (basic)
             /// authentication for tester:secret (`creds.json`, as docker login writes it).
-            init(secured: Bool = false) async throws {
+            /// With `tokens`: the distribution token flow, a token service of the test's on
+            /// another port that lets tester:secret pull and push (`creds.json`) and
+            /// reader:secret only pull (`reader.json`).
+            init(secured: Bool = false, tokens: Bool = false) async throws {
                 root = "/tmp/vmt-reg-\(UUID().uuidString.prefix(8))"
                 try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
                 port = try freeLocalPort()
@@ -64,6 +69,32 @@ extension RealGuests {
                             path: \(root)/htpasswd
                         """
                 }
+                if tokens {
+                    let tokenPort = try freeLocalPort()
+                    try Shell.run("""
+                        set -e
+                        cd \(root)
+                        openssl req -x509 -newkey rsa:2048 -nodes -keyout token.key -out token.pem -days 2 -subj /CN=vmt-test-tokens 2>/dev/null
+                        printf '{"auths":{"127.0.0.1:\(port)":{"auth":"%s"}}}' "$(printf tester:secret | base64)" > creds.json
+                        printf '{"auths":{"127.0.0.1:\(port)":{"auth":"%s"}}}' "$(printf reader:secret | base64)" > reader.json
+                        printf '{"auths":{"127.0.0.1:\(port)":{"auth":"%s"}}}' "$(printf tester:wrong | base64)" > wrong.json
+                        """)
+                    config += """
+                        auth:
+                          token:
+                            realm: http://127.0.0.1:\(tokenPort)/token
+                            service: vmt-registry
+                            issuer: vmt-test-tokens
+                            rootcertbundle: \(root)/token.pem
+                        """
+                    let service = Process()
+                    service.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+                    service.arguments = ["-c", DistributionIntegrationTests.tokenServer, "\(root)/token.key", "\(root)/token.pem", String(tokenPort), "vmt-test-tokens"]
+                    service.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+                    service.standardError = FileHandle(forWritingAtPath: "/dev/null")
+                    try service.run()
+                    tokenService = service
+                }
                 try config.write(toFile: "\(root)/config.yml", atomically: true, encoding: .utf8)
                 process = Process()
                 process.executableURL = URL(fileURLWithPath: "/usr/bin/docker-registry")
@@ -71,7 +102,9 @@ extension RealGuests {
                 process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
                 process.standardError = FileHandle(forWritingAtPath: "/dev/null")
                 try process.run()
-                let probe = secured ? "curl -s --cacert \(root)/ca.pem -o /dev/null -w '%{http_code}' https://127.0.0.1:\(port)/v2/ | grep -q 401" : "curl -sf http://127.0.0.1:\(port)/v2/"
+                let probe = secured ? "curl -s --max-time 5 --cacert \(root)/ca.pem -o /dev/null -w '%{http_code}' https://127.0.0.1:\(port)/v2/ | grep -q 401"
+                    : tokens ? "curl -s --max-time 5 -o /dev/null -w '%{http_code}' http://127.0.0.1:\(port)/v2/ | grep -q 401"
+                    : "curl -sf --max-time 5 http://127.0.0.1:\(port)/v2/"
                 let up = await eventually(timeout: .seconds(20)) { (try? Shell.run(probe)) != nil }
                 try #require(up, "docker-registry did not start")
             }
@@ -83,11 +116,45 @@ extension RealGuests {
             }
 
             func stop() {
-                kill(process.processIdentifier, SIGKILL)
-                process.waitUntilExit()
+                // SIGKILL: a test runner may ignore SIGTERM, and Process keeps that for its child.
+                for running in [process] + (tokenService.map { [$0] } ?? []) {
+                    kill(running.processIdentifier, SIGKILL)
+                    running.waitUntilExit()
+                }
                 try? FileManager.default.removeItem(atPath: root)
             }
         }
+
+        /// The distribution token flow's token service: a JWT (RS256, the signing certificate in
+        /// `x5c`, signed by openssl) for the scopes asked for, cut to what the user may do.
+        static let tokenServer = #"""
+            import base64, http.server, json, subprocess, sys, time, urllib.parse, uuid
+            key, cert, port, issuer = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+            rights = {'tester': {'pull', 'push'}, 'reader': {'pull'}}
+            def b64(data): return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+            der = subprocess.run(['openssl', 'x509', '-in', cert, '-outform', 'DER'], capture_output=True, check=True).stdout
+            class Tokens(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):
+                    query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                    user = None
+                    for name in rights:
+                        if self.headers.get('Authorization') == 'Basic ' + base64.b64encode(name.encode() + b':secret').decode():
+                            user = name
+                    if user is None:
+                        self.send_response(401); self.send_header('Content-Length', '0'); self.end_headers(); return
+                    access = []
+                    for scope in query.get('scope', []):
+                        kind, name, actions = scope.split(':')
+                        access.append({'type': kind, 'name': name, 'actions': [a for a in actions.split(',') if a in rights[user]]})
+                    now = int(time.time())
+                    header = b64(json.dumps({'alg': 'RS256', 'typ': 'JWT', 'x5c': [base64.b64encode(der).decode()]}).encode())
+                    claims = b64(json.dumps({'iss': issuer, 'sub': user, 'aud': query.get('service', [''])[0], 'exp': now + 300, 'nbf': now - 10, 'iat': now, 'jti': str(uuid.uuid4()), 'access': access}).encode())
+                    signature = subprocess.run(['openssl', 'dgst', '-sha256', '-sign', key], input=(header + '.' + claims).encode(), capture_output=True, check=True).stdout
+                    body = json.dumps({'token': header + '.' + claims + '.' + b64(signature), 'expires_in': 300}).encode()
+                    self.send_response(200); self.send_header('Content-Type', 'application/json'); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)
+                def log_message(self, *args): pass
+            http.server.ThreadingHTTPServer(('127.0.0.1', port), Tokens).serve_forever()
+            """#
 
         struct Result: Decodable {
             var digest: String
@@ -218,6 +285,30 @@ extension RealGuests {
             defer { node.remove() }
             // The credentials where container tools keep them ($REGISTRY_AUTH_FILE).
             let pulled = try CLI.run(["pull", "\(registry.host)/vmt/busybox@\(digest)", "--ca-file", "\(registry.root)/ca.pem"] + node.arguments, environment: ["REGISTRY_AUTH_FILE": "\(registry.root)/creds.json"])
+            try #require(pulled.status == 0, "\(pulled.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
+        @Test("the distribution token flow: pushed and pulled with a Bearer token from the registry's token service; no credentials, wrong ones, and a reader's for a push each get one line", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func tokenRegistry() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let registry = try await Registry(tokens: true)
+            defer { registry.stop() }
+            let target = "\(registry.host)/vmt/busybox:v1"
+            let anonymous = try CLI.run(["push", SharedTemplate.name, target] + source.arguments)
+            #expect(anonymous.status == 77 && anonymous.stderr.contains("token service") && anonymous.stderr.contains("an anonymous request"), "\(anonymous.stderr)")
+            let wrong = try CLI.run(["push", SharedTemplate.name, target, "--creds-file", "\(registry.root)/wrong.json"] + source.arguments)
+            #expect(wrong.status == 77 && wrong.stderr.contains("refused the credentials") && !wrong.stderr.contains("wrong"), "\(wrong.stderr)")
+            let reader = try CLI.run(["push", SharedTemplate.name, target, "--creds-file", "\(registry.root)/reader.json"] + source.arguments)
+            #expect(reader.status == 77 && reader.stderr.contains("do not allow pushing to vmt/busybox"), "\(reader.stderr)")
+            let pushed = try CLI.run(["push", SharedTemplate.name, target, "--creds-file", "\(registry.root)/creds.json"] + source.arguments)
+            try #require(pushed.status == 0, "\(pushed.stderr)")
+            let digest = pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            let node = try TemporaryStore("node11")
+            defer { node.remove() }
+            // A reader may pull; its credentials where container tools keep them.
+            let pulled = try CLI.run(["pull", "\(registry.host)/vmt/busybox@\(digest)"] + node.arguments, environment: ["REGISTRY_AUTH_FILE": "\(registry.root)/reader.json"])
             try #require(pulled.status == 0, "\(pulled.stderr)")
             try await expectSame(node, SharedTemplate.name, as: original)
         }
