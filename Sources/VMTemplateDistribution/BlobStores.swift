@@ -33,71 +33,46 @@ protocol BlobOrigin: Sendable {
     var label: String { get }
 }
 
-/// An OCI image layout (image-spec `image-layout.md`): `oci-layout`, `index.json` and
-/// `blobs/sha256/HEX`, in a directory; what `export` writes and `import` reads.
-struct OCILayout: BlobTarget, BlobOrigin {
-    let directory: String
-    var label: String { "OCI layout '\(TerminalText.escape(directory))'" }
+/// The files of an OCI image layout (image-spec `image-layout.md`: `oci-layout`, `index.json`,
+/// `blobs/sha256/HEX`), wherever they are kept: a directory (``OCILayoutDirectory``) or a tar
+/// archive (``OCIArchive``).
+protocol LayoutFiles: Sendable {
+    var label: String { get }
+    /// The whole of a small file, at most `limit` bytes.
+    func read(_ path: String, limit: Int) throws -> [UInt8]
+    /// A descriptor of the file's bytes (open for reading), where they start in it and how many
+    /// there are. The caller closes it.
+    func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64)
+}
 
-    /// Makes the layout's directories (the directory may exist, and hold other images).
-    static func create(at directory: String) throws -> OCILayout {
-        for path in [directory, "\(directory)/blobs", "\(directory)/blobs/sha256"] {
-            guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
-                throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("mkdir"))
-            }
-        }
-        let layout = OCILayout(directory: directory)
-        try FileSystem.writeFileAtomically(path: "\(directory)/oci-layout", data: Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
-        return layout
-    }
-
-    /// An existing layout, checked to be one.
-    static func open(_ directory: String) throws -> OCILayout {
-        guard let text = try? String(contentsOfFile: "\(directory)/oci-layout", encoding: .utf8), text.contains("imageLayoutVersion") else {
-            throw VMTemplateError(.notFound, "'\(TerminalText.escape(directory))' is not an OCI image layout (no oci-layout file): give the directory 'vmtemplate export' wrote.")
-        }
-        return OCILayout(directory: directory)
-    }
-
-    func blobPath(_ digest: String) throws -> String {
-        guard Digest.isSHA256(digest) else { throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(String(digest.prefix(80))))' is not a sha256 digest.") }
-        return "\(directory)/blobs/sha256/\(digest.dropFirst(7))"
-    }
-
-    func hasBlob(_ descriptor: OCIDescriptor) async throws -> Bool {
-        var info = stat()
-        return lstat(try blobPath(descriptor.digest), &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG && Int64(info.st_size) == descriptor.size
-    }
-
-    func putBlob(_ bytes: [UInt8], descriptor: OCIDescriptor) async throws {
-        try FileSystem.writeFileAtomically(path: try blobPath(descriptor.digest), data: bytes)
-    }
-
-    func putManifest(_ bytes: [UInt8], digest: String, tag: String?) async throws {
-        try FileSystem.writeFileAtomically(path: try blobPath(digest), data: bytes)
-        var index = (try? JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(directory)/index.json")))) ?? OCIIndex(manifests: [])
-        let annotations = tag.map { ["org.opencontainers.image.ref.name": $0] }
-        index.manifests.removeAll { $0.digest == digest || (tag != nil && $0.annotations?["org.opencontainers.image.ref.name"] == tag) }
-        index.manifests.append(OCIDescriptor(mediaType: TemplateArtifact.manifestMediaType, digest: digest, size: Int64(bytes.count), annotations: annotations, artifactType: TemplateArtifact.artifactType))
-        try FileSystem.writeFileAtomically(path: "\(directory)/index.json", data: try JSONCoding.encode(index))
-    }
+/// Reads a template from an OCI image layout's files: what `import` publishes.
+struct OCILayout: BlobOrigin {
+    let files: any LayoutFiles
+    var label: String { files.label }
 
     func manifest(_ reference: String) async throws -> (bytes: [UInt8], digest: String) {
         let digest: String
         if Digest.isSHA256(reference) {
             digest = reference
         } else {
-            let index = try JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(directory)/index.json")))
+            let index: OCIIndex
+            do {
+                index = try JSONDecoder().decode(OCIIndex.self, from: Data(files.read("index.json", limit: TemplateArtifact.maxManifestBytes)))
+            } catch let error as VMTemplateError {
+                throw error
+            } catch {
+                throw VMTemplateError(.invalidArgument, "\(label)'s index.json is not an OCI image index (\(JSONErrorText.describe(error))).")
+            }
             let templates = index.manifests.filter { $0.mediaType == TemplateArtifact.manifestMediaType }
             let named = reference.isEmpty ? templates : templates.filter { $0.annotations?["org.opencontainers.image.ref.name"] == reference }
             guard named.count == 1, let only = named.first else {
                 throw VMTemplateError(named.isEmpty ? .notFound : .invalidArgument, named.isEmpty
                     ? "\(label) has no image\(reference.isEmpty ? "" : " named '\(TerminalText.escape(reference))'"): see its index.json."
-                    : "\(label) holds \(named.count) images: name one (PATH:NAME or PATH@sha256:…).")
+                    : "\(label) holds \(named.count) images: name one (--image TAG or --image sha256:…).")
             }
             digest = only.digest
         }
-        let bytes = try readBounded(try blobPath(digest), limit: TemplateArtifact.maxManifestBytes)
+        let bytes = try files.read(try Self.blobPath(digest), limit: TemplateArtifact.maxManifestBytes)
         guard Digest.hex(SHA256.hash(data: bytes)) == digest else {
             throw VMTemplateError(.integrityFailure, "the manifest \(digest) in \(label) does not hash to its digest: the layout is damaged.")
         }
@@ -108,47 +83,109 @@ struct OCILayout: BlobTarget, BlobOrigin {
         guard descriptor.size >= 0, descriptor.size <= Int64(limit) else {
             throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) is \(descriptor.size) bytes, more than the \(limit) accepted.")
         }
-        let bytes = try readBounded(try blobPath(descriptor.digest), limit: limit)
+        let bytes = try files.read(try Self.blobPath(descriptor.digest), limit: limit)
         try BlobCheck.verify(bytes, against: descriptor, from: label)
         return bytes
     }
 
     func fetchBlob(_ descriptor: OCIDescriptor, to path: String) async throws {
-        let source = try blobPath(descriptor.digest)
+        let source = try Self.blobPath(descriptor.digest)
+        let (files, label) = (self.files, self.label)
         try await onOwnThread {
-            let input = Glibc.open(source, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-            guard input >= 0 else {
-                throw VMTemplateError(.notFound, "\(label) lacks blob \(descriptor.digest): the layout is incomplete.", cause: SystemCallError("open"))
-            }
+            let (input, start, length) = try files.open(source)
             defer { close(input) }
             let writer = try VerifyingWriter(path: path, descriptor: descriptor, origin: label)
             var buffer = [UInt8](repeating: 0, count: 1 << 20)
-            while true {
-                let count = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
+            var done: Int64 = 0
+            // One byte more than the layout says it holds, if the blob is longer than its
+            // descriptor: the writer refuses it.
+            let wanted = min(length, descriptor.size + 1)
+            while done < wanted {
+                let count = buffer.withUnsafeMutableBytes { pread(input, $0.baseAddress, Int(min(Int64($0.count), wanted - done)), off_t(start + done)) }
                 if count < 0 && errno == EINTR { continue }
-                guard count >= 0 else { writer.abandon(); throw VMTemplateError(.ioError, "cannot read \(source): \(errnoText()).") }
+                guard count >= 0 else { writer.abandon(); throw VMTemplateError(.ioError, "cannot read \(source) in \(label): \(errnoText()).") }
                 if count == 0 { break }
+                done += Int64(count)
                 try buffer.withUnsafeBytes { try writer.write(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
             }
             try writer.finish()
         }
     }
 
-    private func readBounded(_ path: String, limit: Int) throws -> [UInt8] {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { throw VMTemplateError(.notFound, "\(label) lacks '\(TerminalText.escape(FileSystem.split(path).name))': the layout is incomplete.", cause: SystemCallError("open")) }
+    static func blobPath(_ digest: String) throws -> String {
+        guard Digest.isSHA256(digest) else { throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(String(digest.prefix(80))))' is not a sha256 digest.") }
+        return "blobs/sha256/\(digest.dropFirst(7))"
+    }
+}
+
+/// An OCI image layout in a directory: what `export` writes and `import` reads.
+struct OCILayoutDirectory: LayoutFiles, BlobTarget {
+    let directory: String
+    var label: String { "OCI layout '\(TerminalText.escape(directory))'" }
+
+    /// Makes the layout's directories (the directory may exist, and hold other images).
+    static func create(at directory: String) throws -> OCILayoutDirectory {
+        for path in [directory, "\(directory)/blobs", "\(directory)/blobs/sha256"] {
+            guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
+                throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("mkdir"))
+            }
+        }
+        let layout = OCILayoutDirectory(directory: directory)
+        try FileSystem.writeFileAtomically(path: "\(directory)/oci-layout", data: Array(OCIArchive.layoutMarker.utf8))
+        return layout
+    }
+
+    /// An existing layout, checked to be one.
+    static func open(_ directory: String) throws -> OCILayoutDirectory {
+        guard let text = try? String(contentsOfFile: "\(directory)/oci-layout", encoding: .utf8), text.contains("imageLayoutVersion") else {
+            throw VMTemplateError(.notFound, "'\(TerminalText.escape(directory))' is not an OCI image layout (no oci-layout file): give the directory or tar file 'vmtemplate export' wrote.")
+        }
+        return OCILayoutDirectory(directory: directory)
+    }
+
+    func hasBlob(_ descriptor: OCIDescriptor) async throws -> Bool {
+        var info = stat()
+        return lstat("\(directory)/\(try OCILayout.blobPath(descriptor.digest))", &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG && Int64(info.st_size) == descriptor.size
+    }
+
+    func putBlob(_ bytes: [UInt8], descriptor: OCIDescriptor) async throws {
+        try FileSystem.writeFileAtomically(path: "\(directory)/\(try OCILayout.blobPath(descriptor.digest))", data: bytes)
+    }
+
+    func putManifest(_ bytes: [UInt8], digest: String, tag: String?) async throws {
+        try FileSystem.writeFileAtomically(path: "\(directory)/\(try OCILayout.blobPath(digest))", data: bytes)
+        let existing = (try? read("index.json", limit: TemplateArtifact.maxManifestBytes)).flatMap { try? JSONDecoder().decode(OCIIndex.self, from: Data($0)) }
+        let index = OCIArchive.index(adding: digest, size: bytes.count, tag: tag, to: existing)
+        try FileSystem.writeFileAtomically(path: "\(directory)/index.json", data: try JSONCoding.encode(index))
+    }
+
+    func read(_ path: String, limit: Int) throws -> [UInt8] {
+        let (fd, _, _) = try open(path)
         defer { close(fd) }
         var bytes = [UInt8](repeating: 0, count: limit + 1)
         var total = 0
         while total <= limit {
-            let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress.map { $0 + total }, limit + 1 - total) }
+            let count = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress.map { $0 + total }, limit + 1 - total) }
             if count < 0 && errno == EINTR { continue }
-            guard count >= 0 else { throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))': \(errnoText()).") }
+            guard count >= 0 else { throw VMTemplateError(.ioError, "cannot read \(path) in \(label): \(errnoText()).") }
             if count == 0 { break }
             total += count
         }
-        guard total <= limit else { throw VMTemplateError(.integrityFailure, "'\(TerminalText.escape(path))' is larger than the \(limit) bytes accepted.") }
+        guard total <= limit else { throw VMTemplateError(.integrityFailure, "\(path) in \(label) is larger than the \(limit) bytes accepted.") }
         return Array(bytes[0..<total])
+    }
+
+    func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64) {
+        let fd = Glibc.open("\(directory)/\(path)", O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else {
+            throw VMTemplateError(.notFound, "\(label) lacks \(path): the layout is incomplete.", cause: SystemCallError("open"))
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw VMTemplateError(.invalidArgument, "\(path) in \(label) is not a regular file.")
+        }
+        return (fd, 0, Int64(info.st_size))
     }
 }
 

@@ -276,7 +276,7 @@ final class RegistryClient: BlobTarget, BlobOrigin, Sendable {
                 }
                 throw VMTemplateError(.permissionDenied, "\(label) refused \(credentials == nil ? "an anonymous request" : "the credentials found for it") (401) for \(what): log in (docker login, podman login) or pass --creds-file.")
             case 403:
-                throw VMTemplateError(.permissionDenied, "\(label) forbids \(push ? "pushing to" : "pulling from") \(reference.repository) (403) for these credentials.")
+                throw VMTemplateError(.permissionDenied, "\(label) forbids \(push ? "pushing to" : "pulling from") \(reference.repository) (403) for these credentials: use credentials with that right, or ask the registry's owner for it.")
             case 404:
                 throw VMTemplateError(.notFound, "\(label) has no \(what) in \(reference.repository) (404): check the reference.")
             case 429:

@@ -2,6 +2,12 @@ import Foundation
 import VMTemplateOS
 import VMTemplateStore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Templates between nodes (docs/distribution.md): push to and pull from OCI registries by
 /// digest, export to and import from OCI image layouts for nodes without one.
 public struct TemplateDistribution: Sendable {
@@ -46,17 +52,29 @@ public struct TemplateDistribution: Sendable {
         }
     }
 
-    /// Writes template `name` into the OCI image layout at `directory` (made if needed), under
-    /// `tag` (default: the template's name).
-    public func export(_ name: EntityName, to directory: String, tag: String?) async throws -> PackResult {
-        let layout = try OCILayout.create(at: directory)
-        return try await TemplatePacker(store: store).pack(name, to: layout, tag: tag ?? name.value)
+    /// Writes template `name` into an OCI image layout: a directory at `path` (made if needed,
+    /// it may hold other images), or a new tar file when `path` ends in `.tar`; under `tag`
+    /// (default: the template's name).
+    public func export(_ name: EntityName, to path: String, tag: String?) async throws -> PackResult {
+        guard path.hasSuffix(".tar") else {
+            return try await TemplatePacker(store: store).pack(name, to: try OCILayoutDirectory.create(at: path), tag: tag ?? name.value)
+        }
+        let archive = try OCIArchiveWriter(path: path)
+        do {
+            let result = try await TemplatePacker(store: store).pack(name, to: archive, tag: tag ?? name.value)
+            try archive.finish()
+            return result
+        } catch {
+            archive.abandon()
+            throw error
+        }
     }
 
-    /// Publishes the template of the OCI image layout at `directory` (`image`: a tag or digest in
-    /// it, needed when it holds several).
-    public func importLayout(_ directory: String, image: String?, name: EntityName?) async throws -> ReceiveResult {
-        let layout = try OCILayout.open(directory)
-        return try await TemplateReceiver(store: store, explicitQEMU: explicitQEMU).receive(image ?? "", from: layout, name: name, source: .init(reference: "oci-layout:\(directory)\(image.map { ":\($0)" } ?? "")"))
+    /// Publishes the template of the OCI image layout at `path`, a directory or a tar file
+    /// (`image`: a tag or digest in it, needed when it holds several).
+    public func importLayout(_ path: String, image: String?, name: EntityName?) async throws -> ReceiveResult {
+        var info = stat()
+        let files: any LayoutFiles = stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR ? try OCILayoutDirectory.open(path) : try OCIArchive.open(path)
+        return try await TemplateReceiver(store: store, explicitQEMU: explicitQEMU).receive(image ?? "", from: OCILayout(files: files), name: name, source: .init(reference: "oci-layout:\(path)\(image.map { ":\($0)" } ?? "")"))
     }
 }

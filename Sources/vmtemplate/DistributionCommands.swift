@@ -115,20 +115,21 @@ struct Pull: AsyncParsableCommand {
 struct Export: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
-        abstract: "Write a template into an OCI image layout directory, for a node without a registry.",
+        abstract: "Write a template into an OCI image layout (a directory or a tar file), for a node without a registry.",
         discussion: """
             The same artifact push sends (docs/distribution.md), in an OCI image layout: \
-            oci-layout, index.json and blobs/sha256/. Any OCI tool reads it (skopeo, oras); \
-            'vmtemplate import' publishes it.
+            oci-layout, index.json and blobs/sha256/. A PATH ending in .tar is written as one \
+            tar file (skopeo's oci-archive), never over an existing file; any other PATH is a \
+            directory. Any OCI tool reads either (skopeo, oras); 'vmtemplate import' publishes it.
 
-            Example: vmtemplate export busybox /srv/transfer/busybox
+            Example: vmtemplate export busybox /srv/transfer/busybox.tar
             """
     )
 
     @Argument(help: "Template to export.", completion: NameCompletion.templates)
     var template: String
 
-    @Argument(help: "The layout's directory (made if it does not exist; it may hold other images).")
+    @Argument(help: "A new tar file (PATH.tar), or the layout's directory (made if it does not exist; it may hold other images).")
     var path: String
 
     @Option(help: ArgumentHelp("The name the image gets in the layout (default: the template's).", valueName: "tag"))
@@ -151,16 +152,17 @@ struct Export: AsyncParsableCommand {
 struct Import: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "import",
-        abstract: "Publish the template of an OCI image layout directory, verified.",
+        abstract: "Publish the template of an OCI image layout (a directory or a tar file), verified.",
         discussion: """
-            Checked as 'pull' checks what a registry sends. --image names the image when the \
-            layout holds several (its tag, or sha256:…).
+            Checked as 'pull' checks what a registry sends; a tar file is read in place, never \
+            extracted. --image names the image when the layout holds several (its tag, or \
+            sha256:…).
 
-            Example: vmtemplate import /srv/transfer/busybox --name busybox
+            Example: vmtemplate import /srv/transfer/busybox.tar --name busybox
             """
     )
 
-    @Argument(help: "The layout's directory.")
+    @Argument(help: "The layout: its directory, or a tar file of it.")
     var path: String
 
     @Option(help: ArgumentHelp("The image in the layout: its tag or digest (needed when it holds several).", valueName: "tag-or-digest"))

@@ -210,6 +210,74 @@ extension RealGuests {
             #expect(again.status == 0 && again.stdout.contains("\"existed\":true"), "\(again.stdout) \(again.stderr)")
         }
 
+        /// Rewrites an archive as a hostile sender could (`mode`): `escape` adds an entry named
+        /// `../NAME` and makes one blob a symbolic link to /etc/passwd; `checksum` breaks the
+        /// first header's checksum; `truncated` cuts the archive in the middle of a blob.
+        static let archiveMangler = #"""
+            import io, os, sys, tarfile
+            source, target, mode, escape = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+            data = open(source, 'rb').read()
+            if mode == 'checksum':
+                data = data[:148] + b'0000000\0' + data[156:]
+            elif mode == 'truncated':
+                data = data[:len(data) // 2]
+            else:
+                out = io.BytesIO()
+                with tarfile.open(fileobj=io.BytesIO(data)) as tin, tarfile.open(fileobj=out, mode='w', format=tarfile.PAX_FORMAT) as tout:
+                    linked = False
+                    for member in tin.getmembers():
+                        if member.isfile() and member.name.startswith('blobs/sha256/') and not linked and member.size > 4096:
+                            link = tarfile.TarInfo(member.name); link.type = tarfile.SYMTYPE; link.linkname = '/etc/passwd'
+                            tout.addfile(link); linked = True
+                        else:
+                            tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+                    extra = tarfile.TarInfo('../' + escape); extra.size = 5
+                    tout.addfile(extra, io.BytesIO(b'owned'))
+                data = out.getvalue()
+            open(target, 'wb').write(data)
+            """#
+
+        @Test("export to a tar file, import it on another node, clone; the archive is the same byte for byte each time, never replaces a file, and round-trips through skopeo's oci-archive; a damaged or hostile archive is refused in one line, nothing published, nothing written outside the store", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/skopeo"), "needs skopeo (scripts/setup --for-tests)"))
+        func exportImportArchive() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let directory = "/tmp/vmt-archive-\(UUID().uuidString.prefix(8))"
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let archive = "\(directory)/busybox.tar"
+            let exported = try CLI.run(["export", SharedTemplate.name, archive, "--json"] + source.arguments)
+            try #require(exported.status == 0, "\(exported.stderr)")
+            let listing = try Shell.run("tar -tf \(archive)")
+            #expect(listing.contains("oci-layout") && listing.contains("index.json") && listing.contains("blobs/sha256/"), "\(listing)")
+            let digestBefore = try sha256(archive)
+            let again = try CLI.run(["export", SharedTemplate.name, archive] + source.arguments)
+            #expect(again.status == 73 && again.stderr.contains("exists"), "\(again.stderr)")
+            #expect(try sha256(archive) == digestBefore, "an export never replaces a file")
+            #expect(try CLI.run(["export", SharedTemplate.name, "\(directory)/second.tar"] + source.arguments).status == 0)
+            #expect(try sha256("\(directory)/second.tar") == digestBefore, "the same template makes the same archive")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted() == ["busybox.tar", "second.tar"], "no partial file stays")
+            // An archive written by skopeo (Go's archive/tar) from ours.
+            try Shell.run("skopeo copy oci-archive:\(archive) oci-archive:\(directory)/skopeo.tar >/dev/null")
+            let node = try TemporaryStore("node12")
+            defer { node.remove() }
+            let imported = try CLI.run(["import", "\(directory)/skopeo.tar"] + node.arguments)
+            try #require(imported.status == 0, "\(imported.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+            #expect(try CLI.run(["rm-template", SharedTemplate.name] + node.arguments).status == 0)
+            // Hostile or damaged archives.
+            let escape = "vmt-escape-\(UUID().uuidString.prefix(8))"
+            for (mode, expected) in [("escape", "lacks blobs/sha256/"), ("checksum", "is not a tar file"), ("truncated", "truncated")] {
+                let mangled = "\(directory)/\(mode).tar"
+                let made = try Python.run(Self.archiveMangler, arguments: [archive, mangled, mode, escape], input: Data())
+                try #require(made.status == 0, "\(made.stderr)")
+                let refused = try CLI.run(["import", mangled] + node.arguments)
+                #expect(refused.status != 0 && refused.stderr.contains(expected) && refused.stderr.split(separator: "\n").count == 1, "\(mode): \(refused.stderr)")
+                #expect(!FileManager.default.fileExists(atPath: node.templateDirectory(SharedTemplate.name)), "\(mode): nothing published")
+                #expect(node.stagingEntries().isEmpty, "\(mode): nothing staged")
+            }
+            #expect(!FileManager.default.fileExists(atPath: "/tmp/\(escape)") && !FileManager.default.fileExists(atPath: "\(node.root)/pulls/\(escape)") && !FileManager.default.fileExists(atPath: "\(directory)/../\(escape)"), "no entry became a path")
+        }
+
         @Test("push to a registry, pull by digest on another node, clone; a second pull moves nothing; a registry serving a flipped byte, a wrong size or another artifact is refused with nothing published", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func pushPull() async throws {
             let source = try await SharedTemplate.shared.store()
@@ -311,6 +379,43 @@ extension RealGuests {
             let pulled = try CLI.run(["pull", "\(registry.host)/vmt/busybox@\(digest)"] + node.arguments, environment: ["REGISTRY_AUTH_FILE": "\(registry.root)/reader.json"])
             try #require(pulled.status == 0, "\(pulled.stderr)")
             try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
+        /// A registry's answers that a real one gives only under policy or load: every request
+        /// but `/v2/` gets STATUS (with `Retry-After: 30` for 429). A protocol stub.
+        static let refusingRegistry = #"""
+            import http.server, sys
+            port, status = int(sys.argv[1]), int(sys.argv[2])
+            class Refusing(http.server.BaseHTTPRequestHandler):
+                def answer(self):
+                    code = 200 if self.path == '/v2/' else status
+                    self.send_response(code)
+                    if code == 429: self.send_header('Retry-After', '30')
+                    self.send_header('Content-Length', '0'); self.end_headers()
+                do_GET = do_HEAD = do_POST = do_PUT = answer
+                def log_message(self, *args): pass
+            http.server.ThreadingHTTPServer(('127.0.0.1', port), Refusing).serve_forever()
+            """#
+
+        @Test("a registry that forbids (403) or rate-limits (429): one line each, with what to do and the Retry-After, for pull and push; nothing published")
+        func refusingRegistry() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let node = try TemporaryStore("node13")
+            defer { node.remove() }
+            for (status, exit, expected) in [(403, Int32(77), "forbids pulling from vmt/busybox (403)"), (429, Int32(69), "rate-limiting requests (429) (Retry-After: 30 s)")] {
+                let port = try freeLocalPort()
+                let stub = Process()
+                stub.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+                stub.arguments = ["-c", Self.refusingRegistry, String(port), String(status)]
+                try stub.run()
+                defer { kill(stub.processIdentifier, SIGKILL); stub.waitUntilExit() }
+                #expect(await eventually(timeout: .seconds(10)) { (try? Shell.run("curl -sf --max-time 5 http://127.0.0.1:\(port)/v2/")) != nil })
+                let pull = try CLI.run(["pull", "127.0.0.1:\(port)/vmt/busybox:v1"] + node.arguments)
+                #expect(pull.status == exit && pull.stderr.contains(expected) && pull.stderr.split(separator: "\n").count == 1, "\(pull.stderr)")
+                #expect(!FileManager.default.fileExists(atPath: node.templateDirectory("busybox")) && node.stagingEntries().isEmpty, "nothing published or staged")
+                let push = try CLI.run(["push", SharedTemplate.name, "127.0.0.1:\(port)/vmt/busybox:v1"] + source.arguments)
+                #expect(push.status == exit && push.stderr.contains(status == 403 ? "forbids pushing to vmt/busybox (403)" : expected), "\(push.stderr)")
+            }
         }
 
         @Test("an independent OCI client (skopeo) copies what push pushed, byte for byte, and pushes an exported template that vmtemplate pulls and clones", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/skopeo"), "needs skopeo (scripts/setup --for-tests)"))
