@@ -40,25 +40,6 @@ int clinuxhost_pidfd_send_signal(int pidfd, int signal) {
 #include <string.h>
 #include <sys/socket.h>
 
-long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long length, int descriptor) {
-    struct iovec iov = { .iov_base = (void *)buffer, .iov_len = length };
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    memset(&control, 0, sizeof(control));
-    struct msghdr message = {
-        .msg_iov = &iov, .msg_iovlen = 1,
-        .msg_control = control.buf, .msg_controllen = sizeof(control.buf),
-    };
-    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
-    header->cmsg_level = SOL_SOCKET;
-    header->cmsg_type = SCM_RIGHTS;
-    header->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
-    long sent = sendmsg(sock, &message, MSG_NOSIGNAL);
-    return sent < 0 ? -errno : sent;
-}
 
 #include <fcntl.h>
 #include <linux/if.h>

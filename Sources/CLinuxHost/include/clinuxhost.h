@@ -21,10 +21,6 @@ int clinuxhost_pidfd_open(int pid);
 /// pidfd_send_signal(2) (Linux >= 5.1).
 int clinuxhost_pidfd_send_signal(int pidfd, int signal);
 
-/// sendmsg(2) of `length` bytes with one descriptor attached (SCM_RIGHTS), as QMP's `getfd` and
-/// `add-fd` expect. Returns the bytes sent (the descriptor goes with the first byte) or -errno.
-long clinuxhost_send_with_descriptor(int sock, const void *buffer, unsigned long length, int descriptor);
-
 /// Opens tap device `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the network namespace
 /// `netns_fd` (-1: this process's), creating it if it does not exist and bringing a created one
 /// up. The namespace is entered by a short-lived thread of its own, so no other thread of this
@@ -51,6 +47,9 @@ long clinuxhost_filesystem_type(int fd);
 int clinuxhost_o_path(void);
 long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
 long long clinuxhost_seek_data(int fd, long long offset, int data);
+/// sendmsg(2) of `length` bytes with one descriptor attached (SCM_RIGHTS), as QMP's `getfd` and
+/// `add-fd`, the guest-setup helper and the descriptor socket expect; retried on EINTR. Returns
+/// the bytes sent (the descriptor goes with the first byte) or -errno.
 long clinuxhost_send_with_fd(int socket, const void *data, unsigned long length, int fd);
 long clinuxhost_receive_with_fd(int socket, void *data, unsigned long capacity, int *fd);
 

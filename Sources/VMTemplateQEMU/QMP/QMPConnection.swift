@@ -393,8 +393,7 @@ final class Connection: Sendable {
                 guard let descriptor, let base = bytes.baseAddress, bytes.count > 0 else { return UnixSocket.sendAll(fd, bytes) }
                 // The descriptor travels with the first byte (SCM_RIGHTS); QEMU keeps it for the
                 // command that asks for it (`add-fd`, `getfd`).
-                var sent: Int
-                repeat { sent = clinuxhost_send_with_descriptor(fd, base, UInt(bytes.count), descriptor) } while sent == -Int(EINTR)
+                let sent = clinuxhost_send_with_fd(fd, base, UInt(bytes.count), descriptor)
                 guard sent >= 0 else { return Int32(-sent) }
                 return UnixSocket.sendAll(fd, UnsafeRawBufferPointer(rebasing: bytes[sent...]))
             }
