@@ -93,6 +93,8 @@ struct FileChunk: Sendable, Equatable {
     var digest: String
     /// The layer (compressed bytes).
     var layer: OCIDescriptor
+    /// Which range of which file it is (each range is one chunk's).
+    var key: String { "\(file)@\(offset)" }
 
     /// Reads a layer's annotations; nil with a reason when they are not a chunk's.
     static func read(_ layer: OCIDescriptor) -> Result<FileChunk, VMTemplateError> {

@@ -19,6 +19,9 @@ public struct ReceiveResult: Codable, Sendable {
     public var fetchedChunks: Int
     public var reusedChunks: Int
     public var fetchedBytes: UInt64
+    /// Chunks copied from templates this node pulled before (another version's unchanged
+    /// chunks), hashed before they were believed.
+    public var localChunks: Int
     /// The template was there already, the same (a repeated pull).
     public var existed: Bool
 
@@ -27,6 +30,7 @@ public struct ReceiveResult: Codable, Sendable {
         case fetchedChunks = "fetched_chunks"
         case reusedChunks = "reused_chunks"
         case fetchedBytes = "fetched_bytes"
+        case localChunks = "local_chunks"
     }
 }
 
@@ -69,6 +73,10 @@ struct TemplateReceiver: Sendable {
             throw VMTemplateError(.invalidArgument, "\(origin.label): the template's config is not one vmtemplate made: \(problem).")
         }
         let name = try wanted ?? EntityName(portable.name)
+        // A repeated pull (a DaemonSet's loop) is answered before QEMU is probed (three runs of it).
+        if store.templateExists(name), let existing = try? store.template(named: name), existing.manifest.origin?.digest == digest {
+            return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: true)
+        }
         let qemu = try checkRunnable(portable)
         let chunks = try Self.chunks(of: image, files: portable.files, origin: origin.label)
 
@@ -81,16 +89,23 @@ struct TemplateReceiver: Sendable {
             if store.templateExists(name) {
                 let existing = try store.template(named: name)
                 if existing.manifest.origin?.digest == digest {
-                    return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, existed: true)
+                    return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: true)
                 }
                 throw VMTemplateError(.exists, "template '\(name)' already exists\(existing.manifest.origin.map { " (pulled from \($0.digest))" } ?? ""): remove it first (vmtemplate rm-template \(name)), or pull with --name NEW.")
             }
-            var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, existed: false)
+            var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: false)
+            let here = LocalChunks(store: store)
+            var local: [String: LocalChunks.Source] = [:]
             for chunk in chunks {
                 let path = "\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))"
                 // A chunk an earlier attempt kept is hashed again before it is believed.
                 if try await onOwnThread({ Self.holdsVerified(path, chunk.layer) }) {
                     result.reusedChunks += 1
+                    continue
+                }
+                if let source = try await onOwnThread({ here.verifiedSource(of: chunk) }) {
+                    local[chunk.key] = source
+                    result.localChunks += 1
                     continue
                 }
                 try Task.checkCancellation()
@@ -104,10 +119,10 @@ struct TemplateReceiver: Sendable {
                 for file in portable.files {
                     let path = "\(staging.directory)/\(file.name)"
                     let mine = chunks.filter { $0.file == file.name }
-                    let blobs = blobsDirectory
+                    let (blobs, sources) = (blobsDirectory, local)
                     // Every byte against the digest the config pins (a hole where data belongs too),
                     // hashed as it is written rather than read back.
-                    let digestNow = try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs) }
+                    let digestNow = try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs, local: sources) }
                     guard digestNow == file.sha256 else {
                         throw VMTemplateError(.integrityFailure, "\(origin.label): the template's \(file.name) does not hash to the digest its config pins: nothing was published.")
                     }
@@ -117,6 +132,7 @@ struct TemplateReceiver: Sendable {
                 }
                 var local = portable.localManifest(name: name.value, qemu: qemu, files: stored)
                 local.origin = source.with(digest: digest)
+                local.origin?.chunks = chunks.map { .init(file: $0.file, offset: $0.offset, length: $0.length, digest: $0.digest) }
                 for leftover in ["\(staging.directory)/owner.json"] { unlink(leftover) }
                 try StoredJSON.write(local, to: staging.files.manifestPath, mode: 0o444)
                 try await store.publish(staging)
@@ -180,7 +196,7 @@ struct TemplateReceiver: Sendable {
     /// the SHA-256 (hex) of the whole file, zeros between chunks included, as it was written. A
     /// chunk's own bytes need no digest of their own here: its compressed bytes were verified as
     /// they arrived, and the file's digest covers what they decompress to.
-    static func assemble(_ file: PortableManifest.File, at path: String, from chunks: [FileChunk], blobs: String) throws -> String {
+    static func assemble(_ file: PortableManifest.File, at path: String, from chunks: [FileChunk], blobs: String, local: [String: LocalChunks.Source] = [:]) throws -> String {
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("open")) }
         defer { close(fd) }
@@ -198,13 +214,18 @@ struct TemplateReceiver: Sendable {
         }
         for chunk in chunks.sorted(by: { $0.offset < $1.offset }) {
             hashZeros(upTo: chunk.offset)
-            let compressed = try Data(contentsOf: URL(fileURLWithPath: "\(blobs)/\(chunk.layer.digest.dropFirst(7))"))
-            guard Int64(compressed.count) == chunk.layer.size else {
-                throw VMTemplateError(.integrityFailure, "blob \(chunk.layer.digest) changed in the blob cache: pull again.")
-            }
-            try compressed.withUnsafeBytes { input in
-                try plain.withUnsafeMutableBytes { output in
-                    try Zstd.decompress(input, into: output, expectedBytes: chunk.length)
+            if let source = local[chunk.key] {
+                // Hashed when it was chosen; the file's digest covers it again.
+                try source.read(into: &plain, length: chunk.length)
+            } else {
+                let compressed = try Data(contentsOf: URL(fileURLWithPath: "\(blobs)/\(chunk.layer.digest.dropFirst(7))"))
+                guard Int64(compressed.count) == chunk.layer.size else {
+                    throw VMTemplateError(.integrityFailure, "blob \(chunk.layer.digest) changed in the blob cache: pull again.")
+                }
+                try compressed.withUnsafeBytes { input in
+                    try plain.withUnsafeMutableBytes { output in
+                        try Zstd.decompress(input, into: output, expectedBytes: chunk.length)
+                    }
                 }
             }
             plain.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<chunk.length])) }

@@ -107,7 +107,7 @@ struct Pull: AsyncParsableCommand {
 
     static func report(_ result: ReceiveResult, json: Bool) throws {
         if json { return try Terminal.printJSON(result) }
-        let how = result.existed ? "already here" : "\(result.fetchedChunks) chunks fetched (\(ByteSize(bytes: result.fetchedBytes))), \(result.reusedChunks) reused"
+        let how = result.existed ? "already here" : "\(result.fetchedChunks) chunks fetched (\(ByteSize(bytes: result.fetchedBytes))), \(result.reusedChunks) reused" + (result.localChunks > 0 ? ", \(result.localChunks) from templates here" : "")
         print(TerminalText.escape("template \(result.template) \(result.digest): \(how)"))
     }
 }

@@ -599,6 +599,43 @@ extension RealGuests {
             }
         }
 
+        @Test("a second version of a template takes the chunks it shares with one this node pulled before from that template, hashed first: a damaged one is fetched instead")
+        func versionsShareChunks() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let original = try manifest(source, SharedTemplate.name)
+            let layout = "/tmp/vmt-versions-\(UUID().uuidString.prefix(8))"
+            defer { for suffix in ["", "-v2", "-v3"] { try? FileManager.default.removeItem(atPath: layout + suffix) } }
+            let exported = try CLI.run(["export", SharedTemplate.name, layout, "--json"] + source.arguments)
+            try #require(exported.status == 0, "\(exported.stderr)")
+            let packed = try JSONCoding.decoder().decode(PackResult.self, from: Data(exported.stdout.utf8))
+            // Two more versions: another config (so another digest), the same chunks.
+            for version in ["v2", "v3"] {
+                try Shell.run("cp -r \(layout) \(layout)-\(version)")
+                let edited = try Python.run(Self.configEditor, arguments: ["\(layout)-\(version)", "name", #""busybox-\#(version)""#], input: Data())
+                try #require(edited.status == 0, "\(edited.stderr)")
+            }
+            let node = try TemporaryStore("node14")
+            defer { node.remove() }
+            let first = try CLI.run(["import", layout, "--json"] + node.arguments)
+            try #require(first.status == 0, "\(first.stderr)")
+            #expect(try JSONSchemas.violations(of: first.stdout, against: "pull") == nil)
+            #expect(try manifest(node, SharedTemplate.name).origin?.chunks?.count == packed.layers, "the chunks it arrived in are recorded")
+            // One chunk of the first version damaged on this node: hashed, not believed, fetched.
+            let damaged = try #require(try manifest(node, SharedTemplate.name).origin?.chunks?.first)
+            try Shell.run("printf 'X' | dd of=\(node.templateDirectory(SharedTemplate.name))/\(damaged.file) bs=1 seek=\(damaged.offset + 4096) conv=notrunc status=none")
+            let second = try CLI.run(["import", "\(layout)-v2", "--json"] + node.arguments)
+            try #require(second.status == 0, "\(second.stderr)")
+            let v2 = try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(second.stdout.utf8))
+            #expect(v2.template == "busybox-v2" && v2.localChunks == packed.layers - 1 && v2.fetchedChunks == 1, "\(v2)")
+            let third = try CLI.run(["import", "\(layout)-v3", "--json"] + node.arguments)
+            try #require(third.status == 0, "\(third.stderr)")
+            let v3 = try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(third.stdout.utf8))
+            #expect(v3.localChunks == packed.layers && v3.fetchedChunks == 0 && v3.fetchedBytes == 0, "every chunk from the intact versions here: \(v3)")
+            for version in ["busybox-v2", "busybox-v3"] {
+                try await expectSame(node, version, as: original)
+            }
+        }
+
         @Test("two pulls of one digest at once: both succeed, the chunks are downloaded once", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func concurrentPulls() async throws {
             let registry = try await Registry()

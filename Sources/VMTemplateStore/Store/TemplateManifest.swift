@@ -93,14 +93,33 @@ public struct TemplateManifest: Sendable, Codable, Equatable {
     public struct Origin: Sendable, Codable, Equatable {
         public var reference: String
         public var digest: String
+        /// The chunks the template arrived in: a later pull finds here which of its chunks this
+        /// node has already (and hashes them before it believes it).
+        public var chunks: [Chunk]?
 
-        public init(reference: String, digest: String = "") {
+        public init(reference: String, digest: String = "", chunks: [Chunk]? = nil) {
             self.reference = reference
             self.digest = digest
+            self.chunks = chunks
         }
 
         public func with(digest: String) -> Origin {
-            Origin(reference: reference, digest: digest)
+            Origin(reference: reference, digest: digest, chunks: chunks)
+        }
+
+        public struct Chunk: Sendable, Codable, Equatable {
+            public var file: String
+            public var offset: UInt64
+            public var length: Int
+            /// `sha256:…` of the chunk's bytes as they are in the file.
+            public var digest: String
+
+            public init(file: String, offset: UInt64, length: Int, digest: String) {
+                self.file = file
+                self.offset = offset
+                self.length = length
+                self.digest = digest
+            }
         }
     }
 
