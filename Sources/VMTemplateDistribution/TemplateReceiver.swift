@@ -93,6 +93,12 @@ struct TemplateReceiver: Sendable {
                 }
                 throw VMTemplateError(.exists, "template '\(name)' already exists\(existing.manifest.origin.map { " (pulled from \($0.digest))" } ?? ""): remove it first (vmtemplate rm-template \(name)), or pull with --name NEW.")
             }
+            // Before any chunk moves: room for every chunk (compressed, in the blob cache) and for
+            // every chunk's bytes in the files (the most they take; zero pages are not written).
+            let needed = chunks.reduce(UInt64(0)) { $0 + UInt64($1.layer.size) + UInt64($1.length) }
+            if let free = try? FileSystem.availableBytes(onFileSystemOf: store.root), free < needed {
+                throw VMTemplateError(.ioError, "not enough disk space in store '\(TerminalText.escape(store.root))': the template needs up to \(ByteSize(bytes: needed)) while it is pulled, \(ByteSize(bytes: free)) is free. Free some space (vmtemplate gc, rm-template) or use another --store; nothing was fetched.")
+            }
             var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: false)
             let here = LocalChunks(store: store)
             var local: [String: LocalChunks.Source] = [:]

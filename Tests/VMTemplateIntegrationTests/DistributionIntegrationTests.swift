@@ -636,6 +636,25 @@ extension RealGuests {
             }
         }
 
+        @Test("a store without room for a template is refused before any chunk moves, in one line; nothing published", .enabled(if: Environment.isRoot, "needs root to mount a small tmpfs"))
+        func noRoom() async throws {
+            let source = try await SharedTemplate.shared.store()
+            let layout = "/tmp/vmt-noroom-\(UUID().uuidString.prefix(8))"
+            defer { try? FileManager.default.removeItem(atPath: layout) }
+            #expect(try CLI.run(["export", SharedTemplate.name, layout] + source.arguments).status == 0)
+            let small = try TemporaryStore("small")
+            defer {
+                _ = try? ShortCommand.run("/bin/umount", ["-l", small.root])
+                try? FileManager.default.removeItem(atPath: small.root)
+            }
+            let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=64M", "tmpfs", small.root])
+            try #require(mount.status == 0, "mount failed: \(mount.stderr)")
+            let refused = try CLI.run(["import", layout] + small.arguments)
+            #expect(refused.status == 74 && refused.stderr.contains("not enough disk space") && refused.stderr.split(separator: "\n").count == 1, "\(refused.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: small.templateDirectory(SharedTemplate.name)) && small.stagingEntries().isEmpty, "nothing published or staged")
+            #expect(((try? FileManager.default.contentsOfDirectory(atPath: "\(small.root)/pulls/blobs")) ?? []).isEmpty, "no chunk moved")
+        }
+
         @Test("two pulls of one digest at once: both succeed, the chunks are downloaded once", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func concurrentPulls() async throws {
             let registry = try await Registry()
