@@ -145,6 +145,15 @@ long clinuxhost_filesystem_type(int fd) {
 }
 
 int clinuxhost_o_path(void) { return O_PATH; }
+int clinuxhost_o_tmpfile(void) { return O_TMPFILE; }
+
+#include <stdio.h>
+#include <sys/syscall.h>
+
+long clinuxhost_rename_noreplace(const char *from, const char *to) {
+    long result = syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 1 /* RENAME_NOREPLACE */);
+    return result < 0 ? -errno : 0;
+}
 
 #include <poll.h>
 #include <sys/resource.h>

@@ -61,7 +61,7 @@ struct OCILayout: BlobOrigin {
             } catch let error as VMTemplateError {
                 throw error
             } catch {
-                throw VMTemplateError(.invalidArgument, "\(label)'s index.json is not an OCI image index (\(JSONErrorText.describe(error))).")
+                throw VMTemplateError(.invalidArgument, "index.json in \(label) is not an OCI image index (\(JSONErrorText.describe(error))).")
             }
             let templates = index.manifests.filter { $0.mediaType == TemplateArtifact.manifestMediaType }
             let named = reference.isEmpty ? templates : templates.filter { $0.annotations?["org.opencontainers.image.ref.name"] == reference }
@@ -149,7 +149,8 @@ struct OCILayoutDirectory: LayoutFiles, BlobTarget {
     }
 
     func putBlob(_ bytes: [UInt8], descriptor: OCIDescriptor) async throws {
-        try FileSystem.writeFileAtomically(path: "\(directory)/\(try OCILayout.blobPath(descriptor.digest))", data: bytes)
+        // 0600: chunks of a guest's memory.
+        try FileSystem.writeFileAtomically(path: "\(directory)/\(try OCILayout.blobPath(descriptor.digest))", data: bytes, mode: 0o600)
     }
 
     func putManifest(_ bytes: [UInt8], digest: String, tag: String?) async throws {

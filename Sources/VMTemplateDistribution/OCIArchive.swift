@@ -1,3 +1,4 @@
+import CLinuxHost
 import Foundation
 import Synchronization
 import VMTemplateKit
@@ -13,18 +14,37 @@ import Musl
 /// place: its entries are indexed once, and a blob is read from its offset in the archive. No
 /// entry is ever extracted, so an entry's name never becomes a path here: only the layout's own
 /// names (`oci-layout`, `index.json`, `blobs/sha256/HEX`) are looked at, every other entry is
-/// skipped.
-struct OCIArchive: LayoutFiles {
+/// skipped. The archive is opened once: every read goes through the descriptor that was indexed,
+/// never the path again (which could by then name another file).
+final class OCIArchive: LayoutFiles {
     let path: String
+    private let fd: Int32
     /// Where each layout file's bytes start in the archive, and how many there are.
-    let entries: [String: (offset: Int64, length: Int64)]
+    let entries: [String: Entry]
     var label: String { "OCI archive '\(TerminalText.escape(path))'" }
+
+    struct Entry: Sendable {
+        var offset: Int64
+        var length: Int64
+    }
 
     static let layoutMarker = #"{"imageLayoutVersion":"1.0.0"}"#
     /// More headers than a template's layout has by far (its layers, a config, a manifest, an
     /// index, directories), and few enough that a hostile archive cannot keep the scan busy.
     static let maxEntries = 4 * TemplateArtifact.maxLayers + 1024
+    /// Real pax headers hold a long name and a few times: well under this.
+    static let maxPaxBytes = 16 * 1024
     static let block = 512
+
+    private init(path: String, fd: Int32, entries: [String: Entry]) {
+        self.path = path
+        self.fd = fd
+        self.entries = entries
+    }
+
+    deinit {
+        close(fd)
+    }
 
     /// Indexes the archive at `path`, checked to be a tar file of an OCI image layout.
     static func open(_ path: String) throws -> OCIArchive {
@@ -32,12 +52,19 @@ struct OCIArchive: LayoutFiles {
         guard fd >= 0 else {
             throw VMTemplateError(.notFound, "cannot open '\(TerminalText.escape(path))': \(errnoText()); give the directory or tar file 'vmtemplate export' wrote.", cause: SystemCallError("open"))
         }
-        defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
             throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(path))' is neither a directory nor a regular file: give the OCI layout directory or tar file 'vmtemplate export' wrote.")
         }
-        let archive = OCIArchive(path: path, entries: try index(fd, size: Int64(info.st_size), label: "'\(TerminalText.escape(path))'"))
+        let entries: [String: Entry]
+        do {
+            entries = try index(fd, size: Int64(info.st_size), label: "'\(TerminalText.escape(path))'")
+        } catch {
+            close(fd)
+            throw error
+        }
+        let archive = OCIArchive(path: path, fd: fd, entries: entries)
         guard let marker = try? archive.read("oci-layout", limit: 4096), String(decoding: marker, as: UTF8.self).contains("imageLayoutVersion") else {
             throw VMTemplateError(.invalidArgument, "'\(TerminalText.escape(path))' is not an OCI image layout in a tar file (no oci-layout entry): give the directory or tar file 'vmtemplate export' wrote.")
         }
@@ -56,9 +83,11 @@ struct OCIArchive: LayoutFiles {
     }
 
     /// Reads every header (ustar, with the pax and GNU long-name extensions a tar writer uses for
-    /// long names): where each layout file's bytes are.
-    static func index(_ fd: Int32, size: Int64, label: String) throws -> [String: (offset: Int64, length: Int64)] {
-        var entries: [String: (offset: Int64, length: Int64)] = [:]
+    /// long names): where each layout file's bytes are. A pax header's `path` and `size`, and a
+    /// GNU long name, apply to the next file header only, as GNU tar and Go's archive/tar apply
+    /// them; extension headers always take their own size.
+    static func index(_ fd: Int32, size: Int64, label: String) throws -> [String: Entry] {
+        var entries: [String: Entry] = [:]
         var position: Int64 = 0
         var nextName: String?
         var nextSize: Int64?
@@ -76,12 +105,13 @@ struct OCIArchive: LayoutFiles {
             guard let headerSize = Self.size(header[124..<136]) else {
                 throw VMTemplateError(.invalidArgument, "\(label) has a tar header with an unreadable size at byte \(position).")
             }
-            let length = nextSize ?? headerSize
+            let type = header[156]
+            let isExtension = [UInt8(ascii: "x"), UInt8(ascii: "g"), UInt8(ascii: "L"), UInt8(ascii: "K")].contains(type)
+            let length = isExtension ? headerSize : nextSize ?? headerSize
             let data = position + Int64(block)
-            guard length >= 0, length <= size - data else {
+            guard length <= size - data else {
                 throw VMTemplateError(.invalidArgument, "\(label) is truncated: an entry at byte \(position) runs past its end; copy the whole archive again.")
             }
-            let type = header[156]
             var name = string(header[0..<100])
             // POSIX ustar ("ustar\0", not GNU's "ustar "): a name may be split into a prefix.
             if header[257..<263].elementsEqual("ustar\0".utf8), header[345] != 0 {
@@ -89,28 +119,33 @@ struct OCIArchive: LayoutFiles {
             }
             switch type {
             case UInt8(ascii: "x"):
-                // A pax header: the next entry's name and size, if it gives them.
-                guard length <= 64 * 1024 else { throw VMTemplateError(.invalidArgument, "\(label) has a pax header of \(length) bytes at byte \(position).") }
-                let records = try pax(readExactly(fd, at: data, count: Int(length), label: label))
-                nextName = records["path"] ?? nextName
+                guard length <= Int64(maxPaxBytes) else { throw VMTemplateError(.invalidArgument, "\(label) has a pax header of \(length) bytes at byte \(position), more than a tar writer makes.") }
+                guard let records = pax(try readExactly(fd, at: data, count: Int(length), label: label)) else {
+                    throw VMTemplateError(.invalidArgument, "\(label) has a malformed pax header at byte \(position).")
+                }
+                // A second one replaces the first, as in GNU tar and Go.
+                nextName = records["path"]
+                nextSize = nil
                 if let text = records["size"] {
-                    guard let value = Int64(text), value >= 0 else { throw VMTemplateError(.invalidArgument, "\(label) has a pax size that is not a number at byte \(position).") }
+                    guard text.utf8.count <= 18, !text.isEmpty, text.utf8.allSatisfy({ (0x30...0x39).contains($0) }), let value = Int64(text) else {
+                        throw VMTemplateError(.invalidArgument, "\(label) has a pax size that is not a number at byte \(position).")
+                    }
                     nextSize = value
                 }
             case UInt8(ascii: "L"):
                 guard length <= 4096 else { throw VMTemplateError(.invalidArgument, "\(label) has a long name of \(length) bytes at byte \(position).") }
                 nextName = string(try readExactly(fd, at: data, count: Int(length), label: label)[...])
+            case UInt8(ascii: "g"), UInt8(ascii: "K"):
+                break
             default:
                 if type == UInt8(ascii: "0") || type == 0 || type == UInt8(ascii: "7"), let known = layoutName(nextName ?? name) {
                     guard entries[known] == nil else {
                         throw VMTemplateError(.invalidArgument, "\(label) holds \(known) twice: give an archive 'vmtemplate export' or an OCI tool wrote.")
                     }
-                    entries[known] = (data, length)
+                    entries[known] = Entry(offset: data, length: length)
                 }
-                if type != UInt8(ascii: "g") {
-                    nextName = nil
-                    nextSize = nil
-                }
+                nextName = nil
+                nextSize = nil
             }
             position = data + (length + Int64(block) - 1) / Int64(block) * Int64(block)
         }
@@ -127,9 +162,10 @@ struct OCIArchive: LayoutFiles {
 
     func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64) {
         guard let entry = entries[path] else { throw VMTemplateError(.notFound, "\(label) lacks \(path): the archive is incomplete.") }
-        let fd = Glibc.open(self.path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
-        guard fd >= 0 else { throw VMTemplateError(.ioError, "cannot open \(label): \(errnoText()).", cause: SystemCallError("open")) }
-        return (fd, entry.offset, entry.length)
+        // The indexed file itself (pread needs no offset of its own), for the caller to close.
+        let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        guard copy >= 0 else { throw VMTemplateError(.ioError, "cannot read \(label): \(errnoText()).", cause: SystemCallError("fcntl")) }
+        return (copy, entry.offset, entry.length)
     }
 
     static func readExactly(_ fd: Int32, at offset: Int64, count: Int, label: String) throws -> [UInt8] {
@@ -158,21 +194,25 @@ struct OCIArchive: LayoutFiles {
     /// has the high bit set.
     static func size(_ field: ArraySlice<UInt8>) -> Int64? {
         guard let first = field.first, first & 0x80 != 0 else { return octal(field) }
-        guard first == 0x80, field.dropFirst().prefix(3).allSatisfy({ $0 == 0 }) else { return nil }
+        guard first == 0x80, field.dropFirst().prefix(3).allSatisfy({ $0 == 0 }), let top = field.dropFirst(4).first, top & 0x80 == 0 else { return nil }
         return field.dropFirst(4).reduce(Int64(0)) { $0 << 8 | Int64($1) }
     }
 
-    /// pax records, `LENGTH KEY=VALUE\n` each.
-    static func pax(_ bytes: [UInt8]) throws -> [String: String] {
+    /// pax records, `LENGTH KEY=VALUE\n` each (LENGTH counting the whole record, in decimal
+    /// digits); nil for anything else.
+    static func pax(_ bytes: [UInt8]) -> [String: String]? {
         var records: [String: String] = [:]
         var rest = bytes[...]
         while !rest.isEmpty {
-            guard let space = rest.firstIndex(of: 0x20), let length = Int(String(decoding: rest[rest.startIndex..<space], as: UTF8.self)),
-                  length > space - rest.startIndex, length <= rest.count else { break }
+            guard let space = rest.firstIndex(of: 0x20) else { return nil }
+            let digits = rest[rest.startIndex..<space]
+            guard !digits.isEmpty, digits.count <= 6, digits.allSatisfy({ (0x30...0x39).contains($0) }),
+                  let length = Int(String(decoding: digits, as: UTF8.self)),
+                  length >= digits.count + 3, length <= rest.count,
+                  rest[rest.startIndex + length - 1] == 0x0a else { return nil }
             let record = rest[rest.index(after: space)..<(rest.startIndex + length - 1)]
-            if let equals = record.firstIndex(of: UInt8(ascii: "=")) {
-                records[String(decoding: record[record.startIndex..<equals], as: UTF8.self)] = String(decoding: record[record.index(after: equals)...], as: UTF8.self)
-            }
+            guard let equals = record.firstIndex(of: UInt8(ascii: "=")) else { return nil }
+            records[String(decoding: record[record.startIndex..<equals], as: UTF8.self)] = String(decoding: record[record.index(after: equals)...], as: UTF8.self)
             rest = rest[(rest.startIndex + length)...]
         }
         return records
@@ -189,13 +229,17 @@ struct OCIArchive: LayoutFiles {
     }
 }
 
-/// Writes a template's layout as one tar archive: into a new file beside `path`, linked to `path`
-/// only when it is whole (an export stopped half-way leaves nothing at `path`, and an existing
-/// file there is never replaced). Entries are in ustar form with fixed owner, mode and time, so
-/// the same template makes the same archive byte for byte.
+/// Writes a template's layout as one tar archive, named `path` only when it is whole: an export
+/// stopped half-way leaves nothing at `path`, and an existing file there is never replaced. The
+/// archive is an unnamed file (O_TMPFILE) until then, so no one can swap another file in under
+/// its temporary name, and a killed export leaves nothing; on a file system without O_TMPFILE it
+/// is a hidden file of a random name beside `path`, renamed without replacing. Entries are in
+/// ustar form with fixed owner, mode and time, so the same template makes the same archive byte
+/// for byte. Mode 0600: it holds a guest's memory.
 final class OCIArchiveWriter: BlobTarget {
     let path: String
-    private let temporary: String
+    /// The hidden name of the archive, on a file system without O_TMPFILE.
+    private let temporary: String?
     private struct State {
         var fd: Int32
         var written: Set<String> = []
@@ -212,11 +256,19 @@ final class OCIArchiveWriter: BlobTarget {
         }
         let (directory, name) = FileSystem.split(path)
         self.path = path
-        temporary = "\(directory)/.\(name).partial-\(getpid())"
-        unlink(temporary)
-        let fd = Glibc.open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o644)
-        guard fd >= 0 else {
-            throw VMTemplateError(.ioError, "cannot write an archive in '\(TerminalText.escape(directory))': \(errnoText()); the directory must exist and be writable.", cause: SystemCallError("open"))
+        var fd = Glibc.open(directory, O_WRONLY | O_CLOEXEC | clinuxhost_o_tmpfile(), 0o600)
+        if fd >= 0 {
+            temporary = nil
+        } else {
+            guard errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL else {
+                throw VMTemplateError(.ioError, "cannot write an archive in '\(TerminalText.escape(directory))': \(errnoText()); the directory must exist and be writable.", cause: SystemCallError("open"))
+            }
+            let hidden = "\(directory)/.\(name).partial-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+            fd = Glibc.open(hidden, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+            guard fd >= 0 else {
+                throw VMTemplateError(.ioError, "cannot write an archive in '\(TerminalText.escape(directory))': \(errnoText()); the directory must exist and be writable.", cause: SystemCallError("open"))
+            }
+            temporary = hidden
         }
         state = Mutex(State(fd: fd))
         do {
@@ -243,7 +295,7 @@ final class OCIArchiveWriter: BlobTarget {
         state.withLock { $0.index = OCIArchive.index(adding: digest, size: bytes.count, tag: tag, to: $0.index) }
     }
 
-    /// Writes the index and the end of the archive, and puts the archive at `path`.
+    /// Writes the index and the end of the archive, and names it `path`.
     func finish() throws {
         guard let index = state.withLock({ $0.index }) else {
             abandon()
@@ -251,41 +303,48 @@ final class OCIArchiveWriter: BlobTarget {
         }
         do {
             try append(name: "index.json", Array(try JSONCoding.encode(index)))
-            try state.withLock { state in
-                try Self.writeAll(state.fd, [UInt8](repeating: 0, count: 2 * OCIArchive.block), path: temporary)
-                guard fsync(state.fd) == 0 else { throw VMTemplateError(.ioError, "cannot sync '\(TerminalText.escape(temporary))': \(errnoText()).") }
+            let fd = try state.withLock { state in
+                try Self.writeAll(state.fd, [UInt8](repeating: 0, count: 2 * OCIArchive.block), path: path)
+                guard fsync(state.fd) == 0 else { throw VMTemplateError(.ioError, "cannot sync the archive for '\(TerminalText.escape(path))': \(errnoText()).") }
+                return state.fd
             }
-            // link(2), not rename(2): a file someone made at `path` meanwhile is not replaced.
-            guard link(temporary, path) == 0 else {
-                throw VMTemplateError(errno == EEXIST ? .exists : .ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText()).")
+            // Neither names an existing file over: EEXIST if one appeared meanwhile.
+            let named = temporary.map { Int(clinuxhost_rename_noreplace($0, path)) } ?? (linkat(AT_FDCWD, "/proc/self/fd/\(fd)", AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0 ? 0 : -Int(errno))
+            guard named == 0 else {
+                throw VMTemplateError(named == -Int(EEXIST) ? .exists : .ioError, "cannot create '\(TerminalText.escape(path))': \(errnoText(Int32(-named))).")
             }
-            abandon()
-            try FileSystem.fsyncDirectory(path: FileSystem.split(path).directory)
         } catch {
             abandon()
             throw error
         }
+        closeDescriptor()
+        // The archive is whole at `path`; a directory that cannot be synced does not undo that.
+        try? FileSystem.fsyncDirectory(path: FileSystem.split(path).directory)
     }
 
-    /// Removes the unfinished archive.
+    /// Drops the unfinished archive.
     func abandon() {
+        closeDescriptor()
+        if let temporary { unlink(temporary) }
+    }
+
+    private func closeDescriptor() {
         state.withLock { state in
             if state.fd >= 0 { close(state.fd) }
             state.fd = -1
         }
-        unlink(temporary)
     }
 
     private func append(name: String, _ bytes: [UInt8]) throws {
         var entry = Self.header(name: name, size: bytes.count, type: UInt8(ascii: "0"), mode: 0o644)
         entry += bytes
         entry += [UInt8](repeating: 0, count: (OCIArchive.block - bytes.count % OCIArchive.block) % OCIArchive.block)
-        try state.withLock { try Self.writeAll($0.fd, entry, path: temporary) }
+        try state.withLock { try Self.writeAll($0.fd, entry, path: path) }
     }
 
     private func append(directory: String) throws {
         let entry = Self.header(name: directory, size: 0, type: UInt8(ascii: "5"), mode: 0o755)
-        try state.withLock { try Self.writeAll($0.fd, entry, path: temporary) }
+        try state.withLock { try Self.writeAll($0.fd, entry, path: path) }
     }
 
     /// A ustar header; every name here fits its 100 bytes.

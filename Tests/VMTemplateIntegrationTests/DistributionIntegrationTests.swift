@@ -217,7 +217,47 @@ extension RealGuests {
             import io, os, sys, tarfile
             source, target, mode, escape = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
             data = open(source, 'rb').read()
-            if mode == 'checksum':
+            def block(name, size, kind):
+                header = bytearray(512)
+                header[0:len(name)] = name.encode()
+                for offset, width, value in ((100, 8, 0o644), (108, 8, 0), (116, 8, 0), (124, 12, size), (136, 12, 0)):
+                    header[offset:offset + width - 1] = b'%0*o' % (width - 1, value)
+                header[156:157] = kind
+                header[257:265] = b'ustar\x0000'
+                header[148:156] = b' ' * 8
+                header[148:155] = b'%06o\0' % sum(header)
+                return bytes(header)
+            def entry(name, body, kind=b'0'):
+                return block(name, len(body), kind) + body + b'\0' * (-len(body) % 512)
+            def pax(records):
+                body = b''
+                for key, value in records:
+                    text = b' %s=%s\n' % (key, value)
+                    length = len(text) + 1
+                    length = len(text) + len(str(length))
+                    body += str(length).encode() + text
+                return body
+            if mode == 'pax':
+                # A record whose length leaves no room for a key (it once trapped).
+                data = entry('PaxHeader', b'2 xxxxxxxxx', b'x') + data
+            elif mode == 'extensions':
+                # Two pax headers in a row, the first naming a size the second must not take, then
+                # the index: GNU tar and Go read the real index.json; so must import.
+                with tarfile.open(fileobj=io.BytesIO(data)) as tin:
+                    members = [(m, tin.extractfile(m).read() if m.isfile() else b'') for m in tin.getmembers()]
+                body = b''
+                real = b''
+                for member, content in members:
+                    if member.name == 'index.json':
+                        real = content
+                    elif member.isfile():
+                        body += entry(member.name, content)
+                junk = b'{"schemaVersion": 2, "manifests": []}'.ljust(1536)
+                body += entry('PaxHeader', pax([(b'path', b'index.json'), (b'size', b'1536')]), b'x')
+                body += entry('PaxHeader', pax([(b'mtime', b'0')]), b'x')
+                body += entry('index.json', real) + entry('junk', junk)
+                data = body + b'\0' * 1024
+            elif mode == 'checksum':
                 data = data[:148] + b'0000000\0' + data[156:]
             elif mode == 'truncated':
                 data = data[:len(data) // 2]
@@ -247,6 +287,9 @@ extension RealGuests {
             let archive = "\(directory)/busybox.tar"
             let exported = try CLI.run(["export", SharedTemplate.name, archive, "--json"] + source.arguments)
             try #require(exported.status == 0, "\(exported.stderr)")
+            let digest = try JSONCoding.decoder().decode(PackResult.self, from: Data(exported.stdout.utf8)).digest
+            var mode = stat()
+            #expect(stat(archive, &mode) == 0 && mode.st_mode & 0o777 == 0o600, "the archive holds a guest's memory: 0600")
             let listing = try Shell.run("tar -tf \(archive)")
             #expect(listing.contains("oci-layout") && listing.contains("index.json") && listing.contains("blobs/sha256/"), "\(listing)")
             let digestBefore = try sha256(archive)
@@ -266,7 +309,7 @@ extension RealGuests {
             #expect(try CLI.run(["rm-template", SharedTemplate.name] + node.arguments).status == 0)
             // Hostile or damaged archives.
             let escape = "vmt-escape-\(UUID().uuidString.prefix(8))"
-            for (mode, expected) in [("escape", "lacks blobs/sha256/"), ("checksum", "is not a tar file"), ("truncated", "truncated")] {
+            for (mode, expected) in [("escape", "lacks blobs/sha256/"), ("checksum", "is not a tar file"), ("truncated", "truncated"), ("pax", "malformed pax header")] {
                 let mangled = "\(directory)/\(mode).tar"
                 let made = try Python.run(Self.archiveMangler, arguments: [archive, mangled, mode, escape], input: Data())
                 try #require(made.status == 0, "\(made.stderr)")
@@ -275,6 +318,15 @@ extension RealGuests {
                 #expect(!FileManager.default.fileExists(atPath: node.templateDirectory(SharedTemplate.name)), "\(mode): nothing published")
                 #expect(node.stagingEntries().isEmpty, "\(mode): nothing staged")
             }
+            // Extension headers read as GNU tar reads them: the archive's real index.
+            let extensions = "\(directory)/extensions.tar"
+            let made = try Python.run(Self.archiveMangler, arguments: [archive, extensions, "extensions", escape], input: Data())
+            try #require(made.status == 0, "\(made.stderr)")
+            let gnuIndex = try Shell.run("tar -xOf \(extensions) index.json")
+            #expect(gnuIndex.contains(digest), "GNU tar reads the real index.json")
+            let read = try CLI.run(["import", extensions, "--json"] + node.arguments)
+            try #require(read.status == 0, "\(read.stderr)")
+            #expect(try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(read.stdout.utf8)).digest == digest)
             #expect(!FileManager.default.fileExists(atPath: "/tmp/\(escape)") && !FileManager.default.fileExists(atPath: "\(node.root)/pulls/\(escape)") && !FileManager.default.fileExists(atPath: "\(directory)/../\(escape)"), "no entry became a path")
         }
 

@@ -45,6 +45,10 @@ long clinuxhost_filesystem_type(int fd);
 
 /// O_PATH, which Swift does not see (it needs _GNU_SOURCE): a handle that opens nothing.
 int clinuxhost_o_path(void);
+/// O_TMPFILE (also _GNU_SOURCE): a file without a name until linkat(2) gives it one.
+int clinuxhost_o_tmpfile(void);
+/// renameat2(2) with RENAME_NOREPLACE: 0, or -errno (-EEXIST when `to` exists).
+long clinuxhost_rename_noreplace(const char *from, const char *to);
 long long clinuxhost_copy_file_range(int in, long long *in_offset, int out, long long *out_offset, unsigned long long length);
 long long clinuxhost_seek_data(int fd, long long offset, int data);
 /// sendmsg(2) of `length` bytes with one descriptor attached (SCM_RIGHTS), as QMP's `getfd` and
