@@ -573,6 +573,48 @@ extension RealGuests {
             #expect(verifiedBlobs() == [String(repeating: "b", count: 64)], "the stale chunk went, the fresh one stays: \(verifiedBlobs())")
         }
 
+        @Test("pulls SIGKILLed at random moments (downloading, rebuilding, publishing): each left nothing published or a whole template that verifies; gc clears what a killed pull staged; the next pull completes", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func pullsKilledAtRandom() async throws {
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let (_, original, digest) = try await pushed(to: registry)
+            let reference = "\(registry.host)/vmt/busybox@\(digest)"
+            // How long a whole pull takes here, to kill inside it.
+            let timing = try TemporaryStore("node15t")
+            let began = ContinuousClock.now
+            #expect(try CLI.run(["pull", reference] + timing.arguments).status == 0)
+            let whole = ContinuousClock.now - began
+            timing.remove()
+            let node = try TemporaryStore("node15")
+            defer { node.remove() }
+            var outcomes: [String] = []
+            for trial in 0..<5 {
+                let moment = whole * Double.random(in: 0.05...1.0)
+                let pull = try CLI.start(["pull", reference] + node.arguments)
+                try await Task.sleep(for: moment)
+                kill(pull.process.processIdentifier, SIGKILL)
+                pull.process.waitUntilExit()
+                if FileManager.default.fileExists(atPath: node.templateDirectory(SharedTemplate.name)) {
+                    // Killed after the rename: the template is whole.
+                    let verified = try CLI.run(["verify", SharedTemplate.name] + node.arguments)
+                    #expect(verified.status == 0, "trial \(trial): a published template verifies: \(verified.stderr)")
+                    #expect(try CLI.run(["rm-template", SharedTemplate.name] + node.arguments).status == 0)
+                    outcomes.append("published")
+                } else {
+                    outcomes.append("nothing")
+                }
+                let blobs = (try? FileManager.default.contentsOfDirectory(atPath: "\(node.root)/pulls/blobs")) ?? []
+                let layer = try JSONDecoder().decode(OCIImageManifest.self, from: Data(contentsOf: URL(fileURLWithPath: registry.blobData(digest)))).layers.map { String($0.digest.dropFirst(7)) }
+                #expect(blobs.allSatisfy { $0.hasSuffix(".partial") || layer.contains($0) }, "trial \(trial): only this template's chunks: \(blobs)")
+                let collected = try CLI.run(["gc"] + node.arguments)
+                #expect(collected.status == 0, "\(collected.stderr)")
+                #expect(node.stagingEntries().isEmpty, "trial \(trial): gc removed what the killed pull staged")
+            }
+            let last = try CLI.run(["pull", reference, "--json"] + node.arguments)
+            try #require(last.status == 0, "\(outcomes): \(last.stderr)")
+            try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
         @Test("POST /v1/templates/pull pulls by digest and publishes (201), a second one is the template there (200), and a clone of it answers; a member of the socket's group may not pull", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func pullThroughAPI() async throws {
             let registry = try await Registry()
