@@ -50,10 +50,12 @@ struct List: AsyncParsableCommand {
             }
             for problem in problems { Terminal.note("warning: \(problem)") }
             let formatter = ISO8601DateFormatter()
-            var table = [["TEMPLATE", "MEMORY", "CLONES", "MACHINE", "ACCEL", "CREATED", "FILES"]]
+            var table = [["TEMPLATE", "MEMORY", "CLONES", "MACHINE", "ACCEL", "CREATED", "FILES", "FROM"]]
             table += rows.map {
                 [$0.name, ByteSize(bytes: $0.memoryBytes).description, String($0.clones), $0.machineType, $0.accelerator, formatter.string(from: $0.createdAt),
-                 $0.missingFiles.isEmpty ? "ok" : "MISSING \($0.missingFiles.joined(separator: ","))"]
+                 $0.missingFiles.isEmpty ? "ok" : "MISSING \($0.missingFiles.joined(separator: ","))",
+                 // The manifest digest, short: what `inspect` shows in full with the reference.
+                 $0.origin.map { String($0.digest.prefix(19)) } ?? "here"]
             }
             print(TextTable.render(table))
             for row in rows where !row.missingFiles.isEmpty {

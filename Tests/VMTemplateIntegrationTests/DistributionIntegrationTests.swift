@@ -205,6 +205,13 @@ extension RealGuests {
             stat("\(node.templateDirectory(SharedTemplate.name))/memory", &info)
             #expect(UInt64(info.st_blocks) * 512 < memory.sizeBytes / 2, "the RAM file stays sparse where the guest's memory was zero")
             #expect(try manifest(node, SharedTemplate.name).origin?.digest == packed.digest)
+            // list says where it came from too: the digest in FROM, origin in --json.
+            let listed = try CLI.run(["list", "--json"] + node.arguments)
+            #expect(try JSONSchemas.violations(of: listed.stdout, against: "list") == nil)
+            struct Listed: Decodable { var templates: [TemplateView] }
+            #expect(try JSONCoding.decoder().decode(Listed.self, from: Data(listed.stdout.utf8)).templates.first?.origin?.digest == packed.digest, "\(listed.stdout)")
+            let table = try CLI.run(["list"] + node.arguments)
+            #expect(table.stdout.contains("FROM") && table.stdout.contains(String(packed.digest.prefix(19))), "\(table.stdout)")
             // A second import of the same image is the template that is there.
             let again = try CLI.run(["import", layout, "--json"] + node.arguments)
             #expect(again.status == 0 && again.stdout.contains("\"existed\":true"), "\(again.stdout) \(again.stderr)")

@@ -18,6 +18,14 @@ public struct TemplateView: Sendable, Codable, Equatable {
     public var clones: Int
     /// Files of the template that are gone (it cannot be cloned until made again).
     public var missingFiles: [String]
+    /// Where a pulled or imported template came from (its reference and manifest digest); nil for
+    /// one made here.
+    public var origin: Origin?
+
+    public struct Origin: Sendable, Codable, Equatable {
+        public var reference: String
+        public var digest: String
+    }
 
     public init(_ template: PublishedTemplate, clones: Int, missingFiles: [String]) {
         let manifest = template.manifest
@@ -31,10 +39,11 @@ public struct TemplateView: Sendable, Codable, Equatable {
         createdAt = manifest.createdAt
         self.clones = clones
         self.missingFiles = missingFiles
+        origin = manifest.origin.map { Origin(reference: $0.reference, digest: $0.digest) }
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, accelerator, clones
+        case name, accelerator, clones, origin
         case memoryBytes = "memory_bytes"
         case machineType = "machine_type"
         case hotplugSlots = "hotplug_slots"
