@@ -102,9 +102,16 @@ struct TemplateReceiver: Sendable {
             var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: false)
             let here = LocalChunks(store: store)
             var local: [String: LocalChunks.Source] = [:]
+            var missing: [OCIDescriptor] = []
+            var wanted = Set<String>()
             for chunk in chunks {
                 let path = "\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))"
-                // A chunk an earlier attempt kept is hashed again before it is believed.
+                // A chunk an earlier attempt kept is hashed again before it is believed; a layer
+                // that two chunks share (the same bytes twice) is fetched once.
+                if wanted.contains(chunk.layer.digest) {
+                    result.reusedChunks += 1
+                    continue
+                }
                 if try await onOwnThread({ Self.holdsVerified(path, chunk.layer) }) {
                     result.reusedChunks += 1
                     continue
@@ -114,11 +121,12 @@ struct TemplateReceiver: Sendable {
                     result.localChunks += 1
                     continue
                 }
-                try Task.checkCancellation()
-                try await origin.fetchBlob(chunk.layer, to: path)
-                result.fetchedChunks += 1
-                result.fetchedBytes += UInt64(chunk.layer.size)
+                wanted.insert(chunk.layer.digest)
+                missing.append(chunk.layer)
             }
+            try await Self.fetch(missing, from: origin, into: blobsDirectory)
+            result.fetchedChunks = missing.count
+            result.fetchedBytes = missing.reduce(0) { $0 + UInt64($1.size) }
             let staging = try await store.reserveStaging(name)
             do {
                 var stored: [TemplateManifest.StoredFile] = []
@@ -149,6 +157,32 @@ struct TemplateReceiver: Sendable {
             // The blobs of a published template are not needed again here.
             for chunk in chunks { unlink("\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))") }
             return result
+        }
+    }
+
+    /// Chunks fetched at once: enough to fill a link whose single stream a registry or its CDN
+    /// limits, few enough for the memory a registry fetch holds (a chunk each, ~32 MiB at most).
+    static let parallelFetches = 4
+
+    /// Fetches `layers` into `directory`, `parallelFetches` at a time; the first failure cancels
+    /// the rest (each blob already whole stays, verified, for the next attempt).
+    static func fetch(_ layers: [OCIDescriptor], from origin: any BlobOrigin, into directory: String) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = layers.makeIterator()
+            func start() -> Bool {
+                guard let layer = next.next() else { return false }
+                group.addTask {
+                    try Task.checkCancellation()
+                    try await origin.fetchBlob(layer, to: "\(directory)/\(layer.digest.dropFirst(7))")
+                }
+                return true
+            }
+            for _ in 0..<parallelFetches {
+                if !start() { break }
+            }
+            while try await group.next() != nil {
+                _ = start()
+            }
         }
     }
 

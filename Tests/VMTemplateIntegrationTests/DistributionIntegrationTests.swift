@@ -622,6 +622,60 @@ extension RealGuests {
             try await expectSame(node, SharedTemplate.name, as: original)
         }
 
+        /// Forwards to the registry, holding each blob download a moment so that downloads a
+        /// client makes at once overlap here; `GET /most` says how many were in flight at most.
+        static let countingProxy = #"""
+            import http.server, sys, threading, time, urllib.request
+            upstream, port = sys.argv[1], int(sys.argv[2])
+            lock, state = threading.Lock(), {'now': 0, 'most': 0}
+            class Proxy(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):
+                    if self.path == '/most':
+                        body = str(state['most']).encode()
+                        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body); return
+                    blob = '/blobs/sha256:' in self.path
+                    if blob:
+                        with lock:
+                            state['now'] += 1; state['most'] = max(state['most'], state['now'])
+                        time.sleep(0.5)
+                    try:
+                        answer = urllib.request.urlopen(urllib.request.Request(upstream + self.path, headers={k: v for k, v in self.headers.items() if k.lower() != 'host'}))
+                    except urllib.error.HTTPError as error:
+                        answer = error
+                    data = answer.read()
+                    if blob:
+                        with lock: state['now'] -= 1
+                    self.send_response(answer.status if hasattr(answer, 'status') else answer.code)
+                    for key, value in answer.headers.items():
+                        if key.lower() not in ('transfer-encoding', 'connection', 'content-length'):
+                            self.send_header(key, value)
+                    self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
+                def log_message(self, *args): pass
+            http.server.ThreadingHTTPServer(('127.0.0.1', port), Proxy).serve_forever()
+            """#
+
+        @Test("a pull fetches several chunks at once (at most 4), and the template it publishes is whole", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
+        func parallelFetches() async throws {
+            let registry = try await Registry()
+            defer { registry.stop() }
+            let (_, original, digest) = try await pushed(to: registry)
+            let port = try freeLocalPort()
+            let proxy = Process()
+            proxy.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            proxy.arguments = ["-c", Self.countingProxy, "http://\(registry.host)", String(port)]
+            try proxy.run()
+            defer { kill(proxy.processIdentifier, SIGKILL); proxy.waitUntilExit() }
+            #expect(await eventually(timeout: .seconds(10)) { (try? Shell.run("curl -sf --max-time 5 http://127.0.0.1:\(port)/v2/")) != nil })
+            let node = try TemporaryStore("node16")
+            defer { node.remove() }
+            let pulled = try CLI.run(["pull", "127.0.0.1:\(port)/vmt/busybox@\(digest)", "--json"] + node.arguments)
+            try #require(pulled.status == 0, "\(pulled.stderr)")
+            let chunks = try JSONCoding.decoder().decode(ReceiveResult.self, from: Data(pulled.stdout.utf8)).fetchedChunks
+            let most = Int(try Shell.run("curl -sf --max-time 5 http://127.0.0.1:\(port)/most")) ?? 0
+            #expect(chunks >= 4 && most >= 2 && most <= TemplateReceiver.parallelFetches, "\(chunks) chunks, at most \(most) in flight")
+            try await expectSame(node, SharedTemplate.name, as: original)
+        }
+
         @Test("POST /v1/templates/pull pulls by digest and publishes (201), a second one is the template there (200), and a clone of it answers; a member of the socket's group may not pull", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func pullThroughAPI() async throws {
             let registry = try await Registry()
