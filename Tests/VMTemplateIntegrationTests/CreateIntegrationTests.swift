@@ -165,14 +165,10 @@ extension RealGuests {
 
         @Test("a full disk is found before booting, and during the save, leaving nothing", .enabled(if: Environment.isRoot, "needs root to mount a small tmpfs"))
         func diskFull() async throws {
-            let mountPoint = try TemporaryStore("full")
-            defer {
-                _ = try? ShortCommand.run("/bin/umount", ["-l", mountPoint.root])
-                try? FileManager.default.removeItem(atPath: mountPoint.root)
-            }
             // 128 MiB of RAM, 8 MiB reserve, a little slack for the store's own files.
-            let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=137M", "tmpfs", mountPoint.root])
-            try #require(mount.status == 0, "mount failed: \(mount.stderr)")
+            let tmpfs = try TmpfsStore("full", size: "137M")
+            defer { tmpfs.unmount() }
+            let mountPoint = tmpfs.store
 
             // Too small from the start: refused before anything boots.
             let tooBig = try CLI.run(["create", "big", "--recipe", Checkout.busyboxRecipe, "--memory", "256M"] + mountPoint.arguments)

@@ -797,13 +797,9 @@ extension RealGuests {
             let layout = "/tmp/vmt-noroom-\(UUID().uuidString.prefix(8))"
             defer { try? FileManager.default.removeItem(atPath: layout) }
             #expect(try CLI.run(["export", SharedTemplate.name, layout] + source.arguments).status == 0)
-            let small = try TemporaryStore("small")
-            defer {
-                _ = try? ShortCommand.run("/bin/umount", ["-l", small.root])
-                try? FileManager.default.removeItem(atPath: small.root)
-            }
-            let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=64M", "tmpfs", small.root])
-            try #require(mount.status == 0, "mount failed: \(mount.stderr)")
+            let tmpfs = try TmpfsStore("small", size: "64M")
+            defer { tmpfs.unmount() }
+            let small = tmpfs.store
             let refused = try CLI.run(["import", layout] + small.arguments)
             #expect(refused.status == 74 && refused.stderr.contains("not enough disk space") && refused.stderr.split(separator: "\n").count == 1, "\(refused.stderr)")
             #expect(!FileManager.default.fileExists(atPath: small.templateDirectory(SharedTemplate.name)) && small.stagingEntries().isEmpty, "nothing published or staged")

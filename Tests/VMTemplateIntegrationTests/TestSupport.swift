@@ -93,6 +93,26 @@ enum CLI {
     }
 }
 
+/// A store on a tmpfs of its own, `size` (mount(8)'s form, "64M") at most: for tests of a full
+/// disk (root only). `unmount()` lazily unmounts it and removes the directory.
+struct TmpfsStore {
+    let store: TemporaryStore
+
+    init(_ label: String, size: String) throws {
+        store = try TemporaryStore(label)
+        let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", store.root])
+        guard mount.status == 0 else {
+            try? FileManager.default.removeItem(atPath: store.root)
+            throw VMTemplateError(.internalError, "mount of a \(size) tmpfs failed: \(mount.stderr)")
+        }
+    }
+
+    func unmount() {
+        _ = try? ShortCommand.run("/bin/umount", ["-l", store.root])
+        try? FileManager.default.removeItem(atPath: store.root)
+    }
+}
+
 /// A store in a temporary directory; `remove()` kills whatever QEMU it still has and deletes it.
 struct TemporaryStore {
     let root: String

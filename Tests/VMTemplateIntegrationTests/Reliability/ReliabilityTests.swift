@@ -555,13 +555,9 @@ extension RealGuests {
         func fullStore() async throws {
             let templates = try await store()
             let tally = Reliability.Tally("clone into a full store")
-            let mountPoint = try TemporaryStore("fullc")
-            defer {
-                _ = try? ShortCommand.run("/bin/umount", ["-l", mountPoint.root])
-                try? FileManager.default.removeItem(atPath: mountPoint.root)
-            }
-            let mount = try ShortCommand.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1M", "tmpfs", mountPoint.root])
-            try #require(mount.status == 0, "mount failed: \(mount.stderr)")
+            let tmpfs = try TmpfsStore("fullc", size: "1M")
+            defer { tmpfs.unmount() }
+            let mountPoint = tmpfs.store
             #expect(try CLI.run(["settings"] + mountPoint.arguments).status == 0)
             #expect(try CLI.run(["settings", "--max-clones", "100"] + mountPoint.arguments).status == 0)
             let free = try FileSystem.availableBytes(onFileSystemOf: mountPoint.root)
