@@ -57,9 +57,14 @@ struct Push: AsyncParsableCommand {
             let target = try ImageReference(parsing: reference)
             let distribution = TemplateDistribution(store: try store.open(.readOnly))
             let registry = self.registry
-            let result = try await distribution.push(name, to: target, options: registry.options)
-            if json { try Terminal.printJSON(result) } else { print(result.digest) }
+            try Self.report(try await distribution.push(name, to: target, options: registry.options), json: json)
         }
+    }
+
+    /// What push and export print: the manifest's digest (what a pull names), or the result.
+    static func report(_ result: PackResult, json: Bool) throws {
+        if json { return try Terminal.printJSON(result) }
+        print(result.digest)
     }
 }
 
@@ -143,8 +148,7 @@ struct Export: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let name = try EntityName(template)
-            let result = try await TemplateDistribution(store: try store.open(.readOnly)).export(name, to: path, tag: tag)
-            if json { try Terminal.printJSON(result) } else { print(result.digest) }
+            try Push.report(try await TemplateDistribution(store: try store.open(.readOnly)).export(name, to: path, tag: tag), json: json)
         }
     }
 }

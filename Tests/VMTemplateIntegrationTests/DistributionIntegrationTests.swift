@@ -156,17 +156,14 @@ extension RealGuests {
             http.server.ThreadingHTTPServer(('127.0.0.1', port), Tokens).serve_forever()
             """#
 
-        struct Result: Decodable {
-            var digest: String
-        }
-
-        /// The shared busybox template, its manifest, and the digest of its push to `registry`
-        /// (as `REPOSITORY:v1`).
-        func pushed(to registry: Registry, as repository: String = "vmt/busybox", extra: [String] = []) async throws -> (source: TemporaryStore, original: TemplateManifest, digest: String) {
+        /// The shared busybox template, its manifest, and what its push to `registry` (as
+        /// `vmt/busybox:v1`) did, as `push --json` says it (checked against its schema).
+        func pushed(to registry: Registry) async throws -> (source: TemporaryStore, original: TemplateManifest, push: PackResult) {
             let source = try await SharedTemplate.shared.store()
-            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/\(repository):v1"] + extra + source.arguments)
+            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
             try #require(pushed.status == 0, "\(pushed.stderr)")
-            return (source, try manifest(source, SharedTemplate.name), pushed.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+            #expect(try JSONSchemas.violations(of: pushed.stdout, against: "push") == nil)
+            return (source, try manifest(source, SharedTemplate.name), try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8)))
         }
 
         func manifest(_ store: TemporaryStore, _ name: String) throws -> TemplateManifest {
@@ -339,14 +336,9 @@ extension RealGuests {
 
         @Test("push to a registry, pull by digest on another node, clone; a second pull moves nothing; a registry serving a flipped byte, a wrong size or another artifact is refused with nothing published", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func pushPull() async throws {
-            let source = try await SharedTemplate.shared.store()
-            let original = try manifest(source, SharedTemplate.name)
             let registry = try await Registry()
             defer { registry.stop() }
-            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
-            try #require(pushed.status == 0, "\(pushed.stderr)")
-            let push = try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8))
-            #expect(try JSONSchemas.violations(of: pushed.stdout, against: "push") == nil)
+            let (source, original, push) = try await pushed(to: registry)
             #expect(push.sentBytes > push.compressedBytes && push.sentBytes < push.compressedBytes + 65536, "every chunk and the config sent once: \(push)")
             let again = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
             let second = try JSONCoding.decoder().decode(PackResult.self, from: Data(again.stdout.utf8))
@@ -481,7 +473,8 @@ extension RealGuests {
         func skopeoInteroperates() async throws {
             let registry = try await Registry()
             defer { registry.stop() }
-            let (source, original, digest) = try await pushed(to: registry)
+            let (source, original, push) = try await pushed(to: registry)
+            let digest = push.digest
             let copied = "\(registry.root)/skopeo-layout"
             try Shell.run("skopeo copy --src-tls-verify=false docker://\(registry.host)/vmt/busybox@\(digest) oci:\(copied):busybox >/dev/null")
             let index = try JSONDecoder().decode(OCIIndex.self, from: Data(contentsOf: URL(fileURLWithPath: "\(copied)/index.json")))
@@ -535,13 +528,9 @@ extension RealGuests {
 
         @Test("a pull killed at several points publishes nothing and leaves only verified chunks; the next pull fetches only the chunks it lacks", .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/docker-registry"), "needs docker-registry (scripts/setup --for-tests)"))
         func killedPullsResume() async throws {
-            let source = try await SharedTemplate.shared.store()
-            let original = try manifest(source, SharedTemplate.name)
             let registry = try await Registry()
             defer { registry.stop() }
-            let pushed = try CLI.run(["push", SharedTemplate.name, "\(registry.host)/vmt/busybox:v1", "--json"] + source.arguments)
-            try #require(pushed.status == 0, "\(pushed.stderr)")
-            let push = try JSONCoding.decoder().decode(PackResult.self, from: Data(pushed.stdout.utf8))
+            let (_, original, push) = try await pushed(to: registry)
             let node = try TemporaryStore("node7")
             defer { node.remove() }
             let blobs = "\(node.root)/pulls/blobs"
@@ -584,7 +573,8 @@ extension RealGuests {
         func pullsKilledAtRandom() async throws {
             let registry = try await Registry()
             defer { registry.stop() }
-            let (_, original, digest) = try await pushed(to: registry)
+            let (_, original, push) = try await pushed(to: registry)
+            let digest = push.digest
             let reference = "\(registry.host)/vmt/busybox@\(digest)"
             // How long a whole pull takes here, to kill inside it.
             let timing = try TemporaryStore("node15t")
@@ -658,7 +648,8 @@ extension RealGuests {
         func parallelFetches() async throws {
             let registry = try await Registry()
             defer { registry.stop() }
-            let (_, original, digest) = try await pushed(to: registry)
+            let (_, original, push) = try await pushed(to: registry)
+            let digest = push.digest
             let port = try freeLocalPort()
             let proxy = Process()
             proxy.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
@@ -680,7 +671,8 @@ extension RealGuests {
         func pullThroughAPI() async throws {
             let registry = try await Registry()
             defer { registry.stop() }
-            let (_, original, digest) = try await pushed(to: registry)
+            let (_, original, push) = try await pushed(to: registry)
+            let digest = push.digest
             let node = try TemporaryStore("node8")
             defer { node.remove() }
             let server = try CLI.start(["serve", "--socket-group", "nogroup"] + node.arguments)
@@ -810,7 +802,8 @@ extension RealGuests {
         func concurrentPulls() async throws {
             let registry = try await Registry()
             defer { registry.stop() }
-            let (_, original, digest) = try await pushed(to: registry)
+            let (_, original, push) = try await pushed(to: registry)
+            let digest = push.digest
             let node = try TemporaryStore("node10")
             defer { node.remove() }
             let reference = "\(registry.host)/vmt/busybox@\(digest)"
