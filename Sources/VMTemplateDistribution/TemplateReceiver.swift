@@ -32,15 +32,20 @@ public struct ReceiveResult: Codable, Sendable {
         case fetchedBytes = "fetched_bytes"
         case localChunks = "local_chunks"
     }
+
+    /// A repeated pull: the template of that digest is there under that name.
+    static func existing(_ name: EntityName, digest: String) -> ReceiveResult {
+        ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: true)
+    }
 }
 
 /// Takes a template's OCI artifact from an origin and publishes it in the store, trusting nothing
 /// that arrives: the manifest is bounded and (by digest) checked, the config is checked and read
 /// first and a template this node's QEMU cannot run is refused before any chunk moves, every blob
 /// is verified while it streams into the store's blob cache (`STORE/pulls/blobs`, where a verified
-/// blob stays for the next attempt), each chunk's bytes again once decompressed, and every
-/// reassembled file against the portable manifest before one rename publishes it. Files are
-/// written sparse: a chunk left out, or a zero page in one, stays a hole.
+/// blob stays for the next attempt), a chunk taken from a template here is hashed before it is
+/// used, and every reassembled file is checked against the portable manifest before one rename
+/// publishes it. Files are written sparse: a chunk left out, or a zero page in one, stays a hole.
 struct TemplateReceiver: Sendable {
     let store: TemplateStore
     let explicitQEMU: String?
@@ -75,7 +80,7 @@ struct TemplateReceiver: Sendable {
         let name = try wanted ?? EntityName(portable.name)
         // A repeated pull (a DaemonSet's loop) is answered before QEMU is probed (three runs of it).
         if store.templateExists(name), let existing = try? store.template(named: name), existing.manifest.origin?.digest == digest {
-            return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: true)
+            return .existing(name, digest: digest)
         }
         let qemu = try checkRunnable(portable)
         let chunks = try Self.chunks(of: image, files: portable.files, origin: origin.label)
@@ -89,7 +94,7 @@ struct TemplateReceiver: Sendable {
             if store.templateExists(name) {
                 let existing = try store.template(named: name)
                 if existing.manifest.origin?.digest == digest {
-                    return ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: true)
+                    return .existing(name, digest: digest)
                 }
                 throw VMTemplateError(.exists, "template '\(name)' already exists\(existing.manifest.origin.map { " (pulled from \($0.digest))" } ?? ""): remove it first (vmtemplate rm-template \(name)), or pull with --name NEW.")
             }
@@ -101,11 +106,11 @@ struct TemplateReceiver: Sendable {
             }
             var result = ReceiveResult(template: name.value, digest: digest, fetchedChunks: 0, reusedChunks: 0, fetchedBytes: 0, localChunks: 0, existed: false)
             let here = LocalChunks(store: store)
-            var local: [String: LocalChunks.Source] = [:]
+            var fromHere: [String: LocalChunks.Source] = [:]
             var missing: [OCIDescriptor] = []
             var wanted = Set<String>()
             for chunk in chunks {
-                let path = "\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))"
+                let path = Self.cached(chunk.layer.digest, in: blobsDirectory)
                 // A chunk an earlier attempt kept is hashed again before it is believed; a layer
                 // that two chunks share (the same bytes twice) is fetched once.
                 if wanted.contains(chunk.layer.digest) {
@@ -117,7 +122,7 @@ struct TemplateReceiver: Sendable {
                     continue
                 }
                 if let source = try await onOwnThread({ here.verifiedSource(of: chunk) }) {
-                    local[chunk.key] = source
+                    fromHere[chunk.key] = source
                     result.localChunks += 1
                     continue
                 }
@@ -133,7 +138,7 @@ struct TemplateReceiver: Sendable {
                 for file in portable.files {
                     let path = "\(staging.directory)/\(file.name)"
                     let mine = chunks.filter { $0.file == file.name }
-                    let (blobs, sources) = (blobsDirectory, local)
+                    let (blobs, sources) = (blobsDirectory, fromHere)
                     // Every byte against the digest the config pins (a hole where data belongs too),
                     // hashed as it is written rather than read back.
                     let digestNow = try await onOwnThread { try Self.assemble(file, at: path, from: mine, blobs: blobs, local: sources) }
@@ -144,18 +149,18 @@ struct TemplateReceiver: Sendable {
                     let status = try FileStatus.read(path: path, followingLinks: false)
                     stored.append(.init(name: file.name, sizeBytes: status.sizeBytes, sha256: digestNow, mode: status.mode, inode: status.inode, modifiedNanoseconds: status.modifiedNanoseconds))
                 }
-                var local = portable.localManifest(name: name.value, qemu: qemu, files: stored)
-                local.origin = source.with(digest: digest)
-                local.origin?.chunks = chunks.map { .init(file: $0.file, offset: $0.offset, length: $0.length, digest: $0.digest) }
-                for leftover in ["\(staging.directory)/owner.json"] { unlink(leftover) }
-                try StoredJSON.write(local, to: staging.files.manifestPath, mode: 0o444)
+                var manifest = portable.localManifest(name: name.value, qemu: qemu, files: stored)
+                manifest.origin = source.with(digest: digest)
+                manifest.origin?.chunks = chunks.map { .init(file: $0.file, offset: $0.offset, length: $0.length, digest: $0.digest) }
+                unlink("\(staging.directory)/owner.json")
+                try StoredJSON.write(manifest, to: staging.files.manifestPath, mode: 0o444)
                 try await store.publish(staging)
             } catch {
                 staging.discard()
                 throw error
             }
             // The blobs of a published template are not needed again here.
-            for chunk in chunks { unlink("\(blobsDirectory)/\(chunk.layer.digest.dropFirst(7))") }
+            for chunk in chunks { unlink(Self.cached(chunk.layer.digest, in: blobsDirectory)) }
             return result
         }
     }
@@ -173,7 +178,7 @@ struct TemplateReceiver: Sendable {
                 guard let layer = next.next() else { return false }
                 group.addTask {
                     try Task.checkCancellation()
-                    try await origin.fetchBlob(layer, to: "\(directory)/\(layer.digest.dropFirst(7))")
+                    try await origin.fetchBlob(layer, to: cached(layer.digest, in: directory))
                 }
                 return true
             }
@@ -184,6 +189,11 @@ struct TemplateReceiver: Sendable {
                 _ = start()
             }
         }
+    }
+
+    /// Where the blob cache keeps blob `digest` (a digest checked by `FileChunk.read`).
+    static func cached(_ digest: String, in directory: String) -> String {
+        "\(directory)/\(digest.dropFirst(7))"
     }
 
     /// Whether `path` is a regular file holding exactly the blob `descriptor` names.
@@ -258,7 +268,7 @@ struct TemplateReceiver: Sendable {
                 // Hashed when it was chosen; the file's digest covers it again.
                 try source.read(into: &plain, length: chunk.length)
             } else {
-                let compressed = try Data(contentsOf: URL(fileURLWithPath: "\(blobs)/\(chunk.layer.digest.dropFirst(7))"))
+                let compressed = try Data(contentsOf: URL(fileURLWithPath: cached(chunk.layer.digest, in: blobs)))
                 guard Int64(compressed.count) == chunk.layer.size else {
                     throw VMTemplateError(.integrityFailure, "blob \(chunk.layer.digest) changed in the blob cache: pull again.")
                 }
