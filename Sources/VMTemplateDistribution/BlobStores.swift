@@ -38,11 +38,32 @@ protocol BlobOrigin: Sendable {
 /// archive (``OCIArchive``).
 protocol LayoutFiles: Sendable {
     var label: String { get }
-    /// The whole of a small file, at most `limit` bytes.
-    func read(_ path: String, limit: Int) throws -> [UInt8]
     /// A descriptor of the file's bytes (open for reading), where they start in it and how many
     /// there are. The caller closes it.
     func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64)
+}
+
+extension LayoutFiles {
+    /// The whole of a small file, at most `limit` bytes.
+    func read(_ path: String, limit: Int) throws -> [UInt8] {
+        let (fd, offset, length) = try open(path)
+        defer { close(fd) }
+        guard length <= Int64(limit) else { throw VMTemplateError(.integrityFailure, "\(path) in \(label) is larger than the \(limit) bytes accepted.") }
+        return try Self.readExactly(fd, at: offset, count: Int(length), label: label)
+    }
+
+    static func readExactly(_ fd: Int32, at offset: Int64, count: Int, label: String) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        switch bytes.withUnsafeMutableBytes({ FileSystem.readFully(fd, into: $0, at: offset) }) {
+        case .failure(let error):
+            throw VMTemplateError(.ioError, "cannot read \(label) at byte \(offset): \(errnoText(error.code)).", cause: error)
+        case .success(let read) where read < count:
+            throw VMTemplateError(.ioError, "cannot read \(label) at byte \(offset + Int64(read)): it ends there.")
+        case .success:
+            return bytes
+        }
+    }
+
 }
 
 /// Reads a template from an OCI image layout's files: what `import` publishes.
@@ -160,22 +181,6 @@ struct OCILayoutDirectory: LayoutFiles, BlobTarget {
         try FileSystem.writeFileAtomically(path: "\(directory)/index.json", data: try JSONCoding.encode(index))
     }
 
-    func read(_ path: String, limit: Int) throws -> [UInt8] {
-        let (fd, _, _) = try open(path)
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: limit + 1)
-        var total = 0
-        while total <= limit {
-            let count = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress.map { $0 + total }, limit + 1 - total) }
-            if count < 0 && errno == EINTR { continue }
-            guard count >= 0 else { throw VMTemplateError(.ioError, "cannot read \(path) in \(label): \(errnoText()).") }
-            if count == 0 { break }
-            total += count
-        }
-        guard total <= limit else { throw VMTemplateError(.integrityFailure, "\(path) in \(label) is larger than the \(limit) bytes accepted.") }
-        return Array(bytes[0..<total])
-    }
-
     func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64) {
         let fd = Glibc.open("\(directory)/\(path)", O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else {
@@ -232,16 +237,9 @@ final class VerifyingWriter {
             throw VMTemplateError(.integrityFailure, "blob \(descriptor.digest) from \(origin) is longer than the \(descriptor.size) bytes its manifest says: nothing was published.")
         }
         hasher.update(bufferPointer: bytes)
-        var offset = 0
-        while offset < bytes.count {
-            let count = Glibc.write(fd, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else {
-                let code = errno
-                abandon()
-                throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path)).partial': \(errnoText(code)).", cause: SystemCallError("write", code: code))
-            }
-            offset += count
+        if case .failure(let error) = FileSystem.writeAll(fd, bytes) {
+            abandon()
+            throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path)).partial': \(errnoText(error.code)).", cause: error)
         }
     }
 

@@ -26,14 +26,13 @@ struct LocalChunks: Sendable {
                 throw VMTemplateError(.ioError, "a template this pull copies chunks from went away ('\(TerminalText.escape(path))': \(errnoText())): pull again.", cause: SystemCallError("open"))
             }
             defer { close(fd) }
-            var done = 0
-            while done < length {
-                let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress.map { $0 + done }, length - done, off_t(offset) + off_t(done)) }
-                if count < 0 && errno == EINTR { continue }
-                guard count > 0 else {
-                    throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(offset + UInt64(done)): \(count == 0 ? "it is shorter than its manifest says" : errnoText()); pull again.")
-                }
-                done += count
+            switch buffer.withUnsafeMutableBytes({ FileSystem.readFully(fd, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<length]), at: Int64(offset)) }) {
+            case .failure(let error):
+                throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(offset): \(errnoText(error.code)); pull again.", cause: error)
+            case .success(let count) where count < length:
+                throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(offset + UInt64(count)): it is shorter than its manifest says; pull again.")
+            case .success:
+                break
             }
         }
     }

@@ -152,32 +152,12 @@ final class OCIArchive: LayoutFiles {
         return entries
     }
 
-    func read(_ path: String, limit: Int) throws -> [UInt8] {
-        guard let entry = entries[path] else { throw VMTemplateError(.notFound, "\(label) lacks \(path): the archive is incomplete.") }
-        guard entry.length <= Int64(limit) else { throw VMTemplateError(.integrityFailure, "\(path) in \(label) is larger than the \(limit) bytes accepted.") }
-        let (fd, offset, length) = try open(path)
-        defer { close(fd) }
-        return try Self.readExactly(fd, at: offset, count: Int(length), label: label)
-    }
-
     func open(_ path: String) throws -> (fd: Int32, offset: Int64, length: Int64) {
         guard let entry = entries[path] else { throw VMTemplateError(.notFound, "\(label) lacks \(path): the archive is incomplete.") }
         // The indexed file itself (pread needs no offset of its own), for the caller to close.
         let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
         guard copy >= 0 else { throw VMTemplateError(.ioError, "cannot read \(label): \(errnoText()).", cause: SystemCallError("fcntl")) }
         return (copy, entry.offset, entry.length)
-    }
-
-    static func readExactly(_ fd: Int32, at offset: Int64, count: Int, label: String) throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let read = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress.map { $0 + done }, count - done, off_t(offset) + off_t(done)) }
-            if read < 0 && errno == EINTR { continue }
-            guard read > 0 else { throw VMTemplateError(.ioError, "cannot read \(label) at byte \(offset + Int64(done)): \(read == 0 ? "it ends there" : errnoText()).") }
-            done += read
-        }
-        return bytes
     }
 
     static func string(_ field: ArraySlice<UInt8>) -> String {
@@ -377,14 +357,8 @@ final class OCIArchiveWriter: BlobTarget {
 
     static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws {
         guard fd >= 0 else { throw VMTemplateError(.internalError, "the archive was abandoned.") }
-        var offset = 0
-        while offset < bytes.count {
-            let count = bytes.withUnsafeBytes { write(fd, $0.baseAddress.map { $0 + offset }, bytes.count - offset) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else {
-                throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path))': \(errnoText()).", cause: SystemCallError("write"))
-            }
-            offset += count
+        if case .failure(let error) = bytes.withUnsafeBytes({ FileSystem.writeAll(fd, $0) }) {
+            throw VMTemplateError(.ioError, "cannot write '\(TerminalText.escape(path))': \(errnoText(error.code)).", cause: error)
         }
     }
 }

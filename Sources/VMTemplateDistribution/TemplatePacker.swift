@@ -114,12 +114,13 @@ struct TemplatePacker: Sendable {
         let data = clinuxhost_seek_data(fd, Int64(offset), 1)
         let isHole = data == -Int64(ENXIO) || (data >= 0 && UInt64(data) >= offset + UInt64(length))
         if !isHole {
-            var done = 0
-            while done < length {
-                let count = plain.withUnsafeMutableBytes { pread(fd, $0.baseAddress.map { $0 + done }, length - done, off_t(offset) + off_t(done)) }
-                if count < 0 && errno == EINTR { continue }
-                guard count > 0 else { throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(Int(offset) + done): \(count == 0 ? "it is shorter than its manifest says" : errnoText()).") }
-                done += count
+            switch plain.withUnsafeMutableBytes({ FileSystem.readFully(fd, into: $0, at: Int64(offset)) }) {
+            case .failure(let error):
+                throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(offset): \(errnoText(error.code)).", cause: error)
+            case .success(let count) where count < length:
+                throw VMTemplateError(.ioError, "cannot read '\(TerminalText.escape(path))' at \(offset + UInt64(count)): it is shorter than its manifest says.")
+            case .success:
+                break
             }
         }
         let digest = Digest.hex(SHA256.hash(data: plain))

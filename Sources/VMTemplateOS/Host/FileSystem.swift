@@ -436,7 +436,25 @@ package enum FileSystem {
         return result
     }
 
-    private static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) -> Result<Void, CallError> {
+    /// Fills `buffer` from `fd` at `offset` with pread(2) calls (EINTR retried); returns how many
+    /// bytes it read, fewer than the buffer holds only where the file ends.
+    package static func readFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<Int, CallError> {
+        var done = 0
+        while done < buffer.count, let base = buffer.baseAddress {
+            let count = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if count < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                return .failure(CallError("pread", code: code))
+            }
+            if count == 0 { break }
+            done += count
+        }
+        return .success(done)
+    }
+
+    /// Writes all of `buffer` to `fd` (EINTR retried).
+    package static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) -> Result<Void, CallError> {
         var offset = 0
         while offset < buffer.count {
             guard let base = buffer.baseAddress else { break }
